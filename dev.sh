@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Statefold's one entry point for humans and CI. Installs what the build needs (idempotent),
+# builds the example reducers to .wasm, then:
+#   ./dev.sh test           the whole test suite
+#   ./dev.sh run [ARGS...]  the statefold binary (no ARGS: check the example reducers)
+#   ./dev.sh bench          the benchmarks (print tables)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+REDUCERS=(
+  statefold-reducer-counter statefold-reducer-document statefold-reducer-workflow
+  statefold-faulty-trap statefold-faulty-spin statefold-faulty-bomb statefold-faulty-garbage
+)
+
+setup() {
+  command -v cargo >/dev/null || { echo "dev.sh: cargo not found; install Rust with rustup" >&2; exit 1; }
+  if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    rustup target add wasm32-wasip2
+  fi
+}
+
+build_reducers() {
+  local args=()
+  for r in "${REDUCERS[@]}"; do args+=(-p "$r"); done
+  cargo build --release --target wasm32-wasip2 "${args[@]}"
+}
+
+wasm_dir() {
+  echo "${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release"
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  test)
+    setup
+    build_reducers
+    cargo test --workspace --all-targets "$@"
+    cargo test --workspace --doc
+    ;;
+  run)
+    setup
+    build_reducers
+    cargo build --release -p statefold
+    bin="${CARGO_TARGET_DIR:-target}/release/statefold"
+    if [ $# -eq 0 ]; then
+      for r in counter document workflow; do
+        echo "== $r"
+        "$bin" reducer check "$(wasm_dir)/statefold_reducer_$r.wasm"
+      done
+    else
+      exec "$bin" "$@"
+    fi
+    ;;
+  bench)
+    setup
+    build_reducers
+    cargo bench -p statefold-tests --bench reducer "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh test|run [ARGS...]|bench" >&2
+    exit 2
+    ;;
+esac

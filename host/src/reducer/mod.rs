@@ -1,0 +1,312 @@
+//! The WebAssembly runtime for reducers (wasmtime, component model).
+//!
+//! One [`Runtime`] per process holds the `Engine`, the `Linker` (locked-down WASI plus the
+//! `meter` import) and the compiled-code cache keyed by the module's blake3. Loading a
+//! component checks that it is a compatible `statefold:reducer` and yields a [`Reducer`]
+//! (one version: an `InstancePre` plus what it declares). [`Models`] keeps models' states
+//! resident in one instance of it.
+
+mod bindings;
+mod inspect;
+mod models;
+mod sandbox;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, Store};
+
+pub use models::{Checkpoint, Checkpoints, Composed, DiffRecord, MemoryCheckpoints, Models, Outcome};
+
+use sandbox::GuestData;
+
+/// The version of the `statefold:reducer` WIT package this host speaks.
+pub const WIT_VERSION: semver::Version = semver::Version::new(0, 1, 0);
+const REDUCER_INTERFACE: &str = "statefold:reducer/reducer";
+const METER_INTERFACE: &str = "statefold:reducer/meter@0.1.0";
+
+/// Limits on every reducer instance. Each has a default; all are configurable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Linear memory cap of one instance; growing past it traps that instance.
+    pub memory_bytes_max: usize,
+    /// CPU budget of one diff, in wasmtime fuel (about one unit per wasm instruction).
+    pub diff_fuel_max: u64,
+    /// CPU budget of any other call (snapshot, restore, merge, delta, describe).
+    pub call_fuel_max: u64,
+    /// Guest heap an instance may hold before cold models are snapshotted and evicted.
+    pub resident_bytes_max: u64,
+    /// Models resident in one instance before cold ones are evicted.
+    pub resident_models_max: usize,
+    /// How much of the guest's stderr is kept for error messages.
+    pub stderr_bytes_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes_max: 512 << 20,
+            diff_fuel_max: 100_000_000,
+            call_fuel_max: 4_000_000_000,
+            resident_bytes_max: 256 << 20,
+            resident_models_max: 100_000,
+            stderr_bytes_max: 4096,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that the limits make sense together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.memory_bytes_max < 1 << 20 {
+            return Err("reducer_memory_bytes_max must be at least 1 MiB".into());
+        }
+        if self.resident_bytes_max >= self.memory_bytes_max as u64 {
+            return Err(format!(
+                "reducer_resident_bytes_max ({}) must be below reducer_memory_bytes_max ({})",
+                self.resident_bytes_max, self.memory_bytes_max
+            ));
+        }
+        if self.diff_fuel_max == 0 || self.call_fuel_max == 0 {
+            return Err("reducer fuel limits must be positive".into());
+        }
+        if self.resident_models_max == 0 {
+            return Err("reducer_resident_models_max must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// blake3 of a module's bytes: the identity of a reducer version.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModuleHash(pub [u8; 32]);
+
+impl ModuleHash {
+    pub fn of(bytes: &[u8]) -> ModuleHash {
+        ModuleHash(*blake3::hash(bytes).as_bytes())
+    }
+}
+
+impl fmt::Display for ModuleHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for ModuleHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ModuleHash({self})")
+    }
+}
+
+/// What a reducer declares about itself (`describe`), plus what the host found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReducerInfo {
+    pub name: String,
+    pub version: String,
+    pub diff_format: String,
+    pub state_format: String,
+    pub merge: bool,
+    pub delta: bool,
+    /// The `statefold:reducer` version the component was built against.
+    pub wit_version: semver::Version,
+    /// Interfaces the component imports (WASI, the meter).
+    pub imports: Vec<String>,
+}
+
+/// Why a file cannot be loaded as a reducer.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("not a WebAssembly file (no \\0asm header)")]
+    NotWasm,
+    #[error(
+        "a core WebAssembly module, not a component: build the reducer for wasm32-wasip2 \
+         (`cargo build --target wasm32-wasip2 --release`), or wrap it with `wasm-tools component new`"
+    )]
+    CoreModule,
+    #[error("not a valid WebAssembly component: {0}")]
+    Invalid(String),
+    #[error("wrong world: the component does not export {REDUCER_INTERFACE} (it exports: {exports})")]
+    WrongWorld { exports: String },
+    #[error(
+        "incompatible version: the component was built against {REDUCER_INTERFACE}@{found}, this host speaks {supported} (compatible: same major version, and same minor while 0.x)"
+    )]
+    IncompatibleVersion { found: semver::Version, supported: semver::Version },
+    #[error("the component's {REDUCER_INTERFACE} export does not match the contract: {0}")]
+    Contract(String),
+    #[error("imports that the sandbox does not provide: {0}")]
+    Imports(String),
+    #[error("describe failed: {0}")]
+    Describe(String),
+}
+
+/// Why a call into a reducer failed. Each fails only the call (and, for traps, that
+/// instance); other models and reducers go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ReducerError {
+    /// The guest trapped, ran out of its CPU budget, or hit its memory cap. The instance
+    /// was discarded; the next call works on a fresh one.
+    #[error("reducer {reducer} trapped in {during}: {reason}")]
+    Trap { reducer: String, during: &'static str, reason: String },
+    /// The guest returned something the contract forbids. The instance was discarded.
+    #[error("reducer {reducer} broke the contract in {during}: {reason}")]
+    Contract { reducer: String, during: &'static str, reason: String },
+    /// The guest could not restore a model from its snapshot.
+    #[error("reducer {reducer} cannot restore model {model:?}: {reason}")]
+    Restore { reducer: String, model: String, reason: String },
+    /// Replaying stored diffs did not reproduce what was applied before.
+    #[error("replaying model {model:?} diverged at offset {offset}: {reason}")]
+    Diverged { model: String, offset: u64, reason: String },
+    /// The guest answered a merge or delta with an error.
+    #[error("reducer {reducer} refused {during}: {reason}")]
+    Refused { reducer: String, during: &'static str, reason: String },
+    /// The reducer does not declare this capability.
+    #[error("reducer {reducer} does not support {capability}")]
+    Unsupported { reducer: String, capability: &'static str },
+    /// Loading or saving a checkpoint failed.
+    #[error("checkpoint store failed for model {model:?}: {source}")]
+    Checkpoints { model: String, source: Box<dyn std::error::Error + Send + Sync> },
+    /// Creating an instance failed.
+    #[error("cannot instantiate reducer {reducer}: {reason}")]
+    Instantiate { reducer: String, reason: String },
+}
+
+/// The process-wide reducer runtime.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<GuestData>,
+    limits: Limits,
+    compiled: Mutex<HashMap<ModuleHash, Arc<Reducer>>>,
+    cache_dir: Option<PathBuf>,
+}
+
+impl Runtime {
+    /// Builds the engine and linker. `cache_dir`, if given, keeps compiled code across
+    /// restarts (`<blake3>-<engine>.cwasm`).
+    pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
+        limits.validate().map_err(anyhow::Error::msg)?;
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.consume_fuel(true);
+        config.cranelift_nan_canonicalization(true);
+        config.relaxed_simd_deterministic(true);
+        config.parallel_compilation(true);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        sandbox::link(&mut linker)?;
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(Runtime { engine, linker, limits, compiled: Mutex::new(HashMap::new()), cache_dir })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Loads a reducer from a file; see [`Runtime::load`].
+    pub fn load_file(&self, path: &Path) -> Result<Arc<Reducer>, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        self.load(&bytes)
+    }
+
+    /// Checks, compiles (or takes from the cache) and describes a reducer component.
+    pub fn load(&self, bytes: &[u8]) -> Result<Arc<Reducer>, LoadError> {
+        let id = ModuleHash::of(bytes);
+        if let Some(reducer) = self.compiled.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+            return Ok(reducer.clone());
+        }
+        inspect::check_header(bytes)?;
+        let component = self.compile(id, bytes)?;
+        let (wit_version, imports) = inspect::check_world(&self.engine, &component)?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Imports(format!("{e:#}")))?;
+        let pre = bindings::GuestPre::new(pre).map_err(|e| LoadError::Contract(format!("{e:#}")))?;
+        let info = inspect::describe(&pre, &self.limits, wit_version, imports)?;
+        let reducer = Arc::new(Reducer { id, info, pre, engine: self.engine.clone(), limits: self.limits.clone() });
+        self.compiled.lock().unwrap_or_else(|p| p.into_inner()).insert(id, reducer.clone());
+        Ok(reducer)
+    }
+
+    fn compile(&self, id: ModuleHash, bytes: &[u8]) -> Result<Component, LoadError> {
+        let cached = self.cache_dir.as_ref().map(|dir| {
+            let mut engine_hash = std::hash::DefaultHasher::new();
+            std::hash::Hash::hash(&self.engine.precompile_compatibility_hash(), &mut engine_hash);
+            dir.join(format!("{id}-{:016x}.cwasm", std::hash::Hasher::finish(&engine_hash)))
+        });
+        if let Some(path) = &cached
+            && path.exists()
+        {
+            // SAFETY: the file was written by `Component::serialize` of this same engine
+            // configuration (its compatibility hash is in the name) into a directory
+            // Statefold owns; wasmtime still checks the header and engine settings.
+            match unsafe { Component::deserialize_file(&self.engine, path) } {
+                Ok(component) => return Ok(component),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring unusable compiled-code cache entry")
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        if let Some(path) = &cached {
+            let written =
+                component.serialize().map_err(std::io::Error::other).and_then(|code| write_atomically(path, &code));
+            if let Err(e) = written {
+                // The cache only saves compile time; a failed write costs nothing else.
+                tracing::warn!(path = %path.display(), error = %e, "cannot write compiled-code cache entry");
+            }
+        }
+        Ok(component)
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// One loaded reducer version.
+pub struct Reducer {
+    id: ModuleHash,
+    info: ReducerInfo,
+    pre: bindings::GuestPre<GuestData>,
+    engine: Engine,
+    limits: Limits,
+}
+
+impl Reducer {
+    /// blake3 of the module: this version's identity.
+    pub fn id(&self) -> ModuleHash {
+        self.id
+    }
+
+    pub fn info(&self) -> &ReducerInfo {
+        &self.info
+    }
+
+    /// A fresh set of resident models on this reducer (one instance, created lazily).
+    pub fn models(self: &Arc<Self>) -> Models {
+        Models::new(self.clone())
+    }
+
+    fn new_store(&self) -> Store<GuestData> {
+        let mut store = Store::new(&self.engine, GuestData::new(&self.limits));
+        store.limiter(|data| &mut data.limiter);
+        store
+    }
+
+    fn label(&self) -> String {
+        format!("{}@{}", self.info.name, self.info.version)
+    }
+}
+
+impl fmt::Debug for Reducer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reducer").field("id", &self.id).field("info", &self.info).finish()
+    }
+}

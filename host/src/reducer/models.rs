@@ -1,0 +1,447 @@
+//! Models resident in one reducer instance.
+//!
+//! A model's state lives in the guest between calls (a `model` resource), so applying a
+//! diff never ships the state across the boundary. Cold models are snapshotted into the
+//! [`Checkpoints`] store and evicted when the instance passes its heap or model budget,
+//! and restored on their next use. A trap discards the whole instance: every model it held
+//! is rebuilt on its next use from its checkpoint plus the diffs applied after it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use lru::LruCache;
+use wasmtime::Store;
+use wasmtime::component::ResourceAny;
+
+use super::bindings::{self, ApplyResult, DiffContext};
+use super::sandbox::GuestData;
+use super::{Reducer, ReducerError};
+use crate::chain::Hash;
+
+/// One diff as the log holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiffRecord {
+    pub offset: u64,
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub payload: Vec<u8>,
+}
+
+impl DiffRecord {
+    /// A record with only an offset and a payload.
+    pub fn new(offset: u64, payload: impl Into<Vec<u8>>) -> DiffRecord {
+        DiffRecord { offset, timestamp_ms: None, headers: Vec::new(), payload: payload.into() }
+    }
+}
+
+/// What happened to one diff of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied; the model's hash is now this.
+    Applied(Hash),
+    /// The reducer refused it; the state is as before it.
+    Refused(String),
+    /// The reducer failed on it alone, on a fresh instance (trap, CPU budget, memory cap,
+    /// broken contract); the state is as before it.
+    Failed(String),
+}
+
+/// A model's latest saved state and the diffs applied after it, each with the hash the
+/// model had before it.
+#[derive(Debug, Clone, Default)]
+pub struct Checkpoint {
+    /// `None`: the model's empty state (a new model).
+    pub snapshot: Option<Vec<u8>>,
+    pub tail: Vec<(Hash, DiffRecord)>,
+}
+
+/// Where evicted and lost models come back from. The store implements it over RocksDB;
+/// [`MemoryCheckpoints`] keeps it in memory.
+pub trait Checkpoints {
+    /// The model's latest checkpoint and the diffs applied after it; `Checkpoint::default()`
+    /// for a model never seen.
+    fn load(&mut self, model: &str) -> Result<Checkpoint, Box<dyn std::error::Error + Send + Sync>>;
+    /// The model's current state, as it is evicted from the guest.
+    fn save(&mut self, model: &str, snapshot: Vec<u8>) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// [`Checkpoints`] in memory: the caller records every applied diff with
+/// [`MemoryCheckpoints::record`]; eviction snapshots shorten the tail.
+#[derive(Debug, Default)]
+pub struct MemoryCheckpoints {
+    models: HashMap<String, Checkpoint>,
+}
+
+impl MemoryCheckpoints {
+    /// Records diffs that were applied to `model` (the outcomes of one `apply`).
+    pub fn record(&mut self, model: &str, mut prev: Hash, diffs: &[DiffRecord], outcomes: &[Outcome]) {
+        let entry = self.models.entry(model.to_owned()).or_default();
+        for (diff, outcome) in diffs.iter().zip(outcomes) {
+            if let Outcome::Applied(hash) = outcome {
+                entry.tail.push((prev, diff.clone()));
+                prev = *hash;
+            }
+        }
+    }
+}
+
+impl Checkpoints for MemoryCheckpoints {
+    fn load(&mut self, model: &str) -> Result<Checkpoint, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.models.get(model).cloned().unwrap_or_default())
+    }
+
+    fn save(&mut self, model: &str, snapshot: Vec<u8>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.models.insert(model.to_owned(), Checkpoint { snapshot: Some(snapshot), tail: Vec::new() });
+        Ok(())
+    }
+}
+
+/// Outcome of composing diffs through the reducer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Composed {
+    Diff(Vec<u8>),
+    NotComposable(String),
+}
+
+struct Live {
+    store: Store<GuestData>,
+    guest: bindings::Guest,
+    resident: LruCache<String, ResourceAny>,
+}
+
+/// Counters, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub instances: u64,
+    pub traps: u64,
+    pub evictions: u64,
+    pub restores: u64,
+}
+
+/// Models resident in one instance of one reducer version. Not shared between threads:
+/// the fold engine drives one `Models` per kind.
+pub struct Models {
+    reducer: Arc<Reducer>,
+    live: Option<Live>,
+    stats: Stats,
+}
+
+/// Where a call failed, before it is turned into a [`ReducerError`].
+enum CallError {
+    Trap(String),
+    Contract(String),
+}
+
+impl Models {
+    pub(super) fn new(reducer: Arc<Reducer>) -> Models {
+        Models { reducer, live: None, stats: Stats::default() }
+    }
+
+    pub fn reducer(&self) -> &Arc<Reducer> {
+        &self.reducer
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Number of models resident in the guest now.
+    pub fn resident(&self) -> usize {
+        self.live.as_ref().map_or(0, |live| live.resident.len())
+    }
+
+    /// Applies consecutive diffs to `model`, whose hash is `hash`. Every diff gets an
+    /// [`Outcome`]; the hash chain covers the applied ones only. A trap anywhere is
+    /// isolated to the one diff that causes it on a fresh instance.
+    ///
+    /// The caller must persist the applied diffs (so that `checkpoints.load` returns them
+    /// from now on) before the next call that may rebuild this model.
+    pub fn apply(
+        &mut self,
+        model: &str,
+        hash: Hash,
+        diffs: &[DiffRecord],
+        checkpoints: &mut dyn Checkpoints,
+    ) -> Result<Vec<Outcome>, ReducerError> {
+        let mut outcomes = Vec::with_capacity(diffs.len());
+        // Diffs applied by this call, for rebuilding the model after a trap.
+        let mut applied_here: Vec<(Hash, DiffRecord)> = Vec::new();
+        let mut head = hash;
+        let mut isolate = false;
+        while outcomes.len() < diffs.len() {
+            let start = outcomes.len();
+            let end = if isolate { start + 1 } else { diffs.len() };
+            let batch = &diffs[start..end];
+            let handle = self.resident_handle(model, checkpoints, &applied_here)?;
+            match self.call_apply(handle, head, batch) {
+                Ok(result) => {
+                    for diff in &batch[..result.applied as usize] {
+                        applied_here.push((head, diff.clone()));
+                        head = head.next(&diff.payload);
+                        outcomes.push(Outcome::Applied(head));
+                    }
+                    if let Some(refusal) = result.refusal {
+                        outcomes.push(Outcome::Refused(refusal.reason));
+                    }
+                }
+                Err(error) => {
+                    self.discard();
+                    if batch.len() == 1 {
+                        let (CallError::Trap(reason) | CallError::Contract(reason)) = error;
+                        tracing::warn!(reducer = %self.reducer.label(), model, offset = batch[0].offset, %reason, "diff failed in isolation");
+                        outcomes.push(Outcome::Failed(reason));
+                        isolate = false;
+                    } else {
+                        // Somewhere in the batch; find it one diff at a time.
+                        isolate = true;
+                    }
+                }
+            }
+        }
+        self.enforce_budget(model, checkpoints)?;
+        Ok(outcomes)
+    }
+
+    /// The model's state, serialized by the reducer.
+    pub fn snapshot(&mut self, model: &str, checkpoints: &mut dyn Checkpoints) -> Result<Vec<u8>, ReducerError> {
+        let handle = self.resident_handle(model, checkpoints, &[])?;
+        let live = self.arm(0)?;
+        let result = live.guest.statefold_reducer_reducer().model().call_snapshot(&mut live.store, handle);
+        result.map_err(|e| self.trap("snapshot", e))
+    }
+
+    /// Snapshots `model` into `checkpoints` and drops it from the guest.
+    pub fn evict(&mut self, model: &str, checkpoints: &mut dyn Checkpoints) -> Result<(), ReducerError> {
+        let Some(live) = self.live.as_mut() else { return Ok(()) };
+        let Some(handle) = live.resident.pop(model) else { return Ok(()) };
+        self.arm(0)?;
+        let live = self.live.as_mut().expect("armed above");
+        let snapshot = live.guest.statefold_reducer_reducer().model().call_snapshot(&mut live.store, handle);
+        let snapshot = snapshot.map_err(|e| self.trap("snapshot", e))?;
+        checkpoints
+            .save(model, snapshot)
+            .map_err(|source| ReducerError::Checkpoints { model: model.to_owned(), source })?;
+        let live = self.arm(0)?;
+        let dropped = handle.resource_drop(&mut live.store);
+        dropped.map_err(|e| self.trap("model destructor", e))?;
+        self.stats.evictions += 1;
+        Ok(())
+    }
+
+    /// Composes consecutive diffs into one, if the reducer can do it exactly.
+    pub fn merge(&mut self, diffs: &[Vec<u8>]) -> Result<Composed, ReducerError> {
+        self.require(self.reducer.info.merge, "merge")?;
+        let live = self.arm(0)?;
+        let result = live.guest.statefold_reducer_reducer().call_merge(&mut live.store, diffs);
+        match result.map_err(|e| self.trap("merge", e))? {
+            Ok(bindings::Composed::Diff(d)) => Ok(Composed::Diff(d)),
+            Ok(bindings::Composed::NotComposable(reason)) => Ok(Composed::NotComposable(reason)),
+            Err(reason) => Err(self.refused("merge", reason)),
+        }
+    }
+
+    /// The diff that takes snapshot `from` to snapshot `to`.
+    pub fn delta(&mut self, from: &[u8], to: &[u8]) -> Result<Vec<u8>, ReducerError> {
+        self.require(self.reducer.info.delta, "delta")?;
+        let live = self.arm(0)?;
+        let result = live.guest.statefold_reducer_reducer().call_delta(&mut live.store, from, to);
+        result.map_err(|e| self.trap("delta", e))?.map_err(|reason| self.refused("delta", reason))
+    }
+
+    fn require(&self, supported: bool, capability: &'static str) -> Result<(), ReducerError> {
+        match supported {
+            true => Ok(()),
+            false => Err(ReducerError::Unsupported { reducer: self.reducer.label(), capability }),
+        }
+    }
+
+    fn refused(&self, during: &'static str, reason: String) -> ReducerError {
+        ReducerError::Refused { reducer: self.reducer.label(), during, reason }
+    }
+
+    /// The live instance, created if needed, with fuel for one call and `starts` diffs.
+    fn arm(&mut self, starts: u32) -> Result<&mut Live, ReducerError> {
+        if self.live.is_none() {
+            let mut store = self.reducer.new_store();
+            store.set_fuel(self.reducer.limits.call_fuel_max).map_err(|e| self.instantiate_error(e))?;
+            let guest = match self.reducer.pre.instantiate(&mut store) {
+                Ok(guest) => guest,
+                Err(e) => return Err(self.instantiate_error(e)),
+            };
+            self.stats.instances += 1;
+            self.live = Some(Live { store, guest, resident: LruCache::unbounded() });
+        }
+        let fuel = self.reducer.limits.call_fuel_max;
+        let live = self.live.as_mut().expect("created above");
+        live.store.data_mut().meter.starts_left = starts;
+        live.store
+            .set_fuel(fuel)
+            .map_err(|e| ReducerError::Instantiate { reducer: self.reducer.label(), reason: format!("{e:#}") })?;
+        Ok(live)
+    }
+
+    fn instantiate_error(&self, e: wasmtime::Error) -> ReducerError {
+        ReducerError::Instantiate { reducer: self.reducer.label(), reason: format!("{e:#}") }
+    }
+
+    /// Discards the instance (after a trap): all its models are rebuilt on next use.
+    fn discard(&mut self) {
+        if self.live.take().is_some() {
+            self.stats.traps += 1;
+        }
+    }
+
+    /// Turns a wasmtime error into a trap error, discarding the instance.
+    fn trap(&mut self, during: &'static str, error: wasmtime::Error) -> ReducerError {
+        let reason = self.describe_trap(&error);
+        self.discard();
+        ReducerError::Trap { reducer: self.reducer.label(), during, reason }
+    }
+
+    fn describe_trap(&self, error: &wasmtime::Error) -> String {
+        let stderr = self.live.as_ref().map(|live| live.store.data().stderr.take()).unwrap_or_default();
+        let reason = match error.downcast_ref::<wasmtime::Trap>() {
+            Some(wasmtime::Trap::OutOfFuel) => format!(
+                "exceeded its CPU budget (reducer_diff_fuel_max {} per diff, reducer_call_fuel_max {} per call)",
+                self.reducer.limits.diff_fuel_max, self.reducer.limits.call_fuel_max
+            ),
+            _ => format!("{error:#}"),
+        };
+        if stderr.is_empty() { reason } else { format!("{reason}; stderr: {stderr}") }
+    }
+
+    /// The model's resource handle, restoring the model if it is not resident.
+    fn resident_handle(
+        &mut self,
+        model: &str,
+        checkpoints: &mut dyn Checkpoints,
+        applied_here: &[(Hash, DiffRecord)],
+    ) -> Result<ResourceAny, ReducerError> {
+        if let Some(handle) = self.live.as_mut().and_then(|live| live.resident.get(model)) {
+            return Ok(*handle);
+        }
+        let checkpoint =
+            checkpoints.load(model).map_err(|source| ReducerError::Checkpoints { model: model.to_owned(), source })?;
+        let replay: Vec<&(Hash, DiffRecord)> = checkpoint.tail.iter().chain(applied_here).collect();
+        // Replay in one batch; if that fails, again one diff per call (the rule by which
+        // they applied in the first place) before calling it a divergence.
+        match self.rebuild(model, checkpoint.snapshot.as_deref(), &replay, false) {
+            Err(ReducerError::Diverged { .. }) if replay.len() > 1 => {
+                self.rebuild(model, checkpoint.snapshot.as_deref(), &replay, true)
+            }
+            other => other,
+        }
+    }
+
+    /// Restores `model` from `snapshot` (or new), replays `replay`, makes it resident.
+    fn rebuild(
+        &mut self,
+        model: &str,
+        snapshot: Option<&[u8]>,
+        replay: &[&(Hash, DiffRecord)],
+        one_at_a_time: bool,
+    ) -> Result<ResourceAny, ReducerError> {
+        let live = self.arm(0)?;
+        let api = live.guest.statefold_reducer_reducer().model();
+        let created = match snapshot {
+            Some(snapshot) => api.call_restore(&mut live.store, model, snapshot),
+            None => api.call_constructor(&mut live.store, model).map(Ok),
+        };
+        let handle = match created {
+            Ok(Ok(handle)) => handle,
+            Ok(Err(reason)) => {
+                return Err(ReducerError::Restore { reducer: self.reducer.label(), model: model.to_owned(), reason });
+            }
+            Err(e) => return Err(self.trap("restore", e)),
+        };
+        self.stats.restores += 1;
+        // What applied before must apply again, identically.
+        let mut done = 0;
+        while done < replay.len() {
+            let (prev, _) = replay[done];
+            let end = if one_at_a_time { done + 1 } else { replay.len() };
+            let batch: Vec<DiffRecord> = replay[done..end].iter().map(|(_, d)| d.clone()).collect();
+            let offset = batch[0].offset;
+            let result = self.call_apply(handle, *prev, &batch).map_err(|e| {
+                self.discard();
+                let (CallError::Trap(reason) | CallError::Contract(reason)) = e;
+                ReducerError::Diverged { model: model.to_owned(), offset, reason }
+            })?;
+            if let Some(refusal) = result.refusal {
+                let offset = batch[refusal.index as usize].offset;
+                self.discard();
+                return Err(ReducerError::Diverged {
+                    model: model.to_owned(),
+                    offset,
+                    reason: format!("a diff that applied before is now refused: {}", refusal.reason),
+                });
+            }
+            done += result.applied as usize;
+        }
+        let live = self.live.as_mut().expect("no trap since arm");
+        live.resident.put(model.to_owned(), handle);
+        Ok(handle)
+    }
+
+    /// One `model.apply` call, with the hashes chained from `prev` and the result checked
+    /// against the contract.
+    fn call_apply(&mut self, handle: ResourceAny, prev: Hash, batch: &[DiffRecord]) -> Result<ApplyResult, CallError> {
+        let mut hash = prev;
+        let wit: Vec<bindings::Diff> = batch
+            .iter()
+            .map(|d| {
+                let context = DiffContext {
+                    offset: d.offset,
+                    timestamp_ms: d.timestamp_ms,
+                    headers: d.headers.clone(),
+                    prev_hash: hash.as_bytes().to_vec(),
+                };
+                hash = hash.next(&d.payload);
+                bindings::Diff { context, payload: d.payload.clone() }
+            })
+            .collect();
+        let n = u32::try_from(batch.len()).map_err(|_| CallError::Contract("batch too large".into()))?;
+        let live = self.arm(n).map_err(|e| CallError::Trap(e.to_string()))?;
+        let result = live.guest.statefold_reducer_reducer().model().call_apply(&mut live.store, handle, &wit);
+        let result = result.map_err(|e| CallError::Trap(self.describe_trap(&e)))?;
+        let refused_index = result.refusal.as_ref().map(|r| r.index);
+        let valid = match refused_index {
+            None => result.applied == n,
+            Some(index) => index == result.applied && index < n,
+        };
+        if !valid {
+            return Err(CallError::Contract(format!(
+                "apply of {n} diffs answered applied={} refusal index={refused_index:?}",
+                result.applied
+            )));
+        }
+        Ok(result)
+    }
+
+    /// Evicts least recently used models (never `keep`) while the instance is over its
+    /// heap or model budget.
+    fn enforce_budget(&mut self, keep: &str, checkpoints: &mut dyn Checkpoints) -> Result<(), ReducerError> {
+        let limits = self.reducer.limits.clone();
+        loop {
+            let Some(live) = self.live.as_mut() else { return Ok(()) };
+            let over_count = live.resident.len() > limits.resident_models_max;
+            let over_bytes = if over_count {
+                false
+            } else {
+                let live = self.arm(0)?;
+                let heap = live.guest.statefold_reducer_reducer().call_heap_bytes(&mut live.store);
+                let heap = heap.map_err(|e| self.trap("heap-bytes", e))?;
+                let live = self.live.as_ref().expect("no trap");
+                // Clamped: the guest cannot use more heap than its memory holds.
+                heap.min(live.store.data().limiter.memory_bytes as u64) > limits.resident_bytes_max
+            };
+            if !over_count && !over_bytes {
+                return Ok(());
+            }
+            let live = self.live.as_mut().expect("checked above");
+            let coldest = live.resident.iter().rev().map(|(m, _)| m.clone()).find(|m| m != keep);
+            let Some(coldest) = coldest else { return Ok(()) };
+            self.evict(&coldest, checkpoints)?;
+        }
+    }
+}

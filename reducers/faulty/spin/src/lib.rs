@@ -1,0 +1,32 @@
+//! FAULTY ON PURPOSE, for host tests. Loops forever on the diff `"spin"`: only the host's CPU budget stops it.
+//! Otherwise a counter: `"inc"` adds one; anything else is refused.
+
+use statefold_guest::{Context, Reducer, Refusal};
+
+pub struct Faulty;
+
+impl Reducer for Faulty {
+    const NAME: &'static str = "faulty-spin";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    type State = i64;
+    type Diff = String;
+
+    fn apply(state: &mut i64, diff: String, _ctx: &Context) -> Result<(), Refusal> {
+        match diff.as_str() {
+            "inc" => {
+                *state += 1;
+                Ok(())
+            }
+            "spin" => {
+                let mut n = 0u64;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            other => Err(Refusal::new(format!("unknown diff {other:?}"))),
+        }
+    }
+}
+
+statefold_guest::export!(Faulty);

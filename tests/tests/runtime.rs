@@ -1,0 +1,202 @@
+//! The host runtime: faulty reducers fail only themselves, bad files are refused with a
+//! specific reason, cold models are evicted and restored exactly, and the CLI says so.
+
+mod common;
+
+use common::{Fold, applied, load, runtime};
+use serde_json::json;
+use statefold::reducer::{Limits, LoadError, Outcome};
+
+/// Small limits so the faulty reducers hit them quickly.
+fn tight() -> Limits {
+    Limits {
+        memory_bytes_max: 64 << 20,
+        diff_fuel_max: 20_000_000,
+        call_fuel_max: 200_000_000,
+        resident_bytes_max: 32 << 20,
+        ..Limits::default()
+    }
+}
+
+#[test]
+fn each_faulty_reducer_fails_only_the_diff_that_trips_it() {
+    let runtime = runtime(tight());
+    let mut healthy = Fold::new(&runtime, "counter");
+    for (name, trigger, reason) in [
+        ("trap", r#""trap""#, "trapping on purpose"),
+        ("spin", r#""spin""#, "exceeded its CPU budget"),
+        ("bomb", r#""bomb""#, "exceeded its memory limit"),
+    ] {
+        let mut fold = Fold::new(&runtime, name);
+        // Another model of the same reducer, resident in the instance that will trap.
+        assert_eq!(applied(&fold.apply("bystander", &[r#""inc""#, r#""inc""#])), [true, true]);
+        let outcomes = fold.apply("m", &[r#""inc""#, r#""inc""#, trigger, r#""inc""#]);
+        assert_eq!(applied(&outcomes), [true, true, false, true], "{name}: {outcomes:?}");
+        match &outcomes[2] {
+            Outcome::Failed(r) => assert!(r.contains(reason), "{name}: {r}"),
+            other => panic!("{name}: {other:?}"),
+        }
+        assert!(fold.models.stats().traps >= 2, "{name}: the batch trap and the isolated one");
+        // The failed diff left no trace; the model and the bystander were rebuilt exactly.
+        assert_eq!(fold.state("m"), json!(3), "{name}");
+        assert_eq!(applied(&fold.apply("bystander", &[r#""inc""#])), [true]);
+        assert_eq!(fold.state("bystander"), json!(3), "{name}");
+        // A healthy reducer in the same process never noticed.
+        assert_eq!(applied(&healthy.apply("c", &[r#"{"add":1}"#])), [true]);
+    }
+    assert_eq!(healthy.state("c"), json!(3));
+}
+
+#[test]
+fn a_reducer_that_breaks_the_contract_fails_its_diffs_not_the_host() {
+    let runtime = runtime(tight());
+    let mut fold = Fold::new(&runtime, "garbage");
+    // The batch's answer breaks the contract; one diff at a time, only "lie" does.
+    let outcomes = fold.apply("m", &["1", "2", r#""lie""#, "3"]);
+    assert_eq!(applied(&outcomes), [true, true, false, true], "{outcomes:?}");
+    assert!(
+        matches!(&outcomes[2], Outcome::Failed(r) if r.contains("broke the contract") || r.contains("apply of 1 diffs answered applied=8")),
+        "{outcomes:?}"
+    );
+    // Its heap-bytes report (u64::MAX) is clamped to its memory, so it cannot force the
+    // host to evict everything: the model stays resident.
+    assert_eq!(fold.models.resident(), 1);
+    assert_eq!(fold.models.stats().evictions, 0);
+    let mut healthy = Fold::new(&runtime, "counter");
+    assert_eq!(applied(&healthy.apply("c", &[r#"{"add":1}"#])), [true]);
+}
+
+#[test]
+fn bad_files_are_refused_with_a_specific_reason() {
+    let runtime = runtime(Limits::default());
+    let not_wasm = runtime.load(b"#!/bin/sh\necho hello\n").unwrap_err();
+    assert!(matches!(not_wasm, LoadError::NotWasm), "{not_wasm}");
+
+    let core = runtime.load(&wat::parse_str("(module (func (export \"apply\")))").unwrap()).unwrap_err();
+    assert!(matches!(core, LoadError::CoreModule), "{core}");
+    assert!(core.to_string().contains("wasm32-wasip2"), "{core}");
+
+    let empty = runtime.load(&wat::parse_str("(component)").unwrap()).unwrap_err();
+    assert!(matches!(&empty, LoadError::WrongWorld { exports } if exports == "nothing"), "{empty}");
+
+    let other_world = wat::parse_str(r#"(component (instance $i) (export "acme:shop/cart@1.0.0" (instance $i)))"#);
+    let other_world = runtime.load(&other_world.unwrap()).unwrap_err();
+    assert!(
+        matches!(&other_world, LoadError::WrongWorld { exports } if exports.contains("acme:shop/cart")),
+        "{other_world}"
+    );
+
+    for version in ["9.0.0", "0.2.0", "0.1.0-rc1"] {
+        let text = format!(r#"(component (instance $i) (export "statefold:reducer/reducer@{version}" (instance $i)))"#);
+        let err = runtime.load(&wat::parse_str(text).unwrap()).unwrap_err();
+        assert!(matches!(&err, LoadError::IncompatibleVersion { found, .. } if found.to_string() == version), "{err}");
+    }
+
+    let hollow =
+        wat::parse_str(r#"(component (instance $i) (export "statefold:reducer/reducer@0.1.0" (instance $i)))"#);
+    let hollow = runtime.load(&hollow.unwrap()).unwrap_err();
+    assert!(matches!(hollow, LoadError::Contract(_)), "{hollow}");
+
+    let mut truncated = std::fs::read(statefold_tests::wasm("counter")).unwrap();
+    truncated.truncate(truncated.len() / 2);
+    let truncated = runtime.load(&truncated).unwrap_err();
+    assert!(matches!(truncated, LoadError::Invalid(_)), "{truncated}");
+}
+
+#[test]
+fn loading_is_cached_by_module_hash() {
+    let runtime = runtime(Limits::default());
+    let a = load(&runtime, "counter");
+    let b = load(&runtime, "counter");
+    assert!(std::sync::Arc::ptr_eq(&a, &b));
+    assert_eq!(
+        a.id().to_string(),
+        blake3::hash(&std::fs::read(statefold_tests::wasm("counter")).unwrap()).to_hex().as_str()
+    );
+    let info = a.info();
+    assert_eq!(
+        (info.name.as_str(), info.diff_format.as_str(), info.merge, info.delta),
+        ("counter", "json", true, false)
+    );
+}
+
+#[test]
+fn compiled_code_survives_restarts_in_the_cache_dir() {
+    let dir = std::env::temp_dir().join(format!("statefold-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let bytes = std::fs::read(statefold_tests::wasm("document")).unwrap();
+    let first = statefold::reducer::Runtime::new(Limits::default(), Some(dir.clone())).unwrap();
+    let id = first.load(&bytes).unwrap().id();
+    let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(entries.len(), 1);
+    assert!(entries[0].to_string_lossy().starts_with(&id.to_string()));
+    // A new runtime (a restart) loads from the cache and works the same.
+    let second = statefold::reducer::Runtime::new(Limits::default(), Some(dir.clone())).unwrap();
+    let reducer = second.load(&bytes).unwrap();
+    let mut models = reducer.models();
+    let mut checkpoints = statefold::reducer::MemoryCheckpoints::default();
+    assert_eq!(models.snapshot("x", &mut checkpoints).unwrap(), b"{}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn cold_models_are_evicted_by_count_and_restored_exactly() {
+    let runtime = runtime(Limits { resident_models_max: 8, ..Limits::default() });
+    let mut fold = Fold::new(&runtime, "counter");
+    for round in 1..=3i64 {
+        for m in 0..40i64 {
+            let diff = format!(r#"{{"add":{}}}"#, m * round);
+            assert_eq!(applied(&fold.apply(&format!("m{m}"), &[&diff])), [true]);
+            assert!(fold.models.resident() <= 8);
+        }
+    }
+    assert!(fold.models.stats().evictions >= 100, "{:?}", fold.models.stats());
+    for m in 0..40i64 {
+        assert_eq!(fold.state(&format!("m{m}")), json!(m * 6), "m{m}");
+    }
+}
+
+#[test]
+fn cold_models_are_evicted_by_heap_budget() {
+    let runtime = runtime(Limits { resident_bytes_max: 4 << 20, ..Limits::default() });
+    let mut fold = Fold::new(&runtime, "document");
+    let blob = "x".repeat(256 << 10);
+    for m in 0..40 {
+        let diff = json!({"blob": blob, "n": m}).to_string();
+        assert_eq!(applied(&fold.apply(&format!("d{m}"), &[&diff])), [true]);
+    }
+    let stats = fold.models.stats();
+    assert!(stats.evictions >= 20, "{stats:?}");
+    assert!(fold.models.resident() < 20, "{}", fold.models.resident());
+    for m in 0..40 {
+        assert_eq!(fold.state(&format!("d{m}")), json!({"blob": blob, "n": m}));
+    }
+}
+
+#[test]
+fn cli_check_prints_what_a_reducer_declares() {
+    let bin = statefold_tests::statefold_bin();
+    let out = std::process::Command::new(&bin)
+        .args(["reducer", "check"])
+        .arg(statefold_tests::wasm("document"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for line in [
+        "reducer:       document 0.1.0",
+        "contract:      statefold:reducer@0.1.0",
+        "capabilities:  merge, delta",
+        "empty state:   {} (round-trips)",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+
+    let core = std::env::temp_dir().join(format!("statefold-core-{}.wasm", std::process::id()));
+    std::fs::write(&core, wat::parse_str("(module)").unwrap()).unwrap();
+    let out = std::process::Command::new(&bin).args(["reducer", "check"]).arg(&core).output().unwrap();
+    std::fs::remove_file(&core).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("a core WebAssembly module, not a component"), "{stderr}");
+}
