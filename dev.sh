@@ -14,6 +14,9 @@ REDUCERS=(
 
 setup() {
   command -v cargo >/dev/null || { echo "dev.sh: cargo not found; install Rust with rustup" >&2; exit 1; }
+  for component in rustfmt clippy; do
+    rustup component list --installed | grep -q "^$component" || rustup component add "$component"
+  done
   if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
   fi
@@ -35,6 +38,8 @@ case "$cmd" in
   test)
     setup
     build_reducers
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
     cargo test --workspace --all-targets "$@"
     cargo test --workspace --doc
     ;;

@@ -165,7 +165,7 @@ impl Models {
     ) -> Result<Vec<Outcome>, ReducerError> {
         let mut outcomes = Vec::with_capacity(diffs.len());
         // Diffs applied by this call, for rebuilding the model after a trap.
-        let mut applied_here: Vec<(Hash, DiffRecord)> = Vec::new();
+        let mut applied_here: Vec<(Hash, &DiffRecord)> = Vec::new();
         let mut head = hash;
         let mut isolate = false;
         while outcomes.len() < diffs.len() {
@@ -174,10 +174,10 @@ impl Models {
             let batch = &diffs[start..end];
             let handle = self.resident_handle(model, checkpoints, &applied_here)?;
             match self.call_apply(handle, head, batch) {
-                Ok(result) => {
-                    for diff in &batch[..result.applied as usize] {
-                        applied_here.push((head, diff.clone()));
-                        head = head.next(&diff.payload);
+                Ok((result, hashes)) => {
+                    for (diff, hash) in batch.iter().zip(hashes).take(result.applied as usize) {
+                        applied_here.push((head, diff));
+                        head = hash;
                         outcomes.push(Outcome::Applied(head));
                     }
                     if let Some(refusal) = result.refusal {
@@ -315,14 +315,15 @@ impl Models {
         &mut self,
         model: &str,
         checkpoints: &mut dyn Checkpoints,
-        applied_here: &[(Hash, DiffRecord)],
+        applied_here: &[(Hash, &DiffRecord)],
     ) -> Result<ResourceAny, ReducerError> {
         if let Some(handle) = self.live.as_mut().and_then(|live| live.resident.get(model)) {
             return Ok(*handle);
         }
         let checkpoint =
             checkpoints.load(model).map_err(|source| ReducerError::Checkpoints { model: model.to_owned(), source })?;
-        let replay: Vec<&(Hash, DiffRecord)> = checkpoint.tail.iter().chain(applied_here).collect();
+        let replay: Vec<(Hash, &DiffRecord)> =
+            checkpoint.tail.iter().map(|(h, d)| (*h, d)).chain(applied_here.iter().copied()).collect();
         // Replay in one batch; if that fails, again one diff per call (the rule by which
         // they applied in the first place) before calling it a divergence.
         match self.rebuild(model, checkpoint.snapshot.as_deref(), &replay, false) {
@@ -338,7 +339,7 @@ impl Models {
         &mut self,
         model: &str,
         snapshot: Option<&[u8]>,
-        replay: &[&(Hash, DiffRecord)],
+        replay: &[(Hash, &DiffRecord)],
         one_at_a_time: bool,
     ) -> Result<ResourceAny, ReducerError> {
         let live = self.arm(0)?;
@@ -360,9 +361,9 @@ impl Models {
         while done < replay.len() {
             let (prev, _) = replay[done];
             let end = if one_at_a_time { done + 1 } else { replay.len() };
-            let batch: Vec<DiffRecord> = replay[done..end].iter().map(|(_, d)| d.clone()).collect();
+            let batch: Vec<DiffRecord> = replay[done..end].iter().map(|(_, d)| (*d).clone()).collect();
             let offset = batch[0].offset;
-            let result = self.call_apply(handle, *prev, &batch).map_err(|e| {
+            let (result, _) = self.call_apply(handle, prev, &batch).map_err(|e| {
                 self.discard();
                 let (CallError::Trap(reason) | CallError::Contract(reason)) = e;
                 ReducerError::Diverged { model: model.to_owned(), offset, reason }
@@ -384,9 +385,16 @@ impl Models {
     }
 
     /// One `model.apply` call, with the hashes chained from `prev` and the result checked
-    /// against the contract.
-    fn call_apply(&mut self, handle: ResourceAny, prev: Hash, batch: &[DiffRecord]) -> Result<ApplyResult, CallError> {
+    /// against the contract. Also returns the hash after each diff of the batch, were it
+    /// applied.
+    fn call_apply(
+        &mut self,
+        handle: ResourceAny,
+        prev: Hash,
+        batch: &[DiffRecord],
+    ) -> Result<(ApplyResult, Vec<Hash>), CallError> {
         let mut hash = prev;
+        let mut hashes = Vec::with_capacity(batch.len());
         let wit: Vec<bindings::Diff> = batch
             .iter()
             .map(|d| {
@@ -397,6 +405,7 @@ impl Models {
                     prev_hash: hash.as_bytes().to_vec(),
                 };
                 hash = hash.next(&d.payload);
+                hashes.push(hash);
                 bindings::Diff { context, payload: d.payload.clone() }
             })
             .collect();
@@ -415,7 +424,7 @@ impl Models {
                 result.applied
             )));
         }
-        Ok(result)
+        Ok((result, hashes))
     }
 
     /// Evicts least recently used models (never `keep`) while the instance is over its

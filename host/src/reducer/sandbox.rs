@@ -10,11 +10,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::component::{Linker, Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreContextMut};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::Limits;
@@ -58,9 +58,26 @@ impl WasiView for GuestData {
     }
 }
 
+/// The monotonic clock as wasmtime-wasi links it (see its `wit/deps/clocks.wit`).
+const MONOTONIC_CLOCK_INTERFACE: &str = "wasi:clocks/monotonic-clock@0.2.12";
+
 /// Adds WASI (locked down by [`GuestData::new`]) and the `meter` import to `linker`.
 pub(crate) fn link(linker: &mut Linker<GuestData>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
+    // Fuel meters wasm instructions, not time spent blocked in the host: a reducer that
+    // sleeps (`subscribe-*` then `poll`) would hold its thread for real time. Waiting on a
+    // clock is therefore a trap. (The clock itself is stopped at zero; see EpochClock.)
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance(MONOTONIC_CLOCK_INTERFACE)?;
+    for name in ["subscribe-duration", "subscribe-instant"] {
+        clock.func_wrap(
+            name,
+            |_: StoreContextMut<'_, GuestData>, (_,): (u64,)| -> wasmtime::Result<(Resource<DynPollable>,)> {
+                wasmtime::bail!("reducers may not sleep or wait on a clock")
+            },
+        )?;
+    }
+    linker.allow_shadowing(false);
     linker.instance(super::METER_INTERFACE)?.func_wrap(
         "start-diff",
         |mut store: StoreContextMut<'_, GuestData>, (): ()| -> wasmtime::Result<()> {

@@ -93,7 +93,7 @@ pub enum Diff {
     Complete {
         step: String,
         at: u64,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
         output: Option<Value>,
     },
     Fail {
@@ -129,7 +129,7 @@ pub enum StepChange {
     Set(Step),
     /// The step was running and the run advanced it: merge-patch its output, then end it.
     Update {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
         output: Option<Value>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         end: Option<End>,
@@ -141,6 +141,12 @@ pub enum StepChange {
 pub enum End {
     Complete { at: u64 },
     Fail { at: u64, error: String },
+}
+
+/// An output patch that is present, even as `null` (which clears the output); serde's
+/// `Option` would read `null` as absent.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
 }
 
 fn refuse<T>(reason: impl Into<String>) -> Result<T, Refusal> {

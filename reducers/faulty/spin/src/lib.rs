@@ -1,4 +1,5 @@
 //! FAULTY ON PURPOSE, for host tests. Loops forever on the diff `"spin"`: only the host's CPU budget stops it.
+//! Sleeps for an hour on `"sleep"`: the host must not wait for it.
 //! Otherwise a counter: `"inc"` adds one; anything else is refused.
 
 use statefold_guest::{Context, Reducer, Refusal};
@@ -23,6 +24,10 @@ impl Reducer for Faulty {
                 loop {
                     n = std::hint::black_box(n.wrapping_add(1));
                 }
+            }
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(())
             }
             other => Err(Refusal::new(format!("unknown diff {other:?}"))),
         }
