@@ -186,13 +186,16 @@ impl Models {
                 }
                 Err(error) => {
                     self.discard();
-                    if batch.len() == 1 {
+                    if isolate {
+                        // One diff, on an instance created for this model alone: the
+                        // verdict depends on (state, diff) only, as on every replica.
                         let (CallError::Trap(reason) | CallError::Contract(reason)) = error;
                         tracing::warn!(reducer = %self.reducer.label(), model, offset = batch[0].offset, %reason, "diff failed in isolation");
                         outcomes.push(Outcome::Failed(reason));
                         isolate = false;
                     } else {
-                        // Somewhere in the batch; find it one diff at a time.
+                        // Somewhere in the batch, or caused by what else the instance
+                        // held; find it one diff at a time on a fresh instance.
                         isolate = true;
                     }
                 }
