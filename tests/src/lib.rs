@@ -1,6 +1,6 @@
 //! Shared setup for Statefold's integration tests and benchmarks: builds the real `.wasm`
 //! reducers from `reducers/` (once per process; cargo makes concurrent builds wait for
-//! each other) and the `statefold` binary.
+//! each other).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,11 +49,4 @@ pub fn wasm(name: &str) -> PathBuf {
     let package =
         REDUCERS.iter().find(|(short, _)| *short == name).unwrap_or_else(|| panic!("no reducer named {name}")).1;
     target_dir().join("wasm32-wasip2/release").join(format!("{}.wasm", package.replace('-', "_")))
-}
-
-/// Path of the `statefold` binary, built for this test run.
-pub fn statefold_bin() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| cargo(&["build", "--quiet", "-p", "statefold", "--bin", "statefold"]));
-    target_dir().join("debug/statefold")
 }

@@ -228,6 +228,7 @@ impl Models {
         let dropped = handle.resource_drop(&mut live.store);
         dropped.map_err(|e| self.trap("model destructor", e))?;
         self.stats.evictions += 1;
+        tracing::debug!(reducer = %self.reducer.label(), model, "model evicted");
         Ok(())
     }
 
@@ -272,6 +273,7 @@ impl Models {
                 Err(e) => return Err(self.instantiate_error(e)),
             };
             self.stats.instances += 1;
+            tracing::debug!(reducer = %self.reducer.label(), instances = self.stats.instances, "instance created");
             self.live = Some(Live { store, guest, resident: LruCache::unbounded() });
         }
         let fuel = self.reducer.limits.call_fuel_max;
@@ -359,6 +361,7 @@ impl Models {
             Err(e) => return Err(self.trap("restore", e)),
         };
         self.stats.restores += 1;
+        tracing::debug!(reducer = %self.reducer.label(), model, replay = replay.len(), one_at_a_time, "model restored");
         // What applied before must apply again, identically.
         let mut done = 0;
         while done < replay.len() {
