@@ -53,7 +53,7 @@
 //! ```
 //!
 //! Build it with `cargo build --target wasm32-wasip2 --release` (crate type `cdylib`) and
-//! check it with `statefold reducer check target/wasm32-wasip2/release/counter.wasm`.
+//! check it with `statefold reducer check target/wasm32-wasip2/release/<crate_name>.wasm`.
 //!
 //! # The contract
 //!

@@ -28,7 +28,7 @@ enum ReducerCommand {
     /// (not wasm, a core module, wrong world, incompatible version, failing describe).
     /// Also checks that a new model's empty state survives a snapshot/restore round trip.
     Check {
-        /// The reducer component, e.g. target/wasm32-wasip2/release/counter.wasm
+        /// The reducer component, e.g. target/wasm32-wasip2/release/statefold_reducer_counter.wasm
         file: PathBuf,
         #[command(flatten)]
         limits: LimitArgs,

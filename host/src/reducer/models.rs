@@ -440,7 +440,9 @@ impl Models {
         loop {
             let Some(live) = self.live.as_mut() else { return Ok(()) };
             let over_count = live.resident.len() > limits.resident_models_max;
-            let over_bytes = if over_count {
+            // The heap cannot exceed linear memory: below the budget, no need to ask.
+            let memory_bytes = live.store.data().limiter.memory_bytes as u64;
+            let over_bytes = if over_count || memory_bytes <= limits.resident_bytes_max {
                 false
             } else {
                 let live = self.arm(0)?;
