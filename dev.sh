@@ -40,8 +40,20 @@ case "$cmd" in
     build_reducers
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
-    cargo test --workspace --all-targets "$@"
-    cargo test --workspace --doc --exclude 'statefold-faulty-*'
+    log="$(mktemp)"
+    status=0
+    {
+      cargo test --workspace --all-targets "$@" &&
+        cargo test --workspace --doc --exclude 'statefold-faulty-*'
+    } 2>&1 | tee "$log" || status=$?
+    # One closing line over every test binary (the last one cargo prints is often a
+    # crate with no doc tests).
+    passed=$(grep -oE '^test result: .* ([0-9]+) passed' "$log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+    failed=$(grep -oE '^test result: .* ([0-9]+) failed' "$log" | grep -oE '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+    rm -f "$log"
+    echo
+    echo "tests: $passed passed, $failed failed"
+    exit "$status"
     ;;
   run)
     setup
