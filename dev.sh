@@ -52,6 +52,7 @@ case "$cmd" in
     failed=$(grep -oE '^test result: .* ([0-9]+) failed' "$log" | grep -oE '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
     rm -f "$log"
     echo
+    echo "dev.sh test took ${SECONDS}s"
     echo "tests: $passed passed, $failed failed"
     exit "$status"
     ;;
