@@ -10,6 +10,7 @@ cd "$(dirname "$0")"
 REDUCERS=(
   statefold-reducer-counter statefold-reducer-document statefold-reducer-workflow
   statefold-faulty-trap statefold-faulty-spin statefold-faulty-bomb statefold-faulty-garbage
+  statefold-faulty-probe
 )
 
 setup() {

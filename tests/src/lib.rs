@@ -15,6 +15,7 @@ pub const REDUCERS: &[(&str, &str)] = &[
     ("spin", "statefold-faulty-spin"),
     ("bomb", "statefold-faulty-bomb"),
     ("garbage", "statefold-faulty-garbage"),
+    ("probe", "statefold-faulty-probe"),
 ];
 
 pub fn workspace_root() -> &'static Path {

@@ -174,3 +174,24 @@ fn cold_models_are_evicted_by_heap_budget() {
         assert_eq!(fold.state(&format!("d{m}")), json!({"blob": blob, "n": m}));
     }
 }
+
+#[test]
+fn the_sandbox_shows_a_reducer_nothing_but_fixed_clocks_and_seeded_randomness() {
+    let probe = || {
+        let runtime = runtime(Limits::default());
+        let mut fold = Fold::new(&runtime, "probe");
+        assert_eq!(applied(&fold.apply("p", &[r#""probe""#])), [true]);
+        fold.state("p")
+    };
+    let seen = probe();
+    // Another runtime, another instance: the same observations, random seed included.
+    assert_eq!(probe(), seen);
+    assert_eq!(seen["env"], "[]");
+    assert_eq!(seen["args"], "[]");
+    assert_eq!(seen["wall clock"], "Ok(0)");
+    assert_eq!(seen["monotonic elapsed"], "0ns");
+    for denied in ["read_dir /", "read /etc/passwd", "write /tmp/x", "tcp connect"] {
+        let outcome = seen[denied].as_str().unwrap();
+        assert!(outcome.starts_with("error: "), "{denied}: {outcome}");
+    }
+}
