@@ -310,3 +310,21 @@ impl fmt::Debug for Reducer {
         f.debug_struct("Reducer").field("id", &self.id).field("info", &self.info).finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_validated_together() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        let tiny = Limits { memory_bytes_max: 1000, ..Limits::default() };
+        assert_eq!(tiny.validate(), Err("reducer_memory_bytes_max must be at least 1 MiB".into()));
+        let inverted = Limits { resident_bytes_max: 1 << 30, memory_bytes_max: 1 << 29, ..Limits::default() };
+        assert!(inverted.validate().unwrap_err().contains("must be below reducer_memory_bytes_max"));
+        assert!(Limits { diff_fuel_max: 0, ..Limits::default() }.validate().is_err());
+        assert!(Limits { resident_models_max: 0, ..Limits::default() }.validate().is_err());
+        let err = Runtime::new(tiny, None).err().expect("refused");
+        assert!(err.to_string().contains("at least 1 MiB"), "{err}");
+    }
+}
