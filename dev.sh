@@ -7,12 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-REDUCERS=(
-  statefold-reducer-counter statefold-reducer-document statefold-reducer-workflow
-  statefold-faulty-trap statefold-faulty-spin statefold-faulty-bomb statefold-faulty-garbage
-  statefold-faulty-probe
-)
-
 setup() {
   command -v cargo >/dev/null || { echo "dev.sh: cargo not found; install Rust with rustup" >&2; exit 1; }
   for component in rustfmt clippy; do
@@ -23,10 +17,10 @@ setup() {
   fi
 }
 
+# Every workspace member but the host and the test crate is a reducer (or the SDK they
+# use): the workspace members are the one list of them.
 build_reducers() {
-  local args=()
-  for r in "${REDUCERS[@]}"; do args+=(-p "$r"); done
-  cargo build --release --target wasm32-wasip2 "${args[@]}"
+  cargo build --release --target wasm32-wasip2 --workspace --exclude statefold --exclude statefold-tests
 }
 
 wasm_dir() {

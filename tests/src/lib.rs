@@ -6,18 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// Every reducer crate the tests use, by short name.
-pub const REDUCERS: &[(&str, &str)] = &[
-    ("counter", "statefold-reducer-counter"),
-    ("document", "statefold-reducer-document"),
-    ("workflow", "statefold-reducer-workflow"),
-    ("trap", "statefold-faulty-trap"),
-    ("spin", "statefold-faulty-spin"),
-    ("bomb", "statefold-faulty-bomb"),
-    ("garbage", "statefold-faulty-garbage"),
-    ("probe", "statefold-faulty-probe"),
-];
-
 pub fn workspace_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace")
 }
@@ -37,17 +25,29 @@ fn cargo(args: &[&str]) {
     assert!(status.success(), "`cargo {}` failed ({status})", args.join(" "));
 }
 
-/// Path of the built `.wasm` of reducer `name` (see [`REDUCERS`]).
+/// Path of the built `.wasm` of reducer `name`: crate `statefold-reducer-NAME` (an
+/// example) or `statefold-faulty-NAME` (test-only). Every reducer in the workspace is built
+/// the first time; the workspace members are the one list of them.
 pub fn wasm(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let mut args = vec!["build", "--quiet", "--release", "--target", "wasm32-wasip2"];
-        for (_, package) in REDUCERS {
-            args.extend(["-p", package]);
-        }
-        cargo(&args);
+        cargo(&[
+            "build",
+            "--quiet",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--workspace",
+            "--exclude",
+            "statefold",
+            "--exclude",
+            "statefold-tests",
+        ])
     });
-    let package =
-        REDUCERS.iter().find(|(short, _)| *short == name).unwrap_or_else(|| panic!("no reducer named {name}")).1;
-    target_dir().join("wasm32-wasip2/release").join(format!("{}.wasm", package.replace('-', "_")))
+    let dir = target_dir().join("wasm32-wasip2/release");
+    ["statefold_reducer_", "statefold_faulty_"]
+        .iter()
+        .map(|prefix| dir.join(format!("{prefix}{name}.wasm")))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| panic!("no reducer named {name} in {}", dir.display()))
 }
