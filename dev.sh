@@ -2,7 +2,8 @@
 # Statefold's one entry point for humans and CI. Installs what the build needs (idempotent),
 # builds the example reducers to .wasm, then:
 #   ./dev.sh test           the whole test suite
-#   ./dev.sh run [ARGS...]  the statefold binary (no ARGS: check the example reducers)
+#   ./dev.sh run [ARGS...]  the statefold binary (no ARGS: serve the example kinds on the
+#                           embedded log, config statefold.toml, http://127.0.0.1:8080)
 #   ./dev.sh bench          the benchmarks (print tables)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,6 +15,17 @@ setup() {
   done
   if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
+  fi
+  # RocksDB is built from source: a C++ compiler, and libclang for its bindings.
+  local missing=()
+  for pkg in libclang-dev g++; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
   fi
 }
 
@@ -57,10 +69,7 @@ case "$cmd" in
     cargo build --release -p statefold
     bin="${CARGO_TARGET_DIR:-target}/release/statefold"
     if [ $# -eq 0 ]; then
-      for r in counter document workflow; do
-        echo "== $r"
-        "$bin" reducer check "$(wasm_dir)/statefold_reducer_$r.wasm"
-      done
+      exec "$bin" serve --config statefold.toml --reducers-dir "$(wasm_dir)"
     else
       exec "$bin" "$@"
     fi

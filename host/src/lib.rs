@@ -1,5 +1,16 @@
 //! Statefold: folds streams of diffs into live per-model state with reducers compiled to
 //! WebAssembly. See ARCHITECTURE.md for the map.
+//!
+//! The core ([`chain`], [`fold`]) does no I/O; [`store`] (RocksDB), [`source`] (logs),
+//! [`reducer`] (wasmtime) and [`api`] (HTTP/SSE) are adapters; [`server`] wires them.
 
+pub mod api;
+pub mod app;
 pub mod chain;
+pub mod config;
+pub mod fold;
+pub mod hub;
 pub mod reducer;
+pub mod server;
+pub mod source;
+pub mod store;

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use statefold::reducer::{Checkpoints, Limits, MemoryCheckpoints, Runtime, WIT_VERSION};
+use statefold::config::{Config, KindConfig, LimitFlags};
+use statefold::reducer::{Checkpoints, MemoryCheckpoints, Runtime, WIT_VERSION};
 
 /// Statefold folds streams of diffs into live per-model state with reducers compiled to
 /// WebAssembly.
@@ -17,6 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fold the configured kinds' logs and serve the HTTP API (embedded log when no
+    /// Kafka brokers are configured).
+    Serve(ServeArgs),
     /// Work with reducer components (.wasm).
     #[command(subcommand)]
     Reducer(ReducerCommand),
@@ -30,55 +34,47 @@ enum ReducerCommand {
     Check {
         /// The reducer component, e.g. target/wasm32-wasip2/release/statefold_reducer_counter.wasm
         file: PathBuf,
+        /// Sandbox limits (only the reducer_* ones apply here).
         #[command(flatten)]
-        limits: LimitArgs,
+        limits: LimitFlags,
     },
 }
 
-/// Sandbox limits of every reducer instance.
+/// `statefold serve`: a TOML file, and flags that override it.
 #[derive(Args)]
-struct LimitArgs {
-    /// Linear memory cap of one reducer instance, in bytes.
-    #[arg(long, env = "STATEFOLD_REDUCER_MEMORY_BYTES_MAX", default_value_t = Limits::default().memory_bytes_max)]
-    reducer_memory_bytes_max: usize,
-    /// CPU budget of one diff, in wasmtime fuel (about one unit per wasm instruction).
-    #[arg(long, env = "STATEFOLD_REDUCER_DIFF_FUEL_MAX", default_value_t = Limits::default().diff_fuel_max)]
-    reducer_diff_fuel_max: u64,
-    /// CPU budget of any other reducer call (snapshot, restore, merge, delta), in fuel.
-    #[arg(long, env = "STATEFOLD_REDUCER_CALL_FUEL_MAX", default_value_t = Limits::default().call_fuel_max)]
-    reducer_call_fuel_max: u64,
-    /// Guest heap one instance may hold before cold models are evicted, in bytes.
-    #[arg(long, env = "STATEFOLD_REDUCER_RESIDENT_BYTES_MAX", default_value_t = Limits::default().resident_bytes_max)]
-    reducer_resident_bytes_max: u64,
-    /// Models resident in one instance before cold ones are evicted.
-    #[arg(long, env = "STATEFOLD_REDUCER_RESIDENT_MODELS_MAX", default_value_t = Limits::default().resident_models_max)]
-    reducer_resident_models_max: usize,
-    /// Bytes of a reducer's stderr kept for error messages.
-    #[arg(long, env = "STATEFOLD_REDUCER_STDERR_BYTES_MAX", default_value_t = Limits::default().stderr_bytes_max)]
-    reducer_stderr_bytes_max: usize,
-}
-
-impl LimitArgs {
-    fn limits(&self) -> Limits {
-        Limits {
-            memory_bytes_max: self.reducer_memory_bytes_max,
-            diff_fuel_max: self.reducer_diff_fuel_max,
-            call_fuel_max: self.reducer_call_fuel_max,
-            resident_bytes_max: self.reducer_resident_bytes_max,
-            resident_models_max: self.reducer_resident_models_max,
-            stderr_bytes_max: self.reducer_stderr_bytes_max,
-        }
-    }
+struct ServeArgs {
+    /// The config file (TOML): listen, data_dir, reducers_dir, [[kind]] sections, [limits].
+    #[arg(long, short, env = "STATEFOLD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:8080 (port 0: any free port).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Where the RocksDB store and the compiled-reducer cache live.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Where kinds' reducer files are looked up.
+    #[arg(long)]
+    reducers_dir: Option<PathBuf>,
+    /// A kind, as NAME=FILE.wasm[@TOPIC] (repeatable; adds to the config file's kinds).
+    #[arg(long = "kind", value_name = "NAME=FILE.wasm[@TOPIC]")]
+    kinds: Vec<String>,
+    #[command(flatten)]
+    limits: LimitFlags,
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Reducer(ReducerCommand::Check { file, limits }) => check(&file, limits.limits()),
+        Command::Serve(args) => serve(args),
+        Command::Reducer(ReducerCommand::Check { file, limits }) => {
+            let mut all = statefold::config::Limits::default();
+            limits.apply(&mut all);
+            check(&file, all.reducer())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -89,7 +85,47 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(file: &std::path::Path, limits: Limits) -> anyhow::Result<()> {
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path).map_err(anyhow::Error::msg)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(dir) = args.reducers_dir {
+        config.reducers_dir = dir;
+    }
+    for flag in &args.kinds {
+        config.kinds.push(KindConfig::parse_flag(flag).map_err(anyhow::Error::msg)?);
+    }
+    args.limits.apply(&mut config.limits);
+    config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let running = statefold::server::start(config).await?;
+        // Printed on stdout so that scripts (and tests) can find a port-0 address.
+        println!("statefold listening on http://{}", running.addr);
+        let stop = running.app.status.stop.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("a SIGTERM handler can be installed");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("signal received: stopping");
+            stop.cancel();
+        });
+        running.wait().await.map_err(|e| anyhow::anyhow!("stopped: {e}"))
+    })
+}
+
+fn check(file: &std::path::Path, limits: statefold::reducer::Limits) -> anyhow::Result<()> {
     use anyhow::Context;
     let runtime = Runtime::new(limits, None)?;
     let reducer = runtime.load_file(file).with_context(|| format!("cannot load {}", file.display()))?;

@@ -51,3 +51,5 @@ pub fn wasm(name: &str) -> PathBuf {
         .find(|path| path.exists())
         .unwrap_or_else(|| panic!("no reducer named {name} in {}", dir.display()))
 }
+
+pub mod http;

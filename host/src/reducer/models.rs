@@ -213,6 +213,26 @@ impl Models {
         result.map_err(|e| self.trap("snapshot", e))
     }
 
+    /// The state a checkpoint describes (its snapshot plus the diffs after it), computed on
+    /// the side: the model is not left resident, so this `Models` can serve any version.
+    pub fn materialize(&mut self, model: &str, checkpoint: &Checkpoint) -> Result<Vec<u8>, ReducerError> {
+        let replay: Vec<(Hash, &DiffRecord)> = checkpoint.tail.iter().map(|(h, d)| (*h, d)).collect();
+        let handle = match self.rebuild(model, checkpoint.snapshot.as_deref(), &replay, false) {
+            Err(ReducerError::Diverged { .. }) if replay.len() > 1 => {
+                self.rebuild(model, checkpoint.snapshot.as_deref(), &replay, true)?
+            }
+            other => other?,
+        };
+        let live = self.arm(0)?;
+        live.resident.pop(model);
+        let snapshot = live.guest.statefold_reducer_reducer().model().call_snapshot(&mut live.store, handle);
+        let snapshot = snapshot.map_err(|e| self.trap("snapshot", e))?;
+        let live = self.arm(0)?;
+        let dropped = handle.resource_drop(&mut live.store);
+        dropped.map_err(|e| self.trap("model destructor", e))?;
+        Ok(snapshot)
+    }
+
     /// Snapshots `model` into `checkpoints` and drops it from the guest.
     pub fn evict(&mut self, model: &str, checkpoints: &mut dyn Checkpoints) -> Result<(), ReducerError> {
         let Some(live) = self.live.as_mut() else { return Ok(()) };

@@ -1,0 +1,427 @@
+//! The HTTP API (axum): the routes of the design's table, JSON errors, the SSE stream.
+//! Only this module speaks JSON; wire types live here.
+
+mod sse;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::app::{App, AppError, Appended, Plan};
+use crate::chain::Hash;
+use crate::fold::{ModelKey, Rejection};
+use crate::store::StoredDiff;
+
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+pub fn router(app: Arc<App>) -> Router {
+    let body_max = app.limits.diff_bytes_max;
+    Router::new()
+        .route("/v1/models/{kind}", post(create).get(list))
+        .route("/v1/models/{kind}/{id}", get(state))
+        .route("/v1/models/{kind}/{id}/diffs", post(append).get(missing))
+        .route("/v1/models/{kind}/{id}/events", get(sse::events))
+        .route("/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        // One more byte than a diff may have, so that the handler sees "too large" itself.
+        .layer(DefaultBodyLimit::max(body_max + 1))
+        .with_state(app)
+}
+
+/// An error response: `{"error": {"code", "message"}}` with a fitting status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<AppError> for ApiError {
+    fn from(error: AppError) -> ApiError {
+        let message = error.to_string();
+        let (status, code) = match &error {
+            AppError::UnknownKind(_) => (StatusCode::NOT_FOUND, "unknown_kind"),
+            AppError::UnknownModel { .. } => (StatusCode::NOT_FOUND, "unknown_model"),
+            AppError::Exists { .. } => (StatusCode::CONFLICT, "model_exists"),
+            AppError::UnknownHash(_) => (StatusCode::NOT_FOUND, "unknown_hash"),
+            AppError::Pruned(_) => (StatusCode::GONE, "pruned"),
+            AppError::InvalidId(_) => (StatusCode::BAD_REQUEST, "invalid_id"),
+            AppError::Rejected(rejection) => match rejection {
+                Rejection::Refused(_) => (StatusCode::CONFLICT, "refused"),
+                Rejection::Exists => (StatusCode::CONFLICT, "model_exists"),
+                Rejection::Failed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "reducer_failed"),
+                other => (StatusCode::UNPROCESSABLE_ENTITY, other.code()),
+            },
+            AppError::WaitTimeout(..) => (StatusCode::GATEWAY_TIMEOUT, "wait_timeout"),
+            AppError::Reducer(_) => (StatusCode::INTERNAL_SERVER_ERROR, "reducer_failed"),
+            AppError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
+            AppError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        };
+        let message = match &error {
+            AppError::Rejected(rejection) => rejection.message(),
+            _ => message,
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+/// Runs blocking service code off the async threads; a fatal store error stops the process.
+async fn blocking<T: Send + 'static>(
+    app: &Arc<App>,
+    f: impl FnOnce(&App) -> Result<T, AppError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let app = app.clone();
+    let status = app.status.clone();
+    let result = tokio::task::spawn_blocking(move || f(&*app)).await;
+    match result {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(AppError::Store(e))) if e.is_fatal() => {
+            status.fatal(e.to_string());
+            Err(AppError::Store(e).into())
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(join) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", join.to_string())),
+    }
+}
+
+fn parse_hash(text: &str) -> Result<Hash, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::bad_request("malformed_hash", format!("{text:?} is not a hash: expected 64 hex digits")))
+}
+
+fn raw_json(bytes: &[u8], what: &str) -> Result<Box<RawValue>, ApiError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ApiError::bad_request("malformed_json", format!("{what} is not UTF-8")))?;
+    RawValue::from_string(text.to_owned())
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("{what} is not valid JSON: {e}")))
+}
+
+/// Stored JSON (states and diffs the reducer accepted) embedded as is.
+fn stored_json(bytes: &[u8]) -> Box<RawValue> {
+    raw_json(bytes, "stored value").unwrap_or_else(|_| {
+        // The reducer declared JSON but produced something else: send it as a string
+        // rather than failing the client.
+        RawValue::from_string(serde_json::to_string(&String::from_utf8_lossy(bytes)).expect("a string serializes"))
+            .expect("a JSON string is JSON")
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    id: Option<String>,
+}
+
+#[derive(Serialize)]
+struct VersionBody {
+    id: String,
+    hash: String,
+    seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+}
+
+async fn create(
+    State(app): State<Arc<App>>,
+    Path(kind): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(&app, body)?;
+    let request: CreateBody = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("malformed_json", format!("body: {e}")))?
+    };
+    let id = request.id.unwrap_or_else(new_id);
+    let (topic, partition, offset) = {
+        let (kind, id) = (kind.clone(), id.clone());
+        blocking(&app, move |app| app.create(&kind, &id)).await?
+    };
+    let model = ModelKey::new(&kind, &id);
+    let wait = Duration::from_millis(app.limits.wait_applied_ms_max);
+    match app.wait_folded(&model, &topic, partition, offset, wait).await? {
+        Appended::Applied { hash, seq, .. } => {
+            let body = VersionBody { id, hash: hash.to_string(), seq, offset: None };
+            Ok((StatusCode::CREATED, Json(body)).into_response())
+        }
+        Appended::Accepted { .. } => unreachable!("waited"),
+    }
+}
+
+fn new_id() -> String {
+    use rand::RngExt;
+    let bytes: [u8; 16] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+fn body_bytes(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is larger than diff_bytes_max ({} bytes)", app.limits.diff_bytes_max),
+        )
+    };
+    match body {
+        Ok(bytes) if bytes.len() > app.limits.diff_bytes_max => Err(too_large()),
+        Ok(bytes) => Ok(bytes),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large()),
+        Err(rejection) => Err(ApiError::bad_request("bad_body", rejection.body_text())),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppendQuery {
+    wait: Option<String>,
+}
+
+async fn append(
+    State(app): State<Arc<App>>,
+    Path((kind, id)): Path<(String, String)>,
+    query: Result<Query<AppendQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let wait = match query.wait.as_deref() {
+        None | Some("accepted") => false,
+        Some("applied") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request("bad_query", format!("wait={other}: expected `applied` or `accepted`")));
+        }
+    };
+    app.kind(&kind)?;
+    let body = body_bytes(&app, body)?;
+    raw_json(&body, "the diff")?;
+    let model = ModelKey::new(&kind, &id);
+    let (topic, partition, offset) = {
+        let model = model.clone();
+        blocking(&app, move |app| app.append(&model, &body)).await?
+    };
+    if !wait {
+        let body = serde_json::json!({"partition": partition, "offset": offset});
+        return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+    }
+    let timeout = Duration::from_millis(app.limits.wait_applied_ms_max);
+    match app.wait_folded(&model, &topic, partition, offset, timeout).await? {
+        Appended::Applied { offset, seq, hash } => {
+            Ok(Json(VersionBody { id, hash: hash.to_string(), seq, offset: Some(offset) }).into_response())
+        }
+        Appended::Accepted { .. } => unreachable!("waited"),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateQuery {
+    at: Option<String>,
+}
+
+#[derive(Serialize)]
+struct StateBody {
+    kind: String,
+    id: String,
+    hash: String,
+    seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    state: Box<RawValue>,
+}
+
+async fn state(
+    State(app): State<Arc<App>>,
+    Path((kind, id)): Path<(String, String)>,
+    query: Result<Query<StateQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let at = query.at.as_deref().map(parse_hash).transpose()?;
+    let model = ModelKey::new(&kind, &id);
+    let state = blocking(&app, move |app| app.state(&model, at)).await?;
+    let etag = format!("\"{}\"", state.hash);
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let etag = HeaderValue::from_str(&etag).expect("hex is a valid header value");
+    if matches {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let body = StateBody {
+        kind,
+        id,
+        hash: state.hash.to_string(),
+        seq: state.seq,
+        offset: state.offset,
+        state: stored_json(&state.state),
+    };
+    Ok(([(header::ETAG, etag)], Json(body)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MissingQuery {
+    since: Option<String>,
+}
+
+/// The body of `GET .../diffs?since=`: the plan, as one JSON object.
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum PlanBody {
+    Snapshot {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reset: Option<&'static str>,
+        hash: String,
+        seq: u64,
+        state: Box<RawValue>,
+    },
+    Patch {
+        from: String,
+        to: String,
+        seq: u64,
+        diff: Box<RawValue>,
+    },
+    Diffs {
+        diffs: Vec<DiffBody>,
+    },
+    UpToDate {
+        hash: String,
+        seq: u64,
+    },
+}
+
+/// One applied diff on the wire (SSE `diff` data, and in `GET .../diffs`).
+#[derive(Serialize)]
+struct DiffBody {
+    prev: String,
+    hash: String,
+    seq: u64,
+    offset: u64,
+    diff: Box<RawValue>,
+}
+
+impl DiffBody {
+    fn from_stored(d: &StoredDiff) -> DiffBody {
+        DiffBody {
+            prev: d.prev.to_string(),
+            hash: d.hash.to_string(),
+            seq: d.seq,
+            offset: d.offset,
+            diff: stored_json(&d.payload),
+        }
+    }
+}
+
+impl From<&Plan> for PlanBody {
+    fn from(plan: &Plan) -> PlanBody {
+        match plan {
+            Plan::Snapshot { reset, state, hash, seq } => {
+                PlanBody::Snapshot { reset: *reset, hash: hash.to_string(), seq: *seq, state: stored_json(state) }
+            }
+            Plan::Patch { from, to, seq, diff } => {
+                PlanBody::Patch { from: from.to_string(), to: to.to_string(), seq: *seq, diff: stored_json(diff) }
+            }
+            Plan::Diffs(diffs) => PlanBody::Diffs { diffs: diffs.iter().map(DiffBody::from_stored).collect() },
+            Plan::UpToDate { hash, seq } => PlanBody::UpToDate { hash: hash.to_string(), seq: *seq },
+        }
+    }
+}
+
+async fn missing(
+    State(app): State<Arc<App>>,
+    Path((kind, id)): Path<(String, String)>,
+    query: Result<Query<MissingQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let since = query.since.as_deref().ok_or_else(|| ApiError::bad_request("bad_query", "since=<hash> is required"))?;
+    let since = parse_hash(since)?;
+    let model = ModelKey::new(&kind, &id);
+    let plan = blocking(&app, move |app| app.plan(&model, Some(since))).await?;
+    Ok(Json(PlanBody::from(&plan)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list(
+    State(app): State<Arc<App>>,
+    Path(kind): Path<String>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let limit = query.limit.unwrap_or(app.limits.list_page_max).clamp(1, app.limits.list_page_max);
+    let page = {
+        let after = query.after.clone();
+        blocking(&app, move |app| app.list(&kind, after.as_deref(), limit)).await?
+    };
+    let next = (page.len() == limit).then(|| page.last().map(|(id, _)| id.clone())).flatten();
+    let models: Vec<VersionBody> = page
+        .into_iter()
+        .map(|(id, head)| VersionBody { id, hash: head.hash.to_string(), seq: head.seq, offset: head.offset })
+        .collect();
+    Ok(Json(serde_json::json!({"models": models, "next": next})).into_response())
+}
+
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    if app.ready() {
+        Json(serde_json::json!({"ready": true})).into_response()
+    } else {
+        let reason = app.status.fatal_reason().unwrap_or_else(|| "catching up with the log".into());
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", reason).into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let status = &app.status;
+    let text = format!(
+        "# TYPE statefold_fold_batches_total counter\nstatefold_fold_batches_total {}\n\
+         # TYPE statefold_diffs_applied_total counter\nstatefold_diffs_applied_total {}\n\
+         # TYPE statefold_records_rejected_total counter\nstatefold_records_rejected_total {}\n\
+         # TYPE statefold_sse_subscribers gauge\nstatefold_sse_subscribers {}\n\
+         # TYPE statefold_sse_lagged_total counter\nstatefold_sse_lagged_total {}\n\
+         # TYPE statefold_ready gauge\nstatefold_ready {}\n",
+        status.batches_total.load(Ordering::Relaxed),
+        status.applied_total.load(Ordering::Relaxed),
+        status.rejected_total.load(Ordering::Relaxed),
+        app.hub.subscribers(),
+        app.hub.lagged_total.load(Ordering::Relaxed),
+        u8::from(app.ready()),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

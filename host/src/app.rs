@@ -1,0 +1,387 @@
+//! The service behind the HTTP API: versions, states, catch-up plans and appends, over the
+//! store, the reducers and the log. Blocking (RocksDB, wasm): the API calls it from
+//! `spawn_blocking`. Wire formats are the API's business, not this module's.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lru::LruCache;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::chain::Hash;
+use crate::config::Limits;
+use crate::fold::{CREATE_HEADER, CatchUp, Head, ModelKey, Rejection, plan_catch_up};
+use crate::hub::Hub;
+use crate::reducer::{Models, Reducer, ReducerError};
+use crate::source::EmbeddedLog;
+use crate::store::{HashAt, Reader, Store, StoreError, StoredDiff};
+
+/// Why a request failed, in domain terms (the API maps each to a status and code).
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("unknown kind {0:?}")]
+    UnknownKind(String),
+    #[error("unknown model {kind}/{id}")]
+    UnknownModel { kind: String, id: String },
+    #[error("model {kind}/{id} already exists")]
+    Exists { kind: String, id: String },
+    #[error("hash {0} is not a version of this model")]
+    UnknownHash(Hash),
+    #[error("version {0} is no longer retained")]
+    Pruned(Hash),
+    #[error("invalid model id: {0}")]
+    InvalidId(String),
+    #[error("{}: {}", .0.code(), .0.message())]
+    Rejected(Rejection),
+    #[error("not folded within {0:?}; the diff is in the log at offset {1} and will be folded")]
+    WaitTimeout(Duration, u64),
+    #[error("reducer failed: {0}")]
+    Reducer(#[from] ReducerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// A kind being served.
+pub struct Kind {
+    pub name: Arc<str>,
+    pub topic: Arc<str>,
+    pub reducer: Arc<Reducer>,
+    /// An instance for reads (materializing past versions, merge, delta), apart from the
+    /// fold engine's so that reads never stall folding.
+    readers: Mutex<Models>,
+}
+
+impl Kind {
+    pub fn new(name: &str, topic: &str, reducer: Arc<Reducer>) -> Kind {
+        Kind { name: name.into(), topic: topic.into(), readers: Mutex::new(reducer.models()), reducer }
+    }
+}
+
+/// Process status: readiness, fatal failure, counters.
+#[derive(Default)]
+pub struct Status {
+    pub caught_up: AtomicBool,
+    pub batches_total: AtomicU64,
+    pub applied_total: AtomicU64,
+    pub rejected_total: AtomicU64,
+    fatal: Mutex<Option<String>>,
+    pub stop: CancellationToken,
+}
+
+impl Status {
+    /// Stops the process: a bug or corruption was found.
+    pub fn fatal(&self, reason: String) {
+        tracing::error!(%reason, "fatal: stopping");
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(reason);
+        self.stop.cancel();
+    }
+
+    pub fn fatal_reason(&self) -> Option<String> {
+        self.fatal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What a client at a version is sent to reach the head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// The whole state (no `since`, or `since` unknown or pruned: then `reset` says which).
+    Snapshot { reset: Option<&'static str>, state: Arc<[u8]>, hash: Hash, seq: u64 },
+    /// One diff from `from` to the head.
+    Patch { from: Hash, to: Hash, seq: u64, diff: Bytes },
+    /// The missed diffs one by one (the reducer can neither merge nor delta them).
+    Diffs(Vec<StoredDiff>),
+    /// Nothing missed.
+    UpToDate { hash: Hash, seq: u64 },
+}
+
+impl Plan {
+    /// The version the client is at after this plan.
+    pub fn version(&self) -> (Hash, u64) {
+        match self {
+            Plan::Snapshot { hash, seq, .. } | Plan::UpToDate { hash, seq } => (*hash, *seq),
+            Plan::Patch { to, seq, .. } => (*to, *seq),
+            Plan::Diffs(diffs) => {
+                let last = diffs.last().expect("a Diffs plan is never empty");
+                (last.hash, last.seq)
+            }
+        }
+    }
+}
+
+/// A version of a model's state.
+pub struct StateAt {
+    pub state: Arc<[u8]>,
+    pub hash: Hash,
+    pub seq: u64,
+    pub offset: Option<u64>,
+}
+
+/// What happened to an appended record.
+pub enum Appended {
+    /// In the log; not waited for.
+    Accepted { partition: u32, offset: u64 },
+    /// Folded: the model's version after it.
+    Applied { offset: u64, seq: u64, hash: Hash },
+}
+
+pub struct App {
+    pub limits: Limits,
+    pub store: Arc<Store>,
+    pub kinds: HashMap<String, Kind>,
+    pub hub: Hub,
+    pub status: Arc<Status>,
+    log: Arc<EmbeddedLog>,
+    source_name: &'static str,
+    committed: watch::Receiver<u64>,
+    states: Mutex<StateCache>,
+}
+
+impl App {
+    pub fn new(
+        limits: Limits,
+        store: Arc<Store>,
+        kinds: Vec<Kind>,
+        log: Arc<EmbeddedLog>,
+        source_name: &'static str,
+        committed: watch::Receiver<u64>,
+        status: Arc<Status>,
+    ) -> App {
+        let hub = Hub::new(limits.sse_queue_events_max, limits.sse_subscribers_max);
+        let states = Mutex::new(StateCache::new(limits.state_cache_bytes_max));
+        let kinds = kinds.into_iter().map(|k| (k.name.to_string(), k)).collect();
+        App { limits, store, kinds, hub, status, log, source_name, committed, states }
+    }
+
+    pub fn kind(&self, kind: &str) -> Result<&Kind, AppError> {
+        self.kinds.get(kind).ok_or_else(|| AppError::UnknownKind(kind.to_owned()))
+    }
+
+    /// The model's committed head.
+    pub fn head(&self, model: &ModelKey) -> Result<Head, AppError> {
+        self.kind(&model.kind)?;
+        self.store.read().head(model)?.ok_or_else(|| unknown(model))
+    }
+
+    /// The state at the head, or at `at` while it is retained.
+    pub fn state(&self, model: &ModelKey, at: Option<Hash>) -> Result<StateAt, AppError> {
+        self.kind(&model.kind)?;
+        let reader = self.store.read();
+        let head = reader.head(model)?.ok_or_else(|| unknown(model))?;
+        let (hash, seq, offset) = match at {
+            None => (head.hash, head.seq, head.offset),
+            Some(hash) => match reader.find_hash(model, &hash)? {
+                None => return Err(AppError::UnknownHash(hash)),
+                Some(at) if is_pruned(&head, at) => return Err(AppError::Pruned(hash)),
+                Some(HashAt::Genesis) => (hash, 0, None),
+                Some(HashAt::Diff { seq, offset }) => (hash, seq, Some(offset)),
+            },
+        };
+        let state = self.materialize(&reader, model, &head, hash, offset)?;
+        Ok(StateAt { state, hash, seq, offset })
+    }
+
+    fn materialize(
+        &self,
+        reader: &Reader<'_>,
+        model: &ModelKey,
+        head: &Head,
+        hash: Hash,
+        offset: Option<u64>,
+    ) -> Result<Arc<[u8]>, AppError> {
+        if let Some(state) = self.states.lock().unwrap_or_else(|p| p.into_inner()).get(model, &hash) {
+            return Ok(state);
+        }
+        let checkpoint = match offset {
+            None => Default::default(),
+            Some(offset) => reader.checkpoint_for(model, head, offset)?,
+        };
+        let kind = self.kind(&model.kind)?;
+        let state: Arc<[u8]> = {
+            let mut models = kind.readers.lock().unwrap_or_else(|p| p.into_inner());
+            models.materialize(&model.id, &checkpoint)?.into()
+        };
+        self.states.lock().unwrap_or_else(|p| p.into_inner()).put(model, hash, state.clone());
+        Ok(state)
+    }
+
+    /// What a client holding `since` (or nothing) needs to reach the committed head.
+    pub fn plan(&self, model: &ModelKey, since: Option<Hash>) -> Result<Plan, AppError> {
+        let kind = self.kind(&model.kind)?;
+        let reader = self.store.read();
+        let head = reader.head(model)?.ok_or_else(|| unknown(model))?;
+        let snapshot = |reset| -> Result<Plan, AppError> {
+            let state = self.materialize(&reader, model, &head, head.hash, head.offset)?;
+            Ok(Plan::Snapshot { reset, state, hash: head.hash, seq: head.seq })
+        };
+        let Some(since) = since else { return snapshot(None) };
+        if since == head.hash {
+            return Ok(Plan::UpToDate { hash: head.hash, seq: head.seq });
+        }
+        let at = match reader.find_hash(model, &since)? {
+            None => return snapshot(Some("unknown")),
+            Some(at) if is_pruned(&head, at) => return snapshot(Some("pruned")),
+            Some(at) => at,
+        };
+        let (after, since_seq) = match at {
+            HashAt::Genesis => (None, 0),
+            HashAt::Diff { seq, offset } => (Some(offset), seq),
+        };
+        let through = head.offset.expect("a model past its genesis hash has applied a diff");
+        let missed = reader.diffs(model, after, through, since, since_seq)?;
+        match missed.last() {
+            Some(last) if last.hash == head.hash => {}
+            _ => {
+                return Err(StoreError::Corrupt {
+                    what: "diffs",
+                    key: format!("{model:?}"),
+                    detail: format!("the diffs after {since} do not lead to the head {}", head.hash),
+                }
+                .into());
+            }
+        }
+        let payloads: Vec<Bytes> = missed.iter().map(|d| d.payload.clone()).collect();
+        let plan = {
+            let mut models = kind.readers.lock().unwrap_or_else(|p| p.into_inner());
+            plan_catch_up(&mut models, &payloads, self.limits.catchup_merge_diffs_max, |models| {
+                let from_cp = match after {
+                    None => Default::default(),
+                    Some(offset) => {
+                        reader.checkpoint_for(model, &head, offset).map_err(|e| checkpoint_error(model, e))?
+                    }
+                };
+                let to_cp = reader.checkpoint_for(model, &head, through).map_err(|e| checkpoint_error(model, e))?;
+                Ok((models.materialize(&model.id, &from_cp)?, models.materialize(&model.id, &to_cp)?))
+            })
+        };
+        Ok(match plan {
+            CatchUp::Patch { diff, how } => {
+                tracing::debug!(kind = %model.kind, id = %model.id, missed = missed.len(), how, "catch-up patch");
+                Plan::Patch { from: since, to: head.hash, seq: head.seq, diff }
+            }
+            CatchUp::Diffs => Plan::Diffs(missed),
+        })
+    }
+
+    /// Models of a kind, after the id `after`.
+    pub fn list(&self, kind: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, Head)>, AppError> {
+        self.kind(kind)?;
+        Ok(self.store.read().list(kind, after, limit.min(self.limits.list_page_max))?)
+    }
+
+    /// Appends a create record for a new model.
+    pub fn create(&self, kind: &str, id: &str) -> Result<(Arc<str>, u32, u64), AppError> {
+        let kind = self.kind(kind)?;
+        crate::fold::validate_id(id.as_bytes()).map_err(AppError::InvalidId)?;
+        let model = ModelKey { kind: kind.name.clone(), id: id.into() };
+        if self.store.read().head(&model)?.is_some() {
+            return Err(AppError::Exists { kind: model.kind.to_string(), id: id.to_owned() });
+        }
+        let headers = [(CREATE_HEADER.to_owned(), Vec::new())];
+        let (partition, offset) = self.log.append(&kind.topic, id.as_bytes(), b"", now_ms(), &headers)?;
+        Ok((kind.topic.clone(), partition, offset))
+    }
+
+    /// Appends a diff to an existing model.
+    pub fn append(&self, model: &ModelKey, diff: &[u8]) -> Result<(Arc<str>, u32, u64), AppError> {
+        let kind = self.kind(&model.kind)?;
+        self.store.read().head(model)?.ok_or_else(|| unknown(model))?;
+        let (partition, offset) = self.log.append(&kind.topic, model.id.as_bytes(), diff, now_ms(), &[])?;
+        Ok((kind.topic.clone(), partition, offset))
+    }
+
+    /// Waits until the record at `offset` is folded, then says what became of it.
+    pub async fn wait_folded(
+        self: &Arc<Self>,
+        model: &ModelKey,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        timeout: Duration,
+    ) -> Result<Appended, AppError> {
+        let deadline = Instant::now() + timeout;
+        let mut committed = self.committed.clone();
+        loop {
+            committed.borrow_and_update();
+            let next = self.store.position(self.source_name, topic, partition)?.unwrap_or(0);
+            if next > offset {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, committed.changed()).await {
+                Err(_) => return Err(AppError::WaitTimeout(timeout, offset)),
+                Ok(Err(_)) => return Err(AppError::ShuttingDown),
+                Ok(Ok(())) => {}
+            }
+        }
+        let reader = self.store.read();
+        if let Some(rejection) = reader.rejection(topic, partition, offset)? {
+            return Err(AppError::Rejected(rejection));
+        }
+        if let Some((seq, hash)) = reader.diff_at(model, offset)? {
+            return Ok(Appended::Applied { offset, seq, hash });
+        }
+        // A create record that was not rejected: the model's first version.
+        Ok(Appended::Applied { offset, seq: 0, hash: model.genesis() })
+    }
+
+    pub fn ready(&self) -> bool {
+        self.status.caught_up.load(Ordering::Relaxed) && self.status.fatal_reason().is_none()
+    }
+}
+
+fn checkpoint_error(model: &ModelKey, e: StoreError) -> ReducerError {
+    ReducerError::Checkpoints { model: model.id.to_string(), source: Box::new(e) }
+}
+
+fn unknown(model: &ModelKey) -> AppError {
+    AppError::UnknownModel { kind: model.kind.to_string(), id: model.id.to_string() }
+}
+
+fn is_pruned(head: &Head, at: HashAt) -> bool {
+    match (head.pruned_through, at) {
+        (None, _) => false,
+        (Some(_), HashAt::Genesis) => true,
+        (Some(pruned), HashAt::Diff { offset, .. }) => offset < pruned,
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Materialized states by (model, hash), bounded in bytes.
+struct StateCache {
+    entries: LruCache<(ModelKey, Hash), Arc<[u8]>>,
+    bytes: u64,
+    bytes_max: u64,
+}
+
+impl StateCache {
+    fn new(bytes_max: u64) -> StateCache {
+        StateCache { entries: LruCache::unbounded(), bytes: 0, bytes_max }
+    }
+
+    fn get(&mut self, model: &ModelKey, hash: &Hash) -> Option<Arc<[u8]>> {
+        self.entries.get(&(model.clone(), *hash)).cloned()
+    }
+
+    fn put(&mut self, model: &ModelKey, hash: Hash, state: Arc<[u8]>) {
+        if state.len() as u64 > self.bytes_max / 4 {
+            return;
+        }
+        self.bytes += state.len() as u64;
+        if let Some((_, old)) = self.entries.push((model.clone(), hash), state) {
+            self.bytes -= old.len() as u64;
+        }
+        while self.bytes > self.bytes_max {
+            let Some((_, old)) = self.entries.pop_lru() else { break };
+            self.bytes -= old.len() as u64;
+        }
+    }
+}

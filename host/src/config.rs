@@ -1,0 +1,289 @@
+//! Configuration: one TOML file plus flags, parsed and validated first, used to build
+//! resources second. Every limit lives in [`Limits`], named with its unit last.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Declares every limit once: the TOML field (with its default), the flag that overrides it,
+/// and its documentation (shown by `--help`).
+macro_rules! limits {
+    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr ;)*) => {
+        /// Every limit of a running Statefold. TOML section `[limits]`; each is also a flag.
+        #[derive(Debug, Clone, PartialEq, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Limits {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl Default for Limits {
+            fn default() -> Self {
+                Limits { $( $name: $default, )* }
+            }
+        }
+
+        /// Flags that override `[limits]` of the config file.
+        #[derive(Debug, Default, Clone, clap::Args)]
+        pub struct LimitFlags {
+            $( $(#[doc = $doc])* #[arg(long, value_name = stringify!($ty))] pub $name: Option<$ty>, )*
+        }
+
+        impl LimitFlags {
+            pub fn apply(&self, limits: &mut Limits) {
+                $( if let Some(value) = &self.$name { limits.$name = value.clone(); } )*
+            }
+        }
+    };
+}
+
+limits! {
+    /// Largest diff (record value / request body), in bytes.
+    diff_bytes_max: usize = 1 << 20;
+    /// Records folded per batch (and per RocksDB WriteBatch).
+    batch_records_max: usize = 1000;
+    /// A checkpoint of a model's state every this many applied diffs.
+    checkpoint_interval_diffs: u64 = 1000;
+    /// Checkpoints kept per model; diffs before the oldest one kept are pruned.
+    retain_checkpoints: usize = 2;
+    /// Model heads cached in memory per kind.
+    head_cache_models_max: usize = 100_000;
+    /// Materialized states cached for GET and SSE snapshots, in bytes.
+    state_cache_bytes_max: u64 = 64 << 20;
+    /// Longest run of missed diffs composed with the reducer's merge; longer runs use delta.
+    catchup_merge_diffs_max: usize = 10_000;
+    /// Live diffs buffered per watched model (shared by its SSE clients); a client that
+    /// falls further behind gets a patch instead.
+    sse_queue_events_max: usize = 1024;
+    /// SSE clients at once, over all models.
+    sse_subscribers_max: usize = 100_000;
+    /// Interval of SSE heartbeat comments, in milliseconds.
+    sse_heartbeat_ms: u64 = 15_000;
+    /// Reconnection delay sent to SSE clients (`retry:`), in milliseconds.
+    sse_retry_ms: u64 = 1_000;
+    /// A connection whose socket accepts no bytes for this long is closed, in milliseconds.
+    http_write_timeout_ms: u64 = 30_000;
+    /// Longest wait of `?wait=applied`, in milliseconds.
+    wait_applied_ms_max: u64 = 10_000;
+    /// Models per page of `GET /v1/models/{kind}`.
+    list_page_max: usize = 1_000;
+    /// fsync RocksDB's WAL on every commit and append (survives power loss, not only a crash).
+    store_fsync: bool = false;
+    /// Linear memory cap of one reducer instance, in bytes.
+    reducer_memory_bytes_max: usize = crate::reducer::Limits::default().memory_bytes_max;
+    /// CPU budget of one diff, in wasmtime fuel (about one unit per wasm instruction).
+    reducer_diff_fuel_max: u64 = crate::reducer::Limits::default().diff_fuel_max;
+    /// CPU budget of any other reducer call (snapshot, restore, merge, delta), in fuel.
+    reducer_call_fuel_max: u64 = crate::reducer::Limits::default().call_fuel_max;
+    /// Guest heap one instance may hold before cold models are evicted, in bytes.
+    reducer_resident_bytes_max: u64 = crate::reducer::Limits::default().resident_bytes_max;
+    /// Models resident in one reducer instance before cold ones are evicted.
+    reducer_resident_models_max: usize = crate::reducer::Limits::default().resident_models_max;
+    /// Bytes of a reducer's stderr kept for error messages.
+    reducer_stderr_bytes_max: usize = crate::reducer::Limits::default().stderr_bytes_max;
+}
+
+impl Limits {
+    pub fn reducer(&self) -> crate::reducer::Limits {
+        crate::reducer::Limits {
+            memory_bytes_max: self.reducer_memory_bytes_max,
+            diff_fuel_max: self.reducer_diff_fuel_max,
+            call_fuel_max: self.reducer_call_fuel_max,
+            resident_bytes_max: self.reducer_resident_bytes_max,
+            resident_models_max: self.reducer_resident_models_max,
+            stderr_bytes_max: self.reducer_stderr_bytes_max,
+        }
+    }
+
+    pub fn fold(&self) -> crate::fold::FoldLimits {
+        crate::fold::FoldLimits {
+            checkpoint_interval_diffs: self.checkpoint_interval_diffs,
+            retain_checkpoints: self.retain_checkpoints,
+            head_cache_models_max: self.head_cache_models_max,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.reducer().validate()?;
+        let positive = [
+            ("diff_bytes_max", self.diff_bytes_max as u64),
+            ("batch_records_max", self.batch_records_max as u64),
+            ("checkpoint_interval_diffs", self.checkpoint_interval_diffs),
+            ("retain_checkpoints", self.retain_checkpoints as u64),
+            ("sse_queue_events_max", self.sse_queue_events_max as u64),
+            ("sse_subscribers_max", self.sse_subscribers_max as u64),
+            ("sse_heartbeat_ms", self.sse_heartbeat_ms),
+            ("http_write_timeout_ms", self.http_write_timeout_ms),
+            ("wait_applied_ms_max", self.wait_applied_ms_max),
+            ("list_page_max", self.list_page_max as u64),
+            ("catchup_merge_diffs_max", self.catchup_merge_diffs_max as u64),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("limits.{name} must be positive"));
+        }
+        if self.diff_bytes_max > 64 << 20 {
+            return Err("limits.diff_bytes_max must be at most 64 MiB".into());
+        }
+        if self.head_cache_models_max < self.batch_records_max {
+            return Err(format!(
+                "limits.head_cache_models_max ({}) must be at least limits.batch_records_max ({}): a batch's heads stay cached until it commits",
+                self.head_cache_models_max, self.batch_records_max
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One kind: a reducer fed by one topic.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindConfig {
+    pub name: String,
+    /// The reducer's `.wasm` file, relative to `reducers_dir` (or absolute).
+    pub reducer: PathBuf,
+    /// The topic its diffs are read from; defaults to the kind's name.
+    pub topic: Option<String>,
+}
+
+impl KindConfig {
+    pub fn topic(&self) -> &str {
+        self.topic.as_deref().unwrap_or(&self.name)
+    }
+
+    /// `NAME=FILE.wasm[@TOPIC]`, as given to `--kind`.
+    pub fn parse_flag(flag: &str) -> Result<KindConfig, String> {
+        let (name, rest) =
+            flag.split_once('=').ok_or_else(|| format!("--kind {flag:?}: expected NAME=FILE.wasm[@TOPIC]"))?;
+        let (reducer, topic) = match rest.rsplit_once('@') {
+            Some((file, topic)) => (file, Some(topic.to_owned())),
+            None => (rest, None),
+        };
+        Ok(KindConfig { name: name.to_owned(), reducer: reducer.into(), topic })
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default = "default_reducers_dir")]
+    pub reducers_dir: PathBuf,
+    #[serde(default, rename = "kind")]
+    pub kinds: Vec<KindConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_data_dir() -> PathBuf {
+    "data".into()
+}
+
+fn default_reducers_dir() -> PathBuf {
+    "reducers".into()
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            reducers_dir: default_reducers_dir(),
+            kinds: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file. Paths in it are relative to the file's directory.
+    pub fn from_file(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.data_dir = base.join(&config.data_dir);
+        config.reducers_dir = base.join(&config.reducers_dir);
+        Ok(config)
+    }
+
+    /// The reducer file of a kind.
+    pub fn reducer_path(&self, kind: &KindConfig) -> PathBuf {
+        self.reducers_dir.join(&kind.reducer)
+    }
+
+    /// Checks everything that can be checked without opening anything.
+    pub fn validate(&self) -> Result<(), String> {
+        self.limits.validate()?;
+        if self.kinds.is_empty() {
+            return Err(
+                "no kinds configured: add [[kind]] sections (name, reducer, topic) or --kind NAME=FILE.wasm".into()
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut topics = std::collections::HashSet::new();
+        for kind in &self.kinds {
+            let valid = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 64
+                    && s.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-' || b == b'.')
+            };
+            if !valid(&kind.name) {
+                return Err(format!("kind name {:?}: use 1 to 64 of a-z 0-9 _ - .", kind.name));
+            }
+            if !valid(kind.topic()) {
+                return Err(format!("kind {:?}: topic {:?}: use 1 to 64 of a-z 0-9 _ - .", kind.name, kind.topic()));
+            }
+            if !names.insert(&kind.name) {
+                return Err(format!("kind {:?} is configured twice", kind.name));
+            }
+            if !topics.insert(kind.topic()) {
+                return Err(format!("topic {:?} feeds two kinds; each kind needs its own topic", kind.topic()));
+            }
+            let path = self.reducer_path(kind);
+            if !path.is_file() {
+                return Err(format!("kind {:?}: reducer file {} not found", kind.name, path.display()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_limits_and_kinds() {
+        let config: Config = toml::from_str(
+            r#"
+            listen = "127.0.0.1:9000"
+            [limits]
+            diff_bytes_max = 2048
+            [[kind]]
+            name = "counter"
+            reducer = "counter.wasm"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.limits.diff_bytes_max, 2048);
+        assert_eq!(config.limits.batch_records_max, Limits::default().batch_records_max);
+        assert_eq!(config.kinds[0].topic(), "counter");
+        let typo = toml::from_str::<Config>("[limits]\ndiff_byte_max = 1\n").unwrap_err();
+        assert!(typo.to_string().contains("unknown field `diff_byte_max`"), "{typo}");
+        let zero = Limits { batch_records_max: 0, ..Limits::default() };
+        assert_eq!(zero.validate(), Err("limits.batch_records_max must be positive".into()));
+        assert_eq!(
+            KindConfig::parse_flag("doc=document.wasm@docs").unwrap(),
+            KindConfig { name: "doc".into(), reducer: "document.wasm".into(), topic: Some("docs".into()) }
+        );
+        assert!(KindConfig::parse_flag("nope").is_err());
+    }
+}

@@ -1,0 +1,554 @@
+//! The fold engine: records in, new versions out. Free of I/O: it reads what it needs
+//! through [`View`] and returns every write as data ([`Folded`]) for the store to commit
+//! in one batch. It does not know which source fed the records.
+//!
+//! Per model, records are folded in offset order; the hash chain covers applied diffs only
+//! (see [`crate::chain`]). Each model's diffs in a batch go to the reducer in one call.
+
+mod catchup;
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lru::LruCache;
+
+use crate::chain::Hash;
+use crate::reducer::{Checkpoint, Checkpoints, DiffRecord, Models, ModuleHash, Outcome, Reducer, ReducerError};
+
+pub use catchup::{CatchUp, plan_catch_up};
+
+/// A record whose header has this name creates its model (and carries no diff).
+pub const CREATE_HEADER: &str = "statefold-create";
+/// Longest model id, in bytes.
+pub const ID_BYTES_MAX: usize = 256;
+
+/// One record as a source delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Option<Vec<u8>>,
+    pub value: Bytes,
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    pub fn is_create(&self) -> bool {
+        self.headers.iter().any(|(name, _)| name == CREATE_HEADER)
+    }
+}
+
+/// A model: its kind and its id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelKey {
+    pub kind: Arc<str>,
+    pub id: Arc<str>,
+}
+
+impl ModelKey {
+    pub fn new(kind: &str, id: &str) -> ModelKey {
+        ModelKey { kind: kind.into(), id: id.into() }
+    }
+
+    /// The hash of this model before its first diff.
+    pub fn genesis(&self) -> Hash {
+        Hash::genesis(&self.kind, &self.id)
+    }
+}
+
+/// Checks a model id: UTF-8, 1 to [`ID_BYTES_MAX`] bytes, no control characters (the
+/// store separates kind, id and offset with NUL).
+pub fn validate_id(id: &[u8]) -> Result<&str, String> {
+    let id = std::str::from_utf8(id).map_err(|_| "model id is not UTF-8".to_owned())?;
+    if id.is_empty() || id.len() > ID_BYTES_MAX {
+        return Err(format!("model id must be 1 to {ID_BYTES_MAX} bytes, not {}", id.len()));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("model id contains control characters".to_owned());
+    }
+    Ok(id)
+}
+
+/// Where a model stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// Diffs applied.
+    pub seq: u64,
+    /// Offset of the last applied diff; `None` before the first.
+    pub offset: Option<u64>,
+    pub hash: Hash,
+    /// The reducer version that applied the last diff (or that the model was created under).
+    pub reducer: ModuleHash,
+    /// Retained checkpoints, oldest first, as (seq, offset). Diffs at or before the oldest
+    /// one's offset are pruned once there are more than the retention allows.
+    pub checkpoints: Vec<(u64, u64)>,
+    /// Every diff after this offset is retained; `None`: every diff since the model began.
+    pub pruned_through: Option<u64>,
+}
+
+impl Head {
+    fn new(model: &ModelKey, reducer: ModuleHash) -> Head {
+        Head { seq: 0, offset: None, hash: model.genesis(), reducer, checkpoints: Vec::new(), pruned_through: None }
+    }
+
+    /// The latest checkpoint, as (seq, offset).
+    pub fn checkpoint(&self) -> Option<(u64, u64)> {
+        self.checkpoints.last().copied()
+    }
+}
+
+/// A diff that was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub model: ModelKey,
+    pub offset: u64,
+    pub seq: u64,
+    pub prev: Hash,
+    pub hash: Hash,
+    pub reducer: ModuleHash,
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub payload: Bytes,
+}
+
+impl Applied {
+    pub fn record(&self) -> DiffRecord {
+        DiffRecord {
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            headers: self.headers.clone(),
+            payload: self.payload.to_vec(),
+        }
+    }
+}
+
+/// Why a record was not applied. It is kept (with its offset) and skipped; its partition
+/// goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// The record key is missing or not a valid model id.
+    InvalidKey(String),
+    /// A create record for a model that exists.
+    Exists,
+    /// The reducer refused the diff; the model is as before it.
+    Refused(String),
+    /// The reducer failed on this diff alone (trap, CPU or memory limit).
+    Failed(String),
+    /// The record's offset is not after the model's last one: the topic was repartitioned
+    /// or rewritten under the model. Never folded out of order.
+    OffsetRegressed { head_offset: u64 },
+    /// The record's topic feeds no kind.
+    UnknownTopic,
+}
+
+impl Rejection {
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::InvalidKey(_) => "invalid_key",
+            Rejection::Exists => "model_exists",
+            Rejection::Refused(_) => "refused",
+            Rejection::Failed(_) => "reducer_failed",
+            Rejection::OffsetRegressed { .. } => "offset_regressed",
+            Rejection::UnknownTopic => "unknown_topic",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Rejection::InvalidKey(reason) => reason.clone(),
+            Rejection::Exists => "the model already exists".into(),
+            Rejection::Refused(reason) => reason.clone(),
+            Rejection::Failed(reason) => reason.clone(),
+            Rejection::OffsetRegressed { head_offset } => {
+                format!("offset is not after the model's last applied offset {head_offset}")
+            }
+            Rejection::UnknownTopic => "no kind reads this topic".into(),
+        }
+    }
+
+    pub fn from_parts(code: &str, message: String) -> Option<Rejection> {
+        Some(match code {
+            "invalid_key" => Rejection::InvalidKey(message),
+            "model_exists" => Rejection::Exists,
+            "refused" => Rejection::Refused(message),
+            "reducer_failed" => Rejection::Failed(message),
+            "offset_regressed" => {
+                let head_offset = message.rsplit(' ').next()?.parse().ok()?;
+                Rejection::OffsetRegressed { head_offset }
+            }
+            "unknown_topic" => Rejection::UnknownTopic,
+            _ => return None,
+        })
+    }
+}
+
+/// A record that was not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    pub model: Option<ModelKey>,
+    pub reason: Rejection,
+}
+
+/// A model's state saved at one of its versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointWrite {
+    pub model: ModelKey,
+    pub seq: u64,
+    pub offset: u64,
+    pub hash: Hash,
+    pub reducer: ModuleHash,
+    pub snapshot: Vec<u8>,
+}
+
+/// Old diffs and checkpoints of a model that retention lets go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prune {
+    pub model: ModelKey,
+    /// Diffs at or before this offset go.
+    pub diffs_through: u64,
+    /// Checkpoints before this offset go.
+    pub checkpoints_before: u64,
+}
+
+/// Everything one batch changes, for the store to commit atomically.
+#[derive(Debug, Default)]
+pub struct Folded {
+    /// Applied diffs, in record order.
+    pub applied: Vec<Applied>,
+    /// Models created by this batch (by a create record or their first diff).
+    pub created: Vec<ModelKey>,
+    pub rejected: Vec<Rejected>,
+    pub checkpoints: Vec<CheckpointWrite>,
+    pub prunes: Vec<Prune>,
+    /// The final head of every model the batch touched.
+    pub heads: Vec<(ModelKey, Head)>,
+}
+
+/// Failure to read what the engine needs from the store.
+pub type ViewError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the engine reads from the store: committed heads and checkpoints.
+pub trait View {
+    fn head(&self, model: &ModelKey) -> Result<Option<Head>, ViewError>;
+    /// The model's latest checkpoint and the diffs after it.
+    fn checkpoint(&self, model: &ModelKey, head: &Head) -> Result<Checkpoint, ViewError>;
+}
+
+/// Why a batch could not be folded. The batch is not committed; the caller stops.
+#[derive(Debug, thiserror::Error)]
+pub enum FoldError {
+    #[error("reading the store: {0}")]
+    View(ViewError),
+    #[error(transparent)]
+    Reducer(#[from] ReducerError),
+}
+
+/// Settings of the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoldLimits {
+    /// A checkpoint of a model's state every this many applied diffs.
+    pub checkpoint_interval_diffs: u64,
+    /// Checkpoints kept per model (at least 1); older diffs and checkpoints are pruned.
+    pub retain_checkpoints: usize,
+    /// Heads kept in memory (per kind).
+    pub head_cache_models_max: usize,
+}
+
+impl Default for FoldLimits {
+    fn default() -> Self {
+        FoldLimits { checkpoint_interval_diffs: 1000, retain_checkpoints: 2, head_cache_models_max: 100_000 }
+    }
+}
+
+/// A kind as the engine folds it.
+pub struct KindSpec {
+    pub name: Arc<str>,
+    pub topic: Arc<str>,
+    pub reducer: Arc<Reducer>,
+}
+
+struct KindState {
+    name: Arc<str>,
+    reducer: ModuleHash,
+    models: Models,
+    heads: LruCache<Arc<str>, Head>,
+}
+
+/// The fold engine: one reducer instance per kind, and the heads of recently used models.
+pub struct Engine {
+    kinds: Vec<KindState>,
+    by_topic: HashMap<Arc<str>, usize>,
+    limits: FoldLimits,
+}
+
+impl Engine {
+    pub fn new(kinds: Vec<KindSpec>, limits: FoldLimits) -> Engine {
+        let cache = NonZeroUsize::new(limits.head_cache_models_max.max(1)).expect("max(1)");
+        let mut by_topic = HashMap::new();
+        let kinds = kinds
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                by_topic.insert(spec.topic.clone(), i);
+                KindState {
+                    name: spec.name,
+                    reducer: spec.reducer.id(),
+                    models: spec.reducer.models(),
+                    heads: LruCache::new(cache),
+                }
+            })
+            .collect();
+        Engine { kinds, by_topic, limits }
+    }
+
+    /// Folds one batch. Nothing is written: the result is committed by the caller, and
+    /// must be before the next call.
+    pub fn fold(&mut self, records: &[Record], view: &dyn View) -> Result<Folded, FoldError> {
+        let mut folded = Folded::default();
+        // Per kind, per model: the records in offset order.
+        let mut groups: Vec<(usize, Arc<str>, Vec<&Record>)> = Vec::new();
+        let mut index: HashMap<(usize, &[u8]), usize> = HashMap::new();
+        for record in records {
+            let reject = |reason| Rejected {
+                topic: record.topic.clone(),
+                partition: record.partition,
+                offset: record.offset,
+                model: None,
+                reason,
+            };
+            let Some(&kind) = self.by_topic.get(&record.topic) else {
+                folded.rejected.push(reject(Rejection::UnknownTopic));
+                continue;
+            };
+            let key = record.key.as_deref().ok_or_else(|| "record has no key".to_owned());
+            let id = match key.and_then(validate_id) {
+                Ok(id) => id,
+                Err(reason) => {
+                    folded.rejected.push(reject(Rejection::InvalidKey(reason)));
+                    continue;
+                }
+            };
+            let slot = *index.entry((kind, id.as_bytes())).or_insert_with(|| {
+                groups.push((kind, Arc::from(id), Vec::new()));
+                groups.len() - 1
+            });
+            groups[slot].2.push(record);
+        }
+        for (kind, id, records) in groups {
+            self.fold_model(kind, id, &records, view, &mut folded)?;
+        }
+        Ok(folded)
+    }
+
+    fn fold_model(
+        &mut self,
+        kind: usize,
+        id: Arc<str>,
+        records: &[&Record],
+        view: &dyn View,
+        folded: &mut Folded,
+    ) -> Result<(), FoldError> {
+        let limits = self.limits.clone();
+        let state = &mut self.kinds[kind];
+        let model = ModelKey { kind: state.name.clone(), id: id.clone() };
+        let mut head = match state.heads.get(&id) {
+            Some(head) => Some(head.clone()),
+            None => view.head(&model).map_err(FoldError::View)?,
+        };
+        let mut pending = Pending::default();
+        let mut i = 0;
+        while i < records.len() {
+            let record = records[i];
+            let reject = |reason| Rejected {
+                topic: record.topic.clone(),
+                partition: record.partition,
+                offset: record.offset,
+                model: Some(model.clone()),
+                reason,
+            };
+            if let Some(head_offset) = head.as_ref().and_then(|h| h.offset)
+                && record.offset <= head_offset
+            {
+                tracing::error!(kind = %model.kind, id = %model.id, offset = record.offset, head_offset, "offset regressed; record not folded");
+                folded.rejected.push(reject(Rejection::OffsetRegressed { head_offset }));
+                i += 1;
+                continue;
+            }
+            if record.is_create() {
+                if head.is_some() {
+                    folded.rejected.push(reject(Rejection::Exists));
+                } else {
+                    head = Some(Head::new(&model, state.reducer));
+                    folded.created.push(model.clone());
+                }
+                i += 1;
+                continue;
+            }
+            let current = head.get_or_insert_with(|| {
+                folded.created.push(model.clone());
+                Head::new(&model, state.reducer)
+            });
+            // The run of diffs up to the next create record goes in one call.
+            let run_end = records[i..].iter().position(|r| r.is_create()).map_or(records.len(), |n| i + n);
+            let run = &records[i..run_end];
+            let diffs: Vec<DiffRecord> = run
+                .iter()
+                .map(|r| DiffRecord {
+                    offset: r.offset,
+                    timestamp_ms: r.timestamp_ms,
+                    headers: r.headers.clone(),
+                    payload: r.value.to_vec(),
+                })
+                .collect();
+            let outcomes = {
+                let hash = current.hash;
+                let mut overlay = Overlay {
+                    model: &model,
+                    head: &mut *current,
+                    view,
+                    pending: &mut pending,
+                    folded: &mut *folded,
+                    limits: &limits,
+                };
+                state.models.apply(&id, hash, &diffs, &mut overlay)?
+            };
+            for (record, outcome) in run.iter().zip(outcomes) {
+                let reject = |reason| Rejected {
+                    topic: record.topic.clone(),
+                    partition: record.partition,
+                    offset: record.offset,
+                    model: Some(model.clone()),
+                    reason,
+                };
+                match outcome {
+                    Outcome::Applied(hash) => {
+                        let applied = Applied {
+                            model: model.clone(),
+                            offset: record.offset,
+                            seq: current.seq + 1,
+                            prev: current.hash,
+                            hash,
+                            reducer: state.reducer,
+                            timestamp_ms: record.timestamp_ms,
+                            headers: record.headers.clone(),
+                            payload: record.value.clone(),
+                        };
+                        pending.tail.push((current.hash, applied.record()));
+                        current.seq = applied.seq;
+                        current.offset = Some(applied.offset);
+                        current.hash = hash;
+                        current.reducer = state.reducer;
+                        folded.applied.push(applied);
+                    }
+                    Outcome::Refused(reason) => folded.rejected.push(reject(Rejection::Refused(reason))),
+                    Outcome::Failed(reason) => folded.rejected.push(reject(Rejection::Failed(reason))),
+                }
+            }
+            let since_checkpoint = current.seq - current.checkpoint().map_or(0, |(seq, _)| seq);
+            if since_checkpoint >= limits.checkpoint_interval_diffs {
+                let mut overlay = Overlay {
+                    model: &model,
+                    head: &mut *current,
+                    view,
+                    pending: &mut pending,
+                    folded: &mut *folded,
+                    limits: &limits,
+                };
+                match state.models.snapshot(&id, &mut overlay) {
+                    Ok(snapshot) => overlay.checkpoint(snapshot),
+                    // A reducer that cannot snapshot keeps its models resident; the
+                    // diffs stay retained and the next interval tries again.
+                    Err(ReducerError::Trap { .. } | ReducerError::Contract { .. }) => {
+                        tracing::warn!(kind = %model.kind, id = %model.id, "checkpoint skipped: the reducer failed to snapshot")
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            i = run_end;
+        }
+        if let Some(head) = head {
+            state.heads.put(id, head.clone());
+            folded.heads.push((model, head));
+        }
+        Ok(())
+    }
+}
+
+/// What this batch changed for one model that the store does not have yet.
+#[derive(Default)]
+struct Pending {
+    snapshot: Option<Vec<u8>>,
+    tail: Vec<(Hash, DiffRecord)>,
+}
+
+/// The store's checkpoints as of this batch: committed ones plus this batch's writes.
+struct Overlay<'a> {
+    model: &'a ModelKey,
+    head: &'a mut Head,
+    view: &'a dyn View,
+    pending: &'a mut Pending,
+    folded: &'a mut Folded,
+    limits: &'a FoldLimits,
+}
+
+impl Overlay<'_> {
+    /// Saves the model's current state (at its head) as a checkpoint.
+    fn checkpoint(&mut self, snapshot: Vec<u8>) {
+        let Some(offset) = self.head.offset else { return };
+        self.pending.snapshot = Some(snapshot.clone());
+        self.pending.tail.clear();
+        if self.head.checkpoint().is_some_and(|(_, at)| at == offset) {
+            return;
+        }
+        self.folded.checkpoints.push(CheckpointWrite {
+            model: self.model.clone(),
+            seq: self.head.seq,
+            offset,
+            hash: self.head.hash,
+            reducer: self.head.reducer,
+            snapshot,
+        });
+        self.head.checkpoints.push((self.head.seq, offset));
+        let retain = self.limits.retain_checkpoints.max(1);
+        if self.head.checkpoints.len() > retain {
+            let drop = self.head.checkpoints.len() - retain;
+            self.head.checkpoints.drain(..drop);
+            let (_, oldest) = self.head.checkpoints[0];
+            self.head.pruned_through = Some(oldest);
+            self.folded.prunes.push(Prune {
+                model: self.model.clone(),
+                diffs_through: oldest,
+                checkpoints_before: oldest,
+            });
+        }
+    }
+}
+
+impl Checkpoints for Overlay<'_> {
+    fn load(&mut self, id: &str) -> Result<Checkpoint, ViewError> {
+        debug_assert_eq!(id, &*self.model.id, "the engine applies one model at a time");
+        let mut checkpoint = match &self.pending.snapshot {
+            Some(snapshot) => Checkpoint { snapshot: Some(snapshot.clone()), tail: Vec::new() },
+            None => self.view.checkpoint(self.model, self.head)?,
+        };
+        checkpoint.tail.extend(self.pending.tail.iter().cloned());
+        Ok(checkpoint)
+    }
+
+    fn save(&mut self, id: &str, snapshot: Vec<u8>) -> Result<(), ViewError> {
+        // Eviction of another model is rare within a batch; its state is at its committed
+        // head, so saving it is optional: it will be rebuilt from its checkpoint.
+        if id == &*self.model.id {
+            self.checkpoint(snapshot);
+        }
+        Ok(())
+    }
+}

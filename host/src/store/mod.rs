@@ -1,0 +1,601 @@
+//! The RocksDB store: column families keyed by offset (see ARCHITECTURE.md, "Storage").
+//!
+//! One [`Store::commit`] per consumed batch writes the diffs, heads, hash index,
+//! checkpoints, rejections and the source position in ONE `WriteBatch`, so a crash at any
+//! instant neither loses nor repeats a diff. What is written is checked before the batch
+//! is built; what is read back is checked after decoding. A value that fails those checks
+//! is corruption: [`StoreError::Corrupt`], which stops the process.
+//!
+//! The embedded log (`log` CF) is a durable append-only log in the same database.
+
+mod codec;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions};
+
+use crate::chain::Hash;
+use crate::fold::{Applied, Folded, Head, ModelKey, Record, Rejected, Rejection, View, ViewError};
+use crate::reducer::{Checkpoint, DiffRecord, ModuleHash};
+use codec::{Dec, Enc, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix};
+
+const DIFFS: &str = "diffs";
+const STATES: &str = "states";
+const HEADS: &str = "heads";
+const HASHES: &str = "hashes";
+const PROGRESS: &str = "progress";
+const REDUCERS: &str = "reducers";
+const LOG: &str = "log";
+const REJECTS: &str = "rejects";
+const FAMILIES: [&str; 8] = [DIFFS, STATES, HEADS, HASHES, PROGRESS, REDUCERS, LOG, REJECTS];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("RocksDB: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// A stored value failed its checks. Not recoverable by retrying: stop.
+    #[error("store corrupted: {what} at key {key}: {detail}")]
+    Corrupt { what: &'static str, key: String, detail: String },
+    /// A write that would break an invariant (a bug, caught before it is stored).
+    #[error("refusing to store an invalid {what}: {detail}")]
+    Invalid { what: &'static str, detail: String },
+}
+
+impl StoreError {
+    fn corrupt(what: &'static str, key: &[u8], detail: impl ToString) -> StoreError {
+        StoreError::Corrupt {
+            what,
+            key: String::from_utf8_lossy(key).escape_debug().to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Whether the process must stop (corruption or an invariant broken).
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, StoreError::Rocks(_))
+    }
+}
+
+/// Settings of the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// fsync the WAL on every commit and append (survives power loss, not only a crash).
+    pub fsync: bool,
+}
+
+/// One stored diff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDiff {
+    pub offset: u64,
+    pub seq: u64,
+    pub prev: Hash,
+    pub hash: Hash,
+    pub reducer: ModuleHash,
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub payload: Bytes,
+}
+
+/// Where a hash of a model stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashAt {
+    /// The model's hash before its first diff.
+    Genesis,
+    /// After the diff with this seq and offset.
+    Diff { seq: u64, offset: u64 },
+}
+
+/// A source position: the next offset to read from (topic, partition).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub topic: String,
+    pub partition: u32,
+    pub next_offset: u64,
+}
+
+/// The RocksDB store.
+pub struct Store {
+    db: DB,
+    write: WriteOptions,
+    /// Next offset of each embedded-log partition; the lock also orders appends.
+    log_ends: Mutex<HashMap<(String, u32), u64>>,
+}
+
+impl Store {
+    pub fn open(path: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        db_options.increase_parallelism(2);
+        let families = FAMILIES.iter().map(|name| {
+            let mut cf = Options::default();
+            cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(*name, cf)
+        });
+        let db = DB::open_cf_descriptors(&db_options, path, families)?;
+        let mut write = WriteOptions::default();
+        write.set_sync(options.fsync);
+        Ok(Store { db, write, log_ends: Mutex::new(HashMap::new()) })
+    }
+
+    fn cf(&self, name: &'static str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("every column family is created at open")
+    }
+
+    /// Commits one folded batch and the source positions after it, atomically.
+    pub fn commit(&self, folded: &Folded, positions: &[(String, Position)]) -> Result<(), StoreError> {
+        check_folded(folded)?;
+        let mut batch = WriteBatch::default();
+        for applied in &folded.applied {
+            let prefix = model_prefix(&applied.model.kind, &applied.model.id);
+            batch.put_cf(self.cf(DIFFS), offset_key(&prefix, applied.offset), encode_diff(applied));
+            let mut key = prefix;
+            key.extend_from_slice(applied.hash.as_bytes());
+            batch.put_cf(self.cf(HASHES), key, Enc::value().u64(applied.seq).u64(applied.offset).done());
+        }
+        for cp in &folded.checkpoints {
+            let prefix = model_prefix(&cp.model.kind, &cp.model.id);
+            let value = Enc::value().u64(cp.seq).hash(&cp.hash).module(&cp.reducer).bytes(&cp.snapshot).done();
+            batch.put_cf(self.cf(STATES), offset_key(&prefix, cp.offset), value);
+        }
+        for prune in &folded.prunes {
+            let prefix = model_prefix(&prune.model.kind, &prune.model.id);
+            batch.delete_range_cf(self.cf(DIFFS), offset_key(&prefix, 0), offset_key(&prefix, prune.diffs_through + 1));
+            batch.delete_range_cf(
+                self.cf(STATES),
+                offset_key(&prefix, 0),
+                offset_key(&prefix, prune.checkpoints_before),
+            );
+        }
+        for (model, head) in &folded.heads {
+            batch.put_cf(self.cf(HEADS), head_key(&model.kind, &model.id), encode_head(head));
+        }
+        for rejected in &folded.rejected {
+            let key = offset_key(&partition_prefix(&rejected.topic, rejected.partition), rejected.offset);
+            batch.put_cf(self.cf(REJECTS), key, encode_reject(rejected));
+        }
+        for (source, position) in positions {
+            let mut key = source.as_bytes().to_vec();
+            key.push(0);
+            key.extend_from_slice(&partition_prefix(&position.topic, position.partition));
+            batch.put_cf(self.cf(PROGRESS), key, Enc::value().u64(position.next_offset).done());
+        }
+        self.db.write_opt(batch, &self.write)?;
+        Ok(())
+    }
+
+    /// The stored position of a source's partition: the next offset to read.
+    pub fn position(&self, source: &str, topic: &str, partition: u32) -> Result<Option<u64>, StoreError> {
+        let mut key = source.as_bytes().to_vec();
+        key.push(0);
+        key.extend_from_slice(&partition_prefix(topic, partition));
+        let Some(value) = self.db.get_cf(self.cf(PROGRESS), &key)? else { return Ok(None) };
+        decode(PROGRESS, &key, &value, |d| d.u64()).map(Some)
+    }
+
+    /// A consistent view for reads that span several keys.
+    pub fn read(&self) -> Reader<'_> {
+        Reader { store: self, snapshot: self.db.snapshot() }
+    }
+
+    // ---- embedded log ----
+
+    /// Appends a record to the embedded log; returns its offset.
+    pub fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+        timestamp_ms: i64,
+        headers: &[(String, Vec<u8>)],
+    ) -> Result<u64, StoreError> {
+        let mut ends = self.log_ends.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = (topic.to_owned(), partition);
+        let offset = match ends.get(&slot) {
+            Some(end) => *end,
+            None => self.log_end_from_disk(topic, partition)?,
+        };
+        let record = Enc::value().opt_bytes(Some(key)).opt_i64(Some(timestamp_ms)).headers(headers).bytes(value).done();
+        let log_key = offset_key(&partition_prefix(topic, partition), offset);
+        self.db.put_cf_opt(self.cf(LOG), log_key, record, &self.write)?;
+        ends.insert(slot, offset + 1);
+        Ok(offset)
+    }
+
+    /// The next offset the embedded log will assign in a partition.
+    pub fn log_end(&self, topic: &str, partition: u32) -> Result<u64, StoreError> {
+        let ends = self.log_ends.lock().unwrap_or_else(|p| p.into_inner());
+        match ends.get(&(topic.to_owned(), partition)) {
+            Some(end) => Ok(*end),
+            None => self.log_end_from_disk(topic, partition),
+        }
+    }
+
+    fn log_end_from_disk(&self, topic: &str, partition: u32) -> Result<u64, StoreError> {
+        let prefix = partition_prefix(topic, partition);
+        let upper = offset_key(&prefix, u64::MAX);
+        let mut iter = self.db.iterator_cf(self.cf(LOG), IteratorMode::From(&upper, Direction::Reverse));
+        match iter.next().transpose()? {
+            Some((key, _)) if key.starts_with(&prefix) && key.len() == prefix.len() + 8 => {
+                let offset = key_offset(&key).map_err(|m| StoreError::corrupt("log key", &key, m.0))?;
+                Ok(offset + 1)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    /// Up to `max` records of an embedded-log partition from offset `from`.
+    pub fn read_log(&self, topic: &str, partition: u32, from: u64, max: usize) -> Result<Vec<Record>, StoreError> {
+        let prefix = partition_prefix(topic, partition);
+        let start = offset_key(&prefix, from);
+        let topic: std::sync::Arc<str> = topic.into();
+        let mut out = Vec::new();
+        let mut expected = from;
+        for item in self.db.iterator_cf(self.cf(LOG), IteratorMode::From(&start, Direction::Forward)) {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) || out.len() >= max {
+                break;
+            }
+            let offset = key_offset(&key).map_err(|m| StoreError::corrupt("log key", &key, m.0))?;
+            if offset != expected {
+                return Err(StoreError::corrupt("log", &key, format!("offset {offset} where {expected} was due")));
+            }
+            expected += 1;
+            let record = decode(LOG, &key, &value, |d| {
+                let key = d.opt_bytes()?.map(<[u8]>::to_vec);
+                let timestamp_ms = d.opt_i64()?;
+                let headers = d.headers()?;
+                let value = Bytes::copy_from_slice(d.bytes()?);
+                Ok(Record { topic: topic.clone(), partition, offset, key, value, timestamp_ms, headers })
+            })?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+}
+
+impl View for Store {
+    fn head(&self, model: &ModelKey) -> Result<Option<Head>, ViewError> {
+        Ok(self.read().head(model)?)
+    }
+
+    fn checkpoint(&self, model: &ModelKey, head: &Head) -> Result<Checkpoint, ViewError> {
+        Ok(self.read().checkpoint_before(model, head.checkpoint(), None)?)
+    }
+}
+
+/// Reads at one consistent point in time.
+pub struct Reader<'a> {
+    store: &'a Store,
+    snapshot: rocksdb::Snapshot<'a>,
+}
+
+impl Reader<'_> {
+    fn options(&self) -> ReadOptions {
+        let mut options = ReadOptions::default();
+        options.set_snapshot(&self.snapshot);
+        options
+    }
+
+    pub fn head(&self, model: &ModelKey) -> Result<Option<Head>, StoreError> {
+        let key = head_key(&model.kind, &model.id);
+        let Some(value) = self.snapshot.get_cf(self.store.cf(HEADS), &key)? else { return Ok(None) };
+        decode_head(&key, &value).map(Some)
+    }
+
+    /// Models of a kind, ordered by id, after `after`.
+    pub fn list(&self, kind: &str, after: Option<&str>, max: usize) -> Result<Vec<(String, Head)>, StoreError> {
+        let prefix = head_key(kind, "");
+        let start = head_key(kind, after.unwrap_or(""));
+        let mut out = Vec::new();
+        let iter = self.store.db.iterator_cf_opt(
+            self.store.cf(HEADS),
+            self.options(),
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) || out.len() >= max {
+                break;
+            }
+            let id = String::from_utf8(key[prefix.len()..].to_vec())
+                .map_err(|_| StoreError::corrupt("head key", &key, "id is not UTF-8"))?;
+            if after == Some(id.as_str()) {
+                continue;
+            }
+            out.push((id, decode_head(&key, &value)?));
+        }
+        Ok(out)
+    }
+
+    /// Where `hash` stands in the model's chain, if it is one of its hashes.
+    pub fn find_hash(&self, model: &ModelKey, hash: &Hash) -> Result<Option<HashAt>, StoreError> {
+        if *hash == model.genesis() {
+            return Ok(Some(HashAt::Genesis));
+        }
+        let mut key = model_prefix(&model.kind, &model.id);
+        key.extend_from_slice(hash.as_bytes());
+        let Some(value) = self.snapshot.get_cf(self.store.cf(HASHES), &key)? else { return Ok(None) };
+        let (seq, offset) = decode(HASHES, &key, &value, |d| Ok((d.u64()?, d.u64()?)))?;
+        Ok(Some(HashAt::Diff { seq, offset }))
+    }
+
+    /// The stored diffs after `after` (exclusive; `None`: from the start) through
+    /// `through` (inclusive), checked as a hash chain from `prev`.
+    pub fn diffs(
+        &self,
+        model: &ModelKey,
+        after: Option<u64>,
+        through: u64,
+        mut prev: Hash,
+        prev_seq: u64,
+    ) -> Result<Vec<StoredDiff>, StoreError> {
+        let prefix = model_prefix(&model.kind, &model.id);
+        let start = offset_key(&prefix, after.map_or(0, |a| a + 1));
+        let iter = self.store.db.iterator_cf_opt(
+            self.store.cf(DIFFS),
+            self.options(),
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        let mut seq = prev_seq;
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) || key.len() != prefix.len() + 8 {
+                break;
+            }
+            let offset = key_offset(&key).map_err(|m| StoreError::corrupt("diff key", &key, m.0))?;
+            if offset > through {
+                break;
+            }
+            let diff = decode_diff(&key, &value, offset, prev)?;
+            if diff.seq != seq + 1 {
+                return Err(StoreError::corrupt("diff", &key, format!("seq {} follows seq {seq}", diff.seq)));
+            }
+            seq = diff.seq;
+            prev = diff.hash;
+            out.push(diff);
+        }
+        Ok(out)
+    }
+
+    /// One stored diff, if `offset` applied to the model.
+    pub fn diff_at(&self, model: &ModelKey, offset: u64) -> Result<Option<(u64, Hash)>, StoreError> {
+        let key = offset_key(&model_prefix(&model.kind, &model.id), offset);
+        let Some(value) = self.snapshot.get_cf(self.store.cf(DIFFS), &key)? else { return Ok(None) };
+        let (seq, hash) = decode(DIFFS, &key, &value, |d| {
+            let (seq, hash) = (d.u64()?, d.hash()?);
+            let (_reducer, _timestamp, _headers, _payload) = (d.module()?, d.opt_i64()?, d.headers()?, d.bytes()?);
+            Ok((seq, hash))
+        })?;
+        Ok(Some((seq, hash)))
+    }
+
+    /// Why a record was rejected, if it was.
+    pub fn rejection(&self, topic: &str, partition: u32, offset: u64) -> Result<Option<Rejection>, StoreError> {
+        let key = offset_key(&partition_prefix(topic, partition), offset);
+        let Some(value) = self.snapshot.get_cf(self.store.cf(REJECTS), &key)? else { return Ok(None) };
+        let (code, message) = decode(REJECTS, &key, &value, |d| {
+            let _model = d.opt_bytes()?;
+            Ok((d.string()?, d.string()?))
+        })?;
+        Rejection::from_parts(&code, message)
+            .map(Some)
+            .ok_or_else(|| StoreError::corrupt("rejection", &key, format!("unknown code {code:?}")))
+    }
+
+    /// The latest checkpoint at or before `at` (as (seq, offset); `None`: the empty
+    /// state) and the diffs after it through `through` (`None`: all).
+    pub fn checkpoint_before(
+        &self,
+        model: &ModelKey,
+        at: Option<(u64, u64)>,
+        through: Option<u64>,
+    ) -> Result<Checkpoint, StoreError> {
+        let (snapshot, prev, seq, after) = match at {
+            None => (None, model.genesis(), 0, None),
+            Some((seq, offset)) => {
+                let key = offset_key(&model_prefix(&model.kind, &model.id), offset);
+                let Some(value) = self.snapshot.get_cf(self.store.cf(STATES), &key)? else {
+                    return Err(StoreError::corrupt("checkpoint", &key, "named by the head but missing"));
+                };
+                let (stored_seq, hash, snapshot) = decode(STATES, &key, &value, |d| {
+                    let (seq, hash, _reducer) = (d.u64()?, d.hash()?, d.module()?);
+                    Ok((seq, hash, d.bytes()?.to_vec()))
+                })?;
+                if stored_seq != seq {
+                    return Err(StoreError::corrupt("checkpoint", &key, format!("seq {stored_seq}, head says {seq}")));
+                }
+                (Some(snapshot), hash, seq, Some(offset))
+            }
+        };
+        let diffs = self.diffs(model, after, through.unwrap_or(u64::MAX), prev, seq)?;
+        let tail = diffs
+            .into_iter()
+            .map(|d| {
+                let record = DiffRecord {
+                    offset: d.offset,
+                    timestamp_ms: d.timestamp_ms,
+                    headers: d.headers,
+                    payload: d.payload.to_vec(),
+                };
+                (d.prev, record)
+            })
+            .collect();
+        Ok(Checkpoint { snapshot, tail })
+    }
+
+    /// The checkpoint to rebuild the version after offset `through` from: the latest
+    /// retained one at or before it.
+    pub fn checkpoint_for(&self, model: &ModelKey, head: &Head, through: u64) -> Result<Checkpoint, StoreError> {
+        let at = head.checkpoints.iter().rev().find(|(_, offset)| *offset <= through).copied();
+        self.checkpoint_before(model, at, Some(through))
+    }
+}
+
+fn decode<T>(
+    what: &'static str,
+    key: &[u8],
+    value: &[u8],
+    f: impl FnOnce(&mut Dec<'_>) -> Result<T, Malformed>,
+) -> Result<T, StoreError> {
+    let mut dec = Dec::value(value).map_err(|m| StoreError::corrupt(what, key, m.0))?;
+    let out = f(&mut dec).map_err(|m| StoreError::corrupt(what, key, m.0))?;
+    dec.finish().map_err(|m| StoreError::corrupt(what, key, m.0))?;
+    Ok(out)
+}
+
+fn encode_head(head: &Head) -> Vec<u8> {
+    let mut enc = Enc::value();
+    enc.u64(head.seq).opt_u64(head.offset).hash(&head.hash).module(&head.reducer);
+    enc.u32(head.checkpoints.len() as u32);
+    for (seq, offset) in &head.checkpoints {
+        enc.u64(*seq).u64(*offset);
+    }
+    enc.opt_u64(head.pruned_through).done()
+}
+
+fn decode_head(key: &[u8], value: &[u8]) -> Result<Head, StoreError> {
+    let mut dec = Dec::value(value).map_err(|m| StoreError::corrupt("head", key, m.0))?;
+    let head = read_head(&mut dec).map_err(|m| StoreError::corrupt("head", key, m.0))?;
+    dec.finish().map_err(|m| StoreError::corrupt("head", key, m.0))?;
+    check_head(&head).map_err(|detail| StoreError::corrupt("head", key, detail))?;
+    Ok(head)
+}
+
+fn read_head(dec: &mut Dec<'_>) -> Result<Head, Malformed> {
+    let seq = dec.u64()?;
+    let offset = dec.opt_u64()?;
+    let hash = dec.hash()?;
+    let reducer = dec.module()?;
+    let n = dec.u32()? as usize;
+    let mut checkpoints = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        checkpoints.push((dec.u64()?, dec.u64()?));
+    }
+    let pruned_through = dec.opt_u64()?;
+    Ok(Head { seq, offset, hash, reducer, checkpoints, pruned_through })
+}
+
+/// Invariants of a head, checked before it is written and after it is read.
+fn check_head(head: &Head) -> Result<(), String> {
+    if (head.seq == 0) != head.offset.is_none() {
+        return Err(format!("seq {} with offset {:?}", head.seq, head.offset));
+    }
+    let mut last: Option<(u64, u64)> = None;
+    for &(seq, offset) in &head.checkpoints {
+        if seq == 0 || seq > head.seq || head.offset.is_some_and(|o| offset > o) {
+            return Err(format!("checkpoint ({seq}, {offset}) beyond head ({}, {:?})", head.seq, head.offset));
+        }
+        if last.is_some_and(|(s, o)| s >= seq || o >= offset) {
+            return Err("checkpoints out of order".into());
+        }
+        last = Some((seq, offset));
+    }
+    if let Some(pruned) = head.pruned_through
+        && head.checkpoints.first().is_none_or(|&(_, o)| o != pruned)
+    {
+        return Err(format!("pruned through {pruned} but the oldest checkpoint is {:?}", head.checkpoints.first()));
+    }
+    Ok(())
+}
+
+fn encode_diff(applied: &Applied) -> Vec<u8> {
+    Enc::value()
+        .u64(applied.seq)
+        .hash(&applied.hash)
+        .module(&applied.reducer)
+        .opt_i64(applied.timestamp_ms)
+        .headers(&applied.headers)
+        .bytes(&applied.payload)
+        .done()
+}
+
+fn decode_diff(key: &[u8], value: &[u8], offset: u64, prev: Hash) -> Result<StoredDiff, StoreError> {
+    let diff = decode(DIFFS, key, value, |d| {
+        Ok(StoredDiff {
+            offset,
+            seq: d.u64()?,
+            hash: d.hash()?,
+            reducer: d.module()?,
+            timestamp_ms: d.opt_i64()?,
+            headers: d.headers()?,
+            payload: Bytes::copy_from_slice(d.bytes()?),
+            prev,
+        })
+    })?;
+    if prev.next(&diff.payload) != diff.hash {
+        return Err(StoreError::corrupt("diff", key, "hash does not follow from the previous hash and the diff"));
+    }
+    Ok(diff)
+}
+
+fn encode_reject(rejected: &Rejected) -> Vec<u8> {
+    let model = rejected.model.as_ref().map(|m| head_key(&m.kind, &m.id));
+    Enc::value()
+        .opt_bytes(model.as_deref())
+        .bytes(rejected.reason.code().as_bytes())
+        .bytes(rejected.reason.message().as_bytes())
+        .done()
+}
+
+/// Checks a batch before it is written: each model's applied diffs chain from its previous
+/// head, seqs and offsets increase, heads agree with the last diff.
+fn check_folded(folded: &Folded) -> Result<(), StoreError> {
+    let invalid = |detail: String| StoreError::Invalid { what: "batch", detail };
+    let mut last: HashMap<&ModelKey, &Applied> = HashMap::new();
+    for applied in &folded.applied {
+        if applied.prev.next(&applied.payload) != applied.hash {
+            return Err(invalid(format!("{:?} offset {}: hash is not the chain's", applied.model, applied.offset)));
+        }
+        if let Some(before) = last.get(&applied.model)
+            && (before.hash != applied.prev || before.seq + 1 != applied.seq || before.offset >= applied.offset)
+        {
+            return Err(invalid(format!(
+                "{:?} offset {}: does not follow offset {}",
+                applied.model, applied.offset, before.offset
+            )));
+        }
+        last.insert(&applied.model, applied);
+    }
+    for (model, head) in &folded.heads {
+        check_head(head).map_err(|detail| invalid(format!("head of {model:?}: {detail}")))?;
+        if let Some(applied) = last.get(model)
+            && (applied.hash != head.hash || applied.seq != head.seq)
+        {
+            return Err(invalid(format!("head of {model:?} does not match its last diff")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_round_trips_and_checks() {
+        let model = ModelKey::new("counter", "m1");
+        let head = Head {
+            seq: 5,
+            offset: Some(40),
+            hash: model.genesis().next(b"x"),
+            reducer: ModuleHash([7; 32]),
+            checkpoints: vec![(2, 10), (4, 30)],
+            pruned_through: Some(10),
+        };
+        let bytes = encode_head(&head);
+        assert_eq!(decode_head(b"k", &bytes).unwrap(), head);
+        // Truncated, trailing bytes, unknown format: corruption, never a default.
+        for bad in [&bytes[..bytes.len() - 1], &[bytes.as_slice(), &[0]].concat()[..], &[9u8, 1, 2][..]] {
+            assert!(matches!(decode_head(b"k", bad), Err(StoreError::Corrupt { .. })));
+        }
+        let inconsistent = Head { seq: 0, ..head };
+        assert!(matches!(decode_head(b"k", &encode_head(&inconsistent)), Err(StoreError::Corrupt { .. })));
+    }
+}

@@ -1,0 +1,232 @@
+//! `statefold serve` as a process: restart after SIGKILL and SIGTERM on the same data dir,
+//! streams resuming from the hashes clients hold, and corruption stopping the process.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+use statefold::chain::Hash;
+use statefold_tests::http::{SseStream, json_of};
+
+struct Serve {
+    child: Child,
+    url: String,
+    stderr: std::path::PathBuf,
+}
+
+impl Serve {
+    fn start(dir: &Path) -> Serve {
+        let counter = statefold_tests::wasm("counter");
+        let reducers = counter.parent().unwrap();
+        let stderr = dir.join(format!(
+            "stderr-{}.log",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_statefold"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .arg("--reducers-dir")
+            .arg(reducers)
+            .args([
+                "--kind",
+                "counter=statefold_reducer_counter.wasm",
+                "--checkpoint-interval-diffs",
+                "50",
+                "--retain-checkpoints",
+                "100",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("statefold starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("statefold listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected first line {line:?}; stderr: {}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                )
+            })
+            .to_owned();
+        Serve { child, url, stderr }
+    }
+
+    async fn wait_ready(&self, client: &reqwest::Client) {
+        for _ in 0..500 {
+            if client.get(format!("{}/readyz", self.url)).send().await.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("not ready in 10 s");
+    }
+
+    fn signal(&mut self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
+        for _ in 0..500 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the process did not stop in 10 s");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The reference fold of the counter: the sum, and the hash chain over the diff bytes.
+fn reference(id: &str, diffs: &[String]) -> (i64, Hash) {
+    let mut hash = Hash::genesis("counter", id);
+    let mut sum = 0;
+    for diff in diffs {
+        let value: serde_json::Value = serde_json::from_str(diff).unwrap();
+        sum += value["add"].as_i64().unwrap();
+        hash = hash.next(diff.as_bytes());
+    }
+    (sum, hash)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_after_sigkill_and_sigterm_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut sent: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut server = Serve::start(dir.path());
+    server.wait_ready(&client).await;
+    for m in 0..10 {
+        let response = client
+            .post(format!("{}/v1/models/counter", server.url))
+            .body(format!(r#"{{"id":"m{m}"}}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        sent.insert(format!("m{m}"), Vec::new());
+    }
+    // A client follows m0 and holds a hash when the server dies.
+    let mut stream =
+        SseStream::new(client.get(format!("{}/v1/models/counter/m0/events", server.url)).send().await.unwrap());
+    let mut n = 0u64;
+    for round in 0..3 {
+        for _ in 0..400 {
+            n += 1;
+            let id = format!("m{}", (n * 7919) % 10);
+            let diff = format!(r#"{{"add":{}}}"#, n % 13);
+            let response = client
+                .post(format!("{}/v1/models/counter/{id}/diffs", server.url))
+                .body(diff.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202, "{:?}", json_of(response).await);
+            sent.get_mut(&id).unwrap().push(diff);
+        }
+        // Kill mid-fold the first two rounds (no flush, no goodbye), stop politely the last.
+        if round < 2 {
+            server.signal("KILL");
+        } else {
+            server.signal("TERM");
+            assert!(server.wait().success(), "SIGTERM exits 0");
+        }
+        server.wait();
+        server = Serve::start(dir.path());
+        server.wait_ready(&client).await;
+    }
+
+    // The stream from before the first kill: the last hash it got is where it resumes.
+    let mut held: Option<Hash> = None;
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+        if let Some(id) = event.id {
+            held = Some(id.parse().unwrap());
+        }
+    }
+    let held = held.expect("the client saw at least the snapshot");
+
+    for (id, diffs) in &sent {
+        let (sum, hash) = reference(id, diffs);
+        let (status, body) =
+            json_of(client.get(format!("{}/v1/models/counter/{id}", server.url)).send().await.unwrap()).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            (&body["state"], &body["seq"], body["hash"].as_str().unwrap()),
+            (&json!(sum), &json!(diffs.len()), hash.to_string().as_str()),
+            "{id}: every accepted diff applied exactly once"
+        );
+    }
+    let mut resumed = SseStream::new(
+        client
+            .get(format!("{}/v1/models/counter/m0/events", server.url))
+            .header("Last-Event-ID", held.to_string())
+            .send()
+            .await
+            .unwrap(),
+    );
+    let (_, final_hash) = reference("m0", &sent["m0"]);
+    loop {
+        let event = resumed.next_within(Duration::from_secs(10)).await.expect("stream open");
+        match event.event.as_str() {
+            "patch" => {
+                let data = event.json();
+                assert_eq!(data["from"], held.to_string(), "resumes from the held hash");
+                assert_eq!(data["to"], final_hash.to_string());
+            }
+            "synced" => {
+                assert_eq!(event.json()["hash"], final_hash.to_string());
+                break;
+            }
+            "message" => {}
+            other => panic!("unexpected {other}: {}", event.data),
+        }
+    }
+    server.signal("TERM");
+    assert!(server.wait().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corruption_stops_the_process_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut server = Serve::start(dir.path());
+    server.wait_ready(&client).await;
+    client.post(format!("{}/v1/models/counter", server.url)).body(r#"{"id":"m"}"#).send().await.unwrap();
+    let applied = client
+        .post(format!("{}/v1/models/counter/m/diffs?wait=applied", server.url))
+        .body(r#"{"add":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status(), 200);
+    server.signal("TERM");
+    assert!(server.wait().success());
+
+    // Damage the model's head behind Statefold's back.
+    {
+        let path = dir.path().join("data/db");
+        let families = rocksdb::DB::list_cf(&rocksdb::Options::default(), &path).unwrap();
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, &families).unwrap();
+        db.put_cf(db.cf_handle("heads").unwrap(), b"counter\0m", [1u8, 2, 3]).unwrap();
+    }
+    let mut server = Serve::start(dir.path());
+    let (status, body) = json_of(client.get(format!("{}/v1/models/counter/m", server.url)).send().await.unwrap()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (500, Some("store")), "{body}");
+    let exit = server.wait();
+    assert!(!exit.success(), "a corrupted store stops the process");
+    let stderr = std::fs::read_to_string(&server.stderr).unwrap();
+    assert!(stderr.contains("store corrupted: head at key counter\\0m"), "{stderr}");
+}

@@ -1,0 +1,201 @@
+//! A real Statefold server (in-process, port 0, its own data dir) and a small HTTP/SSE
+//! client for it.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use statefold::config::{Config, KindConfig, Limits};
+use statefold::server::Running;
+
+/// The example kinds (counter, document, workflow) plus `trap`, a faulty reducer.
+pub fn example_config(data_dir: &std::path::Path, limits: Limits) -> Config {
+    let kind =
+        |name: &str, wasm_name: &str| KindConfig { name: name.into(), reducer: crate::wasm(wasm_name), topic: None };
+    Config {
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        data_dir: data_dir.to_owned(),
+        reducers_dir: "/".into(),
+        kinds: vec![
+            kind("counter", "counter"),
+            kind("document", "document"),
+            kind("workflow", "workflow"),
+            kind("trap", "trap"),
+        ],
+        limits,
+    }
+}
+
+/// A server on a fresh data dir (kept until the server is dropped).
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub url: String,
+    pub dir: Option<tempfile::TempDir>,
+    pub client: reqwest::Client,
+}
+
+impl TestServer {
+    pub async fn start(limits: Limits) -> TestServer {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        Self::start_in(dir, limits).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, limits: Limits) -> TestServer {
+        let running = statefold::server::start(example_config(dir.path(), limits)).await.expect("server starts");
+        let url = format!("http://{}", running.addr);
+        let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("a client");
+        let server = TestServer { running: Some(running), url, dir: Some(dir), client };
+        server.wait_ready().await;
+        server
+    }
+
+    pub async fn wait_ready(&self) {
+        for _ in 0..500 {
+            if let Ok(r) = self.client.get(format!("{}/readyz", self.url)).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("server not ready after 10 s");
+    }
+
+    /// Stops the server and returns its data dir.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.running.take().expect("running").stop().await.expect("clean stop");
+        self.dir.take().expect("a data dir")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// POST JSON text, returns (status, JSON body).
+    pub async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, serde_json::Value) {
+        let response = self.client.post(self.url(path)).body(body).send().await.expect("request");
+        json_of(response).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self.client.get(self.url(path)).send().await.expect("request");
+        json_of(response).await
+    }
+
+    pub async fn create(&self, kind: &str, id: &str) -> serde_json::Value {
+        let (status, body) = self.post(&format!("/v1/models/{kind}"), format!(r#"{{"id":"{id}"}}"#)).await;
+        assert_eq!(status, 201, "{body}");
+        body
+    }
+
+    /// Appends a diff and waits for it to be applied; returns the version.
+    pub async fn apply(&self, kind: &str, id: &str, diff: &str) -> serde_json::Value {
+        let (status, body) = self.post(&format!("/v1/models/{kind}/{id}/diffs?wait=applied"), diff.to_owned()).await;
+        assert_eq!(status, 200, "{diff}: {body}");
+        body
+    }
+
+    pub async fn events(&self, kind: &str, id: &str, since: Option<&str>) -> SseStream {
+        let mut request = self.client.get(self.url(&format!("/v1/models/{kind}/{id}/events")));
+        if let Some(since) = since {
+            request = request.header("Last-Event-ID", since);
+        }
+        let response = request.send().await.expect("events request");
+        assert_eq!(response.status(), 200);
+        SseStream::new(response)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(running) = &self.running {
+            running.app.status.stop.cancel();
+        }
+    }
+}
+
+pub async fn json_of(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("body");
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, body)
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: String,
+    pub retry: Option<u64>,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("event data is not JSON ({e}): {}", self.data))
+    }
+}
+
+/// A text/event-stream parser over a response body (comments, i.e. heartbeats, counted).
+pub struct SseStream {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: Vec<u8>,
+    pub comments: usize,
+}
+
+impl SseStream {
+    pub fn new(response: reqwest::Response) -> SseStream {
+        SseStream { body: response.bytes_stream().boxed(), buf: Vec::new(), comments: 0 }
+    }
+
+    /// The next event; `None` when the stream ends (or breaks).
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = find_blank_line(&self.buf) {
+                let block: Vec<u8> = self.buf.drain(..end).collect();
+                let text = String::from_utf8(block).expect("SSE is UTF-8");
+                let mut event = SseEvent { event: "message".into(), ..SseEvent::default() };
+                let mut data = Vec::new();
+                let mut any = false;
+                for line in text.lines() {
+                    if line.is_empty() {
+                        continue;
+                    }
+                    if line.starts_with(':') {
+                        self.comments += 1;
+                        continue;
+                    }
+                    any = true;
+                    let (field, value) =
+                        line.split_once(':').map_or((line, ""), |(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)));
+                    match field {
+                        "event" => event.event = value.to_owned(),
+                        "id" => event.id = Some(value.to_owned()),
+                        "data" => data.push(value.to_owned()),
+                        "retry" => event.retry = value.parse().ok(),
+                        _ => {}
+                    }
+                }
+                if !any {
+                    continue;
+                }
+                event.data = data.join("\n");
+                return Some(event);
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next event within `timeout`.
+    pub async fn next_within(&mut self, timeout: Duration) -> Option<SseEvent> {
+        tokio::time::timeout(timeout, self.next()).await.unwrap_or_else(|_| panic!("no SSE event within {timeout:?}"))
+    }
+}
+
+/// Index just past the first blank line ("\n\n"), if any.
+fn find_blank_line(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+}

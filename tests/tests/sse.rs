@@ -1,0 +1,294 @@
+//! SSE over real HTTP: many clients connecting at random points, dropping and resuming
+//! with their last id while diffs arrive; slow clients; the write deadline.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::prelude::*;
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use statefold::chain::Hash;
+use statefold::config::Limits;
+use statefold_guest::merge_patch;
+use statefold_tests::http::{SseStream, TestServer};
+
+/// A client's local copy of the model, folded from the events it received.
+#[derive(Debug, Default)]
+struct Local {
+    state: Option<Value>,
+    hash: Option<Hash>,
+    seq: u64,
+    events: u64,
+    resets: Vec<String>,
+    patches: u64,
+}
+
+#[derive(Deserialize)]
+struct DiffData<'a> {
+    prev: String,
+    hash: String,
+    seq: u64,
+    #[serde(borrow)]
+    diff: &'a RawValue,
+}
+
+impl Local {
+    /// Applies one event; panics on a gap, a repeat or a broken chain.
+    fn apply(&mut self, who: &str, event: &statefold_tests::http::SseEvent) {
+        if event.event == "message" && event.retry.is_some() {
+            return; // `retry:` at the start of a stream
+        }
+        self.events += 1;
+        match event.event.as_str() {
+            "reset" => {
+                self.resets.push(event.json()["reason"].as_str().unwrap().to_owned());
+                self.state = None;
+                self.hash = None;
+            }
+            "snapshot" => {
+                let data = event.json();
+                self.state = Some(data["state"].clone());
+                self.hash = Some(data["hash"].as_str().unwrap().parse().unwrap());
+                self.seq = data["seq"].as_u64().unwrap();
+                assert_eq!(event.id.as_deref(), data["hash"].as_str(), "{who}: snapshot id");
+            }
+            "patch" => {
+                let data = event.json();
+                let from: Hash = data["from"].as_str().unwrap().parse().unwrap();
+                assert_eq!(Some(from), self.hash, "{who}: patch from a hash the client does not hold");
+                let state = self.state.as_mut().expect("a patch needs a state");
+                merge_patch::apply(state, &data["diff"]);
+                self.hash = Some(data["to"].as_str().unwrap().parse().unwrap());
+                assert!(data["seq"].as_u64().unwrap() > self.seq, "{who}: patch does not move forward");
+                self.seq = data["seq"].as_u64().unwrap();
+                self.patches += 1;
+            }
+            "diff" => {
+                let data: DiffData<'_> = serde_json::from_str(&event.data).unwrap();
+                let prev: Hash = data.prev.parse().unwrap();
+                assert_eq!(
+                    Some(prev),
+                    self.hash,
+                    "{who}: gap or repeat: diff {} does not follow the held hash",
+                    data.seq
+                );
+                assert_eq!(data.seq, self.seq + 1, "{who}: seq");
+                let hash: Hash = data.hash.parse().unwrap();
+                assert_eq!(prev.next(data.diff.get().as_bytes()), hash, "{who}: hash chain");
+                let patch: Value = serde_json::from_str(data.diff.get()).unwrap();
+                merge_patch::apply(self.state.as_mut().expect("a diff needs a state"), &patch);
+                self.hash = Some(hash);
+                self.seq = data.seq;
+                assert_eq!(event.id.as_deref(), Some(data.hash.as_str()));
+            }
+            "synced" => {
+                let hash: Hash = event.json()["hash"].as_str().unwrap().parse().unwrap();
+                assert_eq!(Some(hash), self.hash, "{who}: synced at a hash the client does not hold");
+            }
+            "error" => panic!("{who}: error event {}", event.data),
+            other => panic!("{who}: unexpected event {other}"),
+        }
+    }
+}
+
+/// The i-th diff of the writer: merge patches that set, nest, replace and delete, so that
+/// some runs compose and some do not (then the catch-up is a delta).
+fn diff(i: u64) -> String {
+    match i % 10 {
+        3 => format!(r#"{{"k{}":null}}"#, i % 20),
+        5 => format!(r#"{{"o":{{"a":{i},"b":[{i}]}}}}"#),
+        7 => format!(r#"{{"o":{i}}}"#),
+        _ => format!(r#"{{"k{}":{i},"n":{i}}}"#, i % 20),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_resume_exactly_while_five_thousand_diffs_arrive() {
+    const CLIENTS: usize = 200;
+    const DIFFS: u64 = 5000;
+    // Checkpoints every 200 diffs, 2 kept: hashes more than ~400 diffs old are pruned.
+    let limits = Limits { checkpoint_interval_diffs: 200, retain_checkpoints: 2, ..Limits::default() };
+    let server = Arc::new(TestServer::start(limits).await);
+    server.create("document", "doc").await;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let done: Arc<tokio::sync::watch::Sender<Option<Hash>>> = Arc::new(tokio::sync::watch::channel(None).0);
+
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let (server, seen, done) = (server.clone(), seen.clone(), done.clone());
+        clients.push(tokio::spawn(async move {
+            let who = format!("client {c}");
+            let mut rng = StdRng::seed_from_u64(c as u64);
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..2000))).await;
+            let mut local = Local::default();
+            // Where it connects first.
+            let mode = c % 5;
+            let since: Option<String> = match mode {
+                0 => None,
+                1 => Some(server.get("/v1/models/document/doc").await.1["hash"].as_str().unwrap().to_owned()),
+                2 => seen.lock().unwrap().iter().rev().take(50).choose(&mut rng).cloned(),
+                3 => Some(hex_of(rng.random::<[u8; 32]>())),
+                _ => seen.lock().unwrap().first().cloned(),
+            };
+            if let Some(since) = &since {
+                // The client holds the state at that hash, if the server still has it.
+                let (status, at) = server.get(&format!("/v1/models/document/doc?at={since}")).await;
+                match status {
+                    200 => {
+                        local.state = Some(at["state"].clone());
+                        local.seq = at["seq"].as_u64().unwrap();
+                    }
+                    404 | 410 => {}
+                    other => panic!("{who}: GET ?at= answered {other}: {at}"),
+                }
+                local.hash = Some(since.parse().unwrap());
+            }
+            let mut stream = server.events("document", "doc", since.as_deref()).await;
+            let mut budget: u64 = rng.random_range(1..400);
+            loop {
+                let final_hash = *done.borrow();
+                if final_hash.is_some() && local.hash == final_hash {
+                    return local;
+                }
+                let event = match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+                    Ok(Some(event)) => event,
+                    Ok(None) => panic!("{who}: stream ended"),
+                    Err(_) => panic!("{who}: no event for 30 s, held {:?}, final {final_hash:?}", local.hash),
+                };
+                if event.event == "message" && event.retry.is_some() {
+                    continue;
+                }
+                local.apply(&who, &event);
+                if let Some(id) = &event.id {
+                    let mut seen = seen.lock().unwrap();
+                    if seen.len() < 20_000 {
+                        seen.push(id.clone());
+                    }
+                }
+                budget = budget.saturating_sub(1);
+                if budget == 0 && done.borrow().is_none() {
+                    // Drop the connection, wait, resume with the last id seen.
+                    drop(stream);
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(0..100))).await;
+                    let last = local.hash.map(|h| h.to_string());
+                    stream = server.events("document", "doc", last.as_deref()).await;
+                    budget = rng.random_range(1..400);
+                }
+            }
+        }));
+    }
+
+    for i in 0..DIFFS {
+        let (status, body) = server.post("/v1/models/document/doc/diffs", diff(i)).await;
+        assert_eq!(status, 202, "{body}");
+        if i % 500 == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let last = server.apply("document", "doc", r#"{"end":true}"#).await;
+    let final_hash: Hash = last["hash"].as_str().unwrap().parse().unwrap();
+    done.send_replace(Some(final_hash));
+    let (_, head) = server.get("/v1/models/document/doc").await;
+    assert_eq!(head["seq"], DIFFS + 1);
+
+    let mut patches = 0;
+    let mut resets = std::collections::BTreeMap::new();
+    for client in clients {
+        let local = client.await.expect("client task");
+        assert_eq!(local.hash, Some(final_hash));
+        assert_eq!(local.state.as_ref(), Some(&head["state"]));
+        patches += local.patches;
+        for reason in local.resets {
+            *resets.entry(reason).or_insert(0) += 1;
+        }
+    }
+    // The run exercised what it claims to.
+    assert!(patches > 0, "no client caught up by patch");
+    assert!(resets.contains_key("unknown"), "{resets:?}");
+    assert!(resets.contains_key("pruned"), "{resets:?}");
+}
+
+fn hex_of(bytes: [u8; 32]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A client that reads nothing while diffs pile up: the server drops its place in the
+/// ring (bounded memory) and, when it reads again, sends one patch: it ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_costs_bounded_memory_and_ends_exact() {
+    let limits = Limits { sse_queue_events_max: 16, ..Limits::default() };
+    let server = TestServer::start(limits).await;
+    server.create("document", "slow").await;
+    let mut slow = server.events("document", "slow", None).await;
+    let mut local = Local::default();
+    // retry, snapshot, synced
+    for _ in 0..3 {
+        let event = slow.next_within(Duration::from_secs(10)).await.unwrap();
+        if event.retry.is_none() {
+            local.apply("slow", &event);
+        }
+    }
+    // 20 MB of diffs: more than the socket buffers and far more than 16 ring slots.
+    let pad = "x".repeat(20_000);
+    for i in 0..1000 {
+        let (status, _) =
+            server.post("/v1/models/document/slow/diffs", format!(r#"{{"k{}":"{pad}{i}"}}"#, i % 50)).await;
+        assert_eq!(status, 202);
+    }
+    let last = server.apply("document", "slow", r#"{"end":1}"#).await;
+    let final_hash: Hash = last["hash"].as_str().unwrap().parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while local.hash != Some(final_hash) {
+        let event = slow.next_within(Duration::from_secs(10)).await.expect("stream open");
+        local.apply("slow", &event);
+    }
+    let (_, head) = server.get("/v1/models/document/slow").await;
+    assert_eq!(local.state.as_ref(), Some(&head["state"]));
+    assert!(local.patches >= 1, "the slow client was caught up by a patch");
+    let lagged = server.running.as_ref().unwrap().app.hub.lagged_total.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(lagged >= 1, "the slow client lost its place in the bounded ring");
+    assert!(local.events < 1000, "{} events for 1001 diffs: the backlog was not replayed one by one", local.events);
+}
+
+/// A client that takes no bytes for longer than the write deadline is disconnected; it
+/// resumes with its last id and ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_client_is_disconnected_and_resumes() {
+    let limits = Limits { http_write_timeout_ms: 300, sse_queue_events_max: 8, ..Limits::default() };
+    let server = TestServer::start(limits).await;
+    server.create("document", "stall").await;
+    let mut stream: SseStream = server.events("document", "stall", None).await;
+    let mut local = Local::default();
+    for _ in 0..3 {
+        let event = stream.next_within(Duration::from_secs(10)).await.unwrap();
+        if event.retry.is_none() {
+            local.apply("stall", &event);
+        }
+    }
+    // Fill the socket while the client reads nothing, for longer than the deadline.
+    let pad = "y".repeat(30_000);
+    for i in 0..400 {
+        let (status, _) =
+            server.post("/v1/models/document/stall/diffs", format!(r#"{{"k{}":"{pad}{i}"}}"#, i % 20)).await;
+        assert_eq!(status, 202);
+    }
+    let last = server.apply("document", "stall", r#"{"end":1}"#).await;
+    let final_hash: Hash = last["hash"].as_str().unwrap().parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // What was buffered still arrives, then the stream ends: the server hung up.
+    let mut ended = false;
+    while local.hash != Some(final_hash) {
+        match stream.next_within(Duration::from_secs(10)).await {
+            Some(event) => local.apply("stall", &event),
+            None => {
+                ended = true;
+                let last = local.hash.map(|h| h.to_string());
+                stream = server.events("document", "stall", last.as_deref()).await;
+            }
+        }
+    }
+    assert!(ended, "the server never disconnected the stalled client");
+    let (_, head) = server.get("/v1/models/document/stall").await;
+    assert_eq!(local.state.as_ref(), Some(&head["state"]));
+}
