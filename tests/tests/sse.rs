@@ -129,7 +129,14 @@ async fn two_hundred_clients_resume_exactly_while_five_thousand_diffs_arrive() {
                 1 => Some(server.get("/v1/models/document/doc").await.1["hash"].as_str().unwrap().to_owned()),
                 2 => seen.lock().unwrap().iter().rev().take(50).choose(&mut rng).cloned(),
                 3 => Some(hex_of(rng.random::<[u8; 32]>())),
-                _ => seen.lock().unwrap().first().cloned(),
+                _ => {
+                    // A hash from the start, once the model is far enough along for it to
+                    // be pruned (checkpoints at 200, 400, 600: diffs through 400 go).
+                    while server.get("/v1/models/document/doc").await.1["seq"].as_u64().unwrap() < 1000 {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    seen.lock().unwrap().first().cloned()
+                }
             };
             if let Some(since) = &since {
                 // The client holds the state at that hash, if the server still has it.
@@ -146,16 +153,28 @@ async fn two_hundred_clients_resume_exactly_while_five_thousand_diffs_arrive() {
             }
             let mut stream = server.events("document", "doc", since.as_deref()).await;
             let mut budget: u64 = rng.random_range(1..400);
+            let mut quiet = 0;
             loop {
                 let final_hash = *done.borrow();
                 if final_hash.is_some() && local.hash == final_hash {
                     return local;
                 }
-                let event = match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+                // Wake every second to notice the end; a stream quiet for 30 s is stuck.
+                let event = match tokio::time::timeout(Duration::from_secs(1), stream.next()).await {
                     Ok(Some(event)) => event,
                     Ok(None) => panic!("{who}: stream ended"),
-                    Err(_) => panic!("{who}: no event for 30 s, held {:?}, final {final_hash:?}", local.hash),
+                    Err(_) => {
+                        quiet += 1;
+                        assert!(
+                            quiet < 30,
+                            "{who}: no event for 30 s, held {:?} seq {}, final {final_hash:?}",
+                            local.hash,
+                            local.seq
+                        );
+                        continue;
+                    }
                 };
+                quiet = 0;
                 if event.event == "message" && event.retry.is_some() {
                     continue;
                 }
@@ -179,10 +198,13 @@ async fn two_hundred_clients_resume_exactly_while_five_thousand_diffs_arrive() {
         }));
     }
 
+    let started = std::time::Instant::now();
     for i in 0..DIFFS {
         let (status, body) = server.post("/v1/models/document/doc/diffs", diff(i)).await;
         assert_eq!(status, 202, "{body}");
         if i % 500 == 0 {
+            let (_, head) = server.get("/v1/models/document/doc").await;
+            eprintln!("writer: {i} diffs sent at {:?}, head seq {}", started.elapsed(), head["seq"]);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
