@@ -230,3 +230,28 @@ async fn corruption_stops_the_process_with_a_clear_message() {
     let stderr = std::fs::read_to_string(&server.stderr).unwrap();
     assert!(stderr.contains("store corrupted: head at key counter\\0m"), "{stderr}");
 }
+
+/// A bad configuration is refused at start, with a message naming what is wrong.
+#[test]
+fn bad_configuration_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_statefold")).arg("serve").args(args).output().unwrap();
+        assert!(!output.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    assert!(run(&["--data-dir", data]).contains("no kinds configured"));
+    assert!(run(&["--data-dir", data, "--kind", "c=missing.wasm"]).contains("missing.wasm not found"));
+    let counter = statefold_tests::wasm("counter");
+    let kind = format!("Bad Name={}", counter.display());
+    assert!(run(&["--data-dir", data, "--kind", &kind]).contains("kind name \"Bad Name\""));
+    let kind = format!("c={}", counter.display());
+    let stderr = run(&["--data-dir", data, "--kind", &kind, "--batch-records-max", "0"]);
+    assert!(stderr.contains("limits.batch_records_max must be positive"), "{stderr}");
+    let config = dir.path().join("statefold.toml");
+    std::fs::write(&config, "[limits]\ndiff_byte_max = 5\n").unwrap();
+    let stderr = run(&["--config", config.to_str().unwrap()]);
+    assert!(stderr.contains("unknown field `diff_byte_max`"), "{stderr}");
+}

@@ -314,3 +314,41 @@ async fn stalled_client_is_disconnected_and_resumes() {
     let (_, head) = server.get("/v1/models/document/stall").await;
     assert_eq!(local.state.as_ref(), Some(&head["state"]));
 }
+
+/// The stream's framing: `retry:` first, `Cache-Control: no-cache`, heartbeat comments while
+/// idle, and `Last-Event-ID` overriding `?since=`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_heartbeats_and_last_event_id() {
+    let limits = Limits { sse_heartbeat_ms: 100, sse_retry_ms: 1234, ..Limits::default() };
+    let server = TestServer::start(limits).await;
+    server.create("counter", "hb").await;
+    let v1 = server.apply("counter", "hb", r#"{"add":1}"#).await;
+    let v2 = server.apply("counter", "hb", r#"{"add":2}"#).await;
+
+    // ?since=v2 would be up to date; the header (v1) wins: one patch to v2.
+    let response = server
+        .client
+        .get(server.url(&format!("/v1/models/counter/hb/events?since={}", v2["hash"].as_str().unwrap())))
+        .header("Last-Event-ID", v1["hash"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["cache-control"], "no-cache");
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut stream = SseStream::new(response);
+    let retry = stream.next_within(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(retry.retry, Some(1234));
+    let patch = stream.next_within(Duration::from_secs(5)).await.unwrap();
+    assert_eq!((patch.event.as_str(), patch.json()["diff"].clone()), ("patch", serde_json::json!({"add": 2})));
+    assert_eq!(patch.json()["from"], v1["hash"]);
+    let synced = stream.next_within(Duration::from_secs(5)).await.unwrap();
+    assert_eq!((synced.event.as_str(), synced.json()["hash"].clone()), ("synced", v2["hash"].clone()));
+    assert_eq!(synced.id, None, "synced does not move the client");
+
+    // Idle: heartbeats, then the next diff arrives live.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    server.apply("counter", "hb", r#"{"add":3}"#).await;
+    let live = stream.next_within(Duration::from_secs(5)).await.unwrap();
+    assert_eq!((live.event.as_str(), live.json()["prev"].clone()), ("diff", v2["hash"].clone()));
+    assert!(stream.comments >= 2, "{} heartbeat comments in 450 ms at 100 ms", stream.comments);
+}

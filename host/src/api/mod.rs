@@ -104,7 +104,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let app = app.clone();
     let status = app.status.clone();
-    let result = tokio::task::spawn_blocking(move || f(&*app)).await;
+    let result = tokio::task::spawn_blocking(move || f(&app)).await;
     match result {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(AppError::Store(e))) if e.is_fatal() => {

@@ -235,8 +235,8 @@ impl Store {
         let start = offset_key(&prefix, from);
         let topic: std::sync::Arc<str> = topic.into();
         let mut out = Vec::new();
-        let mut expected = from;
-        for item in self.db.iterator_cf(self.cf(LOG), IteratorMode::From(&start, Direction::Forward)) {
+        let iter = self.db.iterator_cf(self.cf(LOG), IteratorMode::From(&start, Direction::Forward));
+        for (expected, item) in (from..).zip(iter) {
             let (key, value) = item?;
             if !key.starts_with(&prefix) || out.len() >= max {
                 break;
@@ -245,7 +245,6 @@ impl Store {
             if offset != expected {
                 return Err(StoreError::corrupt("log", &key, format!("offset {offset} where {expected} was due")));
             }
-            expected += 1;
             let record = decode(LOG, &key, &value, |d| {
                 let key = d.opt_bytes()?.map(<[u8]>::to_vec);
                 let timestamp_ms = d.opt_i64()?;
