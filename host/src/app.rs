@@ -14,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::Hash;
 use crate::config::Limits;
-use crate::fold::{CREATE_HEADER, CatchUp, Head, ModelKey, Rejection, plan_catch_up};
+use crate::fold::{Applied, CREATE_HEADER, CatchUp, Head, ModelKey, Rejection, plan_catch_up};
 use crate::hub::Hub;
 use crate::reducer::{Models, Reducer, ReducerError};
 use crate::source::EmbeddedLog;
-use crate::store::{HashAt, Reader, Store, StoreError, StoredDiff};
+use crate::store::{HashAt, Reader, Store, StoreError};
 
 /// Why a request failed, in domain terms (the API maps each to a status and code).
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +95,7 @@ pub enum Plan {
     /// One diff from `from` to the head.
     Patch { from: Hash, to: Hash, seq: u64, diff: Bytes },
     /// The missed diffs one by one (the reducer can neither merge nor delta them).
-    Diffs(Vec<StoredDiff>),
+    Diffs(Vec<Applied>),
     /// Nothing missed.
     UpToDate { hash: Hash, seq: u64 },
 }

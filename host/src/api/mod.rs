@@ -20,8 +20,7 @@ use serde_json::value::RawValue;
 
 use crate::app::{App, AppError, Appended, Plan};
 use crate::chain::Hash;
-use crate::fold::{ModelKey, Rejection};
-use crate::store::StoredDiff;
+use crate::fold::{Applied, ModelKey, Rejection};
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -333,7 +332,7 @@ struct DiffBody {
 }
 
 impl DiffBody {
-    fn from_stored(d: &StoredDiff) -> DiffBody {
+    fn from_stored(d: &Applied) -> DiffBody {
         DiffBody {
             prev: d.prev.to_string(),
             hash: d.hash.to_string(),

@@ -408,60 +408,24 @@ impl Engine {
                     payload: r.value.to_vec(),
                 })
                 .collect();
-            let outcomes = {
-                let hash = current.hash;
-                let mut overlay = Overlay {
-                    model: &model,
-                    head: &mut *current,
-                    view,
-                    pending: &mut pending,
-                    folded: &mut *folded,
-                    limits: &limits,
-                };
-                state.models.apply(&id, hash, &diffs, &mut overlay)?
+            let mut overlay = Overlay {
+                model: &model,
+                head: current,
+                view,
+                pending: &mut pending,
+                folded: &mut *folded,
+                limits: &limits,
             };
+            let outcomes = state.models.apply(&id, overlay.head.hash, &diffs, &mut overlay)?;
             for (record, outcome) in run.iter().zip(outcomes) {
-                let reject = |reason| Rejected {
-                    topic: record.topic.clone(),
-                    partition: record.partition,
-                    offset: record.offset,
-                    model: Some(model.clone()),
-                    reason,
-                };
                 match outcome {
-                    Outcome::Applied(hash) => {
-                        let applied = Applied {
-                            model: model.clone(),
-                            offset: record.offset,
-                            seq: current.seq + 1,
-                            prev: current.hash,
-                            hash,
-                            reducer: state.reducer,
-                            timestamp_ms: record.timestamp_ms,
-                            headers: record.headers.clone(),
-                            payload: record.value.clone(),
-                        };
-                        pending.tail.push((current.hash, applied.record()));
-                        current.seq = applied.seq;
-                        current.offset = Some(applied.offset);
-                        current.hash = hash;
-                        current.reducer = state.reducer;
-                        folded.applied.push(applied);
-                    }
-                    Outcome::Refused(reason) => folded.rejected.push(reject(Rejection::Refused(reason))),
-                    Outcome::Failed(reason) => folded.rejected.push(reject(Rejection::Failed(reason))),
+                    Outcome::Applied(hash) => overlay.applied(record, hash, state.reducer),
+                    Outcome::Refused(reason) => overlay.reject(record, Rejection::Refused(reason)),
+                    Outcome::Failed(reason) => overlay.reject(record, Rejection::Failed(reason)),
                 }
             }
-            let since_checkpoint = current.seq - current.checkpoint().map_or(0, |(seq, _)| seq);
+            let since_checkpoint = overlay.head.seq - overlay.head.checkpoint().map_or(0, |(seq, _)| seq);
             if since_checkpoint >= limits.checkpoint_interval_diffs {
-                let mut overlay = Overlay {
-                    model: &model,
-                    head: &mut *current,
-                    view,
-                    pending: &mut pending,
-                    folded: &mut *folded,
-                    limits: &limits,
-                };
                 match state.models.snapshot(&id, &mut overlay) {
                     Ok(snapshot) => overlay.checkpoint(snapshot),
                     // A reducer that cannot snapshot keeps its models resident; the
@@ -500,6 +464,37 @@ struct Overlay<'a> {
 }
 
 impl Overlay<'_> {
+    /// Records a diff the reducer applied; the model's hash is now `hash`.
+    fn applied(&mut self, record: &Record, hash: Hash, reducer: ModuleHash) {
+        let applied = Applied {
+            model: self.model.clone(),
+            offset: record.offset,
+            seq: self.head.seq + 1,
+            prev: self.head.hash,
+            hash,
+            reducer,
+            timestamp_ms: record.timestamp_ms,
+            headers: record.headers.clone(),
+            payload: record.value.clone(),
+        };
+        self.pending.tail.push((self.head.hash, applied.record()));
+        self.head.seq = applied.seq;
+        self.head.offset = Some(applied.offset);
+        self.head.hash = hash;
+        self.head.reducer = reducer;
+        self.folded.applied.push(applied);
+    }
+
+    fn reject(&mut self, record: &Record, reason: Rejection) {
+        self.folded.rejected.push(Rejected {
+            topic: record.topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+            model: Some(self.model.clone()),
+            reason,
+        });
+    }
+
     /// Saves the model's current state (at its head) as a checkpoint.
     fn checkpoint(&mut self, snapshot: Vec<u8>) {
         let Some(offset) = self.head.offset else { return };

@@ -19,7 +19,7 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, Read
 
 use crate::chain::Hash;
 use crate::fold::{Applied, Folded, Head, ModelKey, Record, Rejected, Rejection, View, ViewError};
-use crate::reducer::{Checkpoint, DiffRecord, ModuleHash};
+use crate::reducer::Checkpoint;
 use codec::{Dec, Enc, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix};
 
 const DIFFS: &str = "diffs";
@@ -64,19 +64,6 @@ impl StoreError {
 pub struct StoreOptions {
     /// fsync the WAL on every commit and append (survives power loss, not only a crash).
     pub fsync: bool,
-}
-
-/// One stored diff.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredDiff {
-    pub offset: u64,
-    pub seq: u64,
-    pub prev: Hash,
-    pub hash: Hash,
-    pub reducer: ModuleHash,
-    pub timestamp_ms: Option<i64>,
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub payload: Bytes,
 }
 
 /// Where a hash of a model stands.
@@ -333,7 +320,7 @@ impl Reader<'_> {
         through: u64,
         mut prev: Hash,
         prev_seq: u64,
-    ) -> Result<Vec<StoredDiff>, StoreError> {
+    ) -> Result<Vec<Applied>, StoreError> {
         let prefix = model_prefix(&model.kind, &model.id);
         let start = offset_key(&prefix, after.map_or(0, |a| a + 1));
         let iter = self.store.db.iterator_cf_opt(
@@ -352,7 +339,7 @@ impl Reader<'_> {
             if offset > through {
                 break;
             }
-            let diff = decode_diff(&key, &value, offset, prev)?;
+            let diff = decode_diff(model, &key, &value, offset, prev)?;
             if diff.seq != seq + 1 {
                 return Err(StoreError::corrupt("diff", &key, format!("seq {} follows seq {seq}", diff.seq)));
             }
@@ -414,18 +401,7 @@ impl Reader<'_> {
             }
         };
         let diffs = self.diffs(model, after, through.unwrap_or(u64::MAX), prev, seq)?;
-        let tail = diffs
-            .into_iter()
-            .map(|d| {
-                let record = DiffRecord {
-                    offset: d.offset,
-                    timestamp_ms: d.timestamp_ms,
-                    headers: d.headers,
-                    payload: d.payload.to_vec(),
-                };
-                (d.prev, record)
-            })
-            .collect();
+        let tail = diffs.iter().map(|d| (d.prev, d.record())).collect();
         Ok(Checkpoint { snapshot, tail })
     }
 
@@ -515,9 +491,10 @@ fn encode_diff(applied: &Applied) -> Vec<u8> {
         .done()
 }
 
-fn decode_diff(key: &[u8], value: &[u8], offset: u64, prev: Hash) -> Result<StoredDiff, StoreError> {
+fn decode_diff(model: &ModelKey, key: &[u8], value: &[u8], offset: u64, prev: Hash) -> Result<Applied, StoreError> {
     let diff = decode(DIFFS, key, value, |d| {
-        Ok(StoredDiff {
+        Ok(Applied {
+            model: model.clone(),
             offset,
             seq: d.u64()?,
             hash: d.hash()?,
@@ -576,6 +553,7 @@ fn check_folded(folded: &Folded) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reducer::ModuleHash;
 
     #[test]
     fn head_round_trips_and_checks() {
