@@ -16,7 +16,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio::sync::{broadcast, mpsc};
 
 use super::{ApiError, DiffBody, blocking, parse_hash, stored_json};
@@ -131,6 +132,23 @@ async fn catch_up(
     Some(plan.version())
 }
 
+/// `snapshot` data. States and diffs are embedded as stored, never re-parsed.
+#[derive(Serialize)]
+struct SnapshotData {
+    state: Box<RawValue>,
+    hash: String,
+    seq: u64,
+}
+
+/// `patch` data.
+#[derive(Serialize)]
+struct PatchData {
+    from: String,
+    to: String,
+    seq: u64,
+    diff: Box<RawValue>,
+}
+
 fn plan_events(plan: &Plan) -> Vec<Event> {
     match plan {
         Plan::UpToDate { .. } => Vec::new(),
@@ -139,13 +157,15 @@ fn plan_events(plan: &Plan) -> Vec<Event> {
             if let Some(reason) = reset {
                 events.push(Event::default().event("reset").data(serde_json::json!({"reason": reason}).to_string()));
             }
-            let data = serde_json::json!({"state": stored_json(state), "hash": hash.to_string(), "seq": seq});
-            events.push(Event::default().event("snapshot").id(hash.to_string()).data(data.to_string()));
+            let data = SnapshotData { state: stored_json(state), hash: hash.to_string(), seq: *seq };
+            let data = serde_json::to_string(&data).expect("serializable");
+            events.push(Event::default().event("snapshot").id(hash.to_string()).data(data));
             events
         }
         Plan::Patch { from, to, seq, diff } => {
-            let data = serde_json::json!({"from": from.to_string(), "to": to.to_string(), "seq": seq, "diff": stored_json(diff)});
-            vec![Event::default().event("patch").id(to.to_string()).data(data.to_string())]
+            let data = PatchData { from: from.to_string(), to: to.to_string(), seq: *seq, diff: stored_json(diff) };
+            let data = serde_json::to_string(&data).expect("serializable");
+            vec![Event::default().event("patch").id(to.to_string()).data(data)]
         }
         Plan::Diffs(diffs) => diffs
             .iter()
