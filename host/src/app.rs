@@ -122,12 +122,11 @@ pub struct StateAt {
     pub offset: Option<u64>,
 }
 
-/// What happened to an appended record.
-pub enum Appended {
-    /// In the log; not waited for.
-    Accepted { partition: u32, offset: u64 },
-    /// Folded: the model's version after it.
-    Applied { offset: u64, seq: u64, hash: Hash },
+/// A model's version after an appended record was folded.
+pub struct Version {
+    pub offset: u64,
+    pub seq: u64,
+    pub hash: Hash,
 }
 
 pub struct App {
@@ -303,7 +302,7 @@ impl App {
         partition: u32,
         offset: u64,
         timeout: Duration,
-    ) -> Result<Appended, AppError> {
+    ) -> Result<Version, AppError> {
         let deadline = Instant::now() + timeout;
         let mut committed = self.committed.clone();
         loop {
@@ -324,10 +323,10 @@ impl App {
             return Err(AppError::Rejected(rejection));
         }
         if let Some((seq, hash)) = reader.diff_at(model, offset)? {
-            return Ok(Appended::Applied { offset, seq, hash });
+            return Ok(Version { offset, seq, hash });
         }
         // A create record that was not rejected: the model's first version.
-        Ok(Appended::Applied { offset, seq: 0, hash: model.genesis() })
+        Ok(Version { offset, seq: 0, hash: model.genesis() })
     }
 
     pub fn ready(&self) -> bool {

@@ -50,8 +50,9 @@ limits! {
     head_cache_models_max: usize = 100_000;
     /// Materialized states cached for GET and SSE snapshots, in bytes.
     state_cache_bytes_max: u64 = 64 << 20;
-    /// Longest run of missed diffs composed with the reducer's merge; longer runs use delta.
-    catchup_merge_diffs_max: usize = 10_000;
+    /// Longest run of missed diffs composed with the reducer's merge when it also has delta;
+    /// longer runs use delta (two state rebuilds instead of a pass over every diff).
+    catchup_merge_diffs_max: usize = 256;
     /// Live diffs buffered per watched model (shared by its SSE clients); a client that
     /// falls further behind gets a patch instead.
     sse_queue_events_max: usize = 1024;

@@ -113,5 +113,8 @@ fn random_batches_restarts_and_faults_fold_to_the_reference() {
         assert_eq!(String::from_utf8(state).unwrap(), n.to_string(), "{id}");
     }
     assert!(pruned > 0, "retention pruned some model's old diffs");
+    // The replayed record's rejection survives the store round trip, with its detail.
+    store.commit(&replayed, &[]).unwrap();
+    assert_eq!(store.read().rejection("trap", 0, 1).unwrap(), Some(replayed.rejected[0].reason.clone()));
     assert_eq!(store.position("test", "trap", 0).unwrap(), Some(offset));
 }

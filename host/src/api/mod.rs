@@ -18,7 +18,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::app::{App, AppError, Appended, Plan};
+use crate::app::{App, AppError, Plan};
 use crate::chain::Hash;
 use crate::fold::{Applied, ModelKey, Rejection};
 
@@ -170,13 +170,9 @@ async fn create(
     };
     let model = ModelKey::new(&kind, &id);
     let wait = Duration::from_millis(app.limits.wait_applied_ms_max);
-    match app.wait_folded(&model, &topic, partition, offset, wait).await? {
-        Appended::Applied { hash, seq, .. } => {
-            let body = VersionBody { id, hash: hash.to_string(), seq, offset: None };
-            Ok((StatusCode::CREATED, Json(body)).into_response())
-        }
-        Appended::Accepted { .. } => unreachable!("waited"),
-    }
+    let version = app.wait_folded(&model, &topic, partition, offset, wait).await?;
+    let body = VersionBody { id, hash: version.hash.to_string(), seq: version.seq, offset: None };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 fn new_id() -> String {
@@ -234,12 +230,9 @@ async fn append(
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     }
     let timeout = Duration::from_millis(app.limits.wait_applied_ms_max);
-    match app.wait_folded(&model, &topic, partition, offset, timeout).await? {
-        Appended::Applied { offset, seq, hash } => {
-            Ok(Json(VersionBody { id, hash: hash.to_string(), seq, offset: Some(offset) }).into_response())
-        }
-        Appended::Accepted { .. } => unreachable!("waited"),
-    }
+    let version = app.wait_folded(&model, &topic, partition, offset, timeout).await?;
+    let body = VersionBody { id, hash: version.hash.to_string(), seq: version.seq, offset: Some(version.offset) };
+    Ok(Json(body).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -16,10 +16,11 @@ pub enum CatchUp {
 }
 
 /// Plans the catch-up over `missed` (consecutive diffs, oldest first): a single diff as is;
-/// else the reducer's `merge` if it declares it and the run is at most `merge_diffs_max`
-/// long; else `delta` between the two states (computed by `states` only then); else the
-/// diffs themselves. A reducer failing in merge or delta falls back to the next way: a
-/// client is never stuck on a faulty reducer.
+/// else one composed diff: the reducer's `merge` (a pass over every missed diff) for runs
+/// up to `merge_diffs_max` long, `delta` between the two states (two rebuilds from
+/// checkpoints, computed by `states` only then) for longer ones, each falling back to the
+/// other; else the diffs themselves. A reducer failing in merge or delta falls back to the
+/// next way: a client is never stuck on a faulty reducer.
 pub fn plan_catch_up(
     models: &mut Models,
     missed: &[Bytes],
@@ -30,19 +31,39 @@ pub fn plan_catch_up(
         return CatchUp::Patch { diff: only.clone(), how: "single" };
     }
     let info = models.reducer().info().clone();
-    if info.merge && missed.len() <= merge_diffs_max {
-        let run: Vec<Vec<u8>> = missed.iter().map(|d| d.to_vec()).collect();
-        match models.merge(&run) {
-            Ok(Composed::Diff(diff)) => return CatchUp::Patch { diff: diff.into(), how: "merge" },
-            Ok(Composed::NotComposable(reason)) => tracing::debug!(%reason, "run not composable; trying delta"),
-            Err(error) => tracing::warn!(%error, "merge failed; trying delta"),
-        }
+    let merge_first = missed.len() <= merge_diffs_max || !info.delta;
+    if info.merge
+        && merge_first
+        && let Some(diff) = merge(models, missed)
+    {
+        return CatchUp::Patch { diff, how: "merge" };
     }
     if info.delta {
         match states(models).and_then(|(from, to)| models.delta(&from, &to)) {
             Ok(diff) => return CatchUp::Patch { diff: diff.into(), how: "delta" },
-            Err(error) => tracing::warn!(%error, "delta failed; sending the diffs one by one"),
+            Err(error) => tracing::warn!(%error, "delta failed"),
         }
     }
+    if info.merge
+        && !merge_first
+        && let Some(diff) = merge(models, missed)
+    {
+        return CatchUp::Patch { diff, how: "merge" };
+    }
     CatchUp::Diffs
+}
+
+fn merge(models: &mut Models, missed: &[Bytes]) -> Option<Bytes> {
+    let run: Vec<Vec<u8>> = missed.iter().map(|d| d.to_vec()).collect();
+    match models.merge(&run) {
+        Ok(Composed::Diff(diff)) => Some(diff.into()),
+        Ok(Composed::NotComposable(reason)) => {
+            tracing::debug!(%reason, "run not composable");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(%error, "merge failed");
+            None
+        }
+    }
 }

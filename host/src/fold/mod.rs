@@ -171,16 +171,22 @@ impl Rejection {
         }
     }
 
-    pub fn from_parts(code: &str, message: String) -> Option<Rejection> {
+    /// The offset a rejection refers to, if any (stored beside the code).
+    pub fn detail(&self) -> Option<u64> {
+        match self {
+            Rejection::OffsetRegressed { head_offset } => Some(*head_offset),
+            _ => None,
+        }
+    }
+
+    /// The inverse of (`code`, `message`, `detail`); `None` for an unknown code.
+    pub fn from_parts(code: &str, message: String, detail: Option<u64>) -> Option<Rejection> {
         Some(match code {
             "invalid_key" => Rejection::InvalidKey(message),
             "model_exists" => Rejection::Exists,
             "refused" => Rejection::Refused(message),
             "reducer_failed" => Rejection::Failed(message),
-            "offset_regressed" => {
-                let head_offset = message.rsplit(' ').next()?.parse().ok()?;
-                Rejection::OffsetRegressed { head_offset }
-            }
+            "offset_regressed" => Rejection::OffsetRegressed { head_offset: detail? },
             "unknown_topic" => Rejection::UnknownTopic,
             _ => return None,
         })

@@ -366,11 +366,11 @@ impl Reader<'_> {
     pub fn rejection(&self, topic: &str, partition: u32, offset: u64) -> Result<Option<Rejection>, StoreError> {
         let key = offset_key(&partition_prefix(topic, partition), offset);
         let Some(value) = self.snapshot.get_cf(self.store.cf(REJECTS), &key)? else { return Ok(None) };
-        let (code, message) = decode(REJECTS, &key, &value, |d| {
+        let (code, message, detail) = decode(REJECTS, &key, &value, |d| {
             let _model = d.opt_bytes()?;
-            Ok((d.string()?, d.string()?))
+            Ok((d.string()?, d.string()?, d.opt_u64()?))
         })?;
-        Rejection::from_parts(&code, message)
+        Rejection::from_parts(&code, message, detail)
             .map(Some)
             .ok_or_else(|| StoreError::corrupt("rejection", &key, format!("unknown code {code:?}")))
     }
@@ -517,6 +517,7 @@ fn encode_reject(rejected: &Rejected) -> Vec<u8> {
         .opt_bytes(model.as_deref())
         .bytes(rejected.reason.code().as_bytes())
         .bytes(rejected.reason.message().as_bytes())
+        .opt_u64(rejected.reason.detail())
         .done()
 }
 
