@@ -193,6 +193,26 @@ impl App {
         hash: Hash,
         offset: Option<u64>,
     ) -> Result<Arc<[u8]>, AppError> {
+        // A cached state is served without waiting for the reader instance.
+        if let Some(state) = self.states.lock().unwrap_or_else(|p| p.into_inner()).get(model, &hash) {
+            return Ok(state);
+        }
+        let kind = self.kind(&model.kind)?;
+        let mut models = kind.readers.lock().unwrap_or_else(|p| p.into_inner());
+        self.materialize_with(&mut models, reader, model, head, hash, offset)
+    }
+
+    /// The state at (`hash`, `offset`) rebuilt on `models` from the nearest retained
+    /// checkpoint, through the cache.
+    fn materialize_with(
+        &self,
+        models: &mut Models,
+        reader: &Reader<'_>,
+        model: &ModelKey,
+        head: &Head,
+        hash: Hash,
+        offset: Option<u64>,
+    ) -> Result<Arc<[u8]>, AppError> {
         if let Some(state) = self.states.lock().unwrap_or_else(|p| p.into_inner()).get(model, &hash) {
             return Ok(state);
         }
@@ -200,11 +220,7 @@ impl App {
             None => Default::default(),
             Some(offset) => reader.checkpoint_for(model, head, offset)?,
         };
-        let kind = self.kind(&model.kind)?;
-        let state: Arc<[u8]> = {
-            let mut models = kind.readers.lock().unwrap_or_else(|p| p.into_inner());
-            models.materialize(&model.id, &checkpoint)?.into()
-        };
+        let state: Arc<[u8]> = models.materialize(&model.id, &checkpoint)?.into();
         self.states.lock().unwrap_or_else(|p| p.into_inner()).put(model, hash, state.clone());
         Ok(state)
     }
@@ -248,14 +264,9 @@ impl App {
         let plan = {
             let mut models = kind.readers.lock().unwrap_or_else(|p| p.into_inner());
             plan_catch_up(&mut models, &payloads, self.limits.catchup_merge_diffs_max, |models| {
-                let from_cp = match after {
-                    None => Default::default(),
-                    Some(offset) => {
-                        reader.checkpoint_for(model, &head, offset).map_err(|e| checkpoint_error(model, e))?
-                    }
-                };
-                let to_cp = reader.checkpoint_for(model, &head, through).map_err(|e| checkpoint_error(model, e))?;
-                Ok((models.materialize(&model.id, &from_cp)?, models.materialize(&model.id, &to_cp)?))
+                let from = self.materialize_with(models, &reader, model, &head, since, after)?;
+                let to = self.materialize_with(models, &reader, model, &head, head.hash, head.offset)?;
+                Ok::<_, AppError>((from, to))
             })
         };
         Ok(match plan {
@@ -296,7 +307,7 @@ impl App {
 
     /// Waits until the record at `offset` is folded, then says what became of it.
     pub async fn wait_folded(
-        self: &Arc<Self>,
+        &self,
         model: &ModelKey,
         topic: &str,
         partition: u32,
@@ -332,10 +343,6 @@ impl App {
     pub fn ready(&self) -> bool {
         self.status.caught_up.load(Ordering::Relaxed) && self.status.fatal_reason().is_none()
     }
-}
-
-fn checkpoint_error(model: &ModelKey, e: StoreError) -> ReducerError {
-    ReducerError::Checkpoints { model: model.id.to_string(), source: Box::new(e) }
 }
 
 fn unknown(model: &ModelKey) -> AppError {

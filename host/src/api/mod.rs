@@ -67,6 +67,12 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> ApiError {
+        ApiError::bad_request("bad_query", rejection.body_text())
+    }
+}
+
 impl From<AppError> for ApiError {
     fn from(error: AppError) -> ApiError {
         let message = error.to_string();
@@ -209,7 +215,7 @@ async fn append(
     query: Result<Query<AppendQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let Query(query) = query?;
     let wait = match query.wait.as_deref() {
         None | Some("accepted") => false,
         Some("applied") => true,
@@ -258,7 +264,7 @@ async fn state(
     query: Result<Query<StateQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let Query(query) = query?;
     let at = query.at.as_deref().map(parse_hash).transpose()?;
     let model = ModelKey::new(&kind, &id);
     let state = blocking(&app, move |app| app.state(&model, at)).await?;
@@ -356,7 +362,7 @@ async fn missing(
     Path((kind, id)): Path<(String, String)>,
     query: Result<Query<MissingQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let Query(query) = query?;
     let since = query.since.as_deref().ok_or_else(|| ApiError::bad_request("bad_query", "since=<hash> is required"))?;
     let since = parse_hash(since)?;
     let model = ModelKey::new(&kind, &id);
@@ -376,7 +382,7 @@ async fn list(
     Path(kind): Path<String>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let Query(query) = query?;
     let limit = query.limit.unwrap_or(app.limits.list_page_max).clamp(1, app.limits.list_page_max);
     let page = {
         let after = query.after.clone();

@@ -42,7 +42,7 @@ pub(super) async fn events(
     query: Result<Query<EventsQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let Query(query) = query?;
     // `Last-Event-ID` (what a browser's EventSource sends on reconnect) overrides `since`.
     let last_event_id = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("<not text>").to_owned());
     let since = last_event_id.or(query.since).filter(|s| !s.is_empty()).as_deref().map(parse_hash).transpose()?;

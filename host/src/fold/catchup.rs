@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::reducer::{Composed, Models, ReducerError};
+use crate::reducer::{Composed, Models};
 
 /// How a client catches up over a run of missed diffs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,11 +21,11 @@ pub enum CatchUp {
 /// checkpoints, computed by `states` only then) for longer ones, each falling back to the
 /// other; else the diffs themselves. A reducer failing in merge or delta falls back to the
 /// next way: a client is never stuck on a faulty reducer.
-pub fn plan_catch_up(
+pub fn plan_catch_up<S: AsRef<[u8]>, E: std::fmt::Display>(
     models: &mut Models,
     missed: &[Bytes],
     merge_diffs_max: usize,
-    states: impl FnOnce(&mut Models) -> Result<(Vec<u8>, Vec<u8>), ReducerError>,
+    states: impl FnOnce(&mut Models) -> Result<(S, S), E>,
 ) -> CatchUp {
     if let [only] = missed {
         return CatchUp::Patch { diff: only.clone(), how: "single" };
@@ -39,9 +39,12 @@ pub fn plan_catch_up(
         return CatchUp::Patch { diff, how: "merge" };
     }
     if info.delta {
-        match states(models).and_then(|(from, to)| models.delta(&from, &to)) {
-            Ok(diff) => return CatchUp::Patch { diff: diff.into(), how: "delta" },
-            Err(error) => tracing::warn!(%error, "delta failed"),
+        match states(models) {
+            Ok((from, to)) => match models.delta(from.as_ref(), to.as_ref()) {
+                Ok(diff) => return CatchUp::Patch { diff: diff.into(), how: "delta" },
+                Err(error) => tracing::warn!(%error, "delta failed"),
+            },
+            Err(error) => tracing::warn!(%error, "cannot rebuild the states for a delta"),
         }
     }
     if info.merge

@@ -203,6 +203,12 @@ pub struct Rejected {
     pub reason: Rejection,
 }
 
+impl Rejected {
+    pub fn new(record: &Record, model: Option<ModelKey>, reason: Rejection) -> Rejected {
+        Rejected { topic: record.topic.clone(), partition: record.partition, offset: record.offset, model, reason }
+    }
+}
+
 /// A model's state saved at one of its versions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointWrite {
@@ -323,13 +329,7 @@ impl Engine {
         let mut groups: Vec<(usize, Arc<str>, Vec<&Record>)> = Vec::new();
         let mut index: HashMap<(usize, &[u8]), usize> = HashMap::new();
         for record in records {
-            let reject = |reason| Rejected {
-                topic: record.topic.clone(),
-                partition: record.partition,
-                offset: record.offset,
-                model: None,
-                reason,
-            };
+            let reject = |reason| Rejected::new(record, None, reason);
             let Some(&kind) = self.by_topic.get(&record.topic) else {
                 folded.rejected.push(reject(Rejection::UnknownTopic));
                 continue;
@@ -373,13 +373,7 @@ impl Engine {
         let mut i = 0;
         while i < records.len() {
             let record = records[i];
-            let reject = |reason| Rejected {
-                topic: record.topic.clone(),
-                partition: record.partition,
-                offset: record.offset,
-                model: Some(model.clone()),
-                reason,
-            };
+            let reject = |reason| Rejected::new(record, Some(model.clone()), reason);
             if let Some(head_offset) = head.as_ref().and_then(|h| h.offset)
                 && record.offset <= head_offset
             {
@@ -423,9 +417,9 @@ impl Engine {
                 limits: &limits,
             };
             let outcomes = state.models.apply(&id, overlay.head.hash, &diffs, &mut overlay)?;
-            for (record, outcome) in run.iter().zip(outcomes) {
+            for ((record, diff), outcome) in run.iter().zip(diffs).zip(outcomes) {
                 match outcome {
-                    Outcome::Applied(hash) => overlay.applied(record, hash, state.reducer),
+                    Outcome::Applied(hash) => overlay.applied(record, diff, hash, state.reducer),
                     Outcome::Refused(reason) => overlay.reject(record, Rejection::Refused(reason)),
                     Outcome::Failed(reason) => overlay.reject(record, Rejection::Failed(reason)),
                 }
@@ -470,8 +464,9 @@ struct Overlay<'a> {
 }
 
 impl Overlay<'_> {
-    /// Records a diff the reducer applied; the model's hash is now `hash`.
-    fn applied(&mut self, record: &Record, hash: Hash, reducer: ModuleHash) {
+    /// Records a diff the reducer applied (`diff` is `record` as the reducer got it); the
+    /// model's hash is now `hash`.
+    fn applied(&mut self, record: &Record, diff: DiffRecord, hash: Hash, reducer: ModuleHash) {
         let applied = Applied {
             model: self.model.clone(),
             offset: record.offset,
@@ -483,7 +478,7 @@ impl Overlay<'_> {
             headers: record.headers.clone(),
             payload: record.value.clone(),
         };
-        self.pending.tail.push((self.head.hash, applied.record()));
+        self.pending.tail.push((self.head.hash, diff));
         self.head.seq = applied.seq;
         self.head.offset = Some(applied.offset);
         self.head.hash = hash;
@@ -492,13 +487,7 @@ impl Overlay<'_> {
     }
 
     fn reject(&mut self, record: &Record, reason: Rejection) {
-        self.folded.rejected.push(Rejected {
-            topic: record.topic.clone(),
-            partition: record.partition,
-            offset: record.offset,
-            model: Some(self.model.clone()),
-            reason,
-        });
+        self.folded.rejected.push(Rejected::new(record, Some(self.model.clone()), reason));
     }
 
     /// Saves the model's current state (at its head) as a checkpoint.

@@ -217,12 +217,7 @@ impl Models {
     /// the side: the model is not left resident, so this `Models` can serve any version.
     pub fn materialize(&mut self, model: &str, checkpoint: &Checkpoint) -> Result<Vec<u8>, ReducerError> {
         let replay: Vec<(Hash, &DiffRecord)> = checkpoint.tail.iter().map(|(h, d)| (*h, d)).collect();
-        let handle = match self.rebuild(model, checkpoint.snapshot.as_deref(), &replay, false) {
-            Err(ReducerError::Diverged { .. }) if replay.len() > 1 => {
-                self.rebuild(model, checkpoint.snapshot.as_deref(), &replay, true)?
-            }
-            other => other?,
-        };
+        let handle = self.restore(model, checkpoint.snapshot.as_deref(), &replay)?;
         let live = self.arm(0)?;
         live.resident.pop(model);
         let snapshot = live.guest.statefold_reducer_reducer().model().call_snapshot(&mut live.store, handle);
@@ -349,12 +344,20 @@ impl Models {
             checkpoints.load(model).map_err(|source| ReducerError::Checkpoints { model: model.to_owned(), source })?;
         let replay: Vec<(Hash, &DiffRecord)> =
             checkpoint.tail.iter().map(|(h, d)| (*h, d)).chain(applied_here.iter().copied()).collect();
-        // Replay in one batch; if that fails, again one diff per call (the rule by which
-        // they applied in the first place) before calling it a divergence.
-        match self.rebuild(model, checkpoint.snapshot.as_deref(), &replay, false) {
-            Err(ReducerError::Diverged { .. }) if replay.len() > 1 => {
-                self.rebuild(model, checkpoint.snapshot.as_deref(), &replay, true)
-            }
+        self.restore(model, checkpoint.snapshot.as_deref(), &replay)
+    }
+
+    /// Rebuilds `model` (resident afterwards): the replay in one batch; if that fails,
+    /// again one diff per call (the rule by which they applied in the first place) before
+    /// calling it a divergence.
+    fn restore(
+        &mut self,
+        model: &str,
+        snapshot: Option<&[u8]>,
+        replay: &[(Hash, &DiffRecord)],
+    ) -> Result<ResourceAny, ReducerError> {
+        match self.rebuild(model, snapshot, replay, false) {
+            Err(ReducerError::Diverged { .. }) if replay.len() > 1 => self.rebuild(model, snapshot, replay, true),
             other => other,
         }
     }

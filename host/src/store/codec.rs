@@ -177,6 +177,14 @@ pub(super) fn partition_prefix(topic: &str, partition: u32) -> Vec<u8> {
     key
 }
 
+/// `source ‖ 0 ‖ topic ‖ 0 ‖ partition`: a source position's key in `progress`.
+pub(super) fn progress_key(source: &str, topic: &str, partition: u32) -> Vec<u8> {
+    let mut key = source.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&partition_prefix(topic, partition));
+    key
+}
+
 /// The offset at the end of a key built by [`offset_key`].
 pub(super) fn key_offset(key: &[u8]) -> Result<u64, Malformed> {
     let tail = key.len().checked_sub(8).ok_or_else(|| Malformed("key too short for an offset".into()))?;

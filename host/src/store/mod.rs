@@ -19,8 +19,8 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, Read
 
 use crate::chain::Hash;
 use crate::fold::{Applied, Folded, Head, ModelKey, Record, Rejected, Rejection, View, ViewError};
-use crate::reducer::Checkpoint;
-use codec::{Dec, Enc, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix};
+use crate::reducer::{Checkpoint, ModuleHash};
+use codec::{Dec, Enc, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix, progress_key};
 
 const DIFFS: &str = "diffs";
 const STATES: &str = "states";
@@ -146,9 +146,7 @@ impl Store {
             batch.put_cf(self.cf(REJECTS), key, encode_reject(rejected));
         }
         for (source, position) in positions {
-            let mut key = source.as_bytes().to_vec();
-            key.push(0);
-            key.extend_from_slice(&partition_prefix(&position.topic, position.partition));
+            let key = progress_key(source, &position.topic, position.partition);
             batch.put_cf(self.cf(PROGRESS), key, Enc::value().u64(position.next_offset).done());
         }
         self.db.write_opt(batch, &self.write)?;
@@ -157,9 +155,7 @@ impl Store {
 
     /// The stored position of a source's partition: the next offset to read.
     pub fn position(&self, source: &str, topic: &str, partition: u32) -> Result<Option<u64>, StoreError> {
-        let mut key = source.as_bytes().to_vec();
-        key.push(0);
-        key.extend_from_slice(&partition_prefix(topic, partition));
+        let key = progress_key(source, topic, partition);
         let Some(value) = self.db.get_cf(self.cf(PROGRESS), &key)? else { return Ok(None) };
         decode(PROGRESS, &key, &value, |d| d.u64()).map(Some)
     }
@@ -354,11 +350,7 @@ impl Reader<'_> {
     pub fn diff_at(&self, model: &ModelKey, offset: u64) -> Result<Option<(u64, Hash)>, StoreError> {
         let key = offset_key(&model_prefix(&model.kind, &model.id), offset);
         let Some(value) = self.snapshot.get_cf(self.store.cf(DIFFS), &key)? else { return Ok(None) };
-        let (seq, hash) = decode(DIFFS, &key, &value, |d| {
-            let (seq, hash) = (d.u64()?, d.hash()?);
-            let (_reducer, _timestamp, _headers, _payload) = (d.module()?, d.opt_i64()?, d.headers()?, d.bytes()?);
-            Ok((seq, hash))
-        })?;
+        let (seq, hash) = decode(DIFFS, &key, &value, |d| read_diff(d).map(|v| (v.seq, v.hash)))?;
         Ok(Some((seq, hash)))
     }
 
@@ -491,18 +483,41 @@ fn encode_diff(applied: &Applied) -> Vec<u8> {
         .done()
 }
 
+/// A `diffs` value, decoded field by field (the inverse of [`encode_diff`]).
+struct DiffValue<'a> {
+    seq: u64,
+    hash: Hash,
+    reducer: ModuleHash,
+    timestamp_ms: Option<i64>,
+    headers: Vec<(String, Vec<u8>)>,
+    payload: &'a [u8],
+}
+
+fn read_diff<'a>(d: &mut Dec<'a>) -> Result<DiffValue<'a>, Malformed> {
+    Ok(DiffValue {
+        seq: d.u64()?,
+        hash: d.hash()?,
+        reducer: d.module()?,
+        timestamp_ms: d.opt_i64()?,
+        headers: d.headers()?,
+        payload: d.bytes()?,
+    })
+}
+
+/// A stored diff, checked to follow `prev` in the hash chain.
 fn decode_diff(model: &ModelKey, key: &[u8], value: &[u8], offset: u64, prev: Hash) -> Result<Applied, StoreError> {
     let diff = decode(DIFFS, key, value, |d| {
+        let v = read_diff(d)?;
         Ok(Applied {
             model: model.clone(),
             offset,
-            seq: d.u64()?,
-            hash: d.hash()?,
-            reducer: d.module()?,
-            timestamp_ms: d.opt_i64()?,
-            headers: d.headers()?,
-            payload: Bytes::copy_from_slice(d.bytes()?),
+            seq: v.seq,
             prev,
+            hash: v.hash,
+            reducer: v.reducer,
+            timestamp_ms: v.timestamp_ms,
+            headers: v.headers,
+            payload: Bytes::copy_from_slice(v.payload),
         })
     })?;
     if prev.next(&diff.payload) != diff.hash {
@@ -554,7 +569,6 @@ fn check_folded(folded: &Folded) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reducer::ModuleHash;
 
     #[test]
     fn head_round_trips_and_checks() {
