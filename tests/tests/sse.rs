@@ -175,9 +175,6 @@ async fn two_hundred_clients_resume_exactly_while_five_thousand_diffs_arrive() {
                     }
                 };
                 quiet = 0;
-                if event.event == "message" && event.retry.is_some() {
-                    continue;
-                }
                 local.apply(&who, &event);
                 if let Some(id) = &event.id {
                     let mut seen = seen.lock().unwrap();
@@ -235,31 +232,40 @@ fn hex_of(bytes: [u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Creates a document and follows it until `synced`: the stream and the client's copy.
+async fn follow_new_document(server: &TestServer, id: &str) -> (SseStream, Local) {
+    server.create("document", id).await;
+    let mut stream = server.events("document", id, None).await;
+    let mut local = Local::default();
+    for _ in 0..3 {
+        // retry, snapshot, synced
+        local.apply(id, &stream.next_within(Duration::from_secs(10)).await.unwrap());
+    }
+    (stream, local)
+}
+
+/// Appends `n` diffs of `pad_bytes` each (over `keys` keys) without waiting, then one more
+/// waited for; returns the final hash.
+async fn flood(server: &TestServer, id: &str, n: usize, pad_bytes: usize, keys: usize) -> Hash {
+    let pad = "x".repeat(pad_bytes);
+    for i in 0..n {
+        let diff = format!(r#"{{"k{}":"{pad}{i}"}}"#, i % keys);
+        let (status, _) = server.post(&format!("/v1/models/document/{id}/diffs"), diff).await;
+        assert_eq!(status, 202);
+    }
+    let last = server.apply("document", id, r#"{"end":1}"#).await;
+    last["hash"].as_str().unwrap().parse().unwrap()
+}
+
 /// A client that reads nothing while diffs pile up: the server drops its place in the
 /// ring (bounded memory) and, when it reads again, sends one patch: it ends exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_client_costs_bounded_memory_and_ends_exact() {
     let limits = Limits { sse_queue_events_max: 16, ..Limits::default() };
     let server = TestServer::start(limits).await;
-    server.create("document", "slow").await;
-    let mut slow = server.events("document", "slow", None).await;
-    let mut local = Local::default();
-    // retry, snapshot, synced
-    for _ in 0..3 {
-        let event = slow.next_within(Duration::from_secs(10)).await.unwrap();
-        if event.retry.is_none() {
-            local.apply("slow", &event);
-        }
-    }
+    let (mut slow, mut local) = follow_new_document(&server, "slow").await;
     // 20 MB of diffs: more than the socket buffers and far more than 16 ring slots.
-    let pad = "x".repeat(20_000);
-    for i in 0..1000 {
-        let (status, _) =
-            server.post("/v1/models/document/slow/diffs", format!(r#"{{"k{}":"{pad}{i}"}}"#, i % 50)).await;
-        assert_eq!(status, 202);
-    }
-    let last = server.apply("document", "slow", r#"{"end":1}"#).await;
-    let final_hash: Hash = last["hash"].as_str().unwrap().parse().unwrap();
+    let final_hash = flood(&server, "slow", 1000, 20_000, 50).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     while local.hash != Some(final_hash) {
         let event = slow.next_within(Duration::from_secs(10)).await.expect("stream open");
@@ -279,24 +285,9 @@ async fn slow_client_costs_bounded_memory_and_ends_exact() {
 async fn stalled_client_is_disconnected_and_resumes() {
     let limits = Limits { http_write_timeout_ms: 300, sse_queue_events_max: 8, ..Limits::default() };
     let server = TestServer::start(limits).await;
-    server.create("document", "stall").await;
-    let mut stream: SseStream = server.events("document", "stall", None).await;
-    let mut local = Local::default();
-    for _ in 0..3 {
-        let event = stream.next_within(Duration::from_secs(10)).await.unwrap();
-        if event.retry.is_none() {
-            local.apply("stall", &event);
-        }
-    }
+    let (mut stream, mut local) = follow_new_document(&server, "stall").await;
     // Fill the socket while the client reads nothing, for longer than the deadline.
-    let pad = "y".repeat(30_000);
-    for i in 0..400 {
-        let (status, _) =
-            server.post("/v1/models/document/stall/diffs", format!(r#"{{"k{}":"{pad}{i}"}}"#, i % 20)).await;
-        assert_eq!(status, 202);
-    }
-    let last = server.apply("document", "stall", r#"{"end":1}"#).await;
-    let final_hash: Hash = last["hash"].as_str().unwrap().parse().unwrap();
+    let final_hash = flood(&server, "stall", 400, 30_000, 20).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // What was buffered still arrives, then the stream ends: the server hung up.
     let mut ended = false;
