@@ -18,8 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fold the configured kinds' logs and serve the HTTP API (embedded log when no
-    /// Kafka brokers are configured).
+    /// Fold the configured kinds' logs and serve the HTTP API. The log is the embedded one
+    /// (in the data dir); the Kafka source is not configurable yet.
     Serve(ServeArgs),
     /// Work with reducer components (.wasm).
     #[command(subcommand)]
