@@ -17,8 +17,8 @@ use crate::config::Limits;
 use crate::fold::{Applied, CREATE_HEADER, CatchUp, Head, ModelKey, Rejection, plan_catch_up};
 use crate::hub::Hub;
 use crate::reducer::{Models, Reducer, ReducerError};
-use crate::source::EmbeddedLog;
-use crate::store::{HashAt, Reader, Store, StoreError};
+use crate::source::{SourceStatus, WriteError, Writer};
+use crate::store::{HashAt, Reader, Store, StoreError, StoredRejection};
 
 /// Why a request failed, in domain terms (the API maps each to a status and code).
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,18 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error("shutting down")]
     ShuttingDown,
+    /// The log did not take an append.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<WriteError> for AppError {
+    fn from(error: WriteError) -> AppError {
+        match error {
+            WriteError::Store(e) => AppError::Store(e),
+            unavailable @ WriteError::Unavailable(_) => AppError::Unavailable(unavailable.to_string()),
+        }
+    }
 }
 
 /// A kind being served.
@@ -69,7 +81,8 @@ pub struct Status {
     pub caught_up: AtomicBool,
     pub batches_total: AtomicU64,
     pub applied_total: AtomicU64,
-    pub rejected_total: AtomicU64,
+    /// Rejected records by code.
+    rejected_total: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     fatal: Mutex<Option<String>>,
     pub stop: CancellationToken,
 }
@@ -80,6 +93,15 @@ impl Status {
         tracing::error!(%reason, "fatal: stopping");
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(reason);
         self.stop.cancel();
+    }
+
+    pub fn rejected(&self, code: &'static str) {
+        *self.rejected_total.lock().unwrap_or_else(|p| p.into_inner()).entry(code).or_default() += 1;
+    }
+
+    /// Rejected records so far, by code.
+    pub fn rejected_totals(&self) -> Vec<(&'static str, u64)> {
+        self.rejected_total.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, *v)).collect()
     }
 
     pub fn fatal_reason(&self) -> Option<String> {
@@ -129,14 +151,23 @@ pub struct Version {
     pub hash: Hash,
 }
 
+/// The log the app appends to and the fold loop reads.
+pub struct Log {
+    pub writer: Writer,
+    /// The source positions are stored under.
+    pub source_name: &'static str,
+    pub source: Arc<SourceStatus>,
+}
+
 pub struct App {
     pub limits: Limits,
     pub store: Arc<Store>,
     pub kinds: HashMap<String, Kind>,
     pub hub: Hub,
     pub status: Arc<Status>,
-    log: Arc<EmbeddedLog>,
+    writer: Writer,
     source_name: &'static str,
+    pub source: Arc<SourceStatus>,
     committed: watch::Receiver<u64>,
     states: Mutex<StateCache>,
 }
@@ -146,15 +177,15 @@ impl App {
         limits: Limits,
         store: Arc<Store>,
         kinds: Vec<Kind>,
-        log: Arc<EmbeddedLog>,
-        source_name: &'static str,
+        log: Log,
         committed: watch::Receiver<u64>,
         status: Arc<Status>,
     ) -> App {
+        let Log { writer, source_name, source } = log;
         let hub = Hub::new(limits.sse_queue_events_max, limits.sse_subscribers_max);
         let states = Mutex::new(StateCache::new(limits.state_cache_bytes_max));
         let kinds = kinds.into_iter().map(|k| (k.name.to_string(), k)).collect();
-        App { limits, store, kinds, hub, status, log, source_name, committed, states }
+        App { limits, store, kinds, hub, status, writer, source_name, source, committed, states }
     }
 
     pub fn kind(&self, kind: &str) -> Result<&Kind, AppError> {
@@ -284,25 +315,43 @@ impl App {
         Ok(self.store.read().list(kind, after, limit.min(self.limits.list_page_max))?)
     }
 
-    /// Appends a create record for a new model.
-    pub fn create(&self, kind: &str, id: &str) -> Result<(Arc<str>, u32, u64), AppError> {
+    /// Checks that a model can be created; returns its kind's topic.
+    pub fn check_create(&self, kind: &str, id: &str) -> Result<Arc<str>, AppError> {
         let kind = self.kind(kind)?;
         crate::fold::validate_id(id.as_bytes()).map_err(AppError::InvalidId)?;
         let model = ModelKey { kind: kind.name.clone(), id: id.into() };
         if self.store.read().head(&model)?.is_some() {
             return Err(AppError::Exists { kind: model.kind.to_string(), id: id.to_owned() });
         }
-        let headers = [(CREATE_HEADER.to_owned(), Vec::new())];
-        let (partition, offset) = self.log.append(&kind.topic, id.as_bytes(), b"", now_ms(), &headers)?;
-        Ok((kind.topic.clone(), partition, offset))
+        Ok(kind.topic.clone())
     }
 
-    /// Appends a diff to an existing model.
-    pub fn append(&self, model: &ModelKey, diff: &[u8]) -> Result<(Arc<str>, u32, u64), AppError> {
+    /// Checks that a model exists; returns its kind's topic.
+    pub fn check_append(&self, model: &ModelKey) -> Result<Arc<str>, AppError> {
         let kind = self.kind(&model.kind)?;
         self.store.read().head(model)?.ok_or_else(|| unknown(model))?;
-        let (partition, offset) = self.log.append(&kind.topic, model.id.as_bytes(), diff, now_ms(), &[])?;
-        Ok((kind.topic.clone(), partition, offset))
+        Ok(kind.topic.clone())
+    }
+
+    /// Appends a record for `id` to the log (a create record when `diff` is `None`); returns
+    /// (partition, offset) once the log has it.
+    pub async fn write(&self, topic: &str, id: &str, diff: Option<&[u8]>) -> Result<(u32, u64), AppError> {
+        let headers = match diff {
+            None => vec![(CREATE_HEADER.to_owned(), Vec::new())],
+            Some(_) => Vec::new(),
+        };
+        Ok(self.writer.append(topic, id.as_bytes(), diff.unwrap_or_default(), &headers).await?)
+    }
+
+    /// Rejected records of a kind's topic, after (partition, offset).
+    pub fn rejections(
+        &self,
+        kind: &str,
+        after: Option<(u32, u64)>,
+        limit: usize,
+    ) -> Result<Vec<StoredRejection>, AppError> {
+        let kind = self.kind(kind)?;
+        Ok(self.store.read().rejections(&kind.topic, after, limit.min(self.limits.list_page_max))?)
     }
 
     /// Waits until the record at `offset` is folded, then says what became of it.
@@ -340,8 +389,22 @@ impl App {
         Ok(Version { offset, seq: 0, hash: model.genesis() })
     }
 
+    /// `None` when ready; otherwise why not.
+    pub fn unready_reason(&self) -> Option<String> {
+        if let Some(fatal) = self.status.fatal_reason() {
+            return Some(fatal);
+        }
+        if let Some(problem) = self.source.problem() {
+            return Some(problem);
+        }
+        if !self.status.caught_up.load(Ordering::Relaxed) {
+            return Some("catching up with the log".into());
+        }
+        None
+    }
+
     pub fn ready(&self) -> bool {
-        self.status.caught_up.load(Ordering::Relaxed) && self.status.fatal_reason().is_none()
+        self.unready_reason().is_none()
     }
 }
 
@@ -355,10 +418,6 @@ fn is_pruned(head: &Head, at: HashAt) -> bool {
         (Some(_), HashAt::Genesis) => true,
         (Some(pruned), HashAt::Diff { offset, .. }) => offset < pruned,
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Materialized states by (model, hash), bounded in bytes.

@@ -1,6 +1,7 @@
 //! Configuration: one TOML file plus flags, parsed and validated first, used to build
 //! resources second. Every limit lives in [`Limits`], named with its unit last.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -42,6 +43,8 @@ limits! {
     diff_bytes_max: usize = 1 << 20;
     /// Records folded per batch (and per RocksDB WriteBatch).
     batch_records_max: usize = 1000;
+    /// Bytes of diffs read into one batch (the batch ends at the record that passes it).
+    batch_bytes_max: usize = 16 << 20;
     /// A checkpoint of a model's state every this many applied diffs.
     checkpoint_interval_diffs: u64 = 1000;
     /// Checkpoints kept per model; diffs before the oldest one kept are pruned.
@@ -82,6 +85,24 @@ limits! {
     reducer_resident_models_max: usize = crate::reducer::Limits::default().resident_models_max;
     /// Bytes of a reducer's stderr kept for error messages.
     reducer_stderr_bytes_max: usize = crate::reducer::Limits::default().stderr_bytes_max;
+    /// Records fetched from Kafka and not yet folded, in bytes (librdkafka's consumer queue,
+    /// `queued.max.messages.kbytes`): when folding falls behind, fetching pauses.
+    kafka_fetch_queue_bytes_max: u64 = 32 << 20;
+    /// Longest time the broker holds a fetch waiting for new records, in milliseconds
+    /// (`fetch.wait.max.ms`).
+    kafka_fetch_wait_ms: u64 = 100;
+    /// Produced records waiting for the broker's acknowledgement, in bytes
+    /// (`queue.buffering.max.kbytes`); when full, appends answer 503.
+    kafka_produce_queue_bytes_max: u64 = 32 << 20;
+    /// Longest time an append waits for the broker to take its record, in milliseconds
+    /// (`message.timeout.ms`).
+    kafka_produce_timeout_ms: u64 = 10_000;
+    /// Interval of the broker checks (reachability, partitions, high watermarks for lag),
+    /// in milliseconds; a check that fails makes the server unready.
+    kafka_check_interval_ms: u64 = 1_000;
+    /// Interval of committing the folded position to the consumer group (for lag
+    /// monitoring only: positions are read from the store), in milliseconds.
+    kafka_commit_interval_ms: u64 = 5_000;
 }
 
 impl Limits {
@@ -101,6 +122,7 @@ impl Limits {
             checkpoint_interval_diffs: self.checkpoint_interval_diffs,
             retain_checkpoints: self.retain_checkpoints,
             head_cache_models_max: self.head_cache_models_max,
+            diff_bytes_max: self.diff_bytes_max,
         }
     }
 
@@ -109,6 +131,7 @@ impl Limits {
         let positive = [
             ("diff_bytes_max", self.diff_bytes_max as u64),
             ("batch_records_max", self.batch_records_max as u64),
+            ("batch_bytes_max", self.batch_bytes_max as u64),
             ("checkpoint_interval_diffs", self.checkpoint_interval_diffs),
             ("retain_checkpoints", self.retain_checkpoints as u64),
             ("sse_queue_events_max", self.sse_queue_events_max as u64),
@@ -118,6 +141,11 @@ impl Limits {
             ("wait_applied_ms_max", self.wait_applied_ms_max),
             ("list_page_max", self.list_page_max as u64),
             ("catchup_merge_diffs_max", self.catchup_merge_diffs_max as u64),
+            ("kafka_fetch_queue_bytes_max", self.kafka_fetch_queue_bytes_max >> 10),
+            ("kafka_produce_queue_bytes_max", self.kafka_produce_queue_bytes_max >> 10),
+            ("kafka_produce_timeout_ms", self.kafka_produce_timeout_ms),
+            ("kafka_check_interval_ms", self.kafka_check_interval_ms),
+            ("kafka_commit_interval_ms", self.kafka_commit_interval_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("limits.{name} must be positive"));
@@ -175,8 +203,55 @@ pub struct Config {
     pub reducers_dir: PathBuf,
     #[serde(default, rename = "kind")]
     pub kinds: Vec<KindConfig>,
+    /// Fold from Kafka; without it, from the embedded log.
+    pub kafka: Option<KafkaConfig>,
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// `[kafka]`: the brokers, the consumer group, and librdkafka properties.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: host:port[,host:port...].
+    pub brokers: String,
+    /// The consumer group the folded position is committed to, for lag monitoring only.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// librdkafka properties for both clients: `security.protocol`, `sasl.*`, `ssl.*`,
+    /// `client.id`... They override Statefold's own settings.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only (override `properties`).
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only (override `properties`).
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+}
+
+pub fn default_group_id() -> String {
+    "statefold".into()
+}
+
+impl KafkaConfig {
+    /// Brokers, and every other setting at its default.
+    pub fn new(brokers: &str) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.to_owned(),
+            group_id: default_group_id(),
+            properties: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+
+    /// `KEY=VALUE`, as given to `--kafka-property`.
+    pub fn parse_property(flag: &str) -> Result<(String, String), String> {
+        let (key, value) =
+            flag.split_once('=').ok_or_else(|| format!("--kafka-property {flag:?}: expected KEY=VALUE"))?;
+        Ok((key.trim().to_owned(), value.to_owned()))
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -198,6 +273,7 @@ impl Default for Config {
             data_dir: default_data_dir(),
             reducers_dir: default_reducers_dir(),
             kinds: Vec::new(),
+            kafka: None,
             limits: Limits::default(),
         }
     }
@@ -226,6 +302,14 @@ impl Config {
             return Err(
                 "no kinds configured: add [[kind]] sections (name, reducer, topic) or --kind NAME=FILE.wasm".into()
             );
+        }
+        if let Some(kafka) = &self.kafka {
+            if kafka.brokers.trim().is_empty() {
+                return Err("kafka.brokers is empty: give host:port[,host:port...]".into());
+            }
+            if kafka.group_id.is_empty() {
+                return Err("kafka.group_id is empty".into());
+            }
         }
         let mut names = std::collections::HashSet::new();
         let mut topics = std::collections::HashSet::new();

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use statefold::config::{Config, KindConfig, LimitFlags};
+use statefold::config::{Config, KafkaConfig, KindConfig, LimitFlags};
 use statefold::reducer::{Checkpoints, MemoryCheckpoints, Runtime, WIT_VERSION};
 
 /// Statefold folds streams of diffs into live per-model state with reducers compiled to
@@ -18,8 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Fold the configured kinds' logs and serve the HTTP API. The log is the embedded one
-    /// (in the data dir); the Kafka source is not configurable yet.
+    /// Fold the configured kinds' topics and serve the HTTP API. The log is Kafka when
+    /// brokers are configured ([kafka] or --kafka-brokers), otherwise the embedded log kept
+    /// in the data dir.
     Serve(ServeArgs),
     /// Work with reducer components (.wasm).
     #[command(subcommand)]
@@ -58,6 +59,17 @@ struct ServeArgs {
     /// A kind, as NAME=FILE.wasm[@TOPIC] (repeatable; adds to the config file's kinds).
     #[arg(long = "kind", value_name = "NAME=FILE.wasm[@TOPIC]")]
     kinds: Vec<String>,
+    /// Fold from Kafka: bootstrap brokers, host:port[,host:port...] (sets [kafka] brokers).
+    #[arg(long, env = "STATEFOLD_KAFKA_BROKERS", value_name = "HOST:PORT[,...]")]
+    kafka_brokers: Option<String>,
+    /// The consumer group the folded position is committed to, for lag monitoring only
+    /// (positions are read from the store). Default: statefold.
+    #[arg(long)]
+    kafka_group_id: Option<String>,
+    /// A librdkafka property for both clients, e.g. security.protocol=SASL_SSL (repeatable;
+    /// overrides [kafka.properties]).
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
+    kafka_properties: Vec<String>,
     #[command(flatten)]
     limits: LimitFlags,
 }
@@ -101,6 +113,23 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     for flag in &args.kinds {
         config.kinds.push(KindConfig::parse_flag(flag).map_err(anyhow::Error::msg)?);
+    }
+    if let Some(brokers) = args.kafka_brokers {
+        config.kafka.get_or_insert_with(|| KafkaConfig::new(""))
+            .brokers = brokers;
+    }
+    if args.kafka_group_id.is_some() || !args.kafka_properties.is_empty() {
+        let kafka = config
+            .kafka
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("--kafka-group-id and --kafka-property need brokers ([kafka] or --kafka-brokers)"))?;
+        if let Some(group) = args.kafka_group_id {
+            kafka.group_id = group;
+        }
+        for flag in &args.kafka_properties {
+            let (key, value) = KafkaConfig::parse_property(flag).map_err(anyhow::Error::msg)?;
+            kafka.properties.insert(key, value);
+        }
     }
     args.limits.apply(&mut config.limits);
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;

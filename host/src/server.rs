@@ -17,11 +17,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Sleep;
 
-use crate::app::{App, Kind, Status};
+use crate::app::{App, Kind, Log, Status};
 use crate::config::Config;
 use crate::fold::{Engine, KindSpec, Record};
 use crate::reducer::Runtime;
-use crate::source::{EmbeddedLog, Source};
+use crate::source::{EmbeddedLog, KafkaSource, KafkaWriter, Source, SourceStatus, Writer};
 use crate::store::{Position, Store, StoreOptions};
 
 /// A running Statefold.
@@ -30,6 +30,7 @@ pub struct Running {
     pub app: Arc<App>,
     server: tokio::task::JoinHandle<io::Result<()>>,
     fold: std::thread::JoinHandle<()>,
+    writer: Writer,
 }
 
 impl Running {
@@ -46,6 +47,9 @@ impl Running {
         let served = self.server.await;
         let fold = self.fold;
         let _ = tokio::task::spawn_blocking(move || fold.join()).await;
+        if let Writer::Kafka(producer) = self.writer {
+            let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+        }
         if let Some(reason) = self.app.status.fatal_reason() {
             return Err(reason);
         }
@@ -89,12 +93,32 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         kinds.push(Kind::new(&kind.name, kind.topic(), reducer));
     }
 
-    let log = Arc::new(EmbeddedLog::new(store.clone()));
-    let source = log.source(config.kinds.iter().map(|k| k.topic().to_owned()).collect())?;
+    let topics: Vec<String> = config.kinds.iter().map(|k| k.topic().to_owned()).collect();
+    let source_status = Arc::new(SourceStatus::default());
+    let (source, writer): (Box<dyn Source>, Writer) = match &config.kafka {
+        Some(kafka) => {
+            let writer = KafkaWriter::new(kafka, &limits, source_status.clone()).map_err(anyhow::Error::msg)?;
+            let source = KafkaSource::start(kafka, &limits, store.clone(), topics, source_status.clone())?;
+            (Box::new(source), Writer::Kafka(Arc::new(writer)))
+        }
+        None => {
+            let log = Arc::new(EmbeddedLog::new(store.clone(), source_status.clone()));
+            (Box::new(log.source(topics, limits.batch_bytes_max)?), Writer::Embedded(log))
+        }
+    };
+    let others: Vec<String> = store.sources()?.into_iter().filter(|s| s != source.name()).collect();
+    anyhow::ensure!(
+        others.is_empty(),
+        "the store in {} was folded from {} and this configuration reads {}: offsets of different logs do not mix; use another data_dir",
+        config.data_dir.display(),
+        others.join(", "),
+        source.name()
+    );
     let engine = Engine::new(specs, limits.fold());
     let (committed_tx, committed_rx) = watch::channel(0u64);
     let status = Arc::new(Status::default());
-    let app = Arc::new(App::new(limits.clone(), store, kinds, log, source.name(), committed_rx, status));
+    let log = Log { writer: writer.clone(), source_name: source.name(), source: source_status };
+    let app = Arc::new(App::new(limits.clone(), store, kinds, log, committed_rx, status));
 
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -103,7 +127,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let app = app.clone();
         std::thread::Builder::new()
             .name("fold".into())
-            .spawn(move || fold_loop(Box::new(source), engine, &app, &committed_tx))?
+            .spawn(move || fold_loop(source, engine, &app, &committed_tx))?
     };
     let listener = DeadlineListener { inner: listener, timeout: Duration::from_millis(limits.http_write_timeout_ms) };
     let router = crate::api::router(app.clone());
@@ -111,7 +135,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let server =
         tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).into_future());
     tracing::info!(%addr, "serving");
-    Ok(Running { addr, app, server, fold })
+    Ok(Running { addr, app, server, fold, writer })
 }
 
 /// Reads batches from the source, folds them, commits each in one WriteBatch with the
@@ -134,10 +158,14 @@ fn fold_loop(mut source: Box<dyn Source>, mut engine: Engine, app: &App, committ
             if let Err(e) = app.store.commit(&folded, &positions) {
                 return status.fatal(format!("commit: {e}"));
             }
+            for (_, position) in &positions {
+                app.source.set_next(&position.topic, position.partition, position.next_offset);
+            }
+            source.committed(&positions);
             status.batches_total.fetch_add(1, Ordering::Relaxed);
             status.applied_total.fetch_add(folded.applied.len() as u64, Ordering::Relaxed);
-            status.rejected_total.fetch_add(folded.rejected.len() as u64, Ordering::Relaxed);
             for rejected in &folded.rejected {
+                status.rejected(rejected.reason.code());
                 tracing::info!(topic = %rejected.topic, partition = rejected.partition, offset = rejected.offset, code = rejected.reason.code(), reason = %rejected.reason.message(), "record rejected");
             }
             app.hub.publish(&folded);

@@ -21,6 +21,7 @@ pub fn example_config(data_dir: &std::path::Path, limits: Limits) -> Config {
             kind("workflow", "workflow"),
             kind("trap", "trap"),
         ],
+        kafka: None,
         limits,
     }
 }

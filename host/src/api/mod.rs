@@ -32,6 +32,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models/{kind}/{id}", get(state))
         .route("/v1/models/{kind}/{id}/diffs", post(append).get(missing))
         .route("/v1/models/{kind}/{id}/events", get(sse::events))
+        .route("/v1/kinds/{kind}/rejections", get(rejections))
         .route("/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
@@ -93,6 +94,7 @@ impl From<AppError> for ApiError {
             AppError::Reducer(_) => (StatusCode::INTERNAL_SERVER_ERROR, "reducer_failed"),
             AppError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
             AppError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         let message = match &error {
             AppError::Rejected(rejection) => rejection.message(),
@@ -170,10 +172,11 @@ async fn create(
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("malformed_json", format!("body: {e}")))?
     };
     let id = request.id.unwrap_or_else(new_id);
-    let (topic, partition, offset) = {
+    let topic = {
         let (kind, id) = (kind.clone(), id.clone());
-        blocking(&app, move |app| app.create(&kind, &id)).await?
+        blocking(&app, move |app| app.check_create(&kind, &id)).await?
     };
+    let (partition, offset) = app.write(&topic, &id, None).await?;
     let model = ModelKey::new(&kind, &id);
     let wait = Duration::from_millis(app.limits.wait_applied_ms_max);
     let version = app.wait_folded(&model, &topic, partition, offset, wait).await?;
@@ -227,10 +230,11 @@ async fn append(
     let body = body_bytes(&app, body)?;
     raw_json(&body, "the diff")?;
     let model = ModelKey::new(&kind, &id);
-    let (topic, partition, offset) = {
+    let topic = {
         let model = model.clone();
-        blocking(&app, move |app| app.append(&model, &body)).await?
+        blocking(&app, move |app| app.check_append(&model)).await?
     };
+    let (partition, offset) = app.write(&topic, &id, Some(&body)).await?;
     if !wait {
         let body = serde_json::json!({"partition": partition, "offset": offset});
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
@@ -396,30 +400,118 @@ async fn list(
     Ok(Json(serde_json::json!({"models": models, "next": next})).into_response())
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RejectionsQuery {
+    /// `PARTITION:OFFSET` of the last rejection seen.
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct RejectionBody {
+    partition: u32,
+    offset: u64,
+    /// The record's key as text (lossy), if it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timestamp_ms: Option<i64>,
+    code: &'static str,
+    message: String,
+}
+
+async fn rejections(
+    State(app): State<Arc<App>>,
+    Path(kind): Path<String>,
+    query: Result<Query<RejectionsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let after = match query.after.as_deref() {
+        None => None,
+        Some(cursor) => Some(
+            cursor
+                .split_once(':')
+                .and_then(|(p, o)| Some((p.parse::<u32>().ok()?, o.parse::<u64>().ok()?)))
+                .ok_or_else(|| ApiError::bad_request("bad_query", format!("after={cursor}: expected PARTITION:OFFSET")))?,
+        ),
+    };
+    let limit = query.limit.unwrap_or(app.limits.list_page_max).clamp(1, app.limits.list_page_max);
+    let page = blocking(&app, move |app| app.rejections(&kind, after, limit)).await?;
+    let next = (page.len() == limit).then(|| page.last().map(|r| format!("{}:{}", r.partition, r.offset))).flatten();
+    let items: Vec<RejectionBody> = page
+        .into_iter()
+        .map(|r| RejectionBody {
+            partition: r.partition,
+            offset: r.offset,
+            key: r.key.map(|k| String::from_utf8_lossy(&k).into_owned()),
+            timestamp_ms: r.timestamp_ms,
+            code: r.reason.code(),
+            message: r.reason.message(),
+        })
+        .collect();
+    Ok(Json(serde_json::json!({"rejections": items, "next": next})).into_response())
+}
+
+#[derive(Serialize)]
+struct PartitionBody {
+    topic: String,
+    partition: u32,
+    next: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lag: Option<u64>,
+}
+
+/// Readiness, with where each partition stands: 200 when ready, 503 otherwise (same body,
+/// plus the reason).
 async fn ready(State(app): State<Arc<App>>) -> Response {
-    if app.ready() {
-        Json(serde_json::json!({"ready": true})).into_response()
-    } else {
-        let reason = app.status.fatal_reason().unwrap_or_else(|| "catching up with the log".into());
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", reason).into_response()
+    let partitions: Vec<PartitionBody> = app
+        .source
+        .partitions()
+        .into_iter()
+        .map(|((topic, partition), p)| PartitionBody { topic, partition, next: p.next, end: p.end, lag: p.lag() })
+        .collect();
+    match app.unready_reason() {
+        None => Json(serde_json::json!({"ready": true, "partitions": partitions})).into_response(),
+        Some(reason) => {
+            let body = serde_json::json!({
+                "ready": false,
+                "error": {"code": "not_ready", "message": reason},
+                "partitions": partitions,
+            });
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
     }
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    use std::fmt::Write;
     let status = &app.status;
-    let text = format!(
+    let mut text = format!(
         "# TYPE statefold_fold_batches_total counter\nstatefold_fold_batches_total {}\n\
          # TYPE statefold_diffs_applied_total counter\nstatefold_diffs_applied_total {}\n\
-         # TYPE statefold_records_rejected_total counter\nstatefold_records_rejected_total {}\n\
          # TYPE statefold_sse_subscribers gauge\nstatefold_sse_subscribers {}\n\
          # TYPE statefold_sse_lagged_total counter\nstatefold_sse_lagged_total {}\n\
          # TYPE statefold_ready gauge\nstatefold_ready {}\n",
         status.batches_total.load(Ordering::Relaxed),
         status.applied_total.load(Ordering::Relaxed),
-        status.rejected_total.load(Ordering::Relaxed),
         app.hub.subscribers(),
         app.hub.lagged_total.load(Ordering::Relaxed),
         u8::from(app.ready()),
     );
+    text.push_str("# TYPE statefold_records_rejected_total counter\n");
+    for (code, n) in status.rejected_totals() {
+        let _ = writeln!(text, "statefold_records_rejected_total{{code=\"{code}\"}} {n}");
+    }
+    text.push_str("# TYPE statefold_source_next_offset gauge\n# TYPE statefold_source_lag gauge\n");
+    for ((topic, partition), p) in app.source.partitions() {
+        let labels = format!("topic=\"{topic}\",partition=\"{partition}\"");
+        let _ = writeln!(text, "statefold_source_next_offset{{{labels}}} {}", p.next);
+        if let Some(lag) = p.lag() {
+            let _ = writeln!(text, "statefold_source_lag{{{labels}}} {lag}");
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -143,6 +143,8 @@ pub enum Rejection {
     OffsetRegressed { head_offset: u64 },
     /// The record's topic feeds no kind.
     UnknownTopic,
+    /// The record's value is larger than `diff_bytes_max` (its size).
+    TooLarge { bytes: u64 },
 }
 
 impl Rejection {
@@ -155,6 +157,7 @@ impl Rejection {
             Rejection::Failed(_) => "reducer_failed",
             Rejection::OffsetRegressed { .. } => "offset_regressed",
             Rejection::UnknownTopic => "unknown_topic",
+            Rejection::TooLarge { .. } => "too_large",
         }
     }
 
@@ -168,13 +171,15 @@ impl Rejection {
                 format!("offset is not after the model's last applied offset {head_offset}")
             }
             Rejection::UnknownTopic => "no kind reads this topic".into(),
+            Rejection::TooLarge { bytes } => format!("the diff is {bytes} bytes, more than diff_bytes_max"),
         }
     }
 
-    /// The offset a rejection refers to, if any (stored beside the code).
+    /// The number a rejection carries, if any (stored beside the code).
     pub fn detail(&self) -> Option<u64> {
         match self {
             Rejection::OffsetRegressed { head_offset } => Some(*head_offset),
+            Rejection::TooLarge { bytes } => Some(*bytes),
             _ => None,
         }
     }
@@ -188,6 +193,7 @@ impl Rejection {
             "reducer_failed" => Rejection::Failed(message),
             "offset_regressed" => Rejection::OffsetRegressed { head_offset: detail? },
             "unknown_topic" => Rejection::UnknownTopic,
+            "too_large" => Rejection::TooLarge { bytes: detail? },
             _ => return None,
         })
     }
@@ -200,12 +206,26 @@ pub struct Rejected {
     pub partition: u32,
     pub offset: u64,
     pub model: Option<ModelKey>,
+    /// The record's key, cut to [`REJECTED_KEY_BYTES_MAX`] (it may be what was wrong).
+    pub key: Option<Vec<u8>>,
+    pub timestamp_ms: Option<i64>,
     pub reason: Rejection,
 }
 
+/// Bytes of a rejected record's key that are kept.
+pub const REJECTED_KEY_BYTES_MAX: usize = 1024;
+
 impl Rejected {
     pub fn new(record: &Record, model: Option<ModelKey>, reason: Rejection) -> Rejected {
-        Rejected { topic: record.topic.clone(), partition: record.partition, offset: record.offset, model, reason }
+        Rejected {
+            topic: record.topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+            model,
+            key: record.key.as_ref().map(|k| k[..k.len().min(REJECTED_KEY_BYTES_MAX)].to_vec()),
+            timestamp_ms: record.timestamp_ms,
+            reason,
+        }
     }
 }
 
@@ -272,11 +292,19 @@ pub struct FoldLimits {
     pub retain_checkpoints: usize,
     /// Heads kept in memory (per kind).
     pub head_cache_models_max: usize,
+    /// Largest diff, in bytes; a larger record is rejected (`too_large`). Every replica
+    /// must use the same value to reach the same hashes.
+    pub diff_bytes_max: usize,
 }
 
 impl Default for FoldLimits {
     fn default() -> Self {
-        FoldLimits { checkpoint_interval_diffs: 1000, retain_checkpoints: 2, head_cache_models_max: 100_000 }
+        FoldLimits {
+            checkpoint_interval_diffs: 1000,
+            retain_checkpoints: 2,
+            head_cache_models_max: 100_000,
+            diff_bytes_max: 1 << 20,
+        }
     }
 }
 
@@ -342,6 +370,12 @@ impl Engine {
                     continue;
                 }
             };
+            if record.value.len() > self.limits.diff_bytes_max {
+                let bytes = record.value.len() as u64;
+                let model = ModelKey { kind: self.kinds[kind].name.clone(), id: id.into() };
+                folded.rejected.push(Rejected::new(record, Some(model), Rejection::TooLarge { bytes }));
+                continue;
+            }
             let slot = *index.entry((kind, id.as_bytes())).or_insert_with(|| {
                 groups.push((kind, Arc::from(id), Vec::new()));
                 groups.len() - 1

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::{Source, SourceError};
+use super::{Source, SourceError, SourceStatus};
 use crate::fold::Record;
 use crate::store::{Store, StoreError};
 
@@ -16,11 +16,12 @@ pub const SOURCE_NAME: &str = "embedded";
 pub struct EmbeddedLog {
     store: Arc<Store>,
     appended: Arc<(Mutex<u64>, Condvar)>,
+    status: Arc<SourceStatus>,
 }
 
 impl EmbeddedLog {
-    pub fn new(store: Arc<Store>) -> EmbeddedLog {
-        EmbeddedLog { store, appended: Arc::new((Mutex::new(0), Condvar::new())) }
+    pub fn new(store: Arc<Store>, status: Arc<SourceStatus>) -> EmbeddedLog {
+        EmbeddedLog { store, appended: Arc::new((Mutex::new(0), Condvar::new())), status }
     }
 
     /// Appends one record; returns (partition, offset). Durable when it returns.
@@ -33,6 +34,7 @@ impl EmbeddedLog {
         headers: &[(String, Vec<u8>)],
     ) -> Result<(u32, u64), StoreError> {
         let offset = self.store.append(topic, PARTITION, key, value, timestamp_ms, headers)?;
+        self.status.set_end(topic, PARTITION, offset + 1);
         let (count, cvar) = &*self.appended;
         *count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         cvar.notify_all();
@@ -40,14 +42,16 @@ impl EmbeddedLog {
     }
 
     /// The reading side, over `topics`, from the positions stored in the store.
-    pub fn source(&self, topics: Vec<String>) -> Result<EmbeddedSource, StoreError> {
+    pub fn source(&self, topics: Vec<String>, batch_bytes_max: usize) -> Result<EmbeddedSource, StoreError> {
         let mut partitions = Vec::new();
         for topic in topics {
             let next = self.store.position(SOURCE_NAME, &topic, PARTITION)?.unwrap_or(0);
             let end_at_start = self.store.log_end(&topic, PARTITION)?;
+            self.status.set_next(&topic, PARTITION, next);
+            self.status.set_end(&topic, PARTITION, end_at_start);
             partitions.push(Partition { topic, next, end_at_start });
         }
-        Ok(EmbeddedSource { store: self.store.clone(), appended: self.appended.clone(), partitions })
+        Ok(EmbeddedSource { store: self.store.clone(), appended: self.appended.clone(), partitions, batch_bytes_max })
     }
 }
 
@@ -62,6 +66,7 @@ pub struct EmbeddedSource {
     store: Arc<Store>,
     appended: Arc<(Mutex<u64>, Condvar)>,
     partitions: Vec<Partition>,
+    batch_bytes_max: usize,
 }
 
 impl Source for EmbeddedSource {
@@ -92,18 +97,22 @@ impl Source for EmbeddedSource {
 impl EmbeddedSource {
     fn read(&mut self, max: usize) -> Result<Vec<Record>, StoreError> {
         let mut out = Vec::new();
+        let mut bytes = 0;
         // Fair across topics: each gets a share of the batch.
         let share = (max / self.partitions.len().max(1)).max(1);
         for partition in &mut self.partitions {
             let room = share.min(max - out.len());
-            if room == 0 {
+            if room == 0 || bytes >= self.batch_bytes_max {
                 break;
             }
-            let records = self.store.read_log(&partition.topic, PARTITION, partition.next, room)?;
-            if let Some(last) = records.last() {
-                partition.next = last.offset + 1;
+            for record in self.store.read_log(&partition.topic, PARTITION, partition.next, room)? {
+                if bytes >= self.batch_bytes_max {
+                    break;
+                }
+                bytes += record.value.len();
+                partition.next = record.offset + 1;
+                out.push(record);
             }
-            out.extend(records);
         }
         Ok(out)
     }

@@ -1,19 +1,31 @@
-//! Sources of records: the embedded log (here) and Kafka (next). The fold loop reads a
-//! source through [`Source`] only; the engine never sees it.
+//! Sources of records: the embedded log and Kafka. The fold loop reads a source through
+//! [`Source`] only; the engine never sees it. Appends go through [`Writer`], to the same
+//! log the source reads.
 
 mod embedded;
+mod kafka;
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use embedded::{EmbeddedLog, EmbeddedSource};
+pub use kafka::{KafkaSource, KafkaWriter, kafka_settings};
 
 use crate::fold::Record;
+use crate::store::Position;
 
 /// Why a source could not deliver.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// Records the store has not folded are gone from the log (retention, a deleted
+    /// topic): folding on would skip them.
+    #[error("{topic}/{partition}: {detail}")]
+    Lost { topic: String, partition: u32, detail: String },
+    #[error("{0}")]
+    Client(String),
 }
 
 /// A log that the fold loop consumes. It starts each partition at the position stored with
@@ -26,4 +38,115 @@ pub trait Source: Send {
     fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>, SourceError>;
     /// Whether every partition has been read up to the end it had when the source started.
     fn caught_up(&self) -> bool;
+    /// The positions of a batch are committed to the store: tell the log (for monitoring).
+    fn committed(&mut self, _positions: &[(String, Position)]) {}
+}
+
+/// Where the source stands, shared with the HTTP side: readiness, lag, and the last
+/// problem talking to the log.
+#[derive(Debug, Default)]
+pub struct SourceStatus {
+    inner: Mutex<StatusInner>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct StatusInner {
+    partitions: BTreeMap<(String, u32), PartitionStatus>,
+    problem: Option<String>,
+}
+
+/// One partition: the next offset to fold, and the log's end when last seen.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionStatus {
+    pub next: u64,
+    pub end: Option<u64>,
+}
+
+impl PartitionStatus {
+    /// Records in the log not folded yet (as of the last look at the log's end).
+    pub fn lag(&self) -> Option<u64> {
+        self.end.map(|end| end.saturating_sub(self.next))
+    }
+}
+
+impl SourceStatus {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_next(&self, topic: &str, partition: u32, next: u64) {
+        let mut inner = self.lock();
+        let slot = inner.partitions.entry((topic.to_owned(), partition)).or_default();
+        slot.next = slot.next.max(next);
+    }
+
+    pub fn set_end(&self, topic: &str, partition: u32, end: u64) {
+        self.lock().partitions.entry((topic.to_owned(), partition)).or_default().end = Some(end);
+    }
+
+    /// Something keeps the source from reading (`None`: all is well).
+    pub fn set_problem(&self, problem: Option<String>) {
+        let mut inner = self.lock();
+        if inner.problem != problem {
+            match &problem {
+                Some(problem) => tracing::warn!(%problem, "source unavailable"),
+                None => tracing::info!("source available again"),
+            }
+            inner.problem = problem;
+        }
+    }
+
+    pub fn problem(&self) -> Option<String> {
+        self.lock().problem.clone()
+    }
+
+    /// Every partition, in (topic, partition) order.
+    pub fn partitions(&self) -> Vec<((String, u32), PartitionStatus)> {
+        self.lock().partitions.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+}
+
+/// Why an append failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The log did not take the record (broker unreachable, queue full, timeout). Nothing
+    /// was appended, or it will be folded anyway: retrying may append it twice.
+    #[error("the log did not take the record: {0}")]
+    Unavailable(String),
+}
+
+/// The writing side of the log the source reads: the embedded log, or a Kafka producer.
+#[derive(Clone)]
+pub enum Writer {
+    Embedded(Arc<EmbeddedLog>),
+    Kafka(Arc<KafkaWriter>),
+}
+
+impl Writer {
+    /// Appends one record; returns its (partition, offset) once the log has it durably.
+    pub async fn append(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        headers: &[(String, Vec<u8>)],
+    ) -> Result<(u32, u64), WriteError> {
+        match self {
+            Writer::Embedded(log) => {
+                let (log, topic, key, value, headers) =
+                    (log.clone(), topic.to_owned(), key.to_vec(), value.to_vec(), headers.to_vec());
+                tokio::task::spawn_blocking(move || log.append(&topic, &key, &value, now_ms(), &headers))
+                    .await
+                    .map_err(|e| WriteError::Unavailable(e.to_string()))?
+                    .map_err(WriteError::from)
+            }
+            Writer::Kafka(producer) => producer.append(topic, key, value, headers).await,
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

@@ -160,6 +160,21 @@ impl Store {
         decode(PROGRESS, &key, &value, |d| d.u64()).map(Some)
     }
 
+    /// The sources positions are stored for.
+    pub fn sources(&self) -> Result<Vec<String>, StoreError> {
+        let mut out: Vec<String> = Vec::new();
+        for item in self.db.iterator_cf(self.cf(PROGRESS), IteratorMode::Start) {
+            let (key, _) = item?;
+            let name = key.split(|b| *b == 0).next().unwrap_or_default();
+            let name = String::from_utf8_lossy(name).into_owned();
+            if out.last() != Some(&name) {
+                out.push(name);
+            }
+        }
+        out.dedup();
+        Ok(out)
+    }
+
     /// A consistent view for reads that span several keys.
     pub fn read(&self) -> Reader<'_> {
         Reader { store: self, snapshot: self.db.snapshot() }
@@ -358,13 +373,39 @@ impl Reader<'_> {
     pub fn rejection(&self, topic: &str, partition: u32, offset: u64) -> Result<Option<Rejection>, StoreError> {
         let key = offset_key(&partition_prefix(topic, partition), offset);
         let Some(value) = self.snapshot.get_cf(self.store.cf(REJECTS), &key)? else { return Ok(None) };
-        let (code, message, detail) = decode(REJECTS, &key, &value, |d| {
-            let _model = d.opt_bytes()?;
-            Ok((d.string()?, d.string()?, d.opt_u64()?))
-        })?;
-        Rejection::from_parts(&code, message, detail)
-            .map(Some)
-            .ok_or_else(|| StoreError::corrupt("rejection", &key, format!("unknown code {code:?}")))
+        Ok(Some(decode_reject(&key, &value)?.reason))
+    }
+
+    /// Rejected records of a topic, in (partition, offset) order, after `after`.
+    pub fn rejections(
+        &self,
+        topic: &str,
+        after: Option<(u32, u64)>,
+        max: usize,
+    ) -> Result<Vec<StoredRejection>, StoreError> {
+        let mut prefix = topic.as_bytes().to_vec();
+        prefix.push(0);
+        let start = match after {
+            Some((partition, offset)) => match offset.checked_add(1) {
+                Some(next) => offset_key(&partition_prefix(topic, partition), next),
+                None => partition_prefix(topic, partition.saturating_add(1)),
+            },
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        let iter = self.store.db.iterator_cf_opt(
+            self.store.cf(REJECTS),
+            self.options(),
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(&prefix) || out.len() >= max {
+                break;
+            }
+            out.push(decode_reject(&key, &value)?);
+        }
+        Ok(out)
     }
 
     /// The latest checkpoint at or before `at` (as (seq, offset); `None`: the empty
@@ -527,13 +568,36 @@ fn decode_diff(model: &ModelKey, key: &[u8], value: &[u8], offset: u64, prev: Ha
 }
 
 fn encode_reject(rejected: &Rejected) -> Vec<u8> {
-    let model = rejected.model.as_ref().map(|m| head_key(&m.kind, &m.id));
     Enc::value()
-        .opt_bytes(model.as_deref())
+        .opt_bytes(rejected.key.as_deref())
+        .opt_i64(rejected.timestamp_ms)
         .bytes(rejected.reason.code().as_bytes())
         .bytes(rejected.reason.message().as_bytes())
         .opt_u64(rejected.reason.detail())
         .done()
+}
+
+/// A rejected record as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRejection {
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Option<Vec<u8>>,
+    pub timestamp_ms: Option<i64>,
+    pub reason: Rejection,
+}
+
+fn decode_reject(key: &[u8], value: &[u8]) -> Result<StoredRejection, StoreError> {
+    let malformed = || StoreError::corrupt("rejection key", key, "expected topic, partition and offset");
+    let offset = key_offset(key).map_err(|_| malformed())?;
+    let partition_at = key.len().checked_sub(12).ok_or_else(malformed)?;
+    let partition = u32::from_be_bytes(key[partition_at..partition_at + 4].try_into().expect("4 bytes"));
+    let (record_key, timestamp_ms, code, message, detail) = decode(REJECTS, key, value, |d| {
+        Ok((d.opt_bytes()?.map(<[u8]>::to_vec), d.opt_i64()?, d.string()?, d.string()?, d.opt_u64()?))
+    })?;
+    let reason = Rejection::from_parts(&code, message, detail)
+        .ok_or_else(|| StoreError::corrupt("rejection", key, format!("unknown code {code:?}")))?;
+    Ok(StoredRejection { partition, offset, key: record_key, timestamp_ms, reason })
 }
 
 /// Checks a batch before it is written: each model's applied diffs chain from its previous

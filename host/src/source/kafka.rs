@@ -1,0 +1,492 @@
+//! Kafka (rdkafka): the production source and writer.
+//!
+//! The consumer is assigned every partition of the kinds' topics by hand (each server folds
+//! the whole log into its own store) and starts each partition at the position stored in
+//! RocksDB with the state, never at the group's committed offset: that one is written after
+//! each store commit, for lag monitoring only. A checker thread looks at the broker every
+//! `kafka_check_interval_ms`: partitions (new ones are assigned from their stored position),
+//! high watermarks (lag), reachability (readiness).
+//!
+//! Backpressure: librdkafka prefetches into one bounded queue
+//! (`kafka_fetch_queue_bytes_max`); when folding falls behind, the fold loop polls less and
+//! fetching pauses.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{Source, SourceError, SourceStatus, WriteError};
+use crate::config::{KafkaConfig, Limits};
+use crate::fold::Record;
+use crate::store::{Position, Store};
+
+pub const SOURCE_NAME: &str = "kafka";
+
+/// Which client a set of properties is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Consumer,
+    Producer,
+}
+
+/// The librdkafka properties of a client: Statefold's settings, then `[kafka.properties]`,
+/// then `[kafka.consumer]` or `[kafka.producer]`, each overriding the one before.
+pub fn kafka_settings(config: &KafkaConfig, limits: &Limits, role: Role) -> BTreeMap<String, String> {
+    let mut settings: BTreeMap<String, String> = BTreeMap::new();
+    let mut set = |k: &str, v: String| {
+        settings.insert(k.to_owned(), v);
+    };
+    set("bootstrap.servers", config.brokers.clone());
+    set("client.id", "statefold".into());
+    set("socket.keepalive.enable", "true".into());
+    match role {
+        Role::Consumer => {
+            set("group.id", config.group_id.clone());
+            // Positions live in the store; the group's offsets are for monitoring.
+            set("enable.auto.commit", "false".into());
+            set("enable.auto.offset.store", "false".into());
+            // A stored position outside the log means records were lost: stop, never
+            // skip silently to the earliest or latest offset.
+            set("auto.offset.reset", "error".into());
+            set("enable.partition.eof", "false".into());
+            set("isolation.level", "read_committed".into());
+            set("check.crcs", "true".into());
+            set("fetch.wait.max.ms", limits.kafka_fetch_wait_ms.to_string());
+            set("fetch.min.bytes", "1".into());
+            // librdkafka's default (1 s) caps catch-up near 100k records/s.
+            set("fetch.queue.backoff.ms", "1".into());
+            set("queued.max.messages.kbytes", (limits.kafka_fetch_queue_bytes_max >> 10).max(1).to_string());
+            set("queued.min.messages", (limits.batch_records_max * 10).to_string());
+            set("fetch.max.bytes", limits.kafka_fetch_queue_bytes_max.clamp(1 << 20, 50 << 20).to_string());
+            // A record up to diff_bytes_max must fit a fetch (a larger one is rejected).
+            set("max.partition.fetch.bytes", (limits.diff_bytes_max + (64 << 10)).max(1 << 20).to_string());
+        }
+        Role::Producer => {
+            set("acks", "all".into());
+            set("enable.idempotence", "true".into());
+            set("max.in.flight.requests.per.connection", "5".into());
+            set("linger.ms", "1".into());
+            set("message.timeout.ms", limits.kafka_produce_timeout_ms.to_string());
+            set("queue.buffering.max.kbytes", (limits.kafka_produce_queue_bytes_max >> 10).max(1).to_string());
+            set("queue.buffering.max.messages", "100000".into());
+            set("message.max.bytes", (limits.diff_bytes_max + (64 << 10)).max(1 << 20).to_string());
+            // The Java client's partitioner: a model's records land on the same partition
+            // whichever client produced them.
+            set("partitioner", "murmur2_random".into());
+        }
+    }
+    let overrides = match role {
+        Role::Consumer => &config.consumer,
+        Role::Producer => &config.producer,
+    };
+    for (k, v) in config.properties.iter().chain(overrides) {
+        settings.insert(k.clone(), v.clone());
+    }
+    settings
+}
+
+fn client_config(settings: &BTreeMap<String, String>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (k, v) in settings {
+        config.set(k, v);
+    }
+    config.set_log_level(RDKafkaLogLevel::Warning);
+    config
+}
+
+/// Properties as logged: secrets masked.
+fn printable(settings: &BTreeMap<String, String>) -> String {
+    settings
+        .iter()
+        .map(|(k, v)| {
+            let secret = ["password", "secret", "key", "token"].iter().any(|s| k.contains(s)) && k != "ssl.key.location";
+            if secret { format!("{k}=***") } else { format!("{k}={v}") }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// librdkafka's logs and errors, into tracing and the source status.
+struct Context {
+    role: Role,
+    status: Arc<SourceStatus>,
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        let role = self.role;
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(?role, fac, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(?role, fac, "librdkafka: {message}"),
+            _ => tracing::debug!(?role, fac, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let role = self.role;
+        tracing::warn!(?role, %error, "librdkafka: {reason}");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.status.set_problem(Some(format!("all brokers are down: {reason}")));
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "committing the folded position to the group failed (monitoring only)");
+        }
+    }
+}
+
+type KafkaConsumer = BaseConsumer<Context>;
+
+/// What the checker thread learned about the topics.
+#[derive(Default)]
+struct Seen {
+    partitions: std::sync::Mutex<HashMap<String, u32>>,
+    changed: AtomicBool,
+}
+
+struct PartitionState {
+    next: u64,
+    /// The log's end when first seen after start: caught up once `next` reaches it.
+    target: Option<u64>,
+}
+
+/// The Kafka source.
+pub struct KafkaSource {
+    consumer: Arc<KafkaConsumer>,
+    store: Arc<Store>,
+    status: Arc<SourceStatus>,
+    topics: Vec<Arc<str>>,
+    partitions: HashMap<(Arc<str>, u32), PartitionState>,
+    seen: Arc<Seen>,
+    batch_bytes_max: usize,
+    commit_interval: Duration,
+    last_commit: Instant,
+    to_commit: BTreeMap<(String, u32), u64>,
+    stop: Arc<AtomicBool>,
+    checker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KafkaSource {
+    /// Creates the consumer and starts the checker. It does not wait for the broker:
+    /// partitions are assigned once the checker has seen them.
+    pub fn start(
+        config: &KafkaConfig,
+        limits: &Limits,
+        store: Arc<Store>,
+        topics: Vec<String>,
+        status: Arc<SourceStatus>,
+    ) -> Result<KafkaSource, SourceError> {
+        let settings = kafka_settings(config, limits, Role::Consumer);
+        tracing::info!(settings = %printable(&settings), "kafka consumer");
+        let consumer: KafkaConsumer = client_config(&settings)
+            .create_with_context(Context { role: Role::Consumer, status: status.clone() })
+            .map_err(|e| SourceError::Client(format!("cannot create the Kafka consumer: {e}")))?;
+        let consumer = Arc::new(consumer);
+        let seen = Arc::new(Seen::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        status.set_problem(Some("connecting to the brokers".into()));
+        let checker = {
+            let (consumer, seen, stop, status) = (consumer.clone(), seen.clone(), stop.clone(), status.clone());
+            let topics = topics.clone();
+            let interval = Duration::from_millis(limits.kafka_check_interval_ms);
+            std::thread::Builder::new()
+                .name("kafka-check".into())
+                .spawn(move || check_loop(&consumer, &topics, &seen, &status, &stop, interval))
+                .map_err(|e| SourceError::Client(format!("cannot start the Kafka checker: {e}")))?
+        };
+        Ok(KafkaSource {
+            consumer,
+            store,
+            status,
+            topics: topics.into_iter().map(Arc::from).collect(),
+            partitions: HashMap::new(),
+            seen,
+            batch_bytes_max: limits.batch_bytes_max,
+            commit_interval: Duration::from_millis(limits.kafka_commit_interval_ms),
+            last_commit: Instant::now(),
+            to_commit: BTreeMap::new(),
+            stop,
+            checker: Some(checker),
+        })
+    }
+
+    /// Assigns partitions the checker has seen and the consumer does not read yet, each from
+    /// its stored position.
+    fn assign_new(&mut self) -> Result<(), SourceError> {
+        if !self.seen.changed.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let counts = self.seen.partitions.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut list = TopicPartitionList::new();
+        let mut added = Vec::new();
+        for topic in &self.topics {
+            for partition in 0..counts.get(&**topic).copied().unwrap_or(0) {
+                if self.partitions.contains_key(&(topic.clone(), partition)) {
+                    continue;
+                }
+                let next = self.store.position(SOURCE_NAME, topic, partition)?.unwrap_or(0);
+                list.add_partition_offset(topic, partition as i32, Offset::Offset(next as i64))
+                    .map_err(|e| SourceError::Client(format!("{topic}/{partition}: {e}")))?;
+                added.push((topic.clone(), partition, next));
+            }
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
+        self.consumer
+            .incremental_assign(&list)
+            .map_err(|e| SourceError::Client(format!("cannot assign partitions: {e}")))?;
+        for (topic, partition, next) in added {
+            tracing::info!(%topic, partition, next, "partition assigned from its stored position");
+            self.status.set_next(&topic, partition, next);
+            self.partitions.insert((topic, partition), PartitionState { next, target: None });
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Option<Record> {
+        let topic = self.topics.iter().find(|t| ***t == *message.topic())?.clone();
+        let partition = u32::try_from(message.partition()).ok()?;
+        let offset = u64::try_from(message.offset()).ok()?;
+        let state = self.partitions.get_mut(&(topic.clone(), partition))?;
+        if offset < state.next {
+            // Already folded (the store's position is past it): never twice.
+            tracing::warn!(%topic, partition, offset, next = state.next, "record before the stored position skipped");
+            return None;
+        }
+        state.next = offset + 1;
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()
+            })
+            .unwrap_or_default();
+        Some(Record {
+            topic,
+            partition,
+            offset,
+            key: message.key().map(<[u8]>::to_vec),
+            value: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
+            timestamp_ms: message.timestamp().to_millis(),
+            headers,
+        })
+    }
+
+    /// An error the consumer reported: fatal if records were lost, otherwise logged (the
+    /// consumer retries by itself; the checker reports reachability).
+    fn consumer_error(&self, error: KafkaError) -> Result<(), SourceError> {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) => Err(SourceError::Client(
+                format!(
+                    "a stored position is outside the log ({error}): records not folded yet are gone from Kafka (retention or a recreated topic); refusing to skip them"
+                ),
+            )),
+            Some(RDKafkaErrorCode::PartitionEOF) => Ok(()),
+            _ => {
+                tracing::warn!(%error, "kafka consumer");
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Source for KafkaSource {
+    fn name(&self) -> &'static str {
+        SOURCE_NAME
+    }
+
+    fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>, SourceError> {
+        self.assign_new()?;
+        if self.partitions.is_empty() {
+            std::thread::sleep(timeout.min(Duration::from_millis(50)));
+            return Ok(Vec::new());
+        }
+        let consumer = self.consumer.clone();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let mut wait = timeout;
+        while out.len() < max && bytes < self.batch_bytes_max {
+            match consumer.poll(wait) {
+                None => break,
+                Some(Ok(message)) => {
+                    if let Some(record) = self.record(&message) {
+                        bytes += record.value.len();
+                        out.push(record);
+                    }
+                }
+                Some(Err(error)) => self.consumer_error(error)?,
+            }
+            wait = Duration::ZERO;
+        }
+        Ok(out)
+    }
+
+    fn caught_up(&self) -> bool {
+        if self.partitions.is_empty() {
+            return false;
+        }
+        let status: HashMap<(String, u32), Option<u64>> =
+            self.status.partitions().into_iter().map(|(k, v)| (k, v.end)).collect();
+        self.partitions.iter().all(|((topic, partition), state)| {
+            let end = state.target.or_else(|| status.get(&(topic.to_string(), *partition)).copied().flatten());
+            end.is_some_and(|end| state.next >= end)
+        })
+    }
+
+    fn committed(&mut self, positions: &[(String, Position)]) {
+        for (_, position) in positions {
+            self.to_commit.insert((position.topic.clone(), position.partition), position.next_offset);
+        }
+        // Fix each partition's catch-up target the first time its end is known.
+        let ends = self.status.partitions();
+        for ((topic, partition), seen) in ends {
+            if let Some(state) = self.partitions.get_mut(&(Arc::from(topic.as_str()), partition))
+                && state.target.is_none()
+            {
+                state.target = seen.end;
+            }
+        }
+        if self.last_commit.elapsed() < self.commit_interval || self.to_commit.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), next) in std::mem::take(&mut self.to_commit) {
+            let _ = list.add_partition_offset(&topic, partition as i32, Offset::Offset(next as i64));
+        }
+        if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
+            tracing::debug!(error = %e, "committing the folded position to the group failed (monitoring only)");
+        }
+        self.last_commit = Instant::now();
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(checker) = self.checker.take() {
+            let _ = checker.join();
+        }
+    }
+}
+
+/// Every `interval`: the topics' partitions and high watermarks. Any failure is the
+/// source's problem (the server is unready) until a check succeeds.
+fn check_loop(
+    consumer: &KafkaConsumer,
+    topics: &[String],
+    seen: &Seen,
+    status: &SourceStatus,
+    stop: &AtomicBool,
+    interval: Duration,
+) {
+    let timeout = interval.max(Duration::from_millis(500));
+    while !stop.load(Ordering::Acquire) {
+        let started = Instant::now();
+        match check(consumer, topics, seen, status, timeout) {
+            Ok(()) => status.set_problem(None),
+            Err(problem) => status.set_problem(Some(problem)),
+        }
+        while !stop.load(Ordering::Acquire) && started.elapsed() < interval {
+            std::thread::sleep(Duration::from_millis(20).min(interval));
+        }
+    }
+}
+
+fn check(
+    consumer: &KafkaConsumer,
+    topics: &[String],
+    seen: &Seen,
+    status: &SourceStatus,
+    timeout: Duration,
+) -> Result<(), String> {
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|e| format!("cannot reach the brokers: metadata of topic {topic:?}: {e}"))?;
+        let described = metadata.topics().iter().find(|t| t.name() == topic);
+        let count = match described {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => t.partitions().len() as u32,
+            Some(t) => {
+                let error = t.error().map(|e| format!("{:?}", RDKafkaErrorCode::from(e))).unwrap_or_default();
+                return Err(format!("topic {topic:?} is not available ({error}); create it"));
+            }
+            None => return Err(format!("topic {topic:?} is not on the brokers; create it")),
+        };
+        {
+            let mut partitions = seen.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            if partitions.get(topic.as_str()) != Some(&count) {
+                partitions.insert(topic.clone(), count);
+                seen.changed.store(true, Ordering::Release);
+            }
+        }
+        for partition in 0..count {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, partition as i32, timeout)
+                .map_err(|e| format!("cannot read the end of {topic}/{partition}: {e}"))?;
+            status.set_end(topic, partition, high.max(0) as u64);
+        }
+    }
+    Ok(())
+}
+
+/// The Kafka writer: an idempotent producer, acks from all in-sync replicas.
+pub struct KafkaWriter {
+    producer: FutureProducer<Context>,
+}
+
+impl KafkaWriter {
+    pub fn new(config: &KafkaConfig, limits: &Limits, status: Arc<SourceStatus>) -> Result<KafkaWriter, String> {
+        let settings = kafka_settings(config, limits, Role::Producer);
+        tracing::info!(settings = %printable(&settings), "kafka producer");
+        let producer = client_config(&settings)
+            .create_with_context(Context { role: Role::Producer, status })
+            .map_err(|e| format!("cannot create the Kafka producer: {e}"))?;
+        Ok(KafkaWriter { producer })
+    }
+
+    pub async fn append(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        headers: &[(String, Vec<u8>)],
+    ) -> Result<(u32, u64), WriteError> {
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+        for (name, value) in headers {
+            owned = owned.insert(Header { key: name, value: Some(value) });
+        }
+        let record = FutureRecord::to(topic).key(key).payload(value).headers(owned);
+        let delivery = self
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| WriteError::Unavailable(format!("cannot queue the record: {e}")))?;
+        match delivery.await {
+            Ok(Ok(delivery)) => Ok((delivery.partition as u32, delivery.offset as u64)),
+            Ok(Err((e, _))) => Err(WriteError::Unavailable(e.to_string())),
+            Err(_) => Err(WriteError::Unavailable("the producer was closed".into())),
+        }
+    }
+
+    /// Waits (up to `timeout`) for records still queued.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(timeout) {
+            tracing::warn!(error = %e, "records still queued at shutdown");
+        }
+    }
+}
