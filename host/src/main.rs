@@ -115,14 +115,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.kinds.push(KindConfig::parse_flag(flag).map_err(anyhow::Error::msg)?);
     }
     if let Some(brokers) = args.kafka_brokers {
-        config.kafka.get_or_insert_with(|| KafkaConfig::new(""))
-            .brokers = brokers;
+        config.kafka.get_or_insert_with(|| KafkaConfig::new("")).brokers = brokers;
     }
     if args.kafka_group_id.is_some() || !args.kafka_properties.is_empty() {
-        let kafka = config
-            .kafka
-            .as_mut()
-            .ok_or_else(|| anyhow::anyhow!("--kafka-group-id and --kafka-property need brokers ([kafka] or --kafka-brokers)"))?;
+        let kafka = config.kafka.as_mut().ok_or_else(|| {
+            anyhow::anyhow!("--kafka-group-id and --kafka-property need brokers ([kafka] or --kafka-brokers)")
+        })?;
         if let Some(group) = args.kafka_group_id {
             kafka.group_id = group;
         }

@@ -125,9 +125,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let fold = {
         let app = app.clone();
-        std::thread::Builder::new()
-            .name("fold".into())
-            .spawn(move || fold_loop(source, engine, &app, &committed_tx))?
+        std::thread::Builder::new().name("fold".into()).spawn(move || fold_loop(source, engine, &app, &committed_tx))?
     };
     let listener = DeadlineListener { inner: listener, timeout: Duration::from_millis(limits.http_write_timeout_ms) };
     let router = crate::api::router(app.clone());

@@ -41,7 +41,13 @@ impl TestServer {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, limits: Limits) -> TestServer {
-        let running = statefold::server::start(example_config(dir.path(), limits)).await.expect("server starts");
+        let config = example_config(dir.path(), limits);
+        Self::start_config(dir, config).await
+    }
+
+    /// A server with this config (its data dir in `dir`), once ready.
+    pub async fn start_config(dir: tempfile::TempDir, config: Config) -> TestServer {
+        let running = statefold::server::start(config).await.expect("server starts");
         let url = format!("http://{}", running.addr);
         let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("a client");
         let server = TestServer { running: Some(running), url, dir: Some(dir), client };

@@ -52,4 +52,5 @@ pub fn wasm(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("no reducer named {name} in {}", dir.display()))
 }
 
+pub mod broker;
 pub mod http;

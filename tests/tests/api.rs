@@ -157,7 +157,10 @@ async fn bad_input_is_refused_and_stores_nothing() {
     let (_, trap) = snapshot(&server, "trap", "t").await;
     assert_eq!(trap["seq"], 0, "{trap}");
     let metrics = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    for line in ["statefold_records_rejected_total{code=\"refused\"} 2", "statefold_records_rejected_total{code=\"reducer_failed\"} 1"] {
+    for line in [
+        "statefold_records_rejected_total{code=\"refused\"} 2",
+        "statefold_records_rejected_total{code=\"reducer_failed\"} 1",
+    ] {
         assert!(metrics.contains(line), "two refusals and a trap: {line} in {metrics}");
     }
 }

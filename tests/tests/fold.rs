@@ -33,8 +33,12 @@ fn random_batches_restarts_and_faults_fold_to_the_reference() {
     let reducer = common::load(&runtime, "trap");
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), &StoreOptions { fsync: false }).unwrap();
-    let limits =
-        FoldLimits { checkpoint_interval_diffs: 5, retain_checkpoints: 2, head_cache_models_max: 1000, ..FoldLimits::default() };
+    let limits = FoldLimits {
+        checkpoint_interval_diffs: 5,
+        retain_checkpoints: 2,
+        head_cache_models_max: 1000,
+        ..FoldLimits::default()
+    };
     let engine = || {
         let spec = KindSpec { name: "trap".into(), topic: "trap".into(), reducer: reducer.clone() };
         Engine::new(vec![spec], limits.clone())

@@ -433,7 +433,9 @@ async fn rejections(
             cursor
                 .split_once(':')
                 .and_then(|(p, o)| Some((p.parse::<u32>().ok()?, o.parse::<u64>().ok()?)))
-                .ok_or_else(|| ApiError::bad_request("bad_query", format!("after={cursor}: expected PARTITION:OFFSET")))?,
+                .ok_or_else(|| {
+                    ApiError::bad_request("bad_query", format!("after={cursor}: expected PARTITION:OFFSET"))
+                })?,
         ),
     };
     let limit = query.limit.unwrap_or(app.limits.list_page_max).clamp(1, app.limits.list_page_max);

@@ -109,7 +109,8 @@ fn printable(settings: &BTreeMap<String, String>) -> String {
     settings
         .iter()
         .map(|(k, v)| {
-            let secret = ["password", "secret", "key", "token"].iter().any(|s| k.contains(s)) && k != "ssl.key.location";
+            let secret =
+                ["password", "secret", "key", "token"].iter().any(|s| k.contains(s)) && k != "ssl.key.location";
             if secret { format!("{k}=***") } else { format!("{k}={v}") }
         })
         .collect::<Vec<_>>()
@@ -292,11 +293,11 @@ impl KafkaSource {
     /// consumer retries by itself; the checker reports reachability).
     fn consumer_error(&self, error: KafkaError) -> Result<(), SourceError> {
         match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) => Err(SourceError::Client(
-                format!(
+            Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) => {
+                Err(SourceError::Client(format!(
                     "a stored position is outside the log ({error}): records not folded yet are gone from Kafka (retention or a recreated topic); refusing to skip them"
-                ),
-            )),
+                )))
+            }
             Some(RDKafkaErrorCode::PartitionEOF) => Ok(()),
             _ => {
                 tracing::warn!(%error, "kafka consumer");

@@ -1,0 +1,210 @@
+//! A real Kafka-compatible broker for the tests: Tansu, on a free loopback port, with
+//! `sqlite://` storage in a temporary directory (durable across its restarts; its
+//! `memory://` engine returns nothing for a fetch from a non-zero offset).
+//!
+//! The binary is `$STATEFOLD_TANSU`, else `tansu` on `PATH` (`./dev.sh test` installs it).
+//! A missing broker fails the test: Kafka tests are never skipped.
+//!
+//! Tansu 0.6.0 quirks this works around: it reads `sqlite:///abs/path` as relative, so it
+//! runs in its directory with `sqlite://tansu.db`; on SIGTERM it stops its storage but
+//! keeps its listener open for seconds, answering every request with an error, and a
+//! produce after that can panic it — so it is stopped with SIGKILL (sqlite keeps every
+//! committed write) and restarted only once its port is free.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// The tansu binary the tests run.
+pub fn tansu() -> PathBuf {
+    if let Some(path) = std::env::var_os("STATEFOLD_TANSU") {
+        return path.into();
+    }
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join("tansu"))
+        .find(|path| path.is_file());
+    found.unwrap_or_else(|| {
+        panic!(
+            "the Kafka tests need the Tansu broker: run ./dev.sh test (it installs it), or `cargo install tansu --features libsql` and put it on PATH (or set STATEFOLD_TANSU)"
+        )
+    })
+}
+
+/// A record read back: (partition, offset, key, value).
+pub type ReadRecord = (u32, u64, Option<Vec<u8>>, Vec<u8>);
+
+/// A running (or stopped) Tansu broker.
+pub struct Broker {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut broker = Broker { child: None, dir, addr: SocketAddr::from(([127, 0, 0, 1], port)) };
+        broker.restart();
+        broker
+    }
+
+    /// `host:port`, for `bootstrap.servers`.
+    pub fn brokers(&self) -> String {
+        self.addr.to_string()
+    }
+
+    fn url(&self) -> String {
+        format!("tcp://{}", self.addr)
+    }
+
+    /// Starts the broker (again) on the same port and storage; returns once it accepts
+    /// connections.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the broker is running");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The port may still be held by the last instance's sockets for a moment.
+        while TcpListener::bind(self.addr).is_err() {
+            assert!(Instant::now() < deadline, "port {} stays busy", self.addr);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+            .expect("a log file");
+        let child = Command::new(tansu())
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .args(["broker", "--listener-url", &self.url(), "--advertised-listener-url", &self.url()])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tansu starts");
+        self.child = Some(child);
+        while TcpStream::connect(self.addr).is_err() {
+            if Instant::now() > deadline {
+                panic!("tansu does not listen on {}; its log: {}", self.addr, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the broker abruptly (see the module doc), and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let output = Command::new(tansu())
+            .env_clear()
+            .args(["topic", "create", name, "--broker", &self.url(), "--partitions", &partitions.to_string()])
+            .output()
+            .expect("tansu topic create runs");
+        assert!(
+            output.status.success(),
+            "cannot create topic {name}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// An idempotent producer (acks=all) that delivers in the background; `flush` waits.
+    pub fn producer(&self) -> ThreadedProducer<DefaultProducerContext> {
+        ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "120000")
+            .set("partitioner", "murmur2_random")
+            .create()
+            .expect("a producer")
+    }
+
+    /// Every record of a topic as (partition, offset, key, value), read back from the
+    /// broker (what a reference fold is computed from).
+    pub fn read_all(&self, topic: &str, partitions: u32) -> Vec<ReadRecord> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("group.id", "statefold-tests-reader")
+            .set("enable.auto.commit", "false")
+            .set("fetch.queue.backoff.ms", "1")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .expect("a consumer");
+        let mut list = TopicPartitionList::new();
+        let mut ends = Vec::new();
+        for partition in 0..partitions {
+            list.add_partition_offset(topic, partition as i32, Offset::Beginning).unwrap();
+            let (_, high) =
+                consumer.fetch_watermarks(topic, partition as i32, Duration::from_secs(10)).expect("watermarks");
+            ends.push(high as u64);
+        }
+        consumer.assign(&list).unwrap();
+        let total: u64 = ends.iter().sum();
+        let mut out = Vec::with_capacity(total as usize);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (out.len() as u64) < total {
+            assert!(Instant::now() < deadline, "read {} of {total} records of {topic}", out.len());
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => out.push((
+                    m.partition() as u32,
+                    m.offset() as u64,
+                    m.key().map(<[u8]>::to_vec),
+                    m.payload().unwrap_or_default().to_vec(),
+                )),
+                Some(Err(e)) => panic!("reading {topic}: {e}"),
+                None => {}
+            }
+        }
+        out.sort_by_key(|(p, o, ..)| (*p, *o));
+        out
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Produces `(key, value)` records and waits until every one is acknowledged.
+pub fn produce_all(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, records: &[(String, Vec<u8>)]) {
+    for (key, value) in records {
+        let mut record = BaseRecord::to(topic).key(key.as_bytes()).payload(value.as_slice());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((e, back)) => {
+                    assert!(
+                        e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                        "produce: {e}"
+                    );
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120)).expect("every record acknowledged");
+}

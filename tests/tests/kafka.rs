@@ -1,0 +1,228 @@
+//! Statefold folding from a real Kafka-compatible broker (Tansu, started per test): poison
+//! records recorded and skipped, appends through the API produced to Kafka, and records
+//! produced by another team's client (Python's confluent-kafka).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::BaseRecord;
+use serde_json::json;
+use statefold::chain::Hash;
+use statefold::config::{Config, KafkaConfig, Limits};
+use statefold_tests::broker::{Broker, produce_all};
+use statefold_tests::http::{TestServer, example_config};
+
+fn kafka_config(dir: &std::path::Path, broker: &Broker, limits: Limits) -> Config {
+    let mut config = example_config(dir, limits);
+    config.kafka = Some(KafkaConfig::new(&broker.brokers()));
+    config
+}
+
+fn limits() -> Limits {
+    Limits { kafka_fetch_wait_ms: 10, kafka_check_interval_ms: 200, ..Limits::default() }
+}
+
+/// A broker with the example kinds' topics (counter has 3 partitions).
+fn broker() -> Broker {
+    let broker = Broker::start();
+    broker.create_topic("counter", 3);
+    for topic in ["document", "workflow", "trap"] {
+        broker.create_topic(topic, 1);
+    }
+    broker
+}
+
+/// Polls `GET path` until `done` holds for its body.
+async fn wait_for(server: &TestServer, path: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = server.get(path).await;
+        if status == 200 && done(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "GET {path} never got there: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_are_recorded_and_skipped_and_their_partition_goes_on() {
+    let broker = broker();
+    let dir = tempfile::tempdir().unwrap();
+    let config = kafka_config(dir.path(), &broker, Limits { diff_bytes_max: 1024, ..limits() });
+    let server = TestServer::start_config(dir, config).await;
+
+    // Another service produces straight to the topics: good and poison records mixed.
+    let producer = broker.producer();
+    let big = json!({"add": 1, "pad": "x".repeat(2000)}).to_string();
+    let counter: Vec<(Option<&str>, String)> = vec![
+        (Some("m1"), r#"{"add":1}"#.into()),
+        (None, r#"{"add":11}"#.into()),                     // no key
+        (Some("bad\u{1}id"), r#"{"add":12}"#.into()),       // invalid key
+        (Some("m1"), big),                                  // over diff_bytes_max
+        (Some("m1"), format!(r#"{{"add":{}}}"#, i64::MAX)), // refused: overflow
+        (Some("m1"), "not json".into()),                    // refused: malformed
+        (Some("m1"), r#"{"add":2}"#.into()),
+    ];
+    for (key, value) in &counter {
+        let mut record = BaseRecord::<str, str>::to("counter").payload(value.as_str());
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+    }
+    // Every partition keeps going after its poison: ten more models, spread over all three.
+    let more: Vec<(String, Vec<u8>)> = (0..10).map(|i| (format!("n{i}"), br#"{"add":7}"#.to_vec())).collect();
+    produce_all(&producer, "counter", &more);
+    let trap = |diff: &str| ("t1".to_owned(), diff.as_bytes().to_vec());
+    produce_all(&producer, "trap", &[trap(r#""inc""#), trap(r#""trap""#), trap(r#""trap""#), trap(r#""inc""#)]);
+
+    let m1 = wait_for(&server, "/v1/models/counter/m1", |b| b["seq"] == 2).await;
+    assert_eq!(m1["state"], 3, "only the good diffs are applied: {m1}");
+    let hash = Hash::genesis("counter", "m1").next(br#"{"add":1}"#).next(br#"{"add":2}"#);
+    assert_eq!(m1["hash"], hash.to_string(), "the chain covers applied diffs only");
+    for i in 0..10 {
+        wait_for(&server, &format!("/v1/models/counter/n{i}"), |b| b["state"] == 7).await;
+    }
+
+    // Each rejection is listed with the record's partition and offset, as read back from Kafka.
+    let records = broker.read_all("counter", 3);
+    let where_is = |value: &[u8]| {
+        let found = records.iter().find(|(_, _, _, v)| v == value).expect("the record is in the topic");
+        (found.0, found.1)
+    };
+    let (_, listed) = server.get("/v1/kinds/counter/rejections").await;
+    let listed: Vec<(u64, u64, String)> = listed["rejections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (r["partition"].as_u64().unwrap(), r["offset"].as_u64().unwrap(), r["code"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    let expected_codes = ["invalid_key", "invalid_key", "too_large", "refused", "refused"];
+    let mut expected: Vec<(u64, u64, String)> = counter[1..6]
+        .iter()
+        .zip(expected_codes)
+        .map(|((_, value), code)| {
+            let (partition, offset) = where_is(value.as_bytes());
+            (u64::from(partition), offset, code.to_owned())
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    let (_, trap) = server.get("/v1/kinds/trap/rejections").await;
+    let trap = trap["rejections"].as_array().unwrap().clone();
+    assert_eq!(trap.len(), 2, "{trap:?}");
+    assert!(trap.iter().all(|r| r["code"] == "reducer_failed" && r["key"] == "t1"), "{trap:?}");
+    let t1 = wait_for(&server, "/v1/models/trap/t1", |b| b["seq"] == 2).await;
+    assert_eq!(t1["state"], 2, "a trap fails only its own diff: {t1}");
+
+    // Paging through rejections.
+    let (_, page) = server.get("/v1/kinds/counter/rejections?limit=2").await;
+    assert_eq!(page["rejections"].as_array().unwrap().len(), 2);
+    let next = page["next"].as_str().unwrap().to_owned();
+    let (_, rest) = server.get(&format!("/v1/kinds/counter/rejections?after={next}")).await;
+    assert_eq!(rest["rejections"].as_array().unwrap().len(), 3);
+    let (status, bad) = server.get("/v1/kinds/counter/rejections?after=nope").await;
+    assert_eq!((status, bad["error"]["code"].as_str()), (400, Some("bad_query")));
+
+    let metrics = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for line in [
+        "statefold_records_rejected_total{code=\"invalid_key\"} 2",
+        "statefold_records_rejected_total{code=\"too_large\"} 1",
+        "statefold_records_rejected_total{code=\"refused\"} 2",
+        "statefold_records_rejected_total{code=\"reducer_failed\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_are_produced_to_kafka_and_answered_once_folded() {
+    let broker = broker();
+    let dir = tempfile::tempdir().unwrap();
+    let config = kafka_config(dir.path(), &broker, limits());
+    let server = TestServer::start_config(dir, config).await;
+
+    let (status, created) = server.post("/v1/models/counter", json!({"id": "api"}).to_string()).await;
+    assert_eq!(status, 201, "{created}");
+    let mut hash = Hash::genesis("counter", "api");
+    assert_eq!(created["hash"], hash.to_string());
+    for n in 1..=20 {
+        let diff = format!(r#"{{"add":{n}}}"#);
+        let (status, version) = server.post("/v1/models/counter/api/diffs?wait=applied", diff.clone()).await;
+        assert_eq!(status, 200, "{version}");
+        hash = hash.next(diff.as_bytes());
+        assert_eq!((version["seq"].as_u64(), version["hash"].as_str()), (Some(n), Some(hash.to_string().as_str())));
+    }
+    let (status, refused) =
+        server.post("/v1/models/counter/api/diffs?wait=applied", format!(r#"{{"add":{}}}"#, i64::MAX)).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("refused")), "{refused}");
+    let (status, again) = server.post("/v1/models/counter", json!({"id": "api"}).to_string()).await;
+    assert_eq!((status, again["error"]["code"].as_str()), (409, Some("model_exists")));
+
+    // The records are in the topic, keyed by model id, one partition for the model.
+    let records = broker.read_all("counter", 3);
+    let mine: Vec<_> = records.iter().filter(|(_, _, k, _)| k.as_deref() == Some(b"api")).collect();
+    assert_eq!(mine.len(), 22, "create, 20 diffs, the refused one");
+    assert!(mine.iter().all(|r| r.0 == mine[0].0), "one partition per model");
+
+    let (_, ready) = server.get("/readyz").await;
+    assert_eq!(ready["ready"], true, "{ready}");
+    let partitions = ready["partitions"].as_array().unwrap();
+    assert_eq!(partitions.len(), 6, "counter's 3, and 1 each for the other kinds: {ready}");
+}
+
+/// What another team's service does: produce diffs with its own Kafka client.
+const PYTHON_PRODUCER: &str = r#"
+import json, sys
+from confluent_kafka import Producer
+brokers, count = sys.argv[1], int(sys.argv[2])
+p = Producer({"bootstrap.servers": brokers, "enable.idempotence": True, "acks": "all"})
+failed = []
+for i in range(count):
+    model = "py%d" % (i % 10)
+    p.produce("counter", key=model, value=json.dumps({"add": i}),
+              on_delivery=lambda err, msg: err and failed.append(str(err)))
+    p.poll(0)
+left = p.flush(60)
+if failed or left:
+    sys.exit("not delivered: %r, %d left" % (failed[:3], left))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diffs_from_another_teams_python_producer_are_folded() {
+    let broker = broker();
+    let dir = tempfile::tempdir().unwrap();
+    let config = kafka_config(dir.path(), &broker, limits());
+    let server = TestServer::start_config(dir, config).await;
+
+    let python = std::env::var("STATEFOLD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let output = std::process::Command::new(&python)
+        .args(["-c", PYTHON_PRODUCER, &broker.brokers(), "1000"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    assert!(
+        output.status.success(),
+        "the Python producer failed (./dev.sh test installs confluent-kafka and sets STATEFOLD_PYTHON): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // The reference fold of what is in the topic.
+    let mut reference: BTreeMap<String, (i64, Hash, u64)> = BTreeMap::new();
+    for (_, _, key, value) in broker.read_all("counter", 3) {
+        let id = String::from_utf8(key.unwrap()).unwrap();
+        let add = serde_json::from_slice::<serde_json::Value>(&value).unwrap()["add"].as_i64().unwrap();
+        let entry = reference.entry(id.clone()).or_insert((0, Hash::genesis("counter", &id), 0));
+        entry.0 += add;
+        entry.1 = entry.1.next(&value);
+        entry.2 += 1;
+    }
+    assert_eq!(reference.len(), 10);
+    for (id, (sum, hash, seq)) in &reference {
+        let model = wait_for(&server, &format!("/v1/models/counter/{id}"), |b| b["seq"] == *seq).await;
+        assert_eq!((&model["state"], &model["hash"]), (&json!(sum), &json!(hash.to_string())), "{id}");
+    }
+}
