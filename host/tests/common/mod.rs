@@ -1,0 +1,92 @@
+//! `statefold serve` as a child process, for the tests of the binary.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct Serve {
+    pub child: Child,
+    pub url: String,
+    pub stderr: std::path::PathBuf,
+}
+
+impl Serve {
+    /// `statefold serve` on the counter kind, with `extra` flags.
+    pub fn start(dir: &Path) -> Serve {
+        Serve::start_with(dir, &[])
+    }
+
+    pub fn start_with(dir: &Path, extra: &[String]) -> Serve {
+        let counter = statefold_tests::wasm("counter");
+        let reducers = counter.parent().unwrap();
+        let stderr = dir.join(format!(
+            "stderr-{}.log",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_statefold"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .arg("--reducers-dir")
+            .arg(reducers)
+            .args([
+                "--kind",
+                "counter=statefold_reducer_counter.wasm",
+                "--checkpoint-interval-diffs",
+                "50",
+                "--retain-checkpoints",
+                "100",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("statefold starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("statefold listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected first line {line:?}; stderr: {}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                )
+            })
+            .to_owned();
+        Serve { child, url, stderr }
+    }
+
+    pub async fn wait_ready(&self, client: &reqwest::Client) {
+        for _ in 0..500 {
+            if client.get(format!("{}/readyz", self.url)).send().await.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("not ready in 10 s");
+    }
+
+    pub fn signal(&mut self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        for _ in 0..500 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the process did not stop in 10 s");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
