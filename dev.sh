@@ -16,9 +16,10 @@ setup() {
   if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
   fi
-  # RocksDB is built from source: a C++ compiler, and libclang for its bindings.
+  # RocksDB and librdkafka are built from source: a C/C++ compiler, make, libclang for
+  # the bindings, OpenSSL for Kafka's TLS/SASL.
   local missing=()
-  for pkg in libclang-dev g++; do
+  for pkg in libclang-dev g++ make pkg-config libssl-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -26,6 +27,30 @@ setup() {
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -q
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
+  fi
+}
+
+# Test tools, pinned, kept outside the clone (reused between runs).
+TOOLS="${STATEFOLD_TOOLS:-$HOME/.cache/statefold/tools}"
+TANSU_VERSION=0.6.0
+CONFLUENT_KAFKA_VERSION=2.16.1
+
+# The Kafka-compatible broker the tests start (sqlite storage only: the smallest build).
+install_tansu() {
+  if [ ! -x "$TOOLS/bin/tansu" ]; then
+    echo "dev.sh: installing the Tansu broker $TANSU_VERSION for the tests (about 10 minutes on 2 cores)"
+    CARGO_TARGET_DIR="$TOOLS/tansu-build" CARGO_PROFILE_RELEASE_OPT_LEVEL=1 \
+      cargo install tansu --version "$TANSU_VERSION" --locked --no-default-features --features libsql \
+      --root "$TOOLS" --quiet
+    rm -rf "$TOOLS/tansu-build"
+  fi
+}
+
+# Another team's Kafka client for the tests: Python's confluent-kafka (librdkafka 2.16).
+install_python_client() {
+  if ! "$TOOLS/venv/bin/python" -c "import confluent_kafka" 2>/dev/null; then
+    python3 -m venv "$TOOLS/venv"
+    "$TOOLS/venv/bin/pip" install --quiet "confluent-kafka==$CONFLUENT_KAFKA_VERSION"
   fi
 }
 
@@ -44,9 +69,21 @@ shift || true
 case "$cmd" in
   test)
     setup
+    mkdir -p "$TOOLS"
+    # Tansu builds in its own target dir while the workspace builds (both fit the cores'
+    # idle moments); the tests wait for it.
+    install_tansu >"$TOOLS/install-tansu.log" 2>&1 &
+    tansu_pid=$!
+    install_python_client
     build_reducers
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
+    if ! wait "$tansu_pid"; then
+      cat "$TOOLS/install-tansu.log" >&2
+      echo "dev.sh: installing Tansu failed" >&2
+      exit 1
+    fi
+    export STATEFOLD_TANSU="$TOOLS/bin/tansu" STATEFOLD_PYTHON="$TOOLS/venv/bin/python"
     log="$(mktemp)"
     status=0
     {
