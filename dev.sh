@@ -78,6 +78,8 @@ case "$cmd" in
     build_reducers
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
+    # Build the tests while Tansu may still be building, then wait for it.
+    cargo test --workspace --all-targets --no-run "$@"
     if ! wait "$tansu_pid"; then
       cat "$TOOLS/install-tansu.log" >&2
       echo "dev.sh: installing Tansu failed" >&2
