@@ -289,23 +289,38 @@ impl Reader<'_> {
     pub fn list(&self, kind: &str, after: Option<&str>, max: usize) -> Result<Vec<(String, Head)>, StoreError> {
         let prefix = head_key(kind, "");
         let start = head_key(kind, after.unwrap_or(""));
+        self.page(HEADS, &prefix, &start, max, |key, value| {
+            let id = String::from_utf8(key[prefix.len()..].to_vec())
+                .map_err(|_| StoreError::corrupt("head key", key, "id is not UTF-8"))?;
+            if after == Some(id.as_str()) {
+                return Ok(None);
+            }
+            Ok(Some((id, decode_head(key, value)?)))
+        })
+    }
+
+    /// Up to `max` entries of `cf` from `start` on while keys have `prefix`, each decoded
+    /// by `decode` (which skips one by answering `None`).
+    fn page<T>(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        start: &[u8],
+        max: usize,
+        mut decode: impl FnMut(&[u8], &[u8]) -> Result<Option<T>, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
         let mut out = Vec::new();
         let iter = self.store.db.iterator_cf_opt(
-            self.store.cf(HEADS),
+            self.store.cf(cf),
             self.options(),
-            IteratorMode::From(&start, Direction::Forward),
+            IteratorMode::From(start, Direction::Forward),
         );
         for item in iter {
             let (key, value) = item?;
-            if !key.starts_with(&prefix) || out.len() >= max {
+            if !key.starts_with(prefix) || out.len() >= max {
                 break;
             }
-            let id = String::from_utf8(key[prefix.len()..].to_vec())
-                .map_err(|_| StoreError::corrupt("head key", &key, "id is not UTF-8"))?;
-            if after == Some(id.as_str()) {
-                continue;
-            }
-            out.push((id, decode_head(&key, &value)?));
+            out.extend(decode(&key, &value)?);
         }
         Ok(out)
     }
@@ -392,20 +407,7 @@ impl Reader<'_> {
             },
             None => prefix.clone(),
         };
-        let mut out = Vec::new();
-        let iter = self.store.db.iterator_cf_opt(
-            self.store.cf(REJECTS),
-            self.options(),
-            IteratorMode::From(&start, Direction::Forward),
-        );
-        for item in iter {
-            let (key, value) = item?;
-            if !key.starts_with(&prefix) || out.len() >= max {
-                break;
-            }
-            out.push(decode_reject(&key, &value)?);
-        }
-        Ok(out)
+        self.page(REJECTS, &prefix, &start, max, |key, value| decode_reject(key, value).map(Some))
     }
 
     /// The latest checkpoint at or before `at` (as (seq, offset); `None`: the empty
