@@ -163,8 +163,8 @@ struct Seen {
 
 struct PartitionState {
     next: u64,
-    /// The log's end when first seen after start: caught up once `next` reaches it.
-    target: Option<u64>,
+    /// The log's end when the partition was assigned: caught up once `next` reaches it.
+    target: u64,
 }
 
 /// The Kafka source.
@@ -234,6 +234,9 @@ impl KafkaSource {
             return Ok(());
         }
         let counts = self.seen.partitions.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // The checker records a partition's end before it reports the partition.
+        let ends: HashMap<(String, u32), u64> =
+            self.status.partitions().into_iter().filter_map(|(k, p)| Some((k, p.end?))).collect();
         let mut list = TopicPartitionList::new();
         let mut added = Vec::new();
         for topic in &self.topics {
@@ -242,9 +245,10 @@ impl KafkaSource {
                     continue;
                 }
                 let next = self.store.position(SOURCE_NAME, topic, partition)?.unwrap_or(0);
+                let target = ends.get(&(topic.to_string(), partition)).copied().unwrap_or(0);
                 list.add_partition_offset(topic, partition as i32, Offset::Offset(next as i64))
                     .map_err(|e| SourceError::Client(format!("{topic}/{partition}: {e}")))?;
-                added.push((topic.clone(), partition, next));
+                added.push((topic.clone(), partition, next, target));
             }
         }
         if added.is_empty() {
@@ -253,10 +257,10 @@ impl KafkaSource {
         self.consumer
             .incremental_assign(&list)
             .map_err(|e| SourceError::Client(format!("cannot assign partitions: {e}")))?;
-        for (topic, partition, next) in added {
+        for (topic, partition, next, target) in added {
             tracing::info!(%topic, partition, next, "partition assigned from its stored position");
             self.status.set_next(&topic, partition, next);
-            self.partitions.insert((topic, partition), PartitionState { next, target: None });
+            self.partitions.insert((topic, partition), PartitionState { next, target });
         }
         Ok(())
     }
@@ -339,29 +343,12 @@ impl Source for KafkaSource {
     }
 
     fn caught_up(&self) -> bool {
-        if self.partitions.is_empty() {
-            return false;
-        }
-        let status: HashMap<(String, u32), Option<u64>> =
-            self.status.partitions().into_iter().map(|(k, v)| (k, v.end)).collect();
-        self.partitions.iter().all(|((topic, partition), state)| {
-            let end = state.target.or_else(|| status.get(&(topic.to_string(), *partition)).copied().flatten());
-            end.is_some_and(|end| state.next >= end)
-        })
+        !self.partitions.is_empty() && self.partitions.values().all(|state| state.next >= state.target)
     }
 
     fn committed(&mut self, positions: &[(String, Position)]) {
         for (_, position) in positions {
             self.to_commit.insert((position.topic.clone(), position.partition), position.next_offset);
-        }
-        // Fix each partition's catch-up target the first time its end is known.
-        let ends = self.status.partitions();
-        for ((topic, partition), seen) in ends {
-            if let Some(state) = self.partitions.get_mut(&(Arc::from(topic.as_str()), partition))
-                && state.target.is_none()
-            {
-                state.target = seen.end;
-            }
         }
         if self.last_commit.elapsed() < self.commit_interval || self.to_commit.is_empty() {
             return;
@@ -429,18 +416,16 @@ fn check(
             }
             None => return Err(format!("topic {topic:?} is not on the brokers; create it")),
         };
-        {
-            let mut partitions = seen.partitions.lock().unwrap_or_else(|p| p.into_inner());
-            if partitions.get(topic.as_str()) != Some(&count) {
-                partitions.insert(topic.clone(), count);
-                seen.changed.store(true, Ordering::Release);
-            }
-        }
         for partition in 0..count {
             let (_, high) = consumer
                 .fetch_watermarks(topic, partition as i32, timeout)
                 .map_err(|e| format!("cannot read the end of {topic}/{partition}: {e}"))?;
             status.set_end(topic, partition, high.max(0) as u64);
+        }
+        let mut partitions = seen.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        if partitions.get(topic.as_str()) != Some(&count) {
+            partitions.insert(topic.clone(), count);
+            seen.changed.store(true, Ordering::Release);
         }
     }
     Ok(())

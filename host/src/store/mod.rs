@@ -167,11 +167,11 @@ impl Store {
             let (key, _) = item?;
             let name = key.split(|b| *b == 0).next().unwrap_or_default();
             let name = String::from_utf8_lossy(name).into_owned();
+            // Keys are sorted: a source's positions are adjacent.
             if out.last() != Some(&name) {
                 out.push(name);
             }
         }
-        out.dedup();
         Ok(out)
     }
 
