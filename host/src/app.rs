@@ -2,7 +2,7 @@
 //! store, the reducers and the log. Blocking (RocksDB, wasm): the API calls it from
 //! `spawn_blocking`. Wire formats are the API's business, not this module's.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,9 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::Hash;
 use crate::config::Limits;
-use crate::fold::{Applied, CREATE_HEADER, CatchUp, Head, ModelKey, Rejection, plan_catch_up};
+use crate::deploy::{Deployer, VersionStatus};
+use crate::fold::Versions;
+use crate::fold::{Applied, CREATE_HEADER, CatchUp, Head, ModelKey, Rejection, ReplayJob, plan_catch_up};
 use crate::hub::Hub;
-use crate::reducer::{Models, Reducer, ReducerError};
+use crate::reducer::ReducerError;
 use crate::source::{SourceStatus, WriteError, Writer};
 use crate::store::{HashAt, Reader, Store, StoreError, StoredRejection};
 
@@ -48,6 +50,10 @@ pub enum AppError {
     /// The log did not take an append.
     #[error("{0}")]
     Unavailable(String),
+    #[error(transparent)]
+    Deploy(Box<crate::deploy::DeployError>),
+    #[error("a replay of kind {} is running ({} of {} models)", .0.kind, .0.done, .0.total)]
+    ReplayRunning(Box<ReplayJob>),
 }
 
 impl From<WriteError> for AppError {
@@ -63,15 +69,16 @@ impl From<WriteError> for AppError {
 pub struct Kind {
     pub name: Arc<str>,
     pub topic: Arc<str>,
-    pub reducer: Arc<Reducer>,
-    /// An instance for reads (materializing past versions, merge, delta), apart from the
-    /// fold engine's so that reads never stall folding.
-    readers: Mutex<Models>,
+    /// The reducer's name (its versions are deployed under it).
+    pub reducer: String,
+    /// Instances for reads (materializing past versions, merge, delta), apart from the
+    /// fold engine's so that reads never stall folding; one per version read.
+    readers: Mutex<Versions>,
 }
 
 impl Kind {
-    pub fn new(name: &str, topic: &str, reducer: Arc<Reducer>) -> Kind {
-        Kind { name: name.into(), topic: topic.into(), readers: Mutex::new(reducer.models()), reducer }
+    pub fn new(name: &str, topic: &str, reducer: &str, readers: Versions) -> Kind {
+        Kind { name: name.into(), topic: topic.into(), reducer: reducer.to_owned(), readers: Mutex::new(readers) }
     }
 }
 
@@ -85,6 +92,9 @@ pub struct Status {
     rejected_total: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     fatal: Mutex<Option<String>>,
     pub stop: CancellationToken,
+    /// Deploy swaps and the longest pause one caused, in microseconds.
+    pub swaps_total: AtomicU64,
+    pub swap_pause_max_us: AtomicU64,
 }
 
 impl Status {
@@ -93,6 +103,12 @@ impl Status {
         tracing::error!(%reason, "fatal: stopping");
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(reason);
         self.stop.cancel();
+    }
+
+    /// Records the pause of one deploy swap.
+    pub fn swap_pause(&self, pause: Duration) {
+        self.swaps_total.fetch_add(1, Ordering::Relaxed);
+        self.swap_pause_max_us.fetch_max(pause.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn rejected(&self, code: &'static str) {
@@ -170,6 +186,9 @@ pub struct App {
     pub source: Arc<SourceStatus>,
     committed: watch::Receiver<u64>,
     states: Mutex<StateCache>,
+    pub deployer: Arc<Deployer>,
+    /// The latest replay of each kind, running or finished.
+    replays: Mutex<BTreeMap<String, ReplayJob>>,
 }
 
 impl App {
@@ -180,16 +199,74 @@ impl App {
         log: Log,
         committed: watch::Receiver<u64>,
         status: Arc<Status>,
-    ) -> App {
+        deployer: Arc<Deployer>,
+    ) -> Result<App, StoreError> {
         let Log { writer, source_name, source } = log;
         let hub = Hub::new(limits.sse_queue_events_max, limits.sse_subscribers_max);
         let states = Mutex::new(StateCache::new(limits.state_cache_bytes_max));
+        let mut replays = BTreeMap::new();
+        for kind in &kinds {
+            if let Some(job) = store.read().replay(&kind.name)? {
+                if job.finished_ms.is_none() {
+                    tracing::info!(kind = %job.kind, done = job.done, total = job.total, "resuming the replay");
+                }
+                replays.insert(job.kind.clone(), job);
+            }
+        }
         let kinds = kinds.into_iter().map(|k| (k.name.to_string(), k)).collect();
-        App { limits, store, kinds, hub, status, writer, source_name, source, committed, states }
+        let replays = Mutex::new(replays);
+        Ok(App { limits, store, kinds, hub, status, writer, source_name, source, committed, states, deployer, replays })
     }
 
     pub fn kind(&self, kind: &str) -> Result<&Kind, AppError> {
         self.kinds.get(kind).ok_or_else(|| AppError::UnknownKind(kind.to_owned()))
+    }
+
+    /// Starts rebuilding a kind's states from the retained diffs with its active reducer.
+    pub fn start_replay(&self, kind: &str) -> Result<ReplayJob, AppError> {
+        let spec = self.kind(kind)?;
+        let mut replays = self.replays.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(job) = replays.get(kind)
+            && job.finished_ms.is_none()
+        {
+            return Err(AppError::ReplayRunning(Box::new(job.clone())));
+        }
+        let reader = self.store.read();
+        let versions = reader.versions(&spec.reducer)?;
+        let active =
+            versions.iter().find(|v| v.status == VersionStatus::Active).expect("every reducer has an active version");
+        let total = reader.count(kind)?;
+        let job = ReplayJob {
+            kind: kind.to_owned(),
+            reducer: active.id,
+            started_ms: crate::source::now_ms(),
+            finished_ms: None,
+            total,
+            done: 0,
+            failed: 0,
+            first_error: None,
+            cursor: None,
+        };
+        tracing::info!(kind, reducer = %active.id, models = total, "replay started");
+        replays.insert(kind.to_owned(), job.clone());
+        Ok(job)
+    }
+
+    /// The kind's latest replay.
+    pub fn replay(&self, kind: &str) -> Result<Option<ReplayJob>, AppError> {
+        self.kind(kind)?;
+        Ok(self.replays.lock().unwrap_or_else(|p| p.into_inner()).get(kind).cloned())
+    }
+
+    /// Replays still running (for the fold loop).
+    pub fn replays_running(&self) -> Vec<ReplayJob> {
+        let replays = self.replays.lock().unwrap_or_else(|p| p.into_inner());
+        replays.values().filter(|job| job.finished_ms.is_none()).cloned().collect()
+    }
+
+    /// Progress committed by the fold loop.
+    pub fn replay_progress(&self, job: ReplayJob) {
+        self.replays.lock().unwrap_or_else(|p| p.into_inner()).insert(job.kind.clone(), job);
     }
 
     /// The model's committed head.
@@ -229,15 +306,15 @@ impl App {
             return Ok(state);
         }
         let kind = self.kind(&model.kind)?;
-        let mut models = kind.readers.lock().unwrap_or_else(|p| p.into_inner());
-        self.materialize_with(&mut models, reader, model, head, hash, offset)
+        let mut versions = kind.readers.lock().unwrap_or_else(|p| p.into_inner());
+        self.materialize_with(&mut versions, reader, model, head, hash, offset)
     }
 
     /// The state at (`hash`, `offset`) rebuilt on `models` from the nearest retained
     /// checkpoint, through the cache.
     fn materialize_with(
         &self,
-        models: &mut Models,
+        versions: &mut Versions,
         reader: &Reader<'_>,
         model: &ModelKey,
         head: &Head,
@@ -247,11 +324,11 @@ impl App {
         if let Some(state) = self.states.lock().unwrap_or_else(|p| p.into_inner()).get(model, &hash) {
             return Ok(state);
         }
-        let checkpoint = match offset {
+        let history = match offset {
             None => Default::default(),
             Some(offset) => reader.checkpoint_for(model, head, offset)?,
         };
-        let state: Arc<[u8]> = models.materialize(&model.id, &checkpoint)?.into();
+        let state: Arc<[u8]> = versions.materialize(&model.id, history, head.reducer)?.into();
         self.states.lock().unwrap_or_else(|p| p.into_inner()).put(model, hash, state.clone());
         Ok(state)
     }
@@ -292,11 +369,15 @@ impl App {
             }
         }
         let payloads: Vec<Bytes> = missed.iter().map(|d| d.payload.clone()).collect();
-        let plan = {
-            let mut models = kind.readers.lock().unwrap_or_else(|p| p.into_inner());
-            plan_catch_up(&mut models, &payloads, self.limits.catchup_merge_diffs_max, |models| {
-                let from = self.materialize_with(models, &reader, model, &head, since, after)?;
-                let to = self.materialize_with(models, &reader, model, &head, head.hash, head.offset)?;
+        let plan = if missed.iter().any(|d| d.reducer != head.reducer) {
+            // Missed diffs span a deploy: composition is one version's, so one by one.
+            CatchUp::Diffs
+        } else {
+            let mut versions = kind.readers.lock().unwrap_or_else(|p| p.into_inner());
+            let max = self.limits.catchup_merge_diffs_max;
+            plan_catch_up(&mut versions, head.reducer, &payloads, max, |versions| {
+                let from = self.materialize_with(versions, &reader, model, &head, since, after)?;
+                let to = self.materialize_with(versions, &reader, model, &head, head.hash, head.offset)?;
                 Ok::<_, AppError>((from, to))
             })
         };

@@ -1,6 +1,7 @@
 //! The hash chain: `h0 = blake3("statefold/v1" ‖ kind ‖ 0x00 ‖ id)`,
 //! `h(n) = blake3(h(n-1) ‖ diff(n))`. Only applied diffs are part of it, so a given
 //! (state, hash, diff) yields the same next hash on every replica and after every restart.
+//! A replay (rebuilding states with another reducer) starts a new chain with [`Hash::rebase`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -25,6 +26,17 @@ impl Hash {
         let mut h = blake3::Hasher::new();
         h.update(&self.0);
         h.update(diff);
+        Hash(*h.finalize().as_bytes())
+    }
+
+    /// The hash a replay gives the version it rebuilds from: `blake3("statefold/replay" ‖
+    /// old hash ‖ reducer)`. States rebuilt by another reducer get new hashes, so a client
+    /// holding an old one is sent a snapshot, never a patch against a state it does not have.
+    pub fn rebase(&self, reducer: &[u8; 32]) -> Hash {
+        let mut h = blake3::Hasher::new();
+        h.update(b"statefold/replay");
+        h.update(&self.0);
+        h.update(reducer);
         Hash(*h.finalize().as_bytes())
     }
 

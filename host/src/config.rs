@@ -103,6 +103,21 @@ limits! {
     /// Interval of committing the folded position to the consumer group (for lag
     /// monitoring only: positions are read from the store), in milliseconds.
     kafka_commit_interval_ms: u64 = 5_000;
+    /// Interval of polling the reducers directory for new or replaced `.wasm` files, in
+    /// milliseconds. A file is read once it is unchanged (size and mtime) across a whole
+    /// interval, so a copy in progress is not loaded.
+    reducer_watch_interval_ms: u64 = 500;
+    /// Largest module accepted by `PUT /v1/reducers/{name}`, in bytes.
+    reducer_module_bytes_max: usize = 64 << 20;
+    /// Stored checkpoints restored into a new version (off the fold thread) before it is
+    /// swapped in; a version that cannot restore one is refused.
+    deploy_check_models_max: usize = 10_000;
+    /// Refused versions remembered per reducer (oldest forgotten first).
+    reducer_refused_kept_max: usize = 100;
+    /// Past reducer versions kept instantiated per kind, to rebuild states they applied.
+    reducer_versions_resident_max: usize = 4;
+    /// Models a replay rebuilds between two batches of the log (one WriteBatch).
+    replay_page_models: usize = 64;
 }
 
 impl Limits {
@@ -126,9 +141,21 @@ impl Limits {
         }
     }
 
+    pub fn deploy(&self) -> crate::deploy::DeployLimits {
+        crate::deploy::DeployLimits {
+            check_models_max: self.deploy_check_models_max,
+            refused_kept_max: self.reducer_refused_kept_max,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         self.reducer().validate()?;
         let positive = [
+            ("reducer_watch_interval_ms", self.reducer_watch_interval_ms),
+            ("reducer_module_bytes_max", self.reducer_module_bytes_max as u64),
+            ("reducer_refused_kept_max", self.reducer_refused_kept_max as u64),
+            ("reducer_versions_resident_max", self.reducer_versions_resident_max as u64),
+            ("replay_page_models", self.replay_page_models as u64),
             ("diff_bytes_max", self.diff_bytes_max as u64),
             ("batch_records_max", self.batch_records_max as u64),
             ("batch_bytes_max", self.batch_bytes_max as u64),
@@ -175,6 +202,12 @@ pub struct KindConfig {
 }
 
 impl KindConfig {
+    /// The reducer's name: its file name without `.wasm` (versions are deployed under it).
+    pub fn reducer_name(&self) -> String {
+        let file = self.reducer.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        file.strip_suffix(".wasm").map(str::to_owned).unwrap_or(file)
+    }
+
     pub fn topic(&self) -> &str {
         self.topic.as_deref().unwrap_or(&self.name)
     }

@@ -27,13 +27,21 @@ pub struct LiveDiff {
     pub rendered: std::sync::OnceLock<Bytes>,
 }
 
+/// What a model's subscribers are sent.
+#[derive(Debug)]
+pub enum Live {
+    Diff(LiveDiff),
+    /// A replay rewrote the model's history: every hash a subscriber holds is gone.
+    Replaced,
+}
+
 /// Too many subscribers already.
 #[derive(Debug, thiserror::Error)]
 #[error("{0} SSE subscribers already (sse_subscribers_max)")]
 pub struct Full(pub usize);
 
 pub struct Hub {
-    models: Mutex<HashMap<ModelKey, broadcast::Sender<Arc<LiveDiff>>>>,
+    models: Mutex<HashMap<ModelKey, broadcast::Sender<Arc<Live>>>>,
     ring_events: usize,
     subscribers_max: usize,
     subscribers: Arc<AtomicUsize>,
@@ -43,7 +51,7 @@ pub struct Hub {
 
 /// A subscriber's place in a model's ring. Dropping it frees the slot.
 pub struct Subscription {
-    pub receiver: broadcast::Receiver<Arc<LiveDiff>>,
+    pub receiver: broadcast::Receiver<Arc<Live>>,
     subscribers: Arc<AtomicUsize>,
 }
 
@@ -83,7 +91,16 @@ impl Hub {
     /// Publishes a committed batch's applied diffs to their models' subscribers.
     pub fn publish(&self, folded: &Folded) {
         let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        for model in &folded.replaced {
+            if let Some(sender) = models.get(model) {
+                // Nobody listening is fine: the ring is cleaned up below.
+                let _ = sender.send(Arc::new(Live::Replaced));
+            }
+        }
         for applied in &folded.applied {
+            if folded.replaced.contains(&applied.model) {
+                continue; // rewritten history, not new diffs
+            }
             let Some(sender) = models.get(&applied.model) else { continue };
             let diff = LiveDiff {
                 seq: applied.seq,
@@ -93,7 +110,7 @@ impl Hub {
                 payload: applied.payload.clone(),
                 rendered: std::sync::OnceLock::new(),
             };
-            if sender.send(Arc::new(diff)).is_err() {
+            if sender.send(Arc::new(Live::Diff(diff))).is_err() {
                 // Nobody listens any more.
                 models.remove(&applied.model);
             }

@@ -8,6 +8,7 @@ pub mod api;
 pub mod app;
 pub mod chain;
 pub mod config;
+pub mod deploy;
 pub mod fold;
 pub mod hub;
 pub mod reducer;

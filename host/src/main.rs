@@ -25,6 +25,20 @@ enum Command {
     /// Work with reducer components (.wasm).
     #[command(subcommand)]
     Reducer(ReducerCommand),
+    /// Rebuild a kind's states from its retained diffs with its active reducer, on a
+    /// running server (POST /v1/kinds/KIND/replay), printing progress until it finishes.
+    /// Old states keep serving until each model's rebuilt one is swapped in; clients holding
+    /// old hashes then get `reset` + `snapshot`.
+    Replay {
+        /// The kind to replay.
+        kind: String,
+        /// The server's base URL.
+        #[arg(long, env = "STATEFOLD_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Seconds between progress reports.
+        #[arg(long, default_value_t = 1.0)]
+        interval_s: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -88,6 +102,7 @@ fn main() -> ExitCode {
             limits.apply(&mut all);
             check(&file, all.reducer())
         }
+        Command::Replay { kind, url, interval_s } => replay(&kind, url.trim_end_matches('/'), interval_s),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,6 +165,37 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             stop.cancel();
         });
         running.wait().await.map_err(|e| anyhow::anyhow!("stopped: {e}"))
+    })
+}
+
+fn replay(kind: &str, url: &str, interval_s: f64) -> anyhow::Result<()> {
+    let interval = std::time::Duration::try_from_secs_f64(interval_s.max(0.01))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let client = reqwest::Client::new();
+        let endpoint = format!("{url}/v1/kinds/{kind}/replay");
+        let answer = client.post(&endpoint).send().await?;
+        let status = answer.status();
+        let mut job: serde_json::Value = answer.json().await?;
+        anyhow::ensure!(status.is_success(), "{endpoint}: {status}: {}", job["error"]["message"]);
+        loop {
+            println!(
+                "replay {kind}: {}/{} models rebuilt, {} failed ({})",
+                job["models_done"],
+                job["models_total"],
+                job["models_failed"],
+                job["state"].as_str().unwrap_or("?")
+            );
+            if job["state"] == "finished" {
+                if let Some(error) = job["first_error"].as_str() {
+                    println!("first failure: {error}");
+                }
+                anyhow::ensure!(job["models_failed"] == 0, "some models were not rebuilt");
+                return Ok(());
+            }
+            tokio::time::sleep(interval).await;
+            job = client.get(&endpoint).send().await?.error_for_status()?.json().await?;
+        }
     })
 }
 

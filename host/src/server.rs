@@ -1,15 +1,17 @@
 //! Wires a running Statefold: store, reducers, source, the fold loop (its own thread) and
 //! the HTTP server. The binary and the integration tests start it the same way.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -19,10 +21,11 @@ use tokio::time::Sleep;
 
 use crate::app::{App, Kind, Log, Status};
 use crate::config::Config;
-use crate::fold::{Engine, KindSpec, Record};
-use crate::reducer::Runtime;
+use crate::deploy::{Deployer, Registry, Swap, VersionRecord, VersionStatus, watch as reducer_watch};
+use crate::fold::{Engine, Folded, KindSpec, Record, ReplayJob, Resolve, Versions};
+use crate::reducer::{ModuleHash, Reducer, Runtime};
 use crate::source::{EmbeddedLog, KafkaSource, KafkaWriter, Source, SourceStatus, Writer};
-use crate::store::{Position, Store, StoreOptions};
+use crate::store::{Position, Store, StoreError, StoreOptions};
 
 /// A running Statefold.
 pub struct Running {
@@ -30,6 +33,7 @@ pub struct Running {
     pub app: Arc<App>,
     server: tokio::task::JoinHandle<io::Result<()>>,
     fold: std::thread::JoinHandle<()>,
+    watcher: std::thread::JoinHandle<()>,
     writer: Writer,
 }
 
@@ -45,8 +49,9 @@ impl Running {
     pub async fn wait(self) -> Result<(), String> {
         self.app.status.stop.cancelled().await;
         let served = self.server.await;
-        let fold = self.fold;
-        let _ = tokio::task::spawn_blocking(move || fold.join()).await;
+        let (fold, watcher) = (self.fold, self.watcher);
+        // Both end on `stop`; a panic in either is already reported by the panic hook.
+        let _ = tokio::task::spawn_blocking(move || (fold.join(), watcher.join())).await;
         if let Writer::Kafka(producer) = self.writer {
             let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
         }
@@ -70,27 +75,32 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let store = Store::open(&config.data_dir.join("db"), &StoreOptions { fsync: limits.store_fsync })
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let store = Arc::new(store);
-    let runtime = Runtime::new(limits.reducer(), Some(config.data_dir.join("compiled")))?;
+    let runtime = Arc::new(Runtime::new(limits.reducer(), Some(config.data_dir.join("compiled")))?);
+    let registry = Arc::new(Registry { runtime: runtime.clone(), store: store.clone() });
 
     let mut kinds = Vec::new();
     let mut specs = Vec::new();
+    let mut names: BTreeMap<String, Vec<Arc<str>>> = BTreeMap::new();
+    let mut files = BTreeMap::new();
+    let mut active = HashMap::new();
     for kind in &config.kinds {
+        let name = kind.reducer_name();
         let path = config.reducer_path(kind);
-        let reducer = runtime
-            .load_file(&path)
-            .with_context(|| format!("kind {:?}: cannot load reducer {}", kind.name, path.display()))?;
+        let reducer = match active.get(&name) {
+            Some(reducer) => Arc::clone(reducer),
+            None => {
+                let reducer = active_version(&registry, &name, &path)?;
+                active.insert(name.clone(), reducer.clone());
+                reducer
+            }
+        };
         let info = reducer.info();
-        anyhow::ensure!(
-            info.diff_format == "json" && info.state_format == "json",
-            "kind {:?}: reducer {} declares {}/{} diffs/states; the HTTP API serves json only",
-            kind.name,
-            path.display(),
-            info.diff_format,
-            info.state_format
-        );
-        tracing::info!(kind = %kind.name, topic = kind.topic(), reducer = %reducer.id(), name = %info.name, version = %info.version, "kind loaded");
+        tracing::info!(kind = %kind.name, topic = kind.topic(), reducer = %name, version = %reducer.id(), declared = %format!("{}@{}", info.name, info.version), "kind loaded");
         specs.push(KindSpec { name: kind.name.as_str().into(), topic: kind.topic().into(), reducer: reducer.clone() });
-        kinds.push(Kind::new(&kind.name, kind.topic(), reducer));
+        let readers = Versions::new(registry.clone(), limits.reducer_versions_resident_max);
+        kinds.push(Kind::new(&kind.name, kind.topic(), &name, readers));
+        names.entry(name.clone()).or_default().push(kind.name.as_str().into());
+        files.insert(name, path);
     }
 
     let topics: Vec<String> = config.kinds.iter().map(|k| k.topic().to_owned()).collect();
@@ -114,35 +124,117 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         others.join(", "),
         source.name()
     );
-    let engine = Engine::new(specs, limits.fold());
+    let engine =
+        Engine::new(specs, limits.fold(), Versions::new(registry.clone(), limits.reducer_versions_resident_max));
+    let (deployer, swaps) = Deployer::new(registry, names, limits.deploy());
+    let deployer = Arc::new(deployer);
     let (committed_tx, committed_rx) = watch::channel(0u64);
     let status = Arc::new(Status::default());
     let log = Log { writer: writer.clone(), source_name: source.name(), source: source_status };
-    let app = Arc::new(App::new(limits.clone(), store, kinds, log, committed_rx, status));
+    let app = Arc::new(App::new(limits.clone(), store, kinds, log, committed_rx, status, deployer.clone())?);
 
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let fold = {
         let app = app.clone();
-        std::thread::Builder::new().name("fold".into()).spawn(move || fold_loop(source, engine, &app, &committed_tx))?
+        let control = Control { swaps, replay_page_models: limits.replay_page_models };
+        std::thread::Builder::new()
+            .name("fold".into())
+            .spawn(move || fold_loop(source, engine, &app, &committed_tx, &control))?
     };
+    let interval = Duration::from_millis(limits.reducer_watch_interval_ms);
+    let watcher = reducer_watch::spawn(deployer, files.into_iter().collect(), interval, app.status.stop.clone())?;
     let listener = DeadlineListener { inner: listener, timeout: Duration::from_millis(limits.http_write_timeout_ms) };
     let router = crate::api::router(app.clone());
     let stop = app.status.stop.clone();
     let server =
         tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).into_future());
     tracing::info!(%addr, "serving");
-    Ok(Running { addr, app, server, fold, writer })
+    Ok(Running { addr, app, server, fold, watcher, writer })
+}
+
+/// The version of reducer `name` to start with: the store's active one (whatever the
+/// directory holds now: the store is the record of what folded), else the file, which
+/// becomes the first active version.
+fn active_version(registry: &Registry, name: &str, path: &Path) -> anyhow::Result<Arc<Reducer>> {
+    let file = std::fs::read(path).ok();
+    let versions = registry.store.read().versions(name)?;
+    if let Some(active) = versions.iter().find(|v| v.status == VersionStatus::Active) {
+        let reducer = registry
+            .reducer(active.id)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("reducer {name:?}: cannot load its active version {}", active.id))?;
+        match file.as_deref().map(ModuleHash::of) {
+            Some(id) if id == active.id => {}
+            Some(id) => tracing::warn!(
+                reducer = name, active = %active.id, file = %path.display(), found = %id,
+                "the reducers directory holds another version than the active one; keeping the active version (deploy the file with PUT /v1/reducers/{name} or by replacing it)"
+            ),
+            None => {
+                tracing::warn!(reducer = name, active = %active.id, file = %path.display(), "the reducer file is missing; keeping the active version from the store")
+            }
+        }
+        return Ok(reducer);
+    }
+    let bytes = file.with_context(|| format!("reducer {name:?}: cannot read {}", path.display()))?;
+    let reducer =
+        registry.runtime.load(&bytes).with_context(|| format!("reducer {name:?}: cannot load {}", path.display()))?;
+    let info = reducer.info();
+    anyhow::ensure!(
+        info.diff_format == "json" && info.state_format == "json",
+        "reducer {name:?} ({}) declares {}/{} diffs/states; the HTTP API serves json only",
+        path.display(),
+        info.diff_format,
+        info.state_format
+    );
+    let now = crate::source::now_ms();
+    let record = VersionRecord {
+        name: name.to_owned(),
+        id: reducer.id(),
+        status: VersionStatus::Active,
+        refusal: None,
+        origin: "startup".into(),
+        declared: Some((info.name.clone(), info.version.clone())),
+        bytes: bytes.len() as u64,
+        first_ms: now,
+        changed_ms: now,
+    };
+    registry.store.put_versions(&[record], Some((reducer.id(), &bytes)))?;
+    tracing::info!(reducer = name, version = %reducer.id(), file = %path.display(), "first version recorded as active");
+    Ok(reducer)
+}
+
+/// What the fold thread does between batches besides folding.
+struct Control {
+    swaps: Receiver<Swap>,
+    replay_page_models: usize,
 }
 
 /// Reads batches from the source, folds them, commits each in one WriteBatch with the
-/// source position, then publishes. Any error here is fatal: the process stops rather than
-/// fold past something it could not store.
-fn fold_loop(mut source: Box<dyn Source>, mut engine: Engine, app: &App, committed: &watch::Sender<u64>) {
+/// source position, then publishes. Between batches: deploys' swaps and a page of each
+/// running replay. Any error here is fatal: the process stops rather than fold past
+/// something it could not store.
+fn fold_loop(
+    mut source: Box<dyn Source>,
+    mut engine: Engine,
+    app: &App,
+    committed: &watch::Sender<u64>,
+    control: &Control,
+) {
     let status = &app.status;
     let batch_max = app.limits.batch_records_max;
     while !status.stop.is_cancelled() {
+        while let Ok(swap) = control.swaps.try_recv() {
+            if let Err(e) = apply_swap(&mut engine, app, swap) {
+                return status.fatal(format!("deploy: {e}"));
+            }
+        }
+        for job in app.replays_running() {
+            if let Err(e) = replay_page(&mut engine, app, job, control.replay_page_models, committed) {
+                return status.fatal(format!("replay: {e}"));
+            }
+        }
         let records = match source.poll(batch_max, Duration::from_millis(100)) {
             Ok(records) => records,
             Err(e) => return status.fatal(format!("source {}: {e}", source.name())),
@@ -173,6 +265,53 @@ fn fold_loop(mut source: Box<dyn Source>, mut engine: Engine, app: &App, committ
             tracing::info!("caught up with the log: ready");
         }
     }
+}
+
+/// Swaps a deployed version in and records it; the deployer gets the outcome.
+fn apply_swap(engine: &mut Engine, app: &App, swap: Swap) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let result = engine.swap(&swap.kinds, &swap.reducer);
+    if result.is_ok() {
+        app.store.put_versions(&swap.records, Some((swap.reducer.id(), &swap.module)))?;
+    }
+    let pause = started.elapsed();
+    app.status.swap_pause(pause);
+    // The deployer may have given up waiting (it is stopping): nothing to tell.
+    let _ = swap.reply.send(result.map(|moved| (moved, pause)));
+    Ok(())
+}
+
+/// Rebuilds the next page of a replay's models and commits them with its progress.
+fn replay_page(
+    engine: &mut Engine,
+    app: &App,
+    mut job: ReplayJob,
+    page_models: usize,
+    committed: &watch::Sender<u64>,
+) -> Result<(), String> {
+    let page = app.store.read().list(&job.kind, job.cursor.as_deref(), page_models).map_err(|e| e.to_string())?;
+    let mut folded = Folded::default();
+    for (id, _) in &page {
+        match engine.replay_model(&job.kind, id, &*app.store, &mut folded).map_err(|e| e.to_string())? {
+            Ok(()) => job.done += 1,
+            Err(reason) => {
+                tracing::warn!(kind = %job.kind, id, %reason, "model not replayed; it keeps its history");
+                job.failed += 1;
+                job.first_error.get_or_insert_with(|| format!("model {id:?}: {reason}"));
+            }
+        }
+        job.cursor = Some(id.clone());
+    }
+    if page.len() < page_models {
+        job.finished_ms = Some(crate::source::now_ms());
+        tracing::info!(kind = %job.kind, done = job.done, failed = job.failed, "replay finished");
+    }
+    folded.replay = Some(job.clone());
+    app.store.commit(&folded, &[]).map_err(|e| e.to_string())?;
+    app.hub.publish(&folded);
+    committed.send_modify(|n| *n += 1);
+    app.replay_progress(job);
+    Ok(())
 }
 
 /// The next offset of every partition a batch read from.

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use rand::prelude::*;
 use statefold::chain::Hash;
-use statefold::fold::{CREATE_HEADER, Engine, FoldLimits, KindSpec, ModelKey, Record, Rejection};
+use statefold::fold::{CREATE_HEADER, Engine, FoldLimits, KindSpec, Known, ModelKey, Record, Rejection, Versions};
 use statefold::reducer::Limits;
 use statefold::store::{Position, Store, StoreOptions};
 
@@ -41,7 +41,8 @@ fn random_batches_restarts_and_faults_fold_to_the_reference() {
     };
     let engine = || {
         let spec = KindSpec { name: "trap".into(), topic: "trap".into(), reducer: reducer.clone() };
-        Engine::new(vec![spec], limits.clone())
+        let versions = Versions::new(std::sync::Arc::new(Known(vec![reducer.clone()])), 2);
+        Engine::new(vec![spec], limits.clone(), versions)
     };
     let mut rng = StdRng::seed_from_u64(7);
     let mut reference: BTreeMap<String, (i64, Hash)> = BTreeMap::new();
@@ -114,7 +115,7 @@ fn random_batches_restarts_and_faults_fold_to_the_reference() {
         assert_eq!(head.seq, *n as u64, "{id}");
         pruned += usize::from(head.pruned_through.is_some());
         let checkpoint = reader.checkpoint_for(&model, &head, head.offset.unwrap_or(0)).unwrap();
-        let state = models.materialize(id, &checkpoint).unwrap();
+        let state = models.materialize(id, &checkpoint.checkpoint).unwrap();
         assert_eq!(String::from_utf8(state).unwrap(), n.to_string(), "{id}");
     }
     assert!(pruned > 0, "retention pruned some model's old diffs");

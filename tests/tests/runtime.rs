@@ -99,10 +99,18 @@ fn bad_files_are_refused_with_a_specific_reason() {
     let hollow = runtime.load(&hollow.unwrap()).unwrap_err();
     assert!(matches!(hollow, LoadError::Contract(_)), "{hollow}");
 
-    let mut truncated = std::fs::read(statefold_tests::wasm("counter")).unwrap();
-    truncated.truncate(truncated.len() / 2);
-    let truncated = runtime.load(&truncated).unwrap_err();
-    assert!(matches!(truncated, LoadError::Invalid(_)), "{truncated}");
+    let whole = std::fs::read(statefold_tests::wasm("counter")).unwrap();
+    for cut in [9, 100, whole.len() / 2, whole.len() - 1] {
+        let truncated = runtime.load(&whole[..cut]).unwrap_err();
+        assert!(matches!(truncated, LoadError::Truncated { bytes } if bytes == cut), "{cut}: {truncated}");
+        assert_eq!(truncated.code(), "truncated");
+    }
+    // Complete sections with garbage inside: invalid, not truncated.
+    let mut garbled = whole.clone();
+    let middle = garbled.len() / 2;
+    garbled[middle..middle + 64].fill(0xff);
+    let garbled = runtime.load(&garbled).unwrap_err();
+    assert!(matches!(garbled, LoadError::Invalid(_)), "{garbled}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The HTTP API (axum): the routes of the design's table, JSON errors, the SSE stream.
 //! Only this module speaks JSON; wire types live here.
 
+mod reducers;
 mod sse;
 
 use std::sync::Arc;
@@ -33,6 +34,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models/{kind}/{id}/diffs", post(append).get(missing))
         .route("/v1/models/{kind}/{id}/events", get(sse::events))
         .route("/v1/kinds/{kind}/rejections", get(rejections))
+        .route("/v1/kinds/{kind}/replay", post(reducers::start_replay).get(reducers::replay))
+        .route("/v1/reducers", get(reducers::list))
+        .route(
+            "/v1/reducers/{name}",
+            get(reducers::show)
+                .put(reducers::deploy)
+                .layer(DefaultBodyLimit::max(app.limits.reducer_module_bytes_max + 1)),
+        )
         .route("/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
@@ -76,6 +85,10 @@ impl From<QueryRejection> for ApiError {
 
 impl From<AppError> for ApiError {
     fn from(error: AppError) -> ApiError {
+        let error = match error {
+            AppError::Deploy(error) => return (*error).into(),
+            other => other,
+        };
         let message = error.to_string();
         let (status, code) = match &error {
             AppError::UnknownKind(_) => (StatusCode::NOT_FOUND, "unknown_kind"),
@@ -95,6 +108,8 @@ impl From<AppError> for ApiError {
             AppError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
             AppError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AppError::ReplayRunning(_) => (StatusCode::CONFLICT, "replay_running"),
+            AppError::Deploy(_) => (StatusCode::INTERNAL_SERVER_ERROR, "deploy"), // returned above
         };
         let message = match &error {
             AppError::Rejected(rejection) => rejection.message(),

@@ -24,7 +24,7 @@ use super::{ApiError, DiffBody, blocking, parse_hash, stored_json};
 use crate::app::{App, Plan};
 use crate::chain::Hash;
 use crate::fold::ModelKey;
-use crate::hub::{LiveDiff, Subscription};
+use crate::hub::{Live, LiveDiff, Subscription};
 
 /// Events buffered between a stream's feeder task and its connection. Small: a client
 /// that does not read makes the feeder wait, and the model's ring absorbs the rest.
@@ -78,9 +78,13 @@ async fn feed(app: Arc<App>, model: ModelKey, since: Option<Hash>, mut sub: Subs
             () = tx.closed() => return,
             () = app.status.stop.cancelled() => return,
         };
+        let next = next.as_deref().map(|live| match live {
+            Live::Diff(diff) => Some(diff),
+            Live::Replaced => None,
+        });
         let diff = match next {
-            Ok(diff) if diff.seq <= at.1 => continue, // covered by the catch-up
-            Ok(diff) if diff.prev == at.0 => diff,
+            Ok(Some(diff)) if diff.seq <= at.1 => continue, // covered by the catch-up
+            Ok(Some(diff)) if diff.prev == at.0 => diff,
             Err(broadcast::error::RecvError::Closed) => return,
             // Fell a full ring behind, or (never expected) a diff that does not chain:
             // one patch from the client's hash to the head instead.
@@ -90,6 +94,7 @@ async fn feed(app: Arc<App>, model: ModelKey, since: Option<Hash>, mut sub: Subs
                         app.hub.lagged_total.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(kind = %model.kind, id = %model.id, missed, "slow client lagged; catching up");
                     }
+                    Ok(None) => tracing::debug!(kind = %model.kind, id = %model.id, "model replayed; resetting"),
                     _ => tracing::warn!(kind = %model.kind, id = %model.id, "live diff does not chain; catching up"),
                 }
                 match catch_up(&app, &model, Some(at.0), &tx).await {
@@ -99,7 +104,7 @@ async fn feed(app: Arc<App>, model: ModelKey, since: Option<Hash>, mut sub: Subs
                 continue;
             }
         };
-        if tx.send(diff_event(&diff)).await.is_err() {
+        if tx.send(diff_event(diff)).await.is_err() {
             return;
         }
         at = (diff.hash, diff.seq);

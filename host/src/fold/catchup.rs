@@ -3,7 +3,8 @@
 
 use bytes::Bytes;
 
-use crate::reducer::{Composed, Models};
+use super::Versions;
+use crate::reducer::{Composed, Models, ModuleHash, ReducerError};
 
 /// How a client catches up over a run of missed diffs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,44 +22,54 @@ pub enum CatchUp {
 /// checkpoints, computed by `states` only then) for longer ones, each falling back to the
 /// other; else the diffs themselves. A reducer failing in merge or delta falls back to the
 /// next way: a client is never stuck on a faulty reducer.
-pub fn plan_catch_up<S: AsRef<[u8]>, E: std::fmt::Display>(
-    models: &mut Models,
+///
+/// Composition is a reducer's: every missed diff must have been applied by `reducer`
+/// (the caller sends the diffs one by one across a deploy).
+pub fn plan_catch_up<S: AsRef<[u8]>, E: std::fmt::Display + From<ReducerError>>(
+    versions: &mut Versions,
+    reducer: ModuleHash,
     missed: &[Bytes],
     merge_diffs_max: usize,
-    states: impl FnOnce(&mut Models) -> Result<(S, S), E>,
+    states: impl FnOnce(&mut Versions) -> Result<(S, S), E>,
 ) -> CatchUp {
     if let [only] = missed {
         return CatchUp::Patch { diff: only.clone(), how: "single" };
     }
-    let info = models.reducer().info().clone();
+    let info = match versions.models(reducer) {
+        Ok(models) => models.reducer().info().clone(),
+        Err(error) => {
+            tracing::warn!(%error, "cannot load the version to compose with");
+            return CatchUp::Diffs;
+        }
+    };
     let merge_first = missed.len() <= merge_diffs_max || !info.delta;
     if info.merge
         && merge_first
-        && let Some(diff) = merge(models, missed)
+        && let Some(diff) = merge(versions, reducer, missed)
     {
         return CatchUp::Patch { diff, how: "merge" };
     }
     if info.delta {
-        match states(models) {
-            Ok((from, to)) => match models.delta(from.as_ref(), to.as_ref()) {
-                Ok(diff) => return CatchUp::Patch { diff: diff.into(), how: "delta" },
-                Err(error) => tracing::warn!(%error, "delta failed"),
-            },
-            Err(error) => tracing::warn!(%error, "cannot rebuild the states for a delta"),
+        let delta = states(versions).and_then(|(from, to)| {
+            Ok(versions.models(reducer).and_then(|models| models.delta(from.as_ref(), to.as_ref()))?)
+        });
+        match delta {
+            Ok(diff) => return CatchUp::Patch { diff: diff.into(), how: "delta" },
+            Err(error) => tracing::warn!(%error, "delta failed"),
         }
     }
     if info.merge
         && !merge_first
-        && let Some(diff) = merge(models, missed)
+        && let Some(diff) = merge(versions, reducer, missed)
     {
         return CatchUp::Patch { diff, how: "merge" };
     }
     CatchUp::Diffs
 }
 
-fn merge(models: &mut Models, missed: &[Bytes]) -> Option<Bytes> {
+fn merge(versions: &mut Versions, reducer: ModuleHash, missed: &[Bytes]) -> Option<Bytes> {
     let run: Vec<Vec<u8>> = missed.iter().map(|d| d.to_vec()).collect();
-    match models.merge(&run) {
+    match versions.models(reducer).and_then(|models: &mut Models| models.merge(&run)) {
         Ok(Composed::Diff(diff)) => Some(diff.into()),
         Ok(Composed::NotComposable(reason)) => {
             tracing::debug!(%reason, "run not composable");

@@ -6,6 +6,7 @@
 //! (see [`crate::chain`]). Each model's diffs in a batch go to the reducer in one call.
 
 mod catchup;
+mod versions;
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -18,6 +19,7 @@ use crate::chain::Hash;
 use crate::reducer::{Checkpoint, Checkpoints, DiffRecord, Models, ModuleHash, Outcome, Reducer, ReducerError};
 
 pub use catchup::{CatchUp, plan_catch_up};
+pub use versions::{History, Known, Resolve, Versions};
 
 /// A record whose header has this name creates its model (and carries no diff).
 pub const CREATE_HEADER: &str = "statefold-create";
@@ -262,6 +264,31 @@ pub struct Folded {
     pub prunes: Vec<Prune>,
     /// The final head of every model the batch touched.
     pub heads: Vec<(ModelKey, Head)>,
+    /// Models whose stored history a replay rewrote: their old diffs, checkpoints and
+    /// hashes go before this batch's writes for them.
+    pub replaced: Vec<ModelKey>,
+    /// The progress of a replay, committed with the models it rebuilt.
+    pub replay: Option<ReplayJob>,
+}
+
+/// A replay of a kind: its states rebuilt from the retained diffs by its active reducer,
+/// a page of models at a time between batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayJob {
+    pub kind: String,
+    /// The version that rebuilds.
+    pub reducer: ModuleHash,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// Models of the kind when it started.
+    pub total: u64,
+    /// Models rebuilt.
+    pub done: u64,
+    /// Models that could not be rebuilt (they keep their history).
+    pub failed: u64,
+    pub first_error: Option<String>,
+    /// The last model id handled; the next page starts after it.
+    pub cursor: Option<String>,
 }
 
 /// Failure to read what the engine needs from the store.
@@ -270,8 +297,8 @@ pub type ViewError = Box<dyn std::error::Error + Send + Sync>;
 /// What the engine reads from the store: committed heads and checkpoints.
 pub trait View {
     fn head(&self, model: &ModelKey) -> Result<Option<Head>, ViewError>;
-    /// The model's latest checkpoint and the diffs after it.
-    fn checkpoint(&self, model: &ModelKey, head: &Head) -> Result<Checkpoint, ViewError>;
+    /// The model's latest checkpoint and the diffs after it, with the versions that wrote them.
+    fn checkpoint(&self, model: &ModelKey, head: &Head) -> Result<History, ViewError>;
 }
 
 /// Why a batch could not be folded. The batch is not committed; the caller stops.
@@ -327,10 +354,22 @@ pub struct Engine {
     kinds: Vec<KindState>,
     by_topic: HashMap<Arc<str>, usize>,
     limits: FoldLimits,
+    /// Past versions, for models whose stored history another version applied.
+    versions: Versions,
+}
+
+/// A deploy that did not happen: the kinds keep their version.
+#[derive(Debug, thiserror::Error)]
+#[error("kind {kind}, model {model:?}: {source}")]
+pub struct SwapError {
+    pub kind: Arc<str>,
+    pub model: String,
+    pub source: ReducerError,
 }
 
 impl Engine {
-    pub fn new(kinds: Vec<KindSpec>, limits: FoldLimits) -> Engine {
+    /// `versions` finds past reducer versions (see [`Versions`]).
+    pub fn new(kinds: Vec<KindSpec>, limits: FoldLimits, versions: Versions) -> Engine {
         let cache = NonZeroUsize::new(limits.head_cache_models_max.max(1)).expect("max(1)");
         let mut by_topic = HashMap::new();
         let kinds = kinds
@@ -346,7 +385,168 @@ impl Engine {
                 }
             })
             .collect();
-        Engine { kinds, by_topic, limits }
+        Engine { kinds, by_topic, limits, versions }
+    }
+
+    /// The version each kind folds with.
+    pub fn reducer(&self, kind: &str) -> Option<ModuleHash> {
+        self.kinds.iter().find(|k| &*k.name == kind).map(|k| k.reducer)
+    }
+
+    /// Makes `reducer` fold `kinds` from the next batch on. Every resident model moves to
+    /// a new instance through snapshot (old version) and restore (new version); models not
+    /// resident move the same way when next used (see [`Versions`]). All or nothing: on
+    /// any failure the kinds keep their instances and version. Returns the models moved.
+    pub fn swap(&mut self, kinds: &[Arc<str>], reducer: &Arc<Reducer>) -> Result<usize, SwapError> {
+        let mut prepared = Vec::new();
+        for (index, state) in self.kinds.iter_mut().enumerate() {
+            if !kinds.contains(&state.name) || state.reducer == reducer.id() {
+                continue;
+            }
+            let mut next = reducer.models();
+            for id in state.models.resident_ids() {
+                let error = |source| SwapError { kind: state.name.clone(), model: id.clone(), source };
+                let snapshot = state.models.snapshot_resident(&id).map_err(error)?;
+                if let Some(snapshot) = snapshot {
+                    next.adopt(&id, &snapshot).map_err(|source| SwapError {
+                        kind: state.name.clone(),
+                        model: id.clone(),
+                        source,
+                    })?;
+                }
+            }
+            prepared.push((index, next));
+        }
+        let mut moved = 0;
+        for (index, next) in prepared {
+            moved += next.resident();
+            let state = &mut self.kinds[index];
+            state.models = next;
+            state.reducer = reducer.id();
+        }
+        Ok(moved)
+    }
+
+    /// Rebuilds one model from its oldest retained version with the kind's reducer (see
+    /// [`ReplayJob`]) into `folded`. The oldest retained version (its oldest checkpoint, or
+    /// its first diff) becomes the base of a new chain ([`Hash::rebase`]); the diffs after
+    /// it are applied again, keeping their offsets and seqs. Returns why a model cannot be
+    /// rebuilt (it keeps its history): a diff the reducer now refuses or fails on, a state
+    /// it cannot restore.
+    pub fn replay_model(
+        &mut self,
+        kind: &str,
+        id: &str,
+        view: &dyn View,
+        folded: &mut Folded,
+    ) -> Result<Result<(), String>, FoldError> {
+        let Some(index) = self.kinds.iter().position(|k| &*k.name == kind) else {
+            return Ok(Err("unknown kind".into()));
+        };
+        let model = ModelKey::new(kind, id);
+        let Some(head) = view.head(&model).map_err(FoldError::View)? else { return Ok(Err("no such model".into())) };
+        let Some(last_offset) = head.offset else { return Ok(Ok(())) }; // no diffs: nothing to rebuild
+        let oldest = head.checkpoints.first().copied();
+        let mut probe = head.clone();
+        probe.checkpoints = oldest.into_iter().collect();
+        let history = view.checkpoint(&model, &probe).map_err(FoldError::View)?;
+        let state = &mut self.kinds[index];
+        let reducer = state.reducer;
+        let mut models = state.models.reducer().models();
+        let mut memory = crate::reducer::MemoryCheckpoints::default();
+        let Checkpoint { snapshot, tail } = history.checkpoint;
+        let mut tail = tail.into_iter();
+        // The base: (seq, offset, old hash) of the oldest retained version.
+        let (base_seq, base_offset, old_base) = match (oldest, &snapshot) {
+            (Some((seq, offset)), Some(snapshot)) => {
+                if let Err(e) = models.adopt(id, snapshot) {
+                    return Ok(Err(format!("cannot restore the oldest retained checkpoint: {e}")));
+                }
+                let prev = tail.as_slice().first().map(|(prev, _)| *prev);
+                (seq, offset, prev.unwrap_or(head.hash))
+            }
+            _ => {
+                let Some((genesis, first)) = tail.next() else { return Ok(Ok(())) };
+                match models.apply(id, genesis, std::slice::from_ref(&first), &mut memory)?.pop() {
+                    Some(Outcome::Applied(hash)) => (1, first.offset, hash),
+                    other => {
+                        return Ok(Err(format!(
+                            "the first diff (offset {}) no longer applies: {other:?}",
+                            first.offset
+                        )));
+                    }
+                }
+            }
+        };
+        let base = old_base.rebase(&reducer.0);
+        let snapshot_now =
+            |models: &mut Models, memory: &mut crate::reducer::MemoryCheckpoints| models.snapshot(id, memory);
+        let base_state = match snapshot_now(&mut models, &mut memory) {
+            Ok(state) => state,
+            Err(e) => return Ok(Err(format!("cannot snapshot the rebuilt base: {e}"))),
+        };
+        let rest: Vec<(Hash, DiffRecord)> = tail.collect();
+        let diffs: Vec<DiffRecord> = rest.iter().map(|(_, d)| d.clone()).collect();
+        let outcomes = if diffs.is_empty() { Vec::new() } else { models.apply(id, base, &diffs, &mut memory)? };
+        let mut new_head = Head {
+            seq: base_seq,
+            offset: Some(base_offset),
+            hash: base,
+            reducer,
+            checkpoints: vec![(base_seq, base_offset)],
+            pruned_through: Some(base_offset),
+        };
+        let mut applied = Vec::with_capacity(diffs.len());
+        for (diff, outcome) in diffs.into_iter().zip(outcomes) {
+            let Outcome::Applied(hash) = outcome else {
+                return Ok(Err(format!("the diff at offset {} no longer applies: {outcome:?}", diff.offset)));
+            };
+            applied.push(Applied {
+                model: model.clone(),
+                offset: diff.offset,
+                seq: new_head.seq + 1,
+                prev: new_head.hash,
+                hash,
+                reducer,
+                timestamp_ms: diff.timestamp_ms,
+                headers: diff.headers,
+                payload: Bytes::from(diff.payload),
+            });
+            new_head.seq += 1;
+            new_head.offset = Some(diff.offset);
+            new_head.hash = hash;
+        }
+        debug_assert_eq!((new_head.seq, new_head.offset), (head.seq, Some(last_offset)));
+        folded.checkpoints.push(CheckpointWrite {
+            model: model.clone(),
+            seq: base_seq,
+            offset: base_offset,
+            hash: base,
+            reducer,
+            snapshot: base_state,
+        });
+        if new_head.offset != Some(base_offset) {
+            let state_now = match snapshot_now(&mut models, &mut memory) {
+                Ok(state) => state,
+                Err(e) => return Ok(Err(format!("cannot snapshot the rebuilt head: {e}"))),
+            };
+            folded.checkpoints.push(CheckpointWrite {
+                model: model.clone(),
+                seq: new_head.seq,
+                offset: last_offset,
+                hash: new_head.hash,
+                reducer,
+                snapshot: state_now,
+            });
+            new_head.checkpoints.push((new_head.seq, last_offset));
+        }
+        folded.applied.extend(applied);
+        folded.replaced.push(model.clone());
+        // The fold instance rebuilds the model from its new checkpoint on next use.
+        state.models.forget(id)?;
+        state.heads.put(model.id.clone(), new_head.clone());
+        folded.heads.push((model, new_head));
+        Ok(Ok(()))
     }
 
     /// Folds one batch. Nothing is written: the result is committed by the caller, and
@@ -398,6 +598,7 @@ impl Engine {
     ) -> Result<(), FoldError> {
         let limits = self.limits.clone();
         let state = &mut self.kinds[kind];
+        let versions = &mut self.versions;
         let model = ModelKey { kind: state.name.clone(), id: id.clone() };
         let mut head = match state.heads.get(&id) {
             Some(head) => Some(head.clone()),
@@ -445,12 +646,23 @@ impl Engine {
             let mut overlay = Overlay {
                 model: &model,
                 head: current,
+                reducer: state.reducer,
+                versions: &mut *versions,
                 view,
                 pending: &mut pending,
                 folded: &mut *folded,
                 limits: &limits,
             };
-            let outcomes = state.models.apply(&id, overlay.head.hash, &diffs, &mut overlay)?;
+            let outcomes = match state.models.apply(&id, overlay.head.hash, &diffs, &mut overlay) {
+                Ok(outcomes) => outcomes,
+                // The model cannot be rebuilt under this version (a deploy whose restore
+                // fails on a state that was not resident): its diffs fail, others go on.
+                Err(e @ (ReducerError::Restore { .. } | ReducerError::Trap { .. } | ReducerError::Contract { .. })) => {
+                    tracing::error!(kind = %model.kind, id = %model.id, error = %e, "model cannot be rebuilt; its diffs fail");
+                    vec![Outcome::Failed(format!("cannot rebuild the model: {e}")); diffs.len()]
+                }
+                Err(e) => return Err(e.into()),
+            };
             for ((record, diff), outcome) in run.iter().zip(diffs).zip(outcomes) {
                 match outcome {
                     Outcome::Applied(hash) => overlay.applied(record, diff, hash, state.reducer),
@@ -491,6 +703,9 @@ struct Pending {
 struct Overlay<'a> {
     model: &'a ModelKey,
     head: &'a mut Head,
+    /// The version folding the model now.
+    reducer: ModuleHash,
+    versions: &'a mut Versions,
     view: &'a dyn View,
     pending: &'a mut Pending,
     folded: &'a mut Folded,
@@ -561,7 +776,10 @@ impl Checkpoints for Overlay<'_> {
         debug_assert_eq!(id, &*self.model.id, "the engine applies one model at a time");
         let mut checkpoint = match &self.pending.snapshot {
             Some(snapshot) => Checkpoint { snapshot: Some(snapshot.clone()), tail: Vec::new() },
-            None => self.view.checkpoint(self.model, self.head)?,
+            None => {
+                let history = self.view.checkpoint(self.model, self.head)?;
+                self.versions.settle(&self.model.id, history, self.reducer)?
+            }
         };
         checkpoint.tail.extend(self.pending.tail.iter().cloned());
         Ok(checkpoint)

@@ -17,8 +17,32 @@ pub(super) fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
     // Bytes 4..8: version (u16 LE) and layer (u16 LE); layer 0 is a core module.
     match u16::from_le_bytes([bytes[6], bytes[7]]) {
         0 => Err(LoadError::CoreModule),
-        _ => Ok(()),
+        _ => check_complete(bytes),
     }
+}
+
+/// Walks the top-level sections (id byte, LEB128 size, contents): a file cut short, as a
+/// half-written copy is, ends inside one. Reported as such rather than as a parse error.
+fn check_complete(bytes: &[u8]) -> Result<(), LoadError> {
+    let truncated = || LoadError::Truncated { bytes: bytes.len() };
+    let mut at = 8;
+    while at < bytes.len() {
+        at += 1; // section id
+        let mut size: u64 = 0;
+        for shift in (0..35).step_by(7) {
+            let byte = *bytes.get(at).ok_or_else(truncated)?;
+            at += 1;
+            size |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        at = at.checked_add(size as usize).ok_or_else(truncated)?;
+        if at > bytes.len() {
+            return Err(truncated());
+        }
+    }
+    Ok(())
 }
 
 /// Finds the `statefold:reducer/reducer` export and checks its version.

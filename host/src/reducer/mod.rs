@@ -129,6 +129,8 @@ pub enum LoadError {
          (`cargo build --target wasm32-wasip2 --release`), or wrap it with `wasm-tools component new`"
     )]
     CoreModule,
+    #[error("the file ends inside a section after {bytes} bytes: cut short (half-written or truncated)")]
+    Truncated { bytes: usize },
     #[error("not a valid WebAssembly component: {0}")]
     Invalid(String),
     #[error("wrong world: the component does not export {REDUCER_INTERFACE} (it exports: {exports})")]
@@ -143,6 +145,24 @@ pub enum LoadError {
     Imports(String),
     #[error("describe failed: {0}")]
     Describe(String),
+}
+
+impl LoadError {
+    /// A stable machine-readable code for each reason.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LoadError::Read { .. } => "unreadable",
+            LoadError::NotWasm => "not_wasm",
+            LoadError::CoreModule => "core_module",
+            LoadError::Truncated { .. } => "truncated",
+            LoadError::Invalid(_) => "invalid_component",
+            LoadError::WrongWorld { .. } => "wrong_world",
+            LoadError::IncompatibleVersion { .. } => "incompatible_version",
+            LoadError::Contract(_) => "contract_mismatch",
+            LoadError::Imports(_) => "unsupported_imports",
+            LoadError::Describe(_) => "describe_failed",
+        }
+    }
 }
 
 /// Why a call into a reducer failed. Each fails only the call (and, for traps, that
@@ -207,6 +227,11 @@ impl Runtime {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// A version loaded before, if this process still holds it.
+    pub fn cached(&self, id: ModuleHash) -> Option<Arc<Reducer>> {
+        self.compiled.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
     /// Loads a reducer from a file; see [`Runtime::load`].

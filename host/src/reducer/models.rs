@@ -213,6 +213,35 @@ impl Models {
         result.map_err(|e| self.trap("snapshot", e))
     }
 
+    /// Ids of the resident models, least recently used first.
+    pub fn resident_ids(&self) -> Vec<String> {
+        self.live.as_ref().map_or_else(Vec::new, |live| live.resident.iter().rev().map(|(id, _)| id.clone()).collect())
+    }
+
+    /// The state of a resident model (`None` if it is not resident).
+    pub fn snapshot_resident(&mut self, model: &str) -> Result<Option<Vec<u8>>, ReducerError> {
+        let Some(handle) = self.live.as_mut().and_then(|live| live.resident.peek(model).copied()) else {
+            return Ok(None);
+        };
+        let live = self.arm(0)?;
+        let result = live.guest.statefold_reducer_reducer().model().call_snapshot(&mut live.store, handle);
+        result.map_err(|e| self.trap("snapshot", e)).map(Some)
+    }
+
+    /// Makes `model` resident with the state `snapshot` (taken from another version: the
+    /// move of a deploy). Its later diffs apply to it here.
+    pub fn adopt(&mut self, model: &str, snapshot: &[u8]) -> Result<(), ReducerError> {
+        self.restore(model, Some(snapshot), &[]).map(|_| ())
+    }
+
+    /// Drops `model` from the guest without saving it (its stored history is the truth).
+    pub fn forget(&mut self, model: &str) -> Result<(), ReducerError> {
+        let Some(handle) = self.live.as_mut().and_then(|live| live.resident.pop(model)) else { return Ok(()) };
+        let live = self.arm(0)?;
+        let dropped = handle.resource_drop(&mut live.store);
+        dropped.map_err(|e| self.trap("model destructor", e))
+    }
+
     /// The state a checkpoint describes (its snapshot plus the diffs after it), computed on
     /// the side: the model is not left resident, so this `Models` can serve any version.
     pub fn materialize(&mut self, model: &str, checkpoint: &Checkpoint) -> Result<Vec<u8>, ReducerError> {

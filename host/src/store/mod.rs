@@ -18,7 +18,8 @@ use bytes::Bytes;
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions};
 
 use crate::chain::Hash;
-use crate::fold::{Applied, Folded, Head, ModelKey, Record, Rejected, Rejection, View, ViewError};
+use crate::deploy::{VersionRecord, VersionStatus};
+use crate::fold::{Applied, Folded, Head, History, ModelKey, Record, Rejected, Rejection, ReplayJob, View, ViewError};
 use crate::reducer::{Checkpoint, ModuleHash};
 use codec::{Dec, Enc, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix, progress_key};
 
@@ -117,6 +118,14 @@ impl Store {
     pub fn commit(&self, folded: &Folded, positions: &[(String, Position)]) -> Result<(), StoreError> {
         check_folded(folded)?;
         let mut batch = WriteBatch::default();
+        for model in &folded.replaced {
+            // A replayed model's history is rewritten whole: what it had goes first.
+            let prefix = model_prefix(&model.kind, &model.id);
+            let end = prefix_end(&prefix);
+            for cf in [DIFFS, STATES, HASHES] {
+                batch.delete_range_cf(self.cf(cf), &prefix, &end);
+            }
+        }
         for applied in &folded.applied {
             let prefix = model_prefix(&applied.model.kind, &applied.model.id);
             batch.put_cf(self.cf(DIFFS), offset_key(&prefix, applied.offset), encode_diff(applied));
@@ -128,6 +137,10 @@ impl Store {
             let prefix = model_prefix(&cp.model.kind, &cp.model.id);
             let value = Enc::value().u64(cp.seq).hash(&cp.hash).module(&cp.reducer).bytes(&cp.snapshot).done();
             batch.put_cf(self.cf(STATES), offset_key(&prefix, cp.offset), value);
+            // A checkpoint's hash resolves even where its diff is gone (a replay's base).
+            let mut key = prefix;
+            key.extend_from_slice(cp.hash.as_bytes());
+            batch.put_cf(self.cf(HASHES), key, Enc::value().u64(cp.seq).u64(cp.offset).done());
         }
         for prune in &folded.prunes {
             let prefix = model_prefix(&prune.model.kind, &prune.model.id);
@@ -145,12 +158,47 @@ impl Store {
             let key = offset_key(&partition_prefix(&rejected.topic, rejected.partition), rejected.offset);
             batch.put_cf(self.cf(REJECTS), key, encode_reject(rejected));
         }
+        if let Some(job) = &folded.replay {
+            batch.put_cf(self.cf(REDUCERS), replay_key(&job.kind), encode_replay(job));
+        }
         for (source, position) in positions {
             let key = progress_key(source, &position.topic, position.partition);
             batch.put_cf(self.cf(PROGRESS), key, Enc::value().u64(position.next_offset).done());
         }
         self.db.write_opt(batch, &self.write)?;
         Ok(())
+    }
+
+    /// Writes reducer version records, and a module's bytes, atomically.
+    pub fn put_versions(
+        &self,
+        records: &[VersionRecord],
+        module: Option<(ModuleHash, &[u8])>,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        if let Some((id, bytes)) = module {
+            batch.put_cf(self.cf(REDUCERS), module_key(&id), bytes);
+        }
+        for record in records {
+            batch.put_cf(self.cf(REDUCERS), version_key(&record.name, &record.id), encode_version(record));
+        }
+        self.db.write_opt(batch, &self.write)?;
+        Ok(())
+    }
+
+    /// Deletes version records (old refusals beyond the limit).
+    pub fn delete_versions(&self, name: &str, ids: &[ModuleHash]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for id in ids {
+            batch.delete_cf(self.cf(REDUCERS), version_key(name, id));
+        }
+        self.db.write_opt(batch, &self.write)?;
+        Ok(())
+    }
+
+    /// A stored module (every version that was ever active is kept).
+    pub fn module(&self, id: &ModuleHash) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(REDUCERS), module_key(id))?)
     }
 
     /// The stored position of a source's partition: the next offset to read.
@@ -261,7 +309,7 @@ impl View for Store {
         Ok(self.read().head(model)?)
     }
 
-    fn checkpoint(&self, model: &ModelKey, head: &Head) -> Result<Checkpoint, ViewError> {
+    fn checkpoint(&self, model: &ModelKey, head: &Head) -> Result<History, ViewError> {
         Ok(self.read().checkpoint_before(model, head.checkpoint(), None)?)
     }
 }
@@ -323,6 +371,46 @@ impl Reader<'_> {
             out.extend(decode(&key, &value)?);
         }
         Ok(out)
+    }
+
+    /// Models of a kind.
+    pub fn count(&self, kind: &str) -> Result<u64, StoreError> {
+        let mut prefix = kind.as_bytes().to_vec();
+        prefix.push(0);
+        let mut n = 0u64;
+        self.page(HEADS, &prefix, &prefix, usize::MAX, |_, _| {
+            n += 1;
+            Ok(None::<()>)
+        })?;
+        Ok(n)
+    }
+
+    /// Every recorded version of a reducer, by id.
+    pub fn versions(&self, name: &str) -> Result<Vec<VersionRecord>, StoreError> {
+        let mut prefix = vec![b'v'];
+        prefix.extend_from_slice(name.as_bytes());
+        prefix.push(0);
+        self.page(REDUCERS, &prefix, &prefix, usize::MAX, |key, value| decode_version(name, key, value).map(Some))
+    }
+
+    /// The kind's replay, running or last finished.
+    pub fn replay(&self, kind: &str) -> Result<Option<ReplayJob>, StoreError> {
+        let key = replay_key(kind);
+        let Some(value) = self.snapshot.get_cf(self.store.cf(REDUCERS), &key)? else { return Ok(None) };
+        decode(REDUCERS, &key, &value, |d| {
+            Ok(ReplayJob {
+                kind: kind.to_owned(),
+                reducer: d.module()?,
+                started_ms: d.u64()? as i64,
+                finished_ms: d.opt_i64()?,
+                total: d.u64()?,
+                done: d.u64()?,
+                failed: d.u64()?,
+                first_error: d.opt_bytes()?.map(|b| String::from_utf8_lossy(b).into_owned()),
+                cursor: d.opt_bytes()?.map(|b| String::from_utf8_lossy(b).into_owned()),
+            })
+        })
+        .map(Some)
     }
 
     /// Where `hash` stands in the model's chain, if it is one of its hashes.
@@ -417,7 +505,7 @@ impl Reader<'_> {
         model: &ModelKey,
         at: Option<(u64, u64)>,
         through: Option<u64>,
-    ) -> Result<Checkpoint, StoreError> {
+    ) -> Result<History, StoreError> {
         let (snapshot, prev, seq, after) = match at {
             None => (None, model.genesis(), 0, None),
             Some((seq, offset)) => {
@@ -426,8 +514,8 @@ impl Reader<'_> {
                     return Err(StoreError::corrupt("checkpoint", &key, "named by the head but missing"));
                 };
                 let (stored_seq, hash, snapshot) = decode(STATES, &key, &value, |d| {
-                    let (seq, hash, _reducer) = (d.u64()?, d.hash()?, d.module()?);
-                    Ok((seq, hash, d.bytes()?.to_vec()))
+                    let (seq, hash, reducer) = (d.u64()?, d.hash()?, d.module()?);
+                    Ok((seq, hash, (d.bytes()?.to_vec(), reducer)))
                 })?;
                 if stored_seq != seq {
                     return Err(StoreError::corrupt("checkpoint", &key, format!("seq {stored_seq}, head says {seq}")));
@@ -437,12 +525,14 @@ impl Reader<'_> {
         };
         let diffs = self.diffs(model, after, through.unwrap_or(u64::MAX), prev, seq)?;
         let tail = diffs.iter().map(|d| (d.prev, d.record())).collect();
-        Ok(Checkpoint { snapshot, tail })
+        let applied_by = diffs.iter().map(|d| d.reducer).collect();
+        let (snapshot, snapshot_by) = snapshot.map_or((None, None), |(bytes, by)| (Some(bytes), Some(by)));
+        Ok(History { checkpoint: Checkpoint { snapshot, tail }, snapshot_by, applied_by })
     }
 
     /// The checkpoint to rebuild the version after offset `through` from: the latest
     /// retained one at or before it.
-    pub fn checkpoint_for(&self, model: &ModelKey, head: &Head, through: u64) -> Result<Checkpoint, StoreError> {
+    pub fn checkpoint_for(&self, model: &ModelKey, head: &Head, through: u64) -> Result<History, StoreError> {
         let at = head.checkpoints.iter().rev().find(|(_, offset)| *offset <= through).copied();
         self.checkpoint_before(model, at, Some(through))
     }
@@ -458,6 +548,92 @@ fn decode<T>(
     let out = f(&mut dec).map_err(|m| StoreError::corrupt(what, key, m.0))?;
     dec.finish().map_err(|m| StoreError::corrupt(what, key, m.0))?;
     Ok(out)
+}
+
+/// The first key after every key that starts with `prefix` (which ends in a NUL).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    *end.last_mut().expect("model prefixes end in a separator") += 1;
+    end
+}
+
+fn module_key(id: &ModuleHash) -> Vec<u8> {
+    [&b"m"[..], &id.0].concat()
+}
+
+fn version_key(name: &str, id: &ModuleHash) -> Vec<u8> {
+    [&b"v"[..], name.as_bytes(), &[0], &id.0].concat()
+}
+
+fn replay_key(kind: &str) -> Vec<u8> {
+    [&b"r"[..], kind.as_bytes()].concat()
+}
+
+fn encode_replay(job: &ReplayJob) -> Vec<u8> {
+    Enc::value()
+        .module(&job.reducer)
+        .u64(job.started_ms as u64)
+        .opt_i64(job.finished_ms)
+        .u64(job.total)
+        .u64(job.done)
+        .u64(job.failed)
+        .opt_bytes(job.first_error.as_deref().map(str::as_bytes))
+        .opt_bytes(job.cursor.as_deref().map(str::as_bytes))
+        .done()
+}
+
+fn encode_version(record: &VersionRecord) -> Vec<u8> {
+    let status = match record.status {
+        VersionStatus::Active => 0,
+        VersionStatus::Retired => 1,
+        VersionStatus::Refused => 2,
+    };
+    let (code, message) = record.refusal.clone().unzip();
+    let (declared_name, declared_version) = record.declared.clone().unzip();
+    Enc::value()
+        .u8(status)
+        .opt_bytes(code.as_deref().map(str::as_bytes))
+        .opt_bytes(message.as_deref().map(str::as_bytes))
+        .bytes(record.origin.as_bytes())
+        .opt_bytes(declared_name.as_deref().map(str::as_bytes))
+        .opt_bytes(declared_version.as_deref().map(str::as_bytes))
+        .u64(record.bytes)
+        .u64(record.first_ms as u64)
+        .u64(record.changed_ms as u64)
+        .done()
+}
+
+fn decode_version(name: &str, key: &[u8], value: &[u8]) -> Result<VersionRecord, StoreError> {
+    let id = key
+        .len()
+        .checked_sub(32)
+        .map(|at| ModuleHash(key[at..].try_into().expect("32 bytes")))
+        .ok_or_else(|| StoreError::corrupt("reducer version key", key, "too short"))?;
+    let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8_lossy(b).into_owned());
+    decode(REDUCERS, key, value, |d| {
+        let status = match d.u8()? {
+            0 => VersionStatus::Active,
+            1 => VersionStatus::Retired,
+            2 => VersionStatus::Refused,
+            other => return Err(Malformed(format!("unknown version status {other}"))),
+        };
+        let code = text(d.opt_bytes()?);
+        let message = text(d.opt_bytes()?);
+        let origin = d.string()?;
+        let declared_name = text(d.opt_bytes()?);
+        let declared_version = text(d.opt_bytes()?);
+        Ok(VersionRecord {
+            name: name.to_owned(),
+            id,
+            status,
+            refusal: code.zip(message),
+            origin,
+            declared: declared_name.zip(declared_version),
+            bytes: d.u64()?,
+            first_ms: d.u64()? as i64,
+            changed_ms: d.u64()? as i64,
+        })
+    })
 }
 
 fn encode_head(head: &Head) -> Vec<u8> {

@@ -1,0 +1,168 @@
+//! Routes of hot reload: reducer versions, deploys, replays.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, blocking};
+use crate::app::{App, AppError};
+use crate::deploy::{DeployError, Deployed, VersionRecord};
+use crate::fold::ReplayJob;
+
+#[derive(Serialize)]
+struct VersionBody {
+    version: String,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<serde_json::Value>,
+    origin: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    declared: Option<serde_json::Value>,
+    bytes: u64,
+    first_seen_ms: i64,
+    changed_ms: i64,
+}
+
+impl From<VersionRecord> for VersionBody {
+    fn from(v: VersionRecord) -> VersionBody {
+        VersionBody {
+            version: v.id.to_string(),
+            status: v.status.as_str(),
+            error: v.refusal.map(|(code, message)| serde_json::json!({"code": code, "message": message})),
+            origin: v.origin,
+            declared: v.declared.map(|(name, version)| serde_json::json!({"name": name, "version": version})),
+            bytes: v.bytes,
+            first_seen_ms: v.first_ms,
+            changed_ms: v.changed_ms,
+        }
+    }
+}
+
+impl From<DeployError> for ApiError {
+    fn from(error: DeployError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            DeployError::UnknownReducer(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_reducer", message),
+            DeployError::UnknownVersion { .. } => ApiError::new(StatusCode::NOT_FOUND, "unknown_version", message),
+            DeployError::Refused { code, .. } => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message),
+            DeployError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message),
+            DeployError::Store(e) => AppError::Store(e).into(),
+        }
+    }
+}
+
+/// `GET /v1/reducers`: every reducer, its kinds and its active version.
+pub(super) async fn list(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    let reducers = blocking(&app, |app| {
+        let mut out = Vec::new();
+        for (name, kinds) in app.deployer.names() {
+            let versions = app.deployer.versions(name).map_err(deploy_error)?;
+            let active = versions.into_iter().next().map(VersionBody::from);
+            out.push(serde_json::json!({"name": name, "kinds": kinds.iter().map(|k| &**k).collect::<Vec<_>>(), "active": active}));
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({ "reducers": reducers })).into_response())
+}
+
+/// `GET /v1/reducers/{name}`: its versions, the active one first, then by last change.
+pub(super) async fn show(State(app): State<Arc<App>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let (kinds, versions) = blocking(&app, move |app| {
+        let versions = app.deployer.versions(&name).map_err(deploy_error)?;
+        let kinds: Vec<String> = app.deployer.names()[&name].iter().map(|k| k.to_string()).collect();
+        Ok((kinds, versions))
+    })
+    .await?;
+    let versions: Vec<VersionBody> = versions.into_iter().map(VersionBody::from).collect();
+    Ok(Json(serde_json::json!({"kinds": kinds, "versions": versions})).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct DeployQuery {
+    /// Deploy this stored version again (a rollback) instead of a module in the body.
+    version: Option<String>,
+}
+
+/// `PUT /v1/reducers/{name}`: deploys the module in the body (or `?version=` a stored one).
+/// Answers once it folds (200), or why it was refused (422, the active version goes on).
+pub(super) async fn deploy(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    query: Result<Query<DeployQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let max = app.limits.reducer_module_bytes_max;
+    let body = match body {
+        Ok(body) if body.len() > max => None,
+        Ok(body) => Some(body),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => None,
+        Err(rejection) => return Err(ApiError::bad_request("bad_body", rejection.body_text())),
+    };
+    let Some(body) = body else {
+        let message = format!("the module is larger than reducer_module_bytes_max ({max} bytes)");
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message));
+    };
+    let deployed = match (query.version, body.is_empty()) {
+        (Some(version), true) => {
+            blocking(&app, move |app| app.deployer.redeploy(&name, &version, "http").map_err(deploy_error)).await
+        }
+        (Some(_), false) => {
+            return Err(ApiError::bad_request("bad_query", "send either a module or ?version=, not both"));
+        }
+        (None, _) => {
+            blocking(&app, move |app| app.deployer.deploy(&name, body.to_vec(), "http").map_err(deploy_error)).await
+        }
+    }?;
+    Ok(Json(deployed_body(deployed)).into_response())
+}
+
+fn deployed_body(deployed: Deployed) -> serde_json::Value {
+    serde_json::json!({
+        "version": VersionBody::from(deployed.version),
+        "unchanged": deployed.unchanged,
+        "models_moved": deployed.moved,
+        "pause_ms": deployed.pause.as_secs_f64() * 1e3,
+    })
+}
+
+/// Deploy errors travel through `blocking` as application errors.
+fn deploy_error(error: DeployError) -> AppError {
+    AppError::Deploy(Box::new(error))
+}
+
+fn replay_body(job: ReplayJob) -> serde_json::Value {
+    serde_json::json!({
+        "kind": job.kind,
+        "reducer": job.reducer.to_string(),
+        "state": if job.finished_ms.is_some() { "finished" } else { "running" },
+        "models_total": job.total,
+        "models_done": job.done,
+        "models_failed": job.failed,
+        "first_error": job.first_error,
+        "started_ms": job.started_ms,
+        "finished_ms": job.finished_ms,
+    })
+}
+
+/// `POST /v1/kinds/{kind}/replay`: starts a replay (202), or 409 if one runs.
+pub(super) async fn start_replay(State(app): State<Arc<App>>, Path(kind): Path<String>) -> Result<Response, ApiError> {
+    let job = blocking(&app, move |app| app.start_replay(&kind)).await?;
+    Ok((StatusCode::ACCEPTED, Json(replay_body(job))).into_response())
+}
+
+/// `GET /v1/kinds/{kind}/replay`: the latest replay's progress.
+pub(super) async fn replay(State(app): State<Arc<App>>, Path(kind): Path<String>) -> Result<Response, ApiError> {
+    let job = blocking(&app, move |app| app.replay(&kind)).await?;
+    match job {
+        Some(job) => Ok(Json(replay_body(job)).into_response()),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "no_replay", "no replay of this kind has run")),
+    }
+}

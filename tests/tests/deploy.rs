@@ -1,0 +1,298 @@
+//! Hot reload against a real server: a new `counter` version deployed (through the reducers
+//! directory and through `PUT /v1/reducers/counter`) while 1,000 diffs/s stream in over
+//! 1,000 models, with SSE clients following; bad uploads; restart with the store's
+//! versions; replay after a behaviour change.
+//!
+//! `counter` v1 keeps an integer; v2 (`reducers/counter-v2`) keeps `{value, max}` and reads
+//! v1 states. The reference fold below applies each stored diff by the version recorded
+//! with it, moving a state from v1 to v2 the way v2's `restore` does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::prelude::*;
+use serde_json::{Value, json};
+use statefold::config::{Config, KindConfig, Limits};
+use statefold::fold::ModelKey;
+use statefold::reducer::ModuleHash;
+use statefold::store::{Store, StoreOptions};
+use statefold_tests::http::{SseStream, TestServer};
+use tokio::sync::Mutex;
+
+const MODELS: usize = 1000;
+const FOLLOWED: usize = 20;
+
+fn module(name: &str) -> Vec<u8> {
+    std::fs::read(statefold_tests::wasm(name)).expect("built reducer")
+}
+
+/// A data dir whose `reducers/` holds `counter.wasm` (v1) and `document.wasm`.
+fn setup() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let reducers = dir.path().join("reducers");
+    std::fs::create_dir(&reducers).unwrap();
+    std::fs::write(reducers.join("counter.wasm"), module("counter")).unwrap();
+    std::fs::write(reducers.join("document.wasm"), module("document")).unwrap();
+    (dir, reducers)
+}
+
+fn config(data: &Path, reducers: &Path) -> Config {
+    let kind = |name: &str| KindConfig { name: name.into(), reducer: format!("{name}.wasm").into(), topic: None };
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data.to_owned(),
+        reducers_dir: reducers.to_owned(),
+        kinds: vec![kind("counter"), kind("document")],
+        kafka: None,
+        limits: Limits { reducer_watch_interval_ms: 100, reducer_resident_models_max: 100, ..Limits::default() },
+    }
+}
+
+async fn start(dir: tempfile::TempDir, reducers: &Path) -> TestServer {
+    let config = config(dir.path(), reducers);
+    TestServer::start_config(dir, config).await
+}
+
+/// A counter state under either version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counter {
+    V1(i64),
+    V2 { value: i64, max: i64 },
+}
+
+impl Counter {
+    fn json(self) -> Value {
+        match self {
+            Counter::V1(n) => json!(n),
+            Counter::V2 { value, max } => json!({"value": value, "max": max}),
+        }
+    }
+}
+
+/// The reference fold: each diff by the version that applied it (v1 or v2), a state moving
+/// from v1 to v2 as v2's `restore` reads it.
+fn reference(diffs: &[(ModuleHash, i64)], v1: ModuleHash, v2: ModuleHash) -> Counter {
+    let mut state = Counter::V1(0);
+    for &(by, delta) in diffs {
+        state = match (state, by) {
+            (Counter::V1(n), by) if by == v1 => Counter::V1(n + delta),
+            (Counter::V1(n), by) if by == v2 => {
+                let value = n + delta;
+                Counter::V2 { value, max: n.max(0).max(value) }
+            }
+            (Counter::V2 { value, max }, by) if by == v2 => {
+                Counter::V2 { value: value + delta, max: max.max(value + delta) }
+            }
+            other => panic!("unexpected version sequence: {other:?}"),
+        };
+    }
+    state
+}
+
+fn delta_of(payload: &[u8]) -> i64 {
+    let diff: Value = serde_json::from_slice(payload).unwrap();
+    diff.get("add").and_then(Value::as_i64).or_else(|| diff.get("sub").and_then(Value::as_i64).map(|n| -n)).unwrap()
+}
+
+/// What an SSE client saw: it checks the chain as it goes.
+#[derive(Default, Debug)]
+struct Follower {
+    hash: Option<String>,
+    seq: u64,
+    resets: Vec<String>,
+    events: usize,
+}
+
+impl Follower {
+    fn see(&mut self, who: &str, event: &statefold_tests::http::SseEvent) {
+        if event.event == "message" {
+            return; // `retry:`
+        }
+        let data = event.json();
+        self.events += 1;
+        match event.event.as_str() {
+            "reset" => {
+                self.resets.push(data["reason"].as_str().unwrap().to_owned());
+                self.hash = None;
+            }
+            "snapshot" => {
+                assert!(self.hash.is_none(), "{who}: a snapshot without a reset while holding a hash");
+                self.hash = Some(data["hash"].as_str().unwrap().to_owned());
+                self.seq = data["seq"].as_u64().unwrap();
+            }
+            "patch" => {
+                assert_eq!(data["from"].as_str(), self.hash.as_deref(), "{who}: patch from another hash");
+                assert!(data["seq"].as_u64().unwrap() > self.seq, "{who}: patch does not move forward");
+                self.hash = Some(data["to"].as_str().unwrap().to_owned());
+                self.seq = data["seq"].as_u64().unwrap();
+            }
+            "diff" => {
+                assert_eq!(data["prev"].as_str(), self.hash.as_deref(), "{who}: gap before seq {}", data["seq"]);
+                assert_eq!(data["seq"].as_u64().unwrap(), self.seq + 1, "{who}: seq does not follow");
+                self.hash = Some(data["hash"].as_str().unwrap().to_owned());
+                self.seq += 1;
+            }
+            "synced" => assert_eq!(data["hash"].as_str(), self.hash.as_deref(), "{who}: synced elsewhere"),
+            other => panic!("{who}: unexpected event {other}"),
+        }
+    }
+}
+
+/// Follows `id` until the server stops or the test drops the task.
+fn follow(mut stream: SseStream, id: String, follower: Arc<Mutex<Follower>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(event) = stream.next().await {
+            follower.lock().await.see(&id, &event);
+        }
+    })
+}
+
+/// Sends `rate` diffs per second for `duration` to random models (fire and forget);
+/// returns each model's sent diffs as (offset, delta).
+async fn stream_diffs(server: Arc<TestServer>, rate: usize, duration: Duration) -> BTreeMap<String, Vec<(u64, i64)>> {
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut sent: BTreeMap<String, Vec<(u64, i64)>> = BTreeMap::new();
+    let per_tick = rate / 100;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let batch: Vec<(String, i64)> =
+            (0..per_tick).map(|_| (format!("m{}", rng.random_range(0..MODELS)), rng.random_range(-50..100))).collect();
+        let answers = futures_util::future::join_all(batch.iter().map(|(id, delta)| {
+            let body = if *delta < 0 { json!({"sub": -delta}) } else { json!({"add": delta}) };
+            let server = server.clone();
+            let path = format!("/v1/models/counter/{id}/diffs");
+            async move { server.post(&path, body.to_string()).await }
+        }))
+        .await;
+        for ((id, delta), (status, body)) in batch.into_iter().zip(answers) {
+            assert_eq!(status, 202, "{body}");
+            sent.entry(id).or_default().push((body["offset"].as_u64().unwrap(), delta));
+        }
+    }
+    sent
+}
+
+/// Deploys v2 of `counter` with `deploy` 1.5 s into a 5 s stream of 1,000 diffs/s over
+/// 1,000 models, and checks everything the issue asks.
+async fn deploy_under_load<F, Fut>(deploy: F)
+where
+    F: FnOnce(Arc<TestServer>, PathBuf) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (dir, reducers) = setup();
+    let server = Arc::new(start(dir, &reducers).await);
+    let v1 = ModuleHash::of(&module("counter"));
+    let v2 = ModuleHash::of(&module("counter_v2"));
+    // Every model exists before the load, and 20 of them have a follower from the start.
+    let mut followers = Vec::new();
+    let ids: Vec<String> = (0..MODELS).map(|i| format!("m{i}")).collect();
+    for chunk in ids.chunks(50) {
+        futures_util::future::join_all(chunk.iter().map(|id| server.create("counter", id))).await;
+    }
+    for i in 0..FOLLOWED {
+        let follower = Arc::new(Mutex::new(Follower::default()));
+        let stream = server.events("counter", &format!("m{i}"), None).await;
+        followers.push((format!("m{i}"), follower.clone(), follow(stream, format!("m{i}"), follower)));
+    }
+
+    let load = tokio::spawn(stream_diffs(server.clone(), 1000, Duration::from_secs(5)));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    deploy(server.clone(), reducers.clone()).await;
+    let mut sent = load.await.unwrap();
+    for i in 0..MODELS {
+        sent.entry(format!("m{i}")).or_default();
+    }
+
+    // Wait until every model has folded what was sent, then read states and heads.
+    let mut states: HashMap<String, Value> = HashMap::new();
+    let mut heads: HashMap<String, String> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (id, diffs) in &sent {
+        loop {
+            let (status, body) = server.get(&format!("/v1/models/counter/{id}")).await;
+            assert_eq!(status, 200, "{body}");
+            if body["seq"].as_u64().unwrap() == diffs.len() as u64 {
+                states.insert(id.clone(), body["state"].clone());
+                heads.insert(id.clone(), body["hash"].as_str().unwrap().to_owned());
+                break;
+            }
+            assert!(Instant::now() < deadline, "{id} not folded: {body}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Followers reach the head with no gap (checked event by event).
+    for (id, follower, _) in &followers {
+        let head = &heads[id];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while follower.lock().await.hash.as_deref() != Some(head) {
+            assert!(Instant::now() < deadline, "{id}: follower never reached the head");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(follower.lock().await.resets.is_empty(), "{id}: a deploy must not reset clients");
+    }
+    let (status, versions) = server.get("/v1/reducers/counter").await;
+    assert_eq!(status, 200);
+    assert_eq!(versions["versions"][0]["version"], v2.to_string(), "{versions}");
+    assert_eq!(versions["versions"][0]["status"], "active");
+    assert_eq!(versions["versions"][0]["declared"], json!({"name": "counter", "version": "2.0.0"}));
+    assert_eq!(versions["versions"][1]["version"], v1.to_string());
+    assert_eq!(versions["versions"][1]["status"], "retired");
+
+    for (_, _, task) in followers {
+        task.abort();
+    }
+    let server = Arc::into_inner(server).expect("no other user of the server");
+    let dir = server.stop().await;
+
+    // The store: every sent diff applied once, each by the version active at its offset,
+    // and every state equal to the reference fold of its diffs by their versions.
+    let store = Store::open(&dir.path().join("db"), &StoreOptions { fsync: false }).unwrap();
+    let reader = store.read();
+    let mut by_offset: Vec<(u64, ModuleHash)> = Vec::new();
+    for (id, diffs) in &sent {
+        let model = ModelKey::new("counter", id);
+        let stored = reader.diffs(&model, None, u64::MAX, model.genesis(), 0).unwrap();
+        let offsets: Vec<u64> = stored.iter().map(|d| d.offset).collect();
+        let mut expected: Vec<u64> = diffs.iter().map(|d| d.0).collect();
+        expected.sort();
+        assert_eq!(offsets, expected, "{id}: every sent diff applied exactly once");
+        let versions: Vec<(ModuleHash, i64)> = stored.iter().map(|d| (d.reducer, delta_of(&d.payload))).collect();
+        assert_eq!(reference(&versions, v1, v2).json(), states[id], "{id}: {versions:?}");
+        by_offset.extend(stored.iter().map(|d| (d.offset, d.reducer)));
+    }
+    by_offset.sort();
+    let switch = by_offset.iter().position(|(_, by)| *by == v2).expect("some diffs applied by v2");
+    assert!(switch > 500, "the load's first diffs were applied by v1");
+    let late_v1: Vec<u64> = by_offset[switch..].iter().filter(|(_, by)| *by != v2).map(|d| d.0).collect();
+    assert!(late_v1.is_empty(), "diffs after the swap applied by v1: {late_v1:?}");
+    assert!(by_offset.len() - switch > 1000, "the load went on after the swap");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_through_the_directory_under_load() {
+    deploy_under_load(|_server, reducers| async move {
+        // Written next to it and renamed in, as deploy tools do; `cp` works too (below).
+        std::fs::write(reducers.join("counter.wasm.tmp"), module("counter_v2")).unwrap();
+        std::fs::rename(reducers.join("counter.wasm.tmp"), reducers.join("counter.wasm")).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_through_http_under_load() {
+    deploy_under_load(|server, _| async move {
+        let response =
+            server.client.put(server.url("/v1/reducers/counter")).body(module("counter_v2")).send().await.unwrap();
+        let (status, body) = statefold_tests::http::json_of(response).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["version"]["status"], "active");
+        assert_eq!(body["unchanged"], false);
+        assert!(body["models_moved"].as_u64().unwrap() > 0, "{body}");
+        assert!(body["pause_ms"].as_f64().unwrap() >= 0.0, "{body}");
+    })
+    .await;
+}
