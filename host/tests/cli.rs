@@ -27,3 +27,49 @@ fn cli_check_prints_what_a_reducer_declares() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("a core WebAssembly module, not a component"), "{stderr}");
 }
+
+mod common;
+
+/// `statefold replay KIND` against a running server: starts the replay, prints progress,
+/// exits 0 when every model is rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_replay_runs_a_replay_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = common::Serve::start_with(dir.path(), &["--replay-page-models".into(), "2".into()]);
+    let client = reqwest::Client::new();
+    serve.wait_ready(&client).await;
+    for i in 0..5 {
+        let create = client.post(format!("{}/v1/models/counter", serve.url)).body(format!(r#"{{"id":"m{i}"}}"#));
+        assert_eq!(create.send().await.unwrap().status(), 201);
+        let url = format!("{}/v1/models/counter/m{i}/diffs?wait=applied", serve.url);
+        let answer = client.post(url).body(r#"{"add": 2}"#).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let before: serde_json::Value =
+        client.get(format!("{}/v1/models/counter/m3", serve.url)).send().await.unwrap().json().await.unwrap();
+    let url = serve.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_statefold"))
+            .args(["replay", "counter", "--interval-s", "0.05", "--url", &url])
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.trim_end().ends_with("replay counter: 5/5 models rebuilt, 0 failed (finished)"), "{stdout}");
+    let after: serde_json::Value =
+        client.get(format!("{}/v1/models/counter/m3", serve.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!((&after["state"], &after["seq"]), (&before["state"], &before["seq"]), "same reducer, same state");
+    assert_ne!(after["hash"], before["hash"], "a replay starts a new chain");
+    // An unknown kind: the server's error, exit 1.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_statefold"))
+        .args(["replay", "nope", "--url", &serve.url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown kind"), "{}", String::from_utf8_lossy(&out.stderr));
+    serve.signal("TERM");
+    assert!(serve.wait().success());
+}

@@ -296,3 +296,253 @@ async fn deploy_through_http_under_load() {
     })
     .await;
 }
+
+async fn put_module(server: &TestServer, path: &str, module: Vec<u8>) -> (u16, Value) {
+    let response = server.client.put(server.url(path)).body(module).send().await.unwrap();
+    statefold_tests::http::json_of(response).await
+}
+
+async fn versions(server: &TestServer) -> Vec<Value> {
+    let (status, body) = server.get("/v1/reducers/counter").await;
+    assert_eq!(status, 200, "{body}");
+    body["versions"].as_array().unwrap().clone()
+}
+
+/// `module` with a custom section appended: another version that behaves the same.
+fn with_custom_section(mut module: Vec<u8>, tag: &str) -> Vec<u8> {
+    let name = b"statefold-test";
+    let payload = tag.as_bytes();
+    let size = 1 + name.len() + payload.len();
+    assert!(size < 128 && name.len() < 128, "one-byte LEB128 sizes");
+    module.extend([0, size as u8, name.len() as u8]);
+    module.extend_from_slice(name);
+    module.extend_from_slice(payload);
+    module
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_are_refused_each_with_its_reason_while_v1_folds() {
+    let (dir, reducers) = setup();
+    let mut config = config(dir.path(), &reducers);
+    config.limits.reducer_module_bytes_max = 4 << 20;
+    let server = TestServer::start_config(dir, config).await;
+    let v1 = ModuleHash::of(&module("counter")).to_string();
+    server.create("counter", "c").await;
+    let mut expected = 0;
+    // v1 folds between every attempt: the state stays v1's integer.
+    let mut still_v1 = async |step: &str| {
+        expected += 7;
+        server.apply("counter", "c", r#"{"add": 7}"#).await;
+        let (_, body) = server.get("/v1/models/counter/c").await;
+        assert_eq!(body["state"], json!(expected), "after {step}");
+        assert_eq!(versions(&server).await[0]["version"], v1, "after {step}");
+    };
+    still_v1("start").await;
+
+    let component = |export: &str| {
+        wat::parse_str(format!(r#"(component (instance $i) (export "{export}" (instance $i)))"#)).unwrap()
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("text", b"#!/bin/sh\necho not a reducer\n".to_vec(), "not_wasm"),
+        ("core module", wat::parse_str(r#"(module (func (export "apply")))"#).unwrap(), "core_module"),
+        ("wrong world", component("acme:shop/cart@1.0.0"), "wrong_world"),
+        ("newer contract", component("statefold:reducer/reducer@0.2.0"), "incompatible_version"),
+        ("hollow export", component("statefold:reducer/reducer@0.1.0"), "contract_mismatch"),
+        ("truncated", module("counter_v2")[..5000].to_vec(), "truncated"),
+        ("restore traps", module("restore"), "restore_failed"),
+    ];
+    for (what, bytes, code) in &cases {
+        let (status, body) = put_module(&server, "/v1/reducers/counter", bytes.clone()).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (422, Some(*code)), "{what}: {body}");
+        still_v1(what).await;
+    }
+    let restore = &cases.last().unwrap();
+    let (_, body) = put_module(&server, "/v1/reducers/counter", restore.1.clone()).await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("trapping on purpose in restore"), "{body}");
+
+    // Too large, unknown reducer, a stored version that does not exist: plain errors.
+    // (Its own connection: the server answers before reading the body, then closes.)
+    let once = reqwest::Client::new();
+    let response = once.put(server.url("/v1/reducers/counter")).body(vec![0; 5 << 20]).send().await.unwrap();
+    let (status, body) = statefold_tests::http::json_of(response).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("too_large")), "{body}");
+    let (status, body) = put_module(&server, "/v1/reducers/nope", module("counter_v2")).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_reducer")), "{body}");
+    let (status, body) =
+        put_module(&server, &format!("/v1/reducers/counter?version={}", "ab".repeat(32)), Vec::new()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_version")), "{body}");
+
+    // A half-written file in the directory: refused as truncated, never loaded; the
+    // completed file is deployed.
+    let v2 = module("counter_v2");
+    std::fs::write(reducers.join("counter.wasm"), &v2[..v2.len() / 2]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let truncated = loop {
+        let listed = versions(&server).await;
+        if let Some(v) = listed.iter().find(|v| v["origin"] == "directory") {
+            break v.clone();
+        }
+        assert!(Instant::now() < deadline, "the half-written file was never looked at: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(truncated["status"], "refused");
+    assert_eq!(truncated["error"]["code"], "truncated", "{truncated}");
+    still_v1("half-written file").await;
+    std::fs::write(reducers.join("counter.wasm"), &v2).unwrap();
+    let v2_id = ModuleHash::of(&v2).to_string();
+    while versions(&server).await[0]["version"] != v2_id {
+        assert!(Instant::now() < deadline + Duration::from_secs(10), "the completed file was not deployed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.apply("counter", "c", r#"{"sub": 100}"#).await;
+    let (_, body) = server.get("/v1/models/counter/c").await;
+    assert_eq!(body["state"], json!({"value": expected - 100, "max": expected}));
+
+    // Every refusal is listed with its code; the active version first, v1 retired.
+    let listed = versions(&server).await;
+    let codes: Vec<&str> = listed.iter().filter_map(|v| v["error"]["code"].as_str()).collect();
+    for (_, _, code) in &cases {
+        assert!(codes.contains(code), "{code} not listed: {listed:?}");
+    }
+    assert_eq!(listed.iter().filter(|v| v["status"] == "active").count(), 1);
+    assert!(listed.iter().any(|v| v["version"] == v1 && v["status"] == "retired"));
+    // Rolling back to v1 is refused too: v1 cannot read v2's states. That is the reducer's
+    // contract (restore), checked like any deploy.
+    let (status, body) = put_module(&server, &format!("/v1/reducers/counter?version={v1}"), Vec::new()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("restore_failed")), "{body}");
+    let (status, _) = server.get("/v1/models/document").await;
+    assert_eq!(status, 200, "other kinds unaffected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_the_active_versions_and_rollback_redeploys_a_stored_one() {
+    let (dir, reducers) = setup();
+    let server = start(dir, &reducers).await;
+    server.create("counter", "c").await;
+    server.apply("counter", "c", r#"{"add": 5}"#).await;
+    let v2 = module("counter_v2");
+    let v2b = with_custom_section(v2.clone(), "b");
+    let (v2_id, v2b_id) = (ModuleHash::of(&v2).to_string(), ModuleHash::of(&v2b).to_string());
+    assert_eq!(put_module(&server, "/v1/reducers/counter", v2).await.0, 200);
+    let (status, body) = put_module(&server, "/v1/reducers/counter", v2b).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"]["version"], v2b_id);
+    // Deploying the active version again changes nothing.
+    let (status, body) = put_module(&server, &format!("/v1/reducers/counter?version={v2b_id}"), Vec::new()).await;
+    assert_eq!((status, body["unchanged"].as_bool()), (200, Some(true)), "{body}");
+    // Rollback: deploy the stored v2 again by its id.
+    let (status, body) = put_module(&server, &format!("/v1/reducers/counter?version={v2_id}"), Vec::new()).await;
+    assert_eq!(status, 200, "{body}");
+    let listed = versions(&server).await;
+    let status_of = |id: &str| listed.iter().find(|v| v["version"] == id).map(|v| v["status"].clone());
+    assert_eq!(status_of(&v2_id), Some(json!("active")));
+    assert_eq!(status_of(&v2b_id), Some(json!("retired")));
+    server.apply("counter", "c", r#"{"add": 1}"#).await;
+
+    // The directory still holds v1 (HTTP deploys do not write it) and changes while the
+    // server is down: the restart keeps the store's active version.
+    let dir = server.stop().await;
+    std::fs::write(reducers.join("counter.wasm"), with_custom_section(module("counter"), "while down")).unwrap();
+    let server = start(dir, &reducers).await;
+    assert_eq!(versions(&server).await[0]["version"], v2_id);
+    server.apply("counter", "c", r#"{"add": 1}"#).await;
+    let (_, body) = server.get("/v1/models/counter/c").await;
+    assert_eq!(body["state"], json!({"value": 7, "max": 7}));
+    let (_, list) = server.get("/v1/reducers").await;
+    assert_eq!(list["reducers"][0]["name"], "counter", "{list}");
+    assert_eq!(list["reducers"][0]["kinds"], json!(["counter"]));
+    assert_eq!(list["reducers"][0]["active"]["version"], v2_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rebuilds_states_with_the_new_reducer_and_resets_old_hashes() {
+    let (dir, reducers) = setup();
+    let mut config = config(dir.path(), &reducers);
+    config.limits.checkpoint_interval_diffs = 4;
+    config.limits.replay_page_models = 4;
+    let server = TestServer::start_config(dir, config).await;
+    let diffs = [r#"{"add": 50}"#, r#"{"sub": 30}"#, r#"{"add": 5}"#, r#"{"sub": 10}"#, r#"{"add": 2}"#];
+    for i in 0..10 {
+        server.create("counter", &format!("r{i}")).await;
+        for diff in &diffs[..=i % diffs.len()] {
+            server.apply("counter", &format!("r{i}"), diff).await;
+        }
+    }
+    // `p` has 13 diffs: checkpoints at seq 4, 8 and 12; two are kept, diffs up to seq 8
+    // pruned. Its replay starts from the oldest retained checkpoint (value 12), so its max
+    // is 27, not 100.
+    server.create("counter", "p").await;
+    let pruned = [r#"{"add": 100}"#, r#"{"sub": 100}"#, r#"{"sub": 1}"#, r#"{"add": 1}"#];
+    for diff in pruned.iter().chain([r#"{"add": 3}"#; 9].iter()) {
+        server.apply("counter", "p", diff).await;
+    }
+    let follower = Arc::new(Mutex::new(Follower::default()));
+    let task = follow(server.events("counter", "r4", None).await, "r4".into(), follower.clone());
+    assert_eq!(put_module(&server, "/v1/reducers/counter", module("counter_v2")).await.0, 200);
+    // Moved by restore: v2 starts `max` at the value it found (17), not the peak (50).
+    server.apply("counter", "r4", r#"{"add": 1}"#).await;
+    let (_, before) = server.get("/v1/models/counter/r4").await;
+    assert_eq!(before["state"], json!({"value": 18, "max": 18}));
+    let old_hash = before["hash"].as_str().unwrap().to_owned();
+
+    let (status, job) = server.post("/v1/kinds/counter/replay", "").await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["models_total"], 11);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let (status, job) = server.get("/v1/kinds/counter/replay").await;
+        assert_eq!(status, 200);
+        if job["state"] == "finished" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "replay did not finish: {job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!((job["models_done"].as_u64(), job["models_failed"].as_u64()), (Some(11), Some(0)), "{job}");
+
+    // States as v2 defines them over the retained history (all of it for the `r` models).
+    for i in 0..10 {
+        let (_, body) = server.get(&format!("/v1/models/counter/r{i}")).await;
+        let (mut value, mut max) = (0i64, 0i64);
+        let extra = if i == 4 { [r#"{"add": 1}"#].as_slice() } else { &[] };
+        for diff in diffs[..=i % diffs.len()].iter().chain(extra) {
+            value += delta_of(diff.as_bytes());
+            max = max.max(value);
+        }
+        assert_eq!(body["state"], json!({"value": value, "max": max}), "r{i}: {body}");
+        assert_eq!(body["seq"].as_u64().unwrap() as usize, i % diffs.len() + 1 + extra.len(), "r{i}: seq kept");
+    }
+    let (_, body) = server.get("/v1/models/counter/p").await;
+    assert_eq!((body["state"].clone(), body["seq"].as_u64()), (json!({"value": 27, "max": 27}), Some(13)), "{body}");
+    // A client holding a pre-replay hash: reset + snapshot, never a patch.
+    let mut stream = server.events("counter", "r4", Some(&old_hash)).await;
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let event = stream.next_within(Duration::from_secs(5)).await.unwrap();
+        if event.event != "message" {
+            seen.push((event.event.clone(), event.json()));
+        }
+    }
+    assert_eq!(seen[0], ("reset".into(), json!({"reason": "unknown"})));
+    assert_eq!(seen[1].0, "snapshot");
+    assert_eq!(seen[1].1["state"], json!({"value": 18, "max": 50}));
+    assert_ne!(seen[1].1["hash"].as_str(), Some(old_hash.as_str()));
+    assert_eq!(seen[2].0, "synced");
+    // The client that was following live got the same: a reset, then the new state.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while follower.lock().await.hash.as_deref() != seen[1].1["hash"].as_str() {
+        assert!(
+            Instant::now() < deadline,
+            "the live follower was not moved to the new chain: {:?}",
+            follower.lock().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(follower.lock().await.resets, vec!["unknown".to_owned()]);
+    task.abort();
+    // A second replay is accepted once the first finished; the API says if one runs.
+    let (status, _) = server.post("/v1/kinds/counter/replay", "").await;
+    assert_eq!(status, 202);
+    let (status, body) = server.post("/v1/kinds/nope/replay", "").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_kind")));
+}

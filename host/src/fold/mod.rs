@@ -446,7 +446,8 @@ impl Engine {
         let model = ModelKey::new(kind, id);
         let Some(head) = view.head(&model).map_err(FoldError::View)? else { return Ok(Err("no such model".into())) };
         let Some(last_offset) = head.offset else { return Ok(Ok(())) }; // no diffs: nothing to rebuild
-        let oldest = head.checkpoints.first().copied();
+        // While nothing was pruned, every diff is retained: rebuild from the empty state.
+        let oldest = head.pruned_through.and(head.checkpoints.first().copied());
         let mut probe = head.clone();
         probe.checkpoints = oldest.into_iter().collect();
         let history = view.checkpoint(&model, &probe).map_err(FoldError::View)?;
