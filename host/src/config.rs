@@ -112,6 +112,9 @@ limits! {
     /// Stored checkpoints restored into a new version (off the fold thread) before it is
     /// swapped in; a version that cannot restore one is refused.
     deploy_check_models_max: usize = 10_000;
+    /// Resident models a deploy moves to the new instance between two batches (snapshot on
+    /// the old version, restore on the new): bounds the pause folding sees.
+    deploy_move_models_max: usize = 1000;
     /// Refused versions remembered per reducer (oldest forgotten first).
     reducer_refused_kept_max: usize = 100;
     /// Past reducer versions kept instantiated per kind, to rebuild states they applied.
@@ -154,6 +157,7 @@ impl Limits {
             ("reducer_watch_interval_ms", self.reducer_watch_interval_ms),
             ("reducer_module_bytes_max", self.reducer_module_bytes_max as u64),
             ("reducer_refused_kept_max", self.reducer_refused_kept_max as u64),
+            ("deploy_move_models_max", self.deploy_move_models_max as u64),
             ("reducer_versions_resident_max", self.reducer_versions_resident_max as u64),
             ("replay_page_models", self.replay_page_models as u64),
             ("diff_bytes_max", self.diff_bytes_max as u64),

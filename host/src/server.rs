@@ -138,7 +138,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let fold = {
         let app = app.clone();
-        let control = Control { swaps, replay_page_models: limits.replay_page_models };
+        let control = Control {
+            swaps,
+            replay_page_models: limits.replay_page_models,
+            deploy_move_models_max: limits.deploy_move_models_max,
+        };
         std::thread::Builder::new()
             .name("fold".into())
             .spawn(move || fold_loop(source, engine, &app, &committed_tx, &control))?
@@ -209,6 +213,7 @@ fn active_version(registry: &Registry, name: &str, path: &Path) -> anyhow::Resul
 struct Control {
     swaps: Receiver<Swap>,
     replay_page_models: usize,
+    deploy_move_models_max: usize,
 }
 
 /// Reads batches from the source, folds them, commits each in one WriteBatch with the
@@ -224,10 +229,18 @@ fn fold_loop(
 ) {
     let status = &app.status;
     let batch_max = app.limits.batch_records_max;
+    let mut deploying: Option<Deploying> = None;
     while !status.stop.is_cancelled() {
-        while let Ok(swap) = control.swaps.try_recv() {
-            if let Err(e) = apply_swap(&mut engine, app, swap) {
-                return status.fatal(format!("deploy: {e}"));
+        if deploying.is_none()
+            && let Ok(swap) = control.swaps.try_recv()
+        {
+            engine.begin_swap(&swap.kinds, &swap.reducer);
+            deploying = Some(Deploying { swap, started: Instant::now(), longest: Duration::ZERO });
+        }
+        if let Some(deploy) = deploying.take() {
+            match continue_swap(&mut engine, app, deploy, control.deploy_move_models_max) {
+                Ok(still) => deploying = still,
+                Err(e) => return status.fatal(format!("deploy: {e}")),
             }
         }
         for job in app.replays_running() {
@@ -235,7 +248,9 @@ fn fold_loop(
                 return status.fatal(format!("replay: {e}"));
             }
         }
-        let records = match source.poll(batch_max, Duration::from_millis(100)) {
+        // While a swap is in progress, come back to it soon even when the log is idle.
+        let wait = Duration::from_millis(if deploying.is_some() { 1 } else { 100 });
+        let records = match source.poll(batch_max, wait) {
             Ok(records) => records,
             Err(e) => return status.fatal(format!("source {}: {e}", source.name())),
         };
@@ -267,18 +282,41 @@ fn fold_loop(
     }
 }
 
-/// Swaps a deployed version in and records it; the deployer gets the outcome.
-fn apply_swap(engine: &mut Engine, app: &App, swap: Swap) -> Result<(), StoreError> {
-    let started = Instant::now();
-    let result = engine.swap(&swap.kinds, &swap.reducer);
+/// A deploy the fold loop is swapping in.
+struct Deploying {
+    swap: Swap,
+    started: Instant,
+    /// The longest step so far: the pause folding saw.
+    longest: Duration,
+}
+
+/// One step of a swap (a chunk of models moved, between two batches). When it is done the
+/// version records are committed and the deployer told; `Ok(None)` then.
+fn continue_swap(
+    engine: &mut Engine,
+    app: &App,
+    mut deploy: Deploying,
+    budget: usize,
+) -> Result<Option<Deploying>, StoreError> {
+    let step = Instant::now();
+    let Some(result) = engine.continue_swap(budget) else {
+        deploy.longest = deploy.longest.max(step.elapsed());
+        return Ok(Some(deploy));
+    };
+    let swap = deploy.swap;
     if result.is_ok() {
         app.store.put_versions(&swap.records, Some((swap.reducer.id(), &swap.module)))?;
     }
-    let pause = started.elapsed();
+    let pause = deploy.longest.max(step.elapsed());
     app.status.swap_pause(pause);
+    tracing::debug!(
+        took_ms = deploy.started.elapsed().as_millis() as u64,
+        longest_pause_us = pause.as_micros() as u64,
+        "swap done"
+    );
     // The deployer may have given up waiting (it is stopping): nothing to tell.
     let _ = swap.reply.send(result.map(|moved| (moved, pause)));
-    Ok(())
+    Ok(None)
 }
 
 /// Rebuilds the next page of a replay's models and commits them with its progress.

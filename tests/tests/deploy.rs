@@ -46,7 +46,18 @@ fn config(data: &Path, reducers: &Path) -> Config {
         reducers_dir: reducers.to_owned(),
         kinds: vec![kind("counter"), kind("document")],
         kafka: None,
-        limits: Limits { reducer_watch_interval_ms: 100, reducer_resident_models_max: 100, ..Limits::default() },
+        limits: Limits {
+            reducer_watch_interval_ms: 100,
+            reducer_resident_models_max: 100,
+            // A swap in 2-model steps, over many batches: models folded while it runs are
+            // copied again.
+            deploy_move_models_max: 2,
+            // Checkpoints are snapshots of the fold instance's states, so what a swap moved
+            // shows in what is read; none pruned, so every diff can be checked.
+            checkpoint_interval_diffs: 2,
+            retain_checkpoints: 10_000,
+            ..Limits::default()
+        },
     }
 }
 
@@ -459,6 +470,7 @@ async fn replay_rebuilds_states_with_the_new_reducer_and_resets_old_hashes() {
     let (dir, reducers) = setup();
     let mut config = config(dir.path(), &reducers);
     config.limits.checkpoint_interval_diffs = 4;
+    config.limits.retain_checkpoints = 2;
     config.limits.replay_page_models = 4;
     let server = TestServer::start_config(dir, config).await;
     let diffs = [r#"{"add": 50}"#, r#"{"sub": 30}"#, r#"{"add": 5}"#, r#"{"sub": 10}"#, r#"{"add": 2}"#];

@@ -8,7 +8,7 @@
 mod catchup;
 mod versions;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
@@ -356,6 +356,8 @@ pub struct Engine {
     limits: FoldLimits,
     /// Past versions, for models whose stored history another version applied.
     versions: Versions,
+    /// A deploy moving resident models to a new instance.
+    moving: Option<Moving>,
 }
 
 /// A deploy that did not happen: the kinds keep their version.
@@ -385,7 +387,7 @@ impl Engine {
                 }
             })
             .collect();
-        Engine { kinds, by_topic, limits, versions }
+        Engine { kinds, by_topic, limits, versions, moving: None }
     }
 
     /// The version each kind folds with.
@@ -393,38 +395,95 @@ impl Engine {
         self.kinds.iter().find(|k| &*k.name == kind).map(|k| k.reducer)
     }
 
-    /// Makes `reducer` fold `kinds` from the next batch on. Every resident model moves to
-    /// a new instance through snapshot (old version) and restore (new version); models not
-    /// resident move the same way when next used (see [`Versions`]). All or nothing: on
-    /// any failure the kinds keep their instances and version. Returns the models moved.
-    pub fn swap(&mut self, kinds: &[Arc<str>], reducer: &Arc<Reducer>) -> Result<usize, SwapError> {
-        let mut prepared = Vec::new();
-        for (index, state) in self.kinds.iter_mut().enumerate() {
-            if !kinds.contains(&state.name) || state.reducer == reducer.id() {
-                continue;
-            }
-            let mut next = reducer.models();
-            for id in state.models.resident_ids() {
-                let error = |source| SwapError { kind: state.name.clone(), model: id.clone(), source };
-                let snapshot = state.models.snapshot_resident(&id).map_err(error)?;
-                if let Some(snapshot) = snapshot {
-                    next.adopt(&id, &snapshot).map_err(|source| SwapError {
-                        kind: state.name.clone(),
-                        model: id.clone(),
-                        source,
-                    })?;
+    /// Starts moving `kinds` to `reducer`. The old instances keep folding; every resident
+    /// model is copied to a new instance (snapshot on the old version, restore on the new)
+    /// by [`Engine::continue_swap`], a chunk per batch boundary, so no single pause grows
+    /// with the number of resident models. Models not resident move when next used (see
+    /// [`Versions`]).
+    pub fn begin_swap(&mut self, kinds: &[Arc<str>], reducer: &Arc<Reducer>) {
+        assert!(self.moving.is_none(), "one swap at a time");
+        let kinds = self
+            .kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, state)| kinds.contains(&state.name) && state.reducer != reducer.id())
+            .map(|(index, state)| {
+                // Most recently used last, popped first: the hottest models move first.
+                let remaining = state.models.resident_ids();
+                KindMove { index, to: reducer.models(), remaining, dirty: HashSet::new() }
+            })
+            .collect();
+        self.moving = Some(Moving { reducer: reducer.clone(), kinds, dirty_rounds: 0 });
+    }
+
+    /// Copies up to `budget` more models. Once all are copied, copies again the models
+    /// folded since their copy and switches the kinds to the new version:
+    /// `Some(Ok(models moved))`. `Some(Err)`: a model cannot move; the swap is abandoned and
+    /// nothing changed. `None`: more to copy at the next boundary.
+    pub fn continue_swap(&mut self, budget: usize) -> Option<Result<usize, SwapError>> {
+        let moving = self.moving.as_mut()?;
+        let mut left = budget.max(1);
+        for m in &mut moving.kinds {
+            let state = &mut self.kinds[m.index];
+            while left > 0
+                && let Some(id) = m.remaining.pop()
+            {
+                left -= 1;
+                if let Err(e) = copy_model(&state.name, &mut state.models, &mut m.to, &id) {
+                    self.moving = None;
+                    return Some(Err(e));
                 }
             }
-            prepared.push((index, next));
+        }
+        if moving.kinds.iter().any(|m| !m.remaining.is_empty()) {
+            return None;
+        }
+        // Models folded since their copy are copied again, a budget at a time, until what
+        // is left fits in one step. A batch dirties at most its own models, so this ends
+        // when the budget is at least a batch; `SWAP_DIRTY_ROUNDS_MAX` bounds it otherwise.
+        let dirty: usize = moving.kinds.iter().map(|m| m.dirty.len()).sum();
+        if dirty > left && moving.dirty_rounds < SWAP_DIRTY_ROUNDS_MAX {
+            moving.dirty_rounds += 1;
+            for m in &mut moving.kinds {
+                let state = &mut self.kinds[m.index];
+                let ids: Vec<Arc<str>> = m.dirty.iter().take(left).cloned().collect();
+                left -= ids.len();
+                for id in ids {
+                    m.dirty.remove(&id);
+                    if let Err(e) = recopy_model(&state.name, &mut state.models, &mut m.to, &id) {
+                        self.moving = None;
+                        return Some(Err(e));
+                    }
+                }
+            }
+            return None;
+        }
+        let moving = self.moving.take().expect("checked above");
+        let mut switched = Vec::with_capacity(moving.kinds.len());
+        for mut m in moving.kinds {
+            let state = &mut self.kinds[m.index];
+            for id in &m.dirty {
+                if let Err(e) = recopy_model(&state.name, &mut state.models, &mut m.to, id) {
+                    return Some(Err(e));
+                }
+            }
+            switched.push((m.index, m.to));
         }
         let mut moved = 0;
-        for (index, next) in prepared {
-            moved += next.resident();
+        for (index, to) in switched {
+            moved += to.resident();
             let state = &mut self.kinds[index];
-            state.models = next;
-            state.reducer = reducer.id();
+            state.models = to;
+            state.reducer = moving.reducer.id();
         }
-        Ok(moved)
+        Some(Ok(moved))
+    }
+
+    /// Notes that a model of `kind` changed, for a swap in progress (copy it again).
+    fn touched(&mut self, kind: usize, id: &Arc<str>) {
+        if let Some(m) = self.moving.as_mut().and_then(|moving| moving.kinds.iter_mut().find(|m| m.index == kind)) {
+            m.dirty.insert(id.clone());
+        }
     }
 
     /// Rebuilds one model from its oldest retained version with the kind's reducer (see
@@ -451,6 +510,7 @@ impl Engine {
         let mut probe = head.clone();
         probe.checkpoints = oldest.into_iter().collect();
         let history = view.checkpoint(&model, &probe).map_err(FoldError::View)?;
+        self.touched(index, &model.id);
         let state = &mut self.kinds[index];
         let reducer = state.reducer;
         let mut models = state.models.reducer().models();
@@ -597,6 +657,7 @@ impl Engine {
         view: &dyn View,
         folded: &mut Folded,
     ) -> Result<(), FoldError> {
+        self.touched(kind, &id);
         let limits = self.limits.clone();
         let state = &mut self.kinds[kind];
         let versions = &mut self.versions;
@@ -691,6 +752,42 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Steps a swap spends copying again models folded during it before it switches anyway.
+const SWAP_DIRTY_ROUNDS_MAX: u32 = 8;
+
+/// A swap in progress (see [`Engine::begin_swap`]).
+struct Moving {
+    reducer: Arc<Reducer>,
+    kinds: Vec<KindMove>,
+    /// Steps spent on models folded during the swap.
+    dirty_rounds: u32,
+}
+
+struct KindMove {
+    index: usize,
+    to: Models,
+    /// Resident models not copied yet, most recently used last.
+    remaining: Vec<String>,
+    /// Models folded (or replayed) since the swap began: copied again at the end.
+    dirty: HashSet<Arc<str>>,
+}
+
+/// Copies one resident model from `from` to `to` (nothing if it is not resident: it is
+/// rebuilt from the store when next used).
+fn copy_model(kind: &Arc<str>, from: &mut Models, to: &mut Models, id: &str) -> Result<(), SwapError> {
+    let error = |source| SwapError { kind: kind.clone(), model: id.to_owned(), source };
+    match from.snapshot_resident(id).map_err(error)? {
+        Some(snapshot) => to.adopt(id, &snapshot).map_err(error),
+        None => Ok(()),
+    }
+}
+
+/// Copies a model again (its state changed since it was copied).
+fn recopy_model(kind: &Arc<str>, from: &mut Models, to: &mut Models, id: &str) -> Result<(), SwapError> {
+    let forgotten = to.forget(id).map_err(|source| SwapError { kind: kind.clone(), model: id.to_owned(), source });
+    forgotten.and_then(|()| copy_model(kind, from, to, id))
 }
 
 /// What this batch changed for one model that the store does not have yet.
