@@ -248,8 +248,9 @@ fn fold_loop(
                 return status.fatal(format!("replay: {e}"));
             }
         }
-        // While a swap is in progress, come back to it soon even when the log is idle.
-        let wait = Duration::from_millis(if deploying.is_some() { 1 } else { 100 });
+        // While a swap or a replay runs, come back to it soon even when the log is idle.
+        let busy = deploying.is_some() || !app.replays_running().is_empty();
+        let wait = Duration::from_millis(if busy { 1 } else { 100 });
         let records = match source.poll(batch_max, wait) {
             Ok(records) => records,
             Err(e) => return status.fatal(format!("source {}: {e}", source.name())),

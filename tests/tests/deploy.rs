@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use rand::prelude::*;
 use serde_json::{Value, json};
-use statefold::config::{Config, KindConfig, Limits};
+use statefold::config::{Config, KafkaConfig, KindConfig, Limits};
 use statefold::fold::ModelKey;
 use statefold::reducer::ModuleHash;
 use statefold::store::{Store, StoreOptions};
+use statefold_tests::broker::Broker;
 use statefold_tests::http::{SseStream, TestServer};
 use tokio::sync::Mutex;
 
@@ -161,10 +162,14 @@ fn follow(mut stream: SseStream, id: String, follower: Arc<Mutex<Follower>>) -> 
 }
 
 /// Sends `rate` diffs per second for `duration` to random models (fire and forget);
-/// returns each model's sent diffs as (offset, delta).
-async fn stream_diffs(server: Arc<TestServer>, rate: usize, duration: Duration) -> BTreeMap<String, Vec<(u64, i64)>> {
+/// returns each model's sent diffs as (partition, offset, delta).
+async fn stream_diffs(
+    server: Arc<TestServer>,
+    rate: usize,
+    duration: Duration,
+) -> BTreeMap<String, Vec<(u32, u64, i64)>> {
     let mut rng = StdRng::seed_from_u64(5);
-    let mut sent: BTreeMap<String, Vec<(u64, i64)>> = BTreeMap::new();
+    let mut sent: BTreeMap<String, Vec<(u32, u64, i64)>> = BTreeMap::new();
     let per_tick = rate / 100;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let started = Instant::now();
@@ -181,21 +186,31 @@ async fn stream_diffs(server: Arc<TestServer>, rate: usize, duration: Duration) 
         .await;
         for ((id, delta), (status, body)) in batch.into_iter().zip(answers) {
             assert_eq!(status, 202, "{body}");
-            sent.entry(id).or_default().push((body["offset"].as_u64().unwrap(), delta));
+            let partition = body["partition"].as_u64().unwrap() as u32;
+            sent.entry(id).or_default().push((partition, body["offset"].as_u64().unwrap(), delta));
         }
     }
     sent
 }
 
 /// Deploys v2 of `counter` with `deploy` 1.5 s into a 5 s stream of 1,000 diffs/s over
-/// 1,000 models, and checks everything the issue asks.
-async fn deploy_under_load<F, Fut>(deploy: F)
+/// 1,000 models, and checks everything the issue asks. With a broker, the log is Kafka
+/// (`counter` with 3 partitions).
+async fn deploy_under_load<F, Fut>(broker: Option<&Broker>, deploy: F)
 where
     F: FnOnce(Arc<TestServer>, PathBuf) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let (dir, reducers) = setup();
-    let server = Arc::new(start(dir, &reducers).await);
+    let mut config = config(dir.path(), &reducers);
+    if let Some(broker) = broker {
+        broker.create_topic("counter", 3);
+        broker.create_topic("document", 1);
+        config.kafka = Some(KafkaConfig::new(&broker.brokers()));
+        config.limits.kafka_fetch_wait_ms = 10;
+        config.limits.kafka_check_interval_ms = 200;
+    }
+    let server = Arc::new(TestServer::start_config(dir, config).await);
     let v1 = ModuleHash::of(&module("counter"));
     let v2 = ModuleHash::of(&module("counter_v2"));
     // Every model exists before the load, and 20 of them have a follower from the start.
@@ -263,29 +278,38 @@ where
     // and every state equal to the reference fold of its diffs by their versions.
     let store = Store::open(&dir.path().join("db"), &StoreOptions { fsync: false }).unwrap();
     let reader = store.read();
-    let mut by_offset: Vec<(u64, ModuleHash)> = Vec::new();
+    let mut by_offset: BTreeMap<u32, Vec<(u64, ModuleHash)>> = BTreeMap::new();
     for (id, diffs) in &sent {
         let model = ModelKey::new("counter", id);
         let stored = reader.diffs(&model, None, u64::MAX, model.genesis(), 0).unwrap();
         let offsets: Vec<u64> = stored.iter().map(|d| d.offset).collect();
-        let mut expected: Vec<u64> = diffs.iter().map(|d| d.0).collect();
+        let mut expected: Vec<u64> = diffs.iter().map(|d| d.1).collect();
         expected.sort();
         assert_eq!(offsets, expected, "{id}: every sent diff applied exactly once");
         let versions: Vec<(ModuleHash, i64)> = stored.iter().map(|d| (d.reducer, delta_of(&d.payload))).collect();
         assert_eq!(reference(&versions, v1, v2).json(), states[id], "{id}: {versions:?}");
-        by_offset.extend(stored.iter().map(|d| (d.offset, d.reducer)));
+        // A model's records are on one partition (keyed).
+        if let Some(&(partition, _, _)) = diffs.first() {
+            assert!(diffs.iter().all(|d| d.0 == partition), "{id}: on one partition");
+            by_offset.entry(partition).or_default().extend(stored.iter().map(|d| (d.offset, d.reducer)));
+        }
     }
-    by_offset.sort();
-    let switch = by_offset.iter().position(|(_, by)| *by == v2).expect("some diffs applied by v2");
-    assert!(switch > 500, "the load's first diffs were applied by v1");
-    let late_v1: Vec<u64> = by_offset[switch..].iter().filter(|(_, by)| *by != v2).map(|d| d.0).collect();
-    assert!(late_v1.is_empty(), "diffs after the swap applied by v1: {late_v1:?}");
-    assert!(by_offset.len() - switch > 1000, "the load went on after the swap");
+    // Per partition, in log order: v1's diffs, then the swap, then v2's only.
+    let mut after_swap = 0;
+    for (partition, mut diffs) in by_offset {
+        diffs.sort();
+        let switch = diffs.iter().position(|(_, by)| *by == v2).expect("some diffs applied by v2");
+        assert!(switch > 100, "partition {partition}: the load's first diffs were applied by v1");
+        let late_v1: Vec<u64> = diffs[switch..].iter().filter(|(_, by)| *by != v2).map(|d| d.0).collect();
+        assert!(late_v1.is_empty(), "partition {partition}: diffs after the swap applied by v1: {late_v1:?}");
+        after_swap += diffs.len() - switch;
+    }
+    assert!(after_swap > 1000, "the load went on after the swap");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_through_the_directory_under_load() {
-    deploy_under_load(|_server, reducers| async move {
+    deploy_under_load(None, |_server, reducers| async move {
         // Written next to it and renamed in, as deploy tools do; `cp` works too (below).
         std::fs::write(reducers.join("counter.wasm.tmp"), module("counter_v2")).unwrap();
         std::fs::rename(reducers.join("counter.wasm.tmp"), reducers.join("counter.wasm")).unwrap();
@@ -295,7 +319,7 @@ async fn deploy_through_the_directory_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_through_http_under_load() {
-    deploy_under_load(|server, _| async move {
+    deploy_under_load(None, |server, _| async move {
         let response =
             server.client.put(server.url("/v1/reducers/counter")).body(module("counter_v2")).send().await.unwrap();
         let (status, body) = statefold_tests::http::json_of(response).await;
@@ -304,6 +328,16 @@ async fn deploy_through_http_under_load() {
         assert_eq!(body["unchanged"], false);
         assert!(body["models_moved"].as_u64().unwrap() > 0, "{body}");
         assert!(body["pause_ms"].as_f64().unwrap() >= 0.0, "{body}");
+    })
+    .await;
+}
+
+/// The same, folding from Kafka (a real broker), deployed through the directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_through_the_directory_under_load_from_kafka() {
+    let broker = Broker::start();
+    deploy_under_load(Some(&broker), |_server, reducers| async move {
+        std::fs::copy(statefold_tests::wasm("counter_v2"), reducers.join("counter.wasm")).unwrap();
     })
     .await;
 }
