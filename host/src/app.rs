@@ -247,6 +247,9 @@ impl App {
             first_error: None,
             cursor: None,
         };
+        drop(reader);
+        // Durable before it is accepted: a restart resumes it.
+        self.store.put_replay(&job)?;
         tracing::info!(kind, reducer = %active.id, models = total, "replay started");
         replays.insert(kind.to_owned(), job.clone());
         Ok(job)

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use rand::prelude::*;
 use serde_json::{Value, json};
+use statefold::chain::Hash;
 use statefold::config::{Config, KafkaConfig, KindConfig, Limits};
 use statefold::fold::ModelKey;
 use statefold::reducer::ModuleHash;
@@ -591,4 +592,52 @@ async fn replay_rebuilds_states_with_the_new_reducer_and_resets_old_hashes() {
     assert_eq!(status, 202);
     let (status, body) = server.post("/v1/kinds/nope/replay", "").await;
     assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_kind")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_interrupted_by_a_restart_resumes_where_it_stood() {
+    let (dir, reducers) = setup();
+    let restarted = |dir: &Path| {
+        let mut config = config(dir, &reducers);
+        config.limits.replay_page_models = 1;
+        config
+    };
+    let first = restarted(dir.path());
+    let server = TestServer::start_config(dir, first).await;
+    let ids: Vec<String> = (0..300).map(|i| format!("q{i}")).collect();
+    for chunk in ids.chunks(50) {
+        futures_util::future::join_all(chunk.iter().map(|id| server.create("counter", id))).await;
+        futures_util::future::join_all(chunk.iter().map(|id| server.apply("counter", id, r#"{"add": 4}"#))).await;
+    }
+    let mut before = HashMap::new();
+    for id in &ids {
+        before.insert(id.clone(), server.get(&format!("/v1/models/counter/{id}")).await.1["hash"].clone());
+    }
+    let (status, _) = server.post("/v1/kinds/counter/replay", "").await;
+    assert_eq!(status, 202);
+    let dir = server.stop().await;
+    let second = restarted(dir.path());
+    let server = TestServer::start_config(dir, second).await;
+    let (_, job) = server.get("/v1/kinds/counter/replay").await;
+    eprintln!("after the restart: {job}");
+    assert_eq!(job["models_total"], 300, "the job survived the restart: {job}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let (_, job) = server.get("/v1/kinds/counter/replay").await;
+        if job["state"] == "finished" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!((job["models_done"].as_u64(), job["models_failed"].as_u64()), (Some(300), Some(0)), "{job}");
+    let v1 = ModuleHash::of(&module("counter"));
+    for id in &ids {
+        let (_, body) = server.get(&format!("/v1/models/counter/{id}")).await;
+        assert_ne!(body["hash"], before[id], "{id}: on a new chain");
+        // Replayed exactly once: its first diff became the base of a chain rebased once.
+        let once = Hash::genesis("counter", id).next(br#"{"add": 4}"#).rebase(&v1.0);
+        assert_eq!(body["hash"], once.to_string(), "{id}: replayed once");
+        assert_eq!((body["state"].clone(), body["seq"].as_u64()), (json!(4), Some(1)), "{id}");
+    }
 }

@@ -186,6 +186,12 @@ impl Store {
         Ok(())
     }
 
+    /// Records a replay as it starts (later progress is committed with the models it rebuilds).
+    pub fn put_replay(&self, job: &ReplayJob) -> Result<(), StoreError> {
+        self.db.put_cf_opt(self.cf(REDUCERS), replay_key(&job.kind), encode_replay(job), &self.write)?;
+        Ok(())
+    }
+
     /// Deletes version records (old refusals beyond the limit).
     pub fn delete_versions(&self, name: &str, ids: &[ModuleHash]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
