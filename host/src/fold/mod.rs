@@ -470,11 +470,17 @@ impl Engine {
             switched.push((m.index, m.to));
         }
         let mut moved = 0;
+        let mut retired = Vec::with_capacity(switched.len());
         for (index, to) in switched {
             moved += to.resident();
             let state = &mut self.kinds[index];
-            state.models = to;
+            retired.push(std::mem::replace(&mut state.models, to));
             state.reducer = moving.reducer.id();
+        }
+        // Freeing an instance that held many models takes milliseconds: not on this thread.
+        let freed = std::thread::Builder::new().name("retired-instance".into()).spawn(move || drop(retired));
+        if let Err(e) = freed {
+            tracing::warn!(error = %e, "cannot free the retired instance on its own thread; freeing it here");
         }
         Some(Ok(moved))
     }
