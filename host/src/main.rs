@@ -68,7 +68,9 @@ struct ServeArgs {
     /// Where the RocksDB store and the compiled-reducer cache live.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Where kinds' reducer files are looked up.
+    /// Where kinds' reducer files are looked up, and watched: a new or replaced file is
+    /// deployed (hot reload; also PUT /v1/reducers/NAME). After the first start the store
+    /// decides which version is active.
     #[arg(long)]
     reducers_dir: Option<PathBuf>,
     /// A kind, as NAME=FILE.wasm[@TOPIC] (repeatable; adds to the config file's kinds).

@@ -77,15 +77,23 @@ async fn create_append_read_list() {
 
     let (status, openapi) = server.get("/v1/openapi.json").await;
     assert_eq!(status, 200);
-    for path in
-        ["/v1/models/{kind}", "/v1/models/{kind}/{id}", "/v1/models/{kind}/{id}/diffs", "/v1/models/{kind}/{id}/events"]
-    {
+    for path in [
+        "/v1/models/{kind}",
+        "/v1/models/{kind}/{id}",
+        "/v1/models/{kind}/{id}/diffs",
+        "/v1/models/{kind}/{id}/events",
+        "/v1/kinds/{kind}/rejections",
+        "/v1/kinds/{kind}/replay",
+        "/v1/reducers",
+        "/v1/reducers/{name}",
+    ] {
         assert!(openapi["paths"][path].is_object(), "OpenAPI lacks {path}");
     }
     let (status, _) = server.get("/healthz").await;
     assert_eq!(status, 200);
     let metrics = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("statefold_diffs_applied_total 2"), "{metrics}");
+    assert!(metrics.contains("statefold_reducer_swaps_total 0"), "{metrics}");
 }
 
 /// Every bad input: its status and code, and nothing stored for it.
