@@ -20,18 +20,14 @@ use statefold::deploy::{Registry, VersionRecord, VersionStatus};
 use statefold::fold::{Engine, FoldLimits, KindSpec, Record, Versions};
 use statefold::reducer::{Limits, Runtime};
 use statefold::store::{Store, StoreOptions};
+use statefold_tests::bench::median;
 
 const MODELS: usize = 10_000;
 /// Models moved per step (`deploy_move_models_max`'s default).
 const MOVE: usize = 1000;
 
 fn rounds() -> usize {
-    if std::env::args().any(|a| a == "--bench") { 11 } else { 1 }
-}
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
+    statefold_tests::bench::rounds(11)
 }
 
 fn with_custom_section(mut module: Vec<u8>, tag: u8) -> Vec<u8> {

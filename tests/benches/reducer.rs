@@ -18,17 +18,13 @@ use statefold::reducer::{Checkpoints, DiffRecord, Limits, MemoryCheckpoints, Mod
 use statefold_guest::native;
 use statefold_reducer_counter::Counter;
 use statefold_reducer_document::Document;
+use statefold_tests::bench::median;
 
 const BATCH: usize = 200;
 
 /// `cargo bench` passes `--bench`; under `cargo test` the bench only smoke-runs.
 fn rounds() -> usize {
-    if std::env::args().any(|a| a == "--bench") { 21 } else { 1 }
-}
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
+    statefold_tests::bench::rounds(21)
 }
 
 /// Median per-diff time of `round`, which applies `per_round` diffs.

@@ -54,3 +54,19 @@ pub fn wasm(name: &str) -> PathBuf {
 
 pub mod broker;
 pub mod http;
+
+/// What the benchmarks share.
+pub mod bench {
+    use std::time::Duration;
+
+    /// `full` rounds under `cargo bench` (which passes `--bench`); one smoke round under
+    /// `cargo test`.
+    pub fn rounds(full: usize) -> usize {
+        if std::env::args().any(|a| a == "--bench") { full } else { 1 }
+    }
+
+    pub fn median(mut samples: Vec<Duration>) -> Duration {
+        samples.sort();
+        samples[samples.len() / 2]
+    }
+}
