@@ -100,7 +100,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let readers = Versions::new(registry.clone(), limits.reducer_versions_resident_max);
         kinds.push(Kind::new(&kind.name, kind.topic(), &name, readers));
         names.entry(name.clone()).or_default().push(kind.name.as_str().into());
-        files.insert(name, path);
+        if let Some(other) = files.insert(name.clone(), path.clone()) {
+            anyhow::ensure!(
+                other == path,
+                "two files are both reducer {name:?} ({} and {}): a reducer's name is its file name, and names must be unique",
+                other.display(),
+                path.display()
+            );
+        }
     }
 
     let topics: Vec<String> = config.kinds.iter().map(|k| k.topic().to_owned()).collect();

@@ -358,6 +358,8 @@ pub struct Engine {
     versions: Versions,
     /// A deploy moving resident models to a new instance.
     moving: Option<Moving>,
+    /// The instance replays rebuild models on.
+    replayer: Option<Models>,
 }
 
 /// A deploy that did not happen: the kinds keep their version.
@@ -387,7 +389,7 @@ impl Engine {
                 }
             })
             .collect();
-        Engine { kinds, by_topic, limits, versions, moving: None }
+        Engine { kinds, by_topic, limits, versions, moving: None, replayer: None }
     }
 
     /// The version each kind folds with.
@@ -517,9 +519,17 @@ impl Engine {
         probe.checkpoints = oldest.into_iter().collect();
         let history = view.checkpoint(&model, &probe).map_err(FoldError::View)?;
         self.touched(index, &model.id);
+        let replayer = &mut self.replayer;
         let state = &mut self.kinds[index];
         let reducer = state.reducer;
-        let mut models = state.models.reducer().models();
+        // One instance rebuilds model after model (creating one per model costs more than
+        // the rebuild); a model is dropped from it when done, and before, in case an
+        // earlier attempt left it there.
+        if replayer.as_ref().is_none_or(|m| m.reducer().id() != reducer) {
+            *replayer = Some(state.models.reducer().models());
+        }
+        let models = replayer.as_mut().expect("set above");
+        models.forget(id)?;
         let mut memory = crate::reducer::MemoryCheckpoints::default();
         let Checkpoint { snapshot, tail } = history.checkpoint;
         let mut tail = tail.into_iter();
@@ -548,7 +558,7 @@ impl Engine {
         let base = old_base.rebase(&reducer.0);
         let snapshot_now =
             |models: &mut Models, memory: &mut crate::reducer::MemoryCheckpoints| models.snapshot(id, memory);
-        let base_state = match snapshot_now(&mut models, &mut memory) {
+        let base_state = match snapshot_now(models, &mut memory) {
             Ok(state) => state,
             Err(e) => return Ok(Err(format!("cannot snapshot the rebuilt base: {e}"))),
         };
@@ -593,7 +603,7 @@ impl Engine {
             snapshot: base_state,
         });
         if new_head.offset != Some(base_offset) {
-            let state_now = match snapshot_now(&mut models, &mut memory) {
+            let state_now = match snapshot_now(models, &mut memory) {
                 Ok(state) => state,
                 Err(e) => return Ok(Err(format!("cannot snapshot the rebuilt head: {e}"))),
             };
@@ -607,6 +617,7 @@ impl Engine {
             });
             new_head.checkpoints.push((new_head.seq, last_offset));
         }
+        models.forget(id)?;
         folded.applied.extend(applied);
         folded.replaced.push(model.clone());
         // The fold instance rebuilds the model from its new checkpoint on next use.
