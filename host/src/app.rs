@@ -52,6 +52,8 @@ pub enum AppError {
     Unavailable(String),
     #[error(transparent)]
     Deploy(Box<crate::deploy::DeployError>),
+    #[error("this server is read-only (read_only = true): send writes to a server that takes them")]
+    ReadOnly,
     #[error("a replay of kind {} is running ({} of {} models)", .0.kind, .0.done, .0.total)]
     ReplayRunning(Box<ReplayJob>),
 }
@@ -173,6 +175,8 @@ pub struct Log {
     /// The source positions are stored under.
     pub source_name: &'static str,
     pub source: Arc<SourceStatus>,
+    /// Writes refused (`read_only = true`).
+    pub read_only: bool,
 }
 
 pub struct App {
@@ -187,6 +191,8 @@ pub struct App {
     committed: watch::Receiver<u64>,
     states: Mutex<StateCache>,
     pub deployer: Arc<Deployer>,
+    /// Writes (creates, appends, deploys, replays) refused.
+    pub read_only: bool,
     /// The latest replay of each kind, running or finished.
     replays: Mutex<BTreeMap<String, ReplayJob>>,
 }
@@ -201,7 +207,7 @@ impl App {
         status: Arc<Status>,
         deployer: Arc<Deployer>,
     ) -> Result<App, StoreError> {
-        let Log { writer, source_name, source } = log;
+        let Log { writer, source_name, source, read_only } = log;
         let hub = Hub::new(limits.sse_queue_events_max, limits.sse_subscribers_max);
         let states = Mutex::new(StateCache::new(limits.state_cache_bytes_max));
         let mut replays = BTreeMap::new();
@@ -215,15 +221,35 @@ impl App {
         }
         let kinds = kinds.into_iter().map(|k| (k.name.to_string(), k)).collect();
         let replays = Mutex::new(replays);
-        Ok(App { limits, store, kinds, hub, status, writer, source_name, source, committed, states, deployer, replays })
+        Ok(App {
+            limits,
+            store,
+            kinds,
+            hub,
+            status,
+            writer,
+            source_name,
+            source,
+            committed,
+            states,
+            deployer,
+            read_only,
+            replays,
+        })
     }
 
     pub fn kind(&self, kind: &str) -> Result<&Kind, AppError> {
         self.kinds.get(kind).ok_or_else(|| AppError::UnknownKind(kind.to_owned()))
     }
 
+    /// `Err(ReadOnly)` on a read-only server.
+    pub fn writable(&self) -> Result<(), AppError> {
+        if self.read_only { Err(AppError::ReadOnly) } else { Ok(()) }
+    }
+
     /// Starts rebuilding a kind's states from the retained diffs with its active reducer.
     pub fn start_replay(&self, kind: &str) -> Result<ReplayJob, AppError> {
+        self.writable()?;
         let spec = self.kind(kind)?;
         let mut replays = self.replays.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(job) = replays.get(kind)
@@ -336,6 +362,31 @@ impl App {
         Ok(state)
     }
 
+    /// Ticks after every commit of the fold loop.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
+    /// Waits until this server has folded the record at (`partition`, `offset`) of `kind`'s
+    /// topic, however it was produced (through another replica, by another service).
+    pub async fn wait_position(&self, kind: &str, partition: u32, offset: u64) -> Result<(), AppError> {
+        let topic = self.kind(kind)?.topic.clone();
+        let timeout = Duration::from_millis(self.limits.wait_applied_ms_max);
+        let deadline = Instant::now() + timeout;
+        let mut committed = self.committed.clone();
+        loop {
+            committed.borrow_and_update();
+            if self.store.position(self.source_name, &topic, partition)?.unwrap_or(0) > offset {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline.into(), committed.changed()).await {
+                Err(_) => return Err(AppError::WaitTimeout(timeout, offset)),
+                Ok(Err(_)) => return Err(AppError::ShuttingDown),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
     /// What a client holding `since` (or nothing) needs to reach the committed head.
     pub fn plan(&self, model: &ModelKey, since: Option<Hash>) -> Result<Plan, AppError> {
         let kind = self.kind(&model.kind)?;
@@ -401,6 +452,7 @@ impl App {
 
     /// Checks that a model can be created; returns its kind's topic.
     pub fn check_create(&self, kind: &str, id: &str) -> Result<Arc<str>, AppError> {
+        self.writable()?;
         let kind = self.kind(kind)?;
         crate::fold::validate_id(id.as_bytes()).map_err(AppError::InvalidId)?;
         let model = ModelKey { kind: kind.name.clone(), id: id.into() };
@@ -412,6 +464,7 @@ impl App {
 
     /// Checks that a model exists; returns its kind's topic.
     pub fn check_append(&self, model: &ModelKey) -> Result<Arc<str>, AppError> {
+        self.writable()?;
         let kind = self.kind(&model.kind)?;
         self.store.read().head(model)?.ok_or_else(|| unknown(model))?;
         Ok(kind.topic.clone())

@@ -69,6 +69,10 @@ limits! {
     http_write_timeout_ms: u64 = 30_000;
     /// Longest wait of `?wait=applied`, in milliseconds.
     wait_applied_ms_max: u64 = 10_000;
+    /// Longest wait for a hash (or model) this server does not know yet before answering
+    /// `reset` + `snapshot` (or 404), in milliseconds: a client coming from a replica that
+    /// is ahead of this one holds versions this one has not folded yet.
+    failover_wait_ms: u64 = 2_000;
     /// Models per page of `GET /v1/models/{kind}`.
     list_page_max: usize = 1_000;
     /// fsync RocksDB's WAL on every commit and append (survives power loss, not only a crash).
@@ -242,6 +246,10 @@ pub struct Config {
     pub kinds: Vec<KindConfig>,
     /// Fold from Kafka; without it, from the embedded log.
     pub kafka: Option<KafkaConfig>,
+    /// Serve reads and streams only: creates, appends, deploys and replays answer 403
+    /// `read_only` (for deployments that keep ingestion on separate gateways).
+    #[serde(default)]
+    pub read_only: bool,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -311,6 +319,7 @@ impl Default for Config {
             reducers_dir: default_reducers_dir(),
             kinds: Vec::new(),
             kafka: None,
+            read_only: false,
             limits: Limits::default(),
         }
     }

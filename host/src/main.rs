@@ -87,6 +87,10 @@ struct ServeArgs {
     /// overrides [kafka.properties]).
     #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
     kafka_properties: Vec<String>,
+    /// Serve reads and streams only: creates, appends, deploys and replays answer 403
+    /// `read_only` (sets `read_only = true`).
+    #[arg(long)]
+    read_only: bool,
     #[command(flatten)]
     limits: LimitFlags,
 }
@@ -147,6 +151,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             kafka.properties.insert(key, value);
         }
     }
+    config.read_only |= args.read_only;
     args.limits.apply(&mut config.limits);
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
 

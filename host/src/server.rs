@@ -137,7 +137,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let deployer = Arc::new(deployer);
     let (committed_tx, committed_rx) = watch::channel(0u64);
     let status = Arc::new(Status::default());
-    let log = Log { writer: writer.clone(), source_name: source.name(), source: source_status };
+    let log =
+        Log { writer: writer.clone(), source_name: source.name(), source: source_status, read_only: config.read_only };
     let app = Arc::new(App::new(limits.clone(), store, kinds, log, committed_rx, status, deployer.clone())?);
 
     let listener =

@@ -22,6 +22,7 @@ pub fn example_config(data_dir: &std::path::Path, limits: Limits) -> Config {
             kind("trap", "trap"),
         ],
         kafka: None,
+        read_only: false,
         limits,
     }
 }

@@ -99,7 +99,9 @@ async fn create_append_read_list() {
 /// Every bad input: its status and code, and nothing stored for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_stores_nothing() {
-    let limits = Limits { diff_bytes_max: 64, ..Limits::default() };
+    // Unknown hashes and models are answered after failover_wait_ms (they may be versions
+    // this replica has not folded yet): short here.
+    let limits = Limits { diff_bytes_max: 64, failover_wait_ms: 100, ..Limits::default() };
     let server = TestServer::start(limits).await;
     server.create("counter", "c").await;
     server.create("trap", "t").await;

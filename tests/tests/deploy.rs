@@ -48,6 +48,7 @@ fn config(data: &Path, reducers: &Path) -> Config {
         reducers_dir: reducers.to_owned(),
         kinds: vec![kind("counter"), kind("document")],
         kafka: None,
+        read_only: false,
         limits: Limits {
             reducer_watch_interval_ms: 100,
             reducer_resident_models_max: 100,

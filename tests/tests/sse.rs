@@ -108,7 +108,13 @@ async fn two_hundred_clients_resume_exactly_while_five_thousand_diffs_arrive() {
     const CLIENTS: usize = 200;
     const DIFFS: u64 = 5000;
     // Checkpoints every 200 diffs, 2 kept: hashes more than ~400 diffs old are pruned.
-    let limits = Limits { checkpoint_interval_diffs: 200, retain_checkpoints: 2, ..Limits::default() };
+    let limits = Limits {
+        checkpoint_interval_diffs: 200,
+        retain_checkpoints: 2,
+        // Clients resume with made-up hashes too: answered after this.
+        failover_wait_ms: 200,
+        ..Limits::default()
+    };
     let server = Arc::new(TestServer::start(limits).await);
     server.create("document", "doc").await;
     let seen: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));

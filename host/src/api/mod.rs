@@ -109,6 +109,7 @@ impl From<AppError> for ApiError {
             AppError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AppError::ReplayRunning(_) => (StatusCode::CONFLICT, "replay_running"),
+            AppError::ReadOnly => (StatusCode::FORBIDDEN, "read_only"),
             AppError::Deploy(_) => (StatusCode::INTERNAL_SERVER_ERROR, "deploy"), // returned above
         };
         let message = match &error {
@@ -136,6 +137,48 @@ async fn blocking<T: Send + 'static>(
         Ok(Err(e)) => Err(e.into()),
         Err(join) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", join.to_string())),
     }
+}
+
+/// `PARTITION:OFFSET` in query parameter `name`.
+fn parse_position(text: &str, name: &str) -> Result<(u32, u64), ApiError> {
+    text.split_once(':')
+        .and_then(|(p, o)| Some((p.parse::<u32>().ok()?, o.parse::<u64>().ok()?)))
+        .ok_or_else(|| ApiError::bad_request("bad_query", format!("{name}={text}: expected PARTITION:OFFSET")))
+}
+
+/// Runs `f` until it stops answering "unknown" (see `unknown`), or `failover_wait_ms` has
+/// passed, trying again after each commit of the fold loop. A client that comes from a
+/// replica ahead of this one holds hashes (and models) this one has not folded yet: it waits
+/// for them briefly instead of being told to start over.
+async fn patiently<T: Send + 'static>(
+    app: &Arc<App>,
+    unknown: impl Fn(&Result<T, ApiError>) -> bool,
+    f: impl Fn(&App) -> Result<T, AppError> + Clone + Send + 'static,
+) -> Result<T, ApiError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(app.limits.failover_wait_ms);
+    let mut commits = app.commits();
+    loop {
+        commits.borrow_and_update();
+        let result = blocking(app, f.clone()).await;
+        if !unknown(&result) {
+            return result;
+        }
+        match tokio::time::timeout_at(deadline, commits.changed()).await {
+            Ok(Ok(())) => {}
+            Err(_) | Ok(Err(_)) => return result,
+        }
+    }
+}
+
+/// The catch-up plan for a client at `since`, waiting briefly for a `since` (or a model)
+/// this replica has not folded yet.
+async fn plan_patiently(app: &Arc<App>, model: ModelKey, since: Option<Hash>) -> Result<Plan, ApiError> {
+    let unknown = |result: &Result<Plan, ApiError>| match result {
+        Ok(Plan::Snapshot { reset, .. }) => *reset == Some("unknown"),
+        Err(error) => error.code == "unknown_model",
+        Ok(_) => false,
+    };
+    patiently(app, unknown, move |app| app.plan(&model, since)).await
 }
 
 fn parse_hash(text: &str) -> Result<Hash, ApiError> {
@@ -264,6 +307,9 @@ async fn append(
 #[serde(deny_unknown_fields)]
 struct StateQuery {
     at: Option<String>,
+    /// PARTITION:OFFSET: answer once this server has folded that record of the kind's
+    /// topic (written through any replica).
+    folded: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -285,8 +331,13 @@ async fn state(
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
     let at = query.at.as_deref().map(parse_hash).transpose()?;
+    if let Some(position) = query.folded.as_deref() {
+        let (partition, offset) = parse_position(position, "folded")?;
+        app.wait_position(&kind, partition, offset).await?;
+    }
     let model = ModelKey::new(&kind, &id);
-    let state = blocking(&app, move |app| app.state(&model, at)).await?;
+    let unknown = |result: &Result<_, ApiError>| matches!(result, Err(error) if error.code == "unknown_hash" || error.code == "unknown_model");
+    let state = patiently(&app, unknown, move |app| app.state(&model, at)).await?;
     let etag = format!("\"{}\"", state.hash);
     let matches = headers
         .get(header::IF_NONE_MATCH)
@@ -385,7 +436,7 @@ async fn missing(
     let since = query.since.as_deref().ok_or_else(|| ApiError::bad_request("bad_query", "since=<hash> is required"))?;
     let since = parse_hash(since)?;
     let model = ModelKey::new(&kind, &id);
-    let plan = blocking(&app, move |app| app.plan(&model, Some(since))).await?;
+    let plan = plan_patiently(&app, model, Some(since)).await?;
     Ok(Json(PlanBody::from(&plan)).into_response())
 }
 
@@ -442,17 +493,7 @@ async fn rejections(
     query: Result<Query<RejectionsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let after = match query.after.as_deref() {
-        None => None,
-        Some(cursor) => Some(
-            cursor
-                .split_once(':')
-                .and_then(|(p, o)| Some((p.parse::<u32>().ok()?, o.parse::<u64>().ok()?)))
-                .ok_or_else(|| {
-                    ApiError::bad_request("bad_query", format!("after={cursor}: expected PARTITION:OFFSET"))
-                })?,
-        ),
-    };
+    let after = query.after.as_deref().map(|cursor| parse_position(cursor, "after")).transpose()?;
     let limit = query.limit.unwrap_or(app.limits.list_page_max).clamp(1, app.limits.list_page_max);
     let page = blocking(&app, move |app| app.rejections(&kind, after, limit)).await?;
     let next = (page.len() == limit).then(|| page.last().map(|r| format!("{}:{}", r.partition, r.offset))).flatten();

@@ -99,6 +99,7 @@ pub(super) async fn deploy(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
+    app.writable()?;
     let max = app.limits.reducer_module_bytes_max;
     let body = match body {
         Ok(body) if body.len() > max => None,

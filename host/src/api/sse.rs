@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::{broadcast, mpsc};
 
-use super::{ApiError, DiffBody, blocking, parse_hash, stored_json};
+use super::{ApiError, DiffBody, parse_hash, stored_json};
 use crate::app::{App, Plan};
 use crate::chain::Hash;
 use crate::fold::ModelKey;
@@ -48,8 +48,10 @@ pub(super) async fn events(
     let since = last_event_id.or(query.since).filter(|s| !s.is_empty()).as_deref().map(parse_hash).transpose()?;
     let model = ModelKey::new(&kind, &id);
     {
+        // A model created through a replica ahead of this one: wait for it briefly.
         let model = model.clone();
-        blocking(&app, move |app| app.head(&model)).await?;
+        let unknown = |result: &Result<_, ApiError>| matches!(result, Err(error) if error.code == "unknown_model");
+        super::patiently(&app, unknown, move |app| app.head(&model)).await?;
     }
     let subscription = app.hub.subscribe(&model).map_err(|full| {
         ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "too_many_subscribers", full.to_string())
@@ -119,10 +121,7 @@ async fn catch_up(
     since: Option<Hash>,
     tx: &mpsc::Sender<Event>,
 ) -> Option<(Hash, u64)> {
-    let plan = {
-        let model = model.clone();
-        blocking(app, move |app| app.plan(&model, since)).await
-    };
+    let plan = super::plan_patiently(app, model.clone(), since).await;
     let plan = match plan {
         Ok(plan) => plan,
         Err(error) => {
