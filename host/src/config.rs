@@ -119,6 +119,10 @@ limits! {
     /// Resident models a deploy moves to the new instance between two batches (snapshot on
     /// the old version, restore on the new): bounds the pause folding sees.
     deploy_move_models_max: usize = 1000;
+    /// Steps a deploy spends moving again the models folded while it moved them, before it
+    /// switches anyway (its last step then moves all that are left). Enough when
+    /// `deploy_move_models_max` is at least `batch_records_max`.
+    deploy_recopy_rounds_max: u32 = crate::fold::FoldLimits::default().deploy_recopy_rounds_max;
     /// Refused versions remembered per reducer (oldest forgotten first).
     reducer_refused_kept_max: usize = 100;
     /// Past reducer versions kept instantiated per kind, to rebuild states they applied.
@@ -145,6 +149,7 @@ impl Limits {
             retain_checkpoints: self.retain_checkpoints,
             head_cache_models_max: self.head_cache_models_max,
             diff_bytes_max: self.diff_bytes_max,
+            deploy_recopy_rounds_max: self.deploy_recopy_rounds_max,
         }
     }
 
@@ -162,6 +167,7 @@ impl Limits {
             ("reducer_module_bytes_max", self.reducer_module_bytes_max as u64),
             ("reducer_refused_kept_max", self.reducer_refused_kept_max as u64),
             ("deploy_move_models_max", self.deploy_move_models_max as u64),
+            ("deploy_recopy_rounds_max", u64::from(self.deploy_recopy_rounds_max)),
             ("reducer_versions_resident_max", self.reducer_versions_resident_max as u64),
             ("replay_page_models", self.replay_page_models as u64),
             ("diff_bytes_max", self.diff_bytes_max as u64),

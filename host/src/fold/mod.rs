@@ -322,6 +322,9 @@ pub struct FoldLimits {
     /// Largest diff, in bytes; a larger record is rejected (`too_large`). Every replica
     /// must use the same value to reach the same hashes.
     pub diff_bytes_max: usize,
+    /// Steps a deploy spends copying again models folded during it before it switches
+    /// anyway (the last step then copies all that are left).
+    pub deploy_recopy_rounds_max: u32,
 }
 
 impl Default for FoldLimits {
@@ -331,6 +334,7 @@ impl Default for FoldLimits {
             retain_checkpoints: 2,
             head_cache_models_max: 100_000,
             diff_bytes_max: 1 << 20,
+            deploy_recopy_rounds_max: 8,
         }
     }
 }
@@ -442,9 +446,9 @@ impl Engine {
         }
         // Models folded since their copy are copied again, a budget at a time, until what
         // is left fits in one step. A batch dirties at most its own models, so this ends
-        // when the budget is at least a batch; `SWAP_DIRTY_ROUNDS_MAX` bounds it otherwise.
+        // when the budget is at least a batch; `deploy_recopy_rounds_max` bounds it otherwise.
         let dirty: usize = moving.kinds.iter().map(|m| m.dirty.len()).sum();
-        if dirty > left && moving.dirty_rounds < SWAP_DIRTY_ROUNDS_MAX {
+        if dirty > left && moving.dirty_rounds < self.limits.deploy_recopy_rounds_max {
             moving.dirty_rounds += 1;
             for m in &mut moving.kinds {
                 let state = &mut self.kinds[m.index];
@@ -770,9 +774,6 @@ impl Engine {
         Ok(())
     }
 }
-
-/// Steps a swap spends copying again models folded during it before it switches anyway.
-const SWAP_DIRTY_ROUNDS_MAX: u32 = 8;
 
 /// A swap in progress (see [`Engine::begin_swap`]).
 struct Moving {
