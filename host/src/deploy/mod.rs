@@ -3,9 +3,11 @@
 //! A new module arrives by file ([`watch`]) or by `PUT /v1/reducers/{name}`; both call
 //! [`Deployer::deploy`]. The module is compiled and checked on the caller's thread (never
 //! the fold thread): a compatible `statefold:reducer` component, json formats, and
-//! `restore` of stored checkpoints. Then the fold thread swaps it in at its next batch
-//! boundary ([`crate::fold::Engine::swap`]) and commits the version records. Anything that
-//! fails is recorded as a refused version with its reason; the running version goes on.
+//! `restore` of stored checkpoints. Then the fold thread moves the resident models to it in
+//! steps between batches while the old version folds, switches at one batch boundary
+//! ([`crate::fold::Engine::begin_swap`], [`crate::fold::Engine::continue_swap`]) and
+//! commits the version records. Anything that fails is recorded as a refused version with
+//! its reason; the running version goes on.
 //!
 //! Versions are content-addressed (blake3 of the module) and kept in the `reducers` column
 //! family: the module bytes of every version that was ever active (past diffs name them),
@@ -91,7 +93,8 @@ pub struct Deployed {
     pub pause: Duration,
 }
 
-/// A swap for the fold thread to make at its next batch boundary.
+/// A version for the fold thread to swap in (resident models moved in steps between
+/// batches, then one switch).
 pub struct Swap {
     pub kinds: Vec<Arc<str>>,
     pub reducer: Arc<Reducer>,
