@@ -144,6 +144,54 @@ impl SseEvent {
     }
 }
 
+/// What an SSE client holds of one model, checked event by event: it panics on a gap, a
+/// repeat, a patch or diff that does not start at its hash, or a snapshot that replaces a
+/// hash without a `reset` first.
+#[derive(Debug, Default, Clone)]
+pub struct Follower {
+    pub hash: Option<String>,
+    pub seq: u64,
+    /// The reasons of the `reset`s seen.
+    pub resets: Vec<String>,
+    pub events: usize,
+}
+
+impl Follower {
+    /// Takes one event (`who` names the client in failures).
+    pub fn see(&mut self, who: &str, event: &SseEvent) {
+        if event.event == "message" {
+            return; // `retry:`
+        }
+        let data = event.json();
+        self.events += 1;
+        match event.event.as_str() {
+            "reset" => {
+                self.resets.push(data["reason"].as_str().expect("a reason").to_owned());
+                self.hash = None;
+            }
+            "snapshot" => {
+                assert!(self.hash.is_none(), "{who}: a snapshot replaced a hash without a reset");
+                self.hash = Some(data["hash"].as_str().expect("a hash").to_owned());
+                self.seq = data["seq"].as_u64().expect("a seq");
+            }
+            "patch" => {
+                assert_eq!(data["from"].as_str(), self.hash.as_deref(), "{who}: a patch from a hash it does not hold");
+                assert!(data["seq"].as_u64().expect("a seq") > self.seq, "{who}: a patch that does not move forward");
+                self.hash = Some(data["to"].as_str().expect("a hash").to_owned());
+                self.seq = data["seq"].as_u64().expect("a seq");
+            }
+            "diff" => {
+                assert_eq!(data["prev"].as_str(), self.hash.as_deref(), "{who}: gap before seq {}", data["seq"]);
+                assert_eq!(data["seq"].as_u64().expect("a seq"), self.seq + 1, "{who}: seq repeated or skipped");
+                self.hash = Some(data["hash"].as_str().expect("a hash").to_owned());
+                self.seq += 1;
+            }
+            "synced" => assert_eq!(data["hash"].as_str(), self.hash.as_deref(), "{who}: synced at another hash"),
+            other => panic!("{who}: unexpected event {other}: {}", event.data),
+        }
+    }
+}
+
 /// A text/event-stream parser over a response body (comments, i.e. heartbeats, counted).
 pub struct SseStream {
     body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,

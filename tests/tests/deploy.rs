@@ -20,7 +20,7 @@ use statefold::fold::ModelKey;
 use statefold::reducer::ModuleHash;
 use statefold::store::{Store, StoreOptions};
 use statefold_tests::broker::Broker;
-use statefold_tests::http::{SseStream, TestServer};
+use statefold_tests::http::{Follower, SseStream, TestServer};
 use tokio::sync::Mutex;
 
 const MODELS: usize = 1000;
@@ -111,50 +111,6 @@ fn reference(diffs: &[(ModuleHash, i64)], v1: ModuleHash, v2: ModuleHash) -> Cou
 fn delta_of(payload: &[u8]) -> i64 {
     let diff: Value = serde_json::from_slice(payload).unwrap();
     diff.get("add").and_then(Value::as_i64).or_else(|| diff.get("sub").and_then(Value::as_i64).map(|n| -n)).unwrap()
-}
-
-/// What an SSE client saw: it checks the chain as it goes.
-#[derive(Default, Debug)]
-struct Follower {
-    hash: Option<String>,
-    seq: u64,
-    resets: Vec<String>,
-    events: usize,
-}
-
-impl Follower {
-    fn see(&mut self, who: &str, event: &statefold_tests::http::SseEvent) {
-        if event.event == "message" {
-            return; // `retry:`
-        }
-        let data = event.json();
-        self.events += 1;
-        match event.event.as_str() {
-            "reset" => {
-                self.resets.push(data["reason"].as_str().unwrap().to_owned());
-                self.hash = None;
-            }
-            "snapshot" => {
-                assert!(self.hash.is_none(), "{who}: a snapshot without a reset while holding a hash");
-                self.hash = Some(data["hash"].as_str().unwrap().to_owned());
-                self.seq = data["seq"].as_u64().unwrap();
-            }
-            "patch" => {
-                assert_eq!(data["from"].as_str(), self.hash.as_deref(), "{who}: patch from another hash");
-                assert!(data["seq"].as_u64().unwrap() > self.seq, "{who}: patch does not move forward");
-                self.hash = Some(data["to"].as_str().unwrap().to_owned());
-                self.seq = data["seq"].as_u64().unwrap();
-            }
-            "diff" => {
-                assert_eq!(data["prev"].as_str(), self.hash.as_deref(), "{who}: gap before seq {}", data["seq"]);
-                assert_eq!(data["seq"].as_u64().unwrap(), self.seq + 1, "{who}: seq does not follow");
-                self.hash = Some(data["hash"].as_str().unwrap().to_owned());
-                self.seq += 1;
-            }
-            "synced" => assert_eq!(data["hash"].as_str(), self.hash.as_deref(), "{who}: synced elsewhere"),
-            other => panic!("{who}: unexpected event {other}"),
-        }
-    }
 }
 
 /// Follows `id` until the server stops or the test drops the task.

@@ -13,7 +13,7 @@ use rand::prelude::*;
 use serde_json::{Value, json};
 use statefold::config::{Config, KafkaConfig, Limits};
 use statefold_tests::broker::Broker;
-use statefold_tests::http::{SseEvent, SseStream, TestServer, example_config};
+use statefold_tests::http::{Follower, SseStream, TestServer, example_config};
 use tokio::sync::RwLock;
 
 const SERVERS: usize = 3;
@@ -28,49 +28,11 @@ fn config(dir: &std::path::Path, broker: &Broker) -> Config {
     config
 }
 
-/// A client's view of one model; panics on a gap, a repeat or a broken chain.
-#[derive(Debug, Default, Clone)]
+/// A client of one model: what it holds (checked event by event) and its connections.
+#[derive(Debug, Default)]
 struct Client {
-    hash: Option<String>,
-    seq: u64,
-    events: usize,
+    chain: Follower,
     hops: usize,
-    resets: usize,
-}
-
-impl Client {
-    fn see(&mut self, who: &str, event: &SseEvent) {
-        if event.event == "message" {
-            return; // `retry:`
-        }
-        let data = event.json();
-        self.events += 1;
-        match event.event.as_str() {
-            "reset" => {
-                self.resets += 1;
-                self.hash = None;
-            }
-            "snapshot" => {
-                assert!(self.hash.is_none(), "{who}: a snapshot replaced a hash without a reset");
-                self.hash = Some(data["hash"].as_str().unwrap().to_owned());
-                self.seq = data["seq"].as_u64().unwrap();
-            }
-            "patch" => {
-                assert_eq!(data["from"].as_str(), self.hash.as_deref(), "{who}: a patch from a hash it does not hold");
-                assert!(data["seq"].as_u64().unwrap() > self.seq, "{who}: a patch that does not move forward");
-                self.hash = Some(data["to"].as_str().unwrap().to_owned());
-                self.seq = data["seq"].as_u64().unwrap();
-            }
-            "diff" => {
-                assert_eq!(data["prev"].as_str(), self.hash.as_deref(), "{who}: gap before seq {}", data["seq"]);
-                assert_eq!(data["seq"].as_u64().unwrap(), self.seq + 1, "{who}: seq repeated or skipped");
-                self.hash = Some(data["hash"].as_str().unwrap().to_owned());
-                self.seq += 1;
-            }
-            "synced" => assert_eq!(data["hash"].as_str(), self.hash.as_deref(), "{who}: synced at another hash"),
-            other => panic!("{who}: unexpected event {other}: {}", event.data),
-        }
-    }
 }
 
 /// The servers still up (indexes into `servers`).
@@ -124,7 +86,7 @@ async fn three_replicas_hopping_clients_and_a_stopped_server_agree_on_every_mode
                     let up = up.read().await;
                     up[rng.random_range(0..up.len())]
                 };
-                let Some(mut stream) = connect(&servers[target], &model, client.hash.as_deref()).await else {
+                let Some(mut stream) = connect(&servers[target], &model, client.chain.hash.as_deref()).await else {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue; // that server just went down: another one
                 };
@@ -137,12 +99,12 @@ async fn three_replicas_hopping_clients_and_a_stopped_server_agree_on_every_mode
                         Ok(None) => break, // the server stopped
                         Err(_) => break,   // quiet: hop anyway
                     };
-                    client.see(&who, &event);
+                    client.chain.see(&who, &event);
                     seen += 1;
                 }
                 if done.load(Ordering::Relaxed) {
                     let head = final_heads.read().await.get(&model).cloned();
-                    if head.is_some() && head == client.hash {
+                    if head.is_some() && head == client.chain.hash {
                         return client;
                     }
                 }
@@ -205,9 +167,9 @@ async fn three_replicas_hopping_clients_and_a_stopped_server_agree_on_every_mode
     let mut resets = 0;
     for (c, task) in clients.into_iter().enumerate() {
         let client = tokio::time::timeout(Duration::from_secs(60), task).await.expect("client finished").unwrap();
-        assert_eq!(client.hash.as_deref(), Some(heads[&format!("m{}", c % MODELS)].as_str()), "client {c}");
+        assert_eq!(client.chain.hash.as_deref(), Some(heads[&format!("m{}", c % MODELS)].as_str()), "client {c}");
         hops += client.hops;
-        resets += client.resets;
+        resets += client.chain.resets.len();
     }
     eprintln!("{CLIENTS} clients: {hops} connections, {resets} resets");
     assert!(hops >= 3 * CLIENTS, "clients hopped: {hops}");
