@@ -371,12 +371,17 @@ impl App {
     /// topic, however it was produced (through another replica, by another service).
     pub async fn wait_position(&self, kind: &str, partition: u32, offset: u64) -> Result<(), AppError> {
         let topic = self.kind(kind)?.topic.clone();
-        let timeout = Duration::from_millis(self.limits.wait_applied_ms_max);
+        self.wait_stored(&topic, partition, offset, Duration::from_millis(self.limits.wait_applied_ms_max)).await
+    }
+
+    /// Waits until the stored position of (`topic`, `partition`) passes `offset`: checked
+    /// after each commit of the fold loop.
+    async fn wait_stored(&self, topic: &str, partition: u32, offset: u64, timeout: Duration) -> Result<(), AppError> {
         let deadline = Instant::now() + timeout;
         let mut committed = self.committed.clone();
         loop {
             committed.borrow_and_update();
-            if self.store.position(self.source_name, &topic, partition)?.unwrap_or(0) > offset {
+            if self.store.position(self.source_name, topic, partition)?.unwrap_or(0) > offset {
                 return Ok(());
             }
             match tokio::time::timeout_at(deadline.into(), committed.changed()).await {
@@ -500,21 +505,7 @@ impl App {
         offset: u64,
         timeout: Duration,
     ) -> Result<Version, AppError> {
-        let deadline = Instant::now() + timeout;
-        let mut committed = self.committed.clone();
-        loop {
-            committed.borrow_and_update();
-            let next = self.store.position(self.source_name, topic, partition)?.unwrap_or(0);
-            if next > offset {
-                break;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, committed.changed()).await {
-                Err(_) => return Err(AppError::WaitTimeout(timeout, offset)),
-                Ok(Err(_)) => return Err(AppError::ShuttingDown),
-                Ok(Ok(())) => {}
-            }
-        }
+        self.wait_stored(topic, partition, offset, timeout).await?;
         let reader = self.store.read();
         if let Some(rejection) = reader.rejection(topic, partition, offset)? {
             return Err(AppError::Rejected(rejection));

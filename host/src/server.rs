@@ -251,13 +251,14 @@ fn fold_loop(
                 Err(e) => return status.fatal(format!("deploy: {e}")),
             }
         }
-        for job in app.replays_running() {
+        let replays = app.replays_running();
+        // While a swap or a replay runs, come back to it soon even when the log is idle.
+        let busy = deploying.is_some() || !replays.is_empty();
+        for job in replays {
             if let Err(e) = replay_page(&mut engine, app, job, control.replay_page_models, committed) {
                 return status.fatal(format!("replay: {e}"));
             }
         }
-        // While a swap or a replay runs, come back to it soon even when the log is idle.
-        let busy = deploying.is_some() || !app.replays_running().is_empty();
         let wait = Duration::from_millis(if busy { 1 } else { 100 });
         let records = match source.poll(batch_max, wait) {
             Ok(records) => records,
