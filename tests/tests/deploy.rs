@@ -473,6 +473,22 @@ async fn restart_keeps_the_active_versions_and_rollback_redeploys_a_stored_one()
     assert_eq!(list["reducers"][0]["name"], "counter", "{list}");
     assert_eq!(list["reducers"][0]["kinds"], json!(["counter"]));
     assert_eq!(list["reducers"][0]["active"]["version"], v2_id);
+    // Copying the file in again (same bytes as at the restart) deploys it: here refused,
+    // since that v1 build cannot read v2's states; the active version stays.
+    let v1_again = with_custom_section(module("counter"), "while down");
+    std::fs::write(reducers.join("counter.wasm"), &v1_again).unwrap();
+    let v1_again = ModuleHash::of(&v1_again).to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        if let Some(v) = versions(&server).await.into_iter().find(|v| v["version"] == v1_again) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the file copied in again was not deployed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((refused["status"].as_str(), refused["origin"].as_str()), (Some("refused"), Some("directory")));
+    assert_eq!(refused["error"]["code"], "restore_failed", "{refused}");
+    assert_eq!(versions(&server).await[0]["version"], v2_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

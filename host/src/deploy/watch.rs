@@ -23,7 +23,8 @@ struct Watched {
     path: PathBuf,
     /// (size, mtime) at the last poll.
     seen: Option<(u64, SystemTime)>,
-    /// The signature last read, and its content.
+    /// The signature last read, and the content deployed from it (a rewrite with the same
+    /// bytes is not deployed twice).
     read: Option<(u64, SystemTime)>,
     content: Option<ModuleHash>,
 }
@@ -33,8 +34,9 @@ fn signature(path: &PathBuf) -> Option<(u64, SystemTime)> {
     Some((meta.len(), meta.modified().ok()?))
 }
 
-/// Starts the watcher thread. Files as they are now count as seen: the store's active
-/// versions were chosen at start.
+/// Starts the watcher thread. Files as they are now count as seen (the store's active
+/// versions were chosen at start); a file written again later is deployed, even with the
+/// same bytes as now (a deploy of the active version changes nothing).
 pub fn spawn(
     deployer: Arc<Deployer>,
     files: Vec<(String, PathBuf)>,
@@ -45,8 +47,7 @@ pub fn spawn(
         .into_iter()
         .map(|(name, path)| {
             let seen = signature(&path);
-            let content = std::fs::read(&path).ok().map(|bytes| ModuleHash::of(&bytes));
-            Watched { name, path, seen, read: seen, content }
+            Watched { name, path, seen, read: seen, content: None }
         })
         .collect();
     std::thread::Builder::new().name("reducer-watch".into()).spawn(move || {
