@@ -14,9 +14,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::Hash;
 use crate::config::Limits;
-use crate::deploy::{Deployer, VersionStatus};
+use crate::deploy::{DeployError, Deployed, Deployer, Prepared, VersionStatus};
 use crate::fold::Versions;
-use crate::fold::{Applied, CREATE_HEADER, CatchUp, Head, ModelKey, Rejection, ReplayJob, plan_catch_up};
+use crate::fold::{
+    Applied, CREATE_HEADER, CatchUp, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, Head, ModelKey,
+    Rejection, ReplayJob, plan_catch_up,
+};
 use crate::hub::Hub;
 use crate::reducer::ReducerError;
 use crate::source::{SourceStatus, WriteError, Writer};
@@ -67,6 +70,13 @@ impl From<WriteError> for AppError {
     }
 }
 
+/// The module a deploy installs.
+pub enum Module {
+    Bytes(Vec<u8>),
+    /// A stored version, by id (a rollback).
+    Stored(String),
+}
+
 /// A kind being served.
 pub struct Kind {
     pub name: Arc<str>,
@@ -94,9 +104,9 @@ pub struct Status {
     rejected_total: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     fatal: Mutex<Option<String>>,
     pub stop: CancellationToken,
-    /// Deploy swaps and the longest pause one caused, in microseconds.
-    pub swaps_total: AtomicU64,
-    pub swap_pause_max_us: AtomicU64,
+    /// Deploy records folded, and the longest batch that folded one, in microseconds.
+    pub deploy_records_total: AtomicU64,
+    pub deploy_batch_max_us: AtomicU64,
 }
 
 impl Status {
@@ -107,10 +117,10 @@ impl Status {
         self.stop.cancel();
     }
 
-    /// Records the pause of one deploy swap.
-    pub fn swap_pause(&self, pause: Duration) {
-        self.swaps_total.fetch_add(1, Ordering::Relaxed);
-        self.swap_pause_max_us.fetch_max(pause.as_micros() as u64, Ordering::Relaxed);
+    /// A batch folded `records` deploy records in `took`.
+    pub fn deploys_folded(&self, records: usize, took: Duration) {
+        self.deploy_records_total.fetch_add(records as u64, Ordering::Relaxed);
+        self.deploy_batch_max_us.fetch_max(took.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn rejected(&self, code: &'static str) {
@@ -245,6 +255,61 @@ impl App {
     /// `Err(ReadOnly)` on a read-only server.
     pub fn writable(&self) -> Result<(), AppError> {
         if self.read_only { Err(AppError::ReadOnly) } else { Ok(()) }
+    }
+
+    /// Deploys a version of reducer `name`: checks it (off the async runtime), writes a
+    /// deploy record carrying it to every partition of each of its kinds' topics, and
+    /// answers once this server has folded them all. Every replica switches each
+    /// partition at its record.
+    pub async fn deploy(self: &Arc<App>, name: &str, module: Module, origin: &str) -> Result<Deployed, DeployError> {
+        if self.read_only {
+            return Err(DeployError::ReadOnly);
+        }
+        let _serial = self.deployer.serial().await;
+        let (app, name_owned, origin_owned) = (self.clone(), name.to_owned(), origin.to_owned());
+        let prepared = tokio::task::spawn_blocking(move || {
+            let module = match module {
+                Module::Bytes(bytes) => bytes,
+                Module::Stored(id) => app.deployer.stored(&name_owned, &id)?,
+            };
+            app.deployer.prepare(&name_owned, module, &origin_owned)
+        })
+        .await
+        .map_err(|_| DeployError::Stopped)??;
+        let (record, module, kinds) = match prepared {
+            Prepared::Unchanged(version) => {
+                return Ok(Deployed { version, unchanged: true, partitions: 0, took: Duration::ZERO });
+            }
+            Prepared::Ready { record, module, kinds } => (record, module, kinds),
+        };
+        let started = Instant::now();
+        let unavailable = |e: WriteError| DeployError::Unavailable(format!("writing the deploy records: {e}"));
+        let mut written = Vec::new();
+        for kind in &kinds {
+            let topic = &self.kind(kind).map_err(|e| DeployError::Unavailable(e.to_string()))?.topic;
+            let count = self.writer.partitions(topic).await.map_err(unavailable)?;
+            let headers = [
+                (DEPLOY_HEADER.to_owned(), name.as_bytes().to_vec()),
+                (DEPLOY_ORIGIN_HEADER.to_owned(), origin.as_bytes().to_vec()),
+                (DEPLOY_PARTITIONS_HEADER.to_owned(), count.to_string().into_bytes()),
+            ];
+            for partition in 0..count {
+                let at = self.writer.append_to(topic, Some(partition), name.as_bytes(), &module, &headers).await;
+                written.push((topic.clone(), at.map_err(unavailable)?));
+            }
+        }
+        let timeout = Duration::from_millis(self.limits.wait_applied_ms_max);
+        for (topic, (partition, offset)) in &written {
+            self.wait_stored(topic, *partition, *offset, timeout).await.map_err(|e| match e {
+                AppError::ShuttingDown => DeployError::Stopped,
+                e => DeployError::Unavailable(format!(
+                    "the deploy records are in the log and every replica will fold them, but this server did not within wait_applied_ms_max: {e}"
+                )),
+            })?;
+        }
+        let versions = self.deployer.versions(name)?;
+        let version = versions.into_iter().find(|v| v.id == record.id).unwrap_or(record);
+        Ok(Deployed { version, unchanged: false, partitions: written.len(), took: started.elapsed() })
     }
 
     /// Starts rebuilding a kind's states from the retained diffs with its active reducer.

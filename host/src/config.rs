@@ -114,15 +114,14 @@ limits! {
     /// Largest module accepted by `PUT /v1/reducers/{name}`, in bytes.
     reducer_module_bytes_max: usize = 64 << 20;
     /// Stored checkpoints restored into a new version (off the fold thread) before it is
-    /// swapped in; a version that cannot restore one is refused.
+    /// deployed; a version that cannot restore one is refused.
     deploy_check_models_max: usize = 10_000;
-    /// Resident models a deploy moves to the new instance between two batches (snapshot on
-    /// the old version, restore on the new): bounds the pause folding sees.
+    /// Largest module a deploy record may carry, in bytes: keep it within the log's message
+    /// size limit (Kafka's `message.max.bytes`, 1 MB by default). Larger modules are refused.
+    deploy_record_bytes_max: usize = 1_000_000;
+    /// Resident models moved between two batches off a version no partition folds with any
+    /// more (snapshot on the old version, restore on the new): bounds the pause folding sees.
     deploy_move_models_max: usize = 1000;
-    /// Steps a deploy spends moving again the models folded while it moved them, before it
-    /// switches anyway (its last step then moves all that are left). Enough when
-    /// `deploy_move_models_max` is at least `batch_records_max`.
-    deploy_recopy_rounds_max: u32 = crate::fold::FoldLimits::default().deploy_recopy_rounds_max;
     /// Refused versions remembered per reducer (oldest forgotten first).
     reducer_refused_kept_max: usize = 100;
     /// Past reducer versions kept instantiated per kind, to rebuild states they applied.
@@ -149,7 +148,6 @@ impl Limits {
             retain_checkpoints: self.retain_checkpoints,
             head_cache_models_max: self.head_cache_models_max,
             diff_bytes_max: self.diff_bytes_max,
-            deploy_recopy_rounds_max: self.deploy_recopy_rounds_max,
         }
     }
 
@@ -157,6 +155,7 @@ impl Limits {
         crate::deploy::DeployLimits {
             check_models_max: self.deploy_check_models_max,
             refused_kept_max: self.reducer_refused_kept_max,
+            record_bytes_max: self.deploy_record_bytes_max,
         }
     }
 
@@ -167,7 +166,7 @@ impl Limits {
             ("reducer_module_bytes_max", self.reducer_module_bytes_max as u64),
             ("reducer_refused_kept_max", self.reducer_refused_kept_max as u64),
             ("deploy_move_models_max", self.deploy_move_models_max as u64),
-            ("deploy_recopy_rounds_max", u64::from(self.deploy_recopy_rounds_max)),
+            ("deploy_record_bytes_max", self.deploy_record_bytes_max as u64),
             ("reducer_versions_resident_max", self.reducer_versions_resident_max as u64),
             ("replay_page_models", self.replay_page_models as u64),
             ("diff_bytes_max", self.diff_bytes_max as u64),

@@ -15,3 +15,4 @@ pub mod reducer;
 pub mod server;
 pub mod source;
 pub mod store;
+pub mod verify;

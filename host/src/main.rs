@@ -39,6 +39,19 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         interval_s: f64,
     },
+    /// Refold the configured kinds from Kafka (the source of truth) into a scratch store,
+    /// up to the positions the data dir's store has folded, and compare every model's head
+    /// (seq, offset, hash) with it. Prints progress and each mismatch; exits non-zero on
+    /// any. Takes the same configuration as `serve`, and runs beside a running server
+    /// (the store is read as of the start).
+    Verify {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Replace each diverged model's history and head with the refolded ones. Writes
+        /// to the store: stop its server first.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -109,6 +122,7 @@ fn main() -> ExitCode {
             check(&file, all.reducer())
         }
         Command::Replay { kind, url, interval_s } => replay(&kind, url.trim_end_matches('/'), interval_s),
+        Command::Verify { serve, repair } => config_of(serve).and_then(|config| verify(&config, repair)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -120,6 +134,65 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = config_of(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let running = statefold::server::start(config).await?;
+        println!("statefold listening on http://{}", running.addr);
+        let stop = running.app.status.stop.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("a SIGTERM handler can be installed");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("signal received: stopping");
+            stop.cancel();
+        });
+        running.wait().await.map_err(|e| anyhow::anyhow!("stopped: {e}"))
+    })
+}
+
+fn verify(config: &Config, repair: bool) -> anyhow::Result<()> {
+    let mut progress = |p: statefold::verify::Progress| {
+        let rate = p.records as f64 / p.elapsed.as_secs_f64().max(1e-3);
+        let percent = if p.total == 0 { 100.0 } else { p.records as f64 * 100.0 / p.total as f64 };
+        eprintln!("verify: refolded {}/{} records ({percent:.1}%, {rate:.0} records/s)", p.records, p.total);
+    };
+    let report = statefold::verify::verify(config, repair, &mut progress)?;
+    let head = |h: &Option<statefold::fold::Head>| match h {
+        Some(h) => format!("seq {} offset {} hash {}", h.seq, h.offset.map_or("-".into(), |o| o.to_string()), h.hash),
+        None => "missing".into(),
+    };
+    for m in &report.mismatches {
+        println!(
+            "MISMATCH {}/{} ({}): store has {}; the log folds to {}",
+            m.model.kind,
+            m.model.id,
+            m.what,
+            head(&m.live),
+            head(&m.log)
+        );
+    }
+    println!(
+        "verify: {} records refolded, {} models compared, {} mismatched{}",
+        report.records,
+        report.models,
+        report.mismatches.len(),
+        if repair { format!(", {} repaired", report.repaired) } else { String::new() }
+    );
+    if report.mismatches.is_empty() || report.repaired == report.mismatches.len() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "{} models differ from what the log folds to (run with --repair on a stopped server to replace them)",
+            report.mismatches.len()
+        )
+    }
+}
+
+fn config_of(args: ServeArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path).map_err(anyhow::Error::msg)?,
         None => Config::default(),
@@ -154,25 +227,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.read_only |= args.read_only;
     args.limits.apply(&mut config.limits);
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
-        let running = statefold::server::start(config).await?;
-        // Printed on stdout so that scripts (and tests) can find a port-0 address.
-        println!("statefold listening on http://{}", running.addr);
-        let stop = running.app.status.stop.clone();
-        tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("a SIGTERM handler can be installed");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("signal received: stopping");
-            stop.cancel();
-        });
-        running.wait().await.map_err(|e| anyhow::anyhow!("stopped: {e}"))
-    })
+    Ok(config)
 }
 
 fn replay(kind: &str, url: &str, interval_s: f64) -> anyhow::Result<()> {

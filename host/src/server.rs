@@ -9,7 +9,6 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Receiver;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -21,11 +20,11 @@ use tokio::time::Sleep;
 
 use crate::app::{App, Kind, Log, Status};
 use crate::config::Config;
-use crate::deploy::{Deployer, Registry, Swap, VersionRecord, VersionStatus, watch as reducer_watch};
-use crate::fold::{Engine, Folded, KindSpec, Record, ReplayJob, Resolve, Versions};
+use crate::deploy::{Deployer, Registry, VersionRecord, VersionStatus, watch as reducer_watch};
+use crate::fold::{Engine, Folded, KindSpec, KindVersions, ReplayJob, Resolve, Versions};
 use crate::reducer::{ModuleHash, Reducer, Runtime};
-use crate::source::{EmbeddedLog, KafkaSource, KafkaWriter, Source, SourceStatus, Writer};
-use crate::store::{Position, Store, StoreError, StoreOptions};
+use crate::source::{EmbeddedLog, KafkaSource, KafkaWriter, Source, SourceStatus, Writer, positions};
+use crate::store::{Store, StoreOptions};
 
 /// A running Statefold.
 pub struct Running {
@@ -94,9 +93,19 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 reducer
             }
         };
+        // Which version folds each partition: the deploy records folded so far. A new
+        // kind starts every partition with the active version.
+        let versions = match store.read().kind_versions(&kind.name)? {
+            Some(versions) => versions,
+            None => {
+                let versions = KindVersions::new(reducer.id());
+                store.put_kind_versions(&kind.name, &versions)?;
+                versions
+            }
+        };
         let info = reducer.info();
-        tracing::info!(kind = %kind.name, topic = kind.topic(), reducer = %name, version = %reducer.id(), declared = %format!("{}@{}", info.name, info.version), "kind loaded");
-        specs.push(KindSpec { name: kind.name.as_str().into(), topic: kind.topic().into(), reducer: reducer.clone() });
+        tracing::info!(kind = %kind.name, topic = kind.topic(), reducer = %name, version = %versions.latest, declared = %format!("{}@{}", info.name, info.version), partitions_deployed = versions.partitions.len(), "kind loaded");
+        specs.push(KindSpec { name: kind.name.as_str().into(), topic: kind.topic().into(), versions });
         let readers = Versions::new(registry.clone(), limits.reducer_versions_resident_max);
         kinds.push(Kind::new(&kind.name, kind.topic(), &name, readers));
         names.entry(name.clone()).or_default().push(kind.name.as_str().into());
@@ -133,13 +142,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     let engine =
         Engine::new(specs, limits.fold(), Versions::new(registry.clone(), limits.reducer_versions_resident_max));
-    let (deployer, swaps) = Deployer::new(registry, names, limits.deploy());
-    let deployer = Arc::new(deployer);
+    let deployer = Arc::new(Deployer::new(registry, names, limits.deploy()));
     let (committed_tx, committed_rx) = watch::channel(0u64);
     let status = Arc::new(Status::default());
     let log =
         Log { writer: writer.clone(), source_name: source.name(), source: source_status, read_only: config.read_only };
-    let app = Arc::new(App::new(limits.clone(), store, kinds, log, committed_rx, status, deployer.clone())?);
+    let app = Arc::new(App::new(limits.clone(), store, kinds, log, committed_rx, status, deployer)?);
 
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -147,7 +155,6 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let fold = {
         let app = app.clone();
         let control = Control {
-            swaps,
             replay_page_models: limits.replay_page_models,
             deploy_move_models_max: limits.deploy_move_models_max,
         };
@@ -156,7 +163,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .spawn(move || fold_loop(source, engine, &app, &committed_tx, &control))?
     };
     let interval = Duration::from_millis(limits.reducer_watch_interval_ms);
-    let watcher = reducer_watch::spawn(deployer, files.into_iter().collect(), interval, app.status.stop.clone())?;
+    let runtime = tokio::runtime::Handle::current();
+    let watcher =
+        reducer_watch::spawn(app.clone(), runtime, files.into_iter().collect(), interval, app.status.stop.clone())?;
     let listener = DeadlineListener { inner: listener, timeout: Duration::from_millis(limits.http_write_timeout_ms) };
     let router = crate::api::router(app.clone());
     let stop = app.status.stop.clone();
@@ -219,15 +228,14 @@ fn active_version(registry: &Registry, name: &str, path: &Path) -> anyhow::Resul
 
 /// What the fold thread does between batches besides folding.
 struct Control {
-    swaps: Receiver<Swap>,
     replay_page_models: usize,
     deploy_move_models_max: usize,
 }
 
 /// Reads batches from the source, folds them, commits each in one WriteBatch with the
-/// source position, then publishes. Between batches: deploys' swaps and a page of each
-/// running replay. Any error here is fatal: the process stops rather than fold past
-/// something it could not store.
+/// source position, then publishes. Between batches: a step moving models off retired
+/// reducer versions, and a page of each running replay. Any error here is fatal: the
+/// process stops rather than fold past something it could not store.
 fn fold_loop(
     mut source: Box<dyn Source>,
     mut engine: Engine,
@@ -237,23 +245,11 @@ fn fold_loop(
 ) {
     let status = &app.status;
     let batch_max = app.limits.batch_records_max;
-    let mut deploying: Option<Deploying> = None;
     while !status.stop.is_cancelled() {
-        if deploying.is_none()
-            && let Ok(swap) = control.swaps.try_recv()
-        {
-            engine.begin_swap(&swap.kinds, &swap.reducer);
-            deploying = Some(Deploying { swap, started: Instant::now(), longest: Duration::ZERO });
-        }
-        if let Some(deploy) = deploying.take() {
-            match continue_swap(&mut engine, app, deploy, control.deploy_move_models_max) {
-                Ok(still) => deploying = still,
-                Err(e) => return status.fatal(format!("deploy: {e}")),
-            }
-        }
+        let retiring = engine.retire(control.deploy_move_models_max) > 0;
         let replays = app.replays_running();
-        // While a swap or a replay runs, come back to it soon even when the log is idle.
-        let busy = deploying.is_some() || !replays.is_empty();
+        // While models move or a replay runs, come back to it soon even when the log is idle.
+        let busy = retiring || !replays.is_empty();
         for job in replays {
             if let Err(e) = replay_page(&mut engine, app, job, control.replay_page_models, committed) {
                 return status.fatal(format!("replay: {e}"));
@@ -265,6 +261,7 @@ fn fold_loop(
             Err(e) => return status.fatal(format!("source {}: {e}", source.name())),
         };
         if !records.is_empty() {
+            let started = Instant::now();
             let folded = match engine.fold(&records, &*app.store) {
                 Ok(folded) => folded,
                 Err(e) => return status.fatal(format!("fold: {e}")),
@@ -272,6 +269,14 @@ fn fold_loop(
             let positions = positions(source.name(), &records);
             if let Err(e) = app.store.commit(&folded, &positions) {
                 return status.fatal(format!("commit: {e}"));
+            }
+            if !folded.deploys.is_empty() {
+                // The batch that switched versions: its time includes compiling a version
+                // this server had not seen (a deploy made through another replica).
+                status.deploys_folded(folded.deploys.len(), started.elapsed());
+                if let Err(e) = app.deployer.folded(&folded.deploys) {
+                    return status.fatal(format!("recording deployed versions: {e}"));
+                }
             }
             for (_, position) in &positions {
                 app.source.set_next(&position.topic, position.partition, position.next_offset);
@@ -290,43 +295,6 @@ fn fold_loop(
             tracing::info!("caught up with the log: ready");
         }
     }
-}
-
-/// A deploy the fold loop is swapping in.
-struct Deploying {
-    swap: Swap,
-    started: Instant,
-    /// The longest step so far: the pause folding saw.
-    longest: Duration,
-}
-
-/// One step of a swap (a chunk of models moved, between two batches). When it is done the
-/// version records are committed and the deployer told; `Ok(None)` then.
-fn continue_swap(
-    engine: &mut Engine,
-    app: &App,
-    mut deploy: Deploying,
-    budget: usize,
-) -> Result<Option<Deploying>, StoreError> {
-    let step = Instant::now();
-    let Some(result) = engine.continue_swap(budget) else {
-        deploy.longest = deploy.longest.max(step.elapsed());
-        return Ok(Some(deploy));
-    };
-    let swap = deploy.swap;
-    if result.is_ok() {
-        app.store.put_versions(&swap.records, Some((swap.reducer.id(), &swap.module)))?;
-    }
-    let pause = deploy.longest.max(step.elapsed());
-    app.status.swap_pause(pause);
-    tracing::debug!(
-        took_ms = deploy.started.elapsed().as_millis() as u64,
-        longest_pause_us = pause.as_micros() as u64,
-        "swap done"
-    );
-    // The deployer may have given up waiting (it is stopping): nothing to tell.
-    let _ = swap.reply.send(result.map(|moved| (moved, pause)));
-    Ok(None)
 }
 
 /// Rebuilds the next page of a replay's models and commits them with its progress.
@@ -360,20 +328,6 @@ fn replay_page(
     committed.send_modify(|n| *n += 1);
     app.replay_progress(job);
     Ok(())
-}
-
-/// The next offset of every partition a batch read from.
-fn positions(source: &str, records: &[Record]) -> Vec<(String, Position)> {
-    let mut next: HashMap<(&str, u32), u64> = HashMap::new();
-    for record in records {
-        let slot = next.entry((&*record.topic, record.partition)).or_default();
-        *slot = (*slot).max(record.offset + 1);
-    }
-    next.into_iter()
-        .map(|((topic, partition), next_offset)| {
-            (source.to_owned(), Position { topic: topic.to_owned(), partition, next_offset })
-        })
-        .collect()
 }
 
 /// Accepts TCP connections whose writes have a deadline.

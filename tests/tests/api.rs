@@ -93,7 +93,7 @@ async fn create_append_read_list() {
     assert_eq!(status, 200);
     let metrics = server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("statefold_diffs_applied_total 2"), "{metrics}");
-    assert!(metrics.contains("statefold_reducer_swaps_total 0"), "{metrics}");
+    assert!(metrics.contains("statefold_deploy_records_folded_total 0"), "{metrics}");
 }
 
 /// Every bad input: its status and code, and nothing stored for it.

@@ -40,7 +40,7 @@ fn random_batches_restarts_and_faults_fold_to_the_reference() {
         ..FoldLimits::default()
     };
     let engine = || {
-        let spec = KindSpec { name: "trap".into(), topic: "trap".into(), reducer: reducer.clone() };
+        let spec = KindSpec::new("trap", "trap", &reducer);
         let versions = Versions::new(std::sync::Arc::new(Known(vec![reducer.clone()])), 2);
         Engine::new(vec![spec], limits.clone(), versions)
     };

@@ -561,10 +561,10 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     );
     let _ = write!(
         text,
-        "# TYPE statefold_reducer_swaps_total counter\nstatefold_reducer_swaps_total {}\n\
-         # TYPE statefold_reducer_swap_pause_max_seconds gauge\nstatefold_reducer_swap_pause_max_seconds {}\n",
-        status.swaps_total.load(Ordering::Relaxed),
-        status.swap_pause_max_us.load(Ordering::Relaxed) as f64 / 1e6,
+        "# TYPE statefold_deploy_records_folded_total counter\nstatefold_deploy_records_folded_total {}\n\
+         # TYPE statefold_deploy_batch_max_seconds gauge\nstatefold_deploy_batch_max_seconds {}\n",
+        status.deploy_records_total.load(Ordering::Relaxed),
+        status.deploy_batch_max_us.load(Ordering::Relaxed) as f64 / 1e6,
     );
     text.push_str("# TYPE statefold_records_rejected_total counter\n");
     for (code, n) in status.rejected_totals() {

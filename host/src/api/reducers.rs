@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, blocking};
-use crate::app::{App, AppError};
+use crate::app::{App, AppError, Module};
 use crate::deploy::{DeployError, Deployed, VersionRecord};
 use crate::fold::ReplayJob;
 
@@ -52,6 +52,8 @@ impl From<DeployError> for ApiError {
             DeployError::UnknownVersion { .. } => ApiError::new(StatusCode::NOT_FOUND, "unknown_version", message),
             DeployError::Refused { code, .. } => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message),
             DeployError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message),
+            DeployError::ReadOnly => ApiError::new(StatusCode::FORBIDDEN, "read_only", message),
+            DeployError::Unavailable(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
             DeployError::Store(e) => AppError::Store(e).into(),
         }
     }
@@ -111,17 +113,14 @@ pub(super) async fn deploy(
         let message = format!("the module is larger than reducer_module_bytes_max ({max} bytes)");
         return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message));
     };
-    let deployed = match (query.version, body.is_empty()) {
-        (Some(version), true) => {
-            blocking(&app, move |app| app.deployer.redeploy(&name, &version, "http").map_err(deploy_error)).await
-        }
+    let module = match (query.version, body.is_empty()) {
+        (Some(version), true) => Module::Stored(version),
         (Some(_), false) => {
             return Err(ApiError::bad_request("bad_query", "send either a module or ?version=, not both"));
         }
-        (None, _) => {
-            blocking(&app, move |app| app.deployer.deploy(&name, body.to_vec(), "http").map_err(deploy_error)).await
-        }
-    }?;
+        (None, _) => Module::Bytes(body.to_vec()),
+    };
+    let deployed = app.deploy(&name, module, "http").await?;
     Ok(Json(deployed_body(deployed)).into_response())
 }
 
@@ -129,8 +128,8 @@ fn deployed_body(deployed: Deployed) -> serde_json::Value {
     serde_json::json!({
         "version": VersionBody::from(deployed.version),
         "unchanged": deployed.unchanged,
-        "models_moved": deployed.moved,
-        "pause_ms": deployed.pause.as_secs_f64() * 1e3,
+        "partitions": deployed.partitions,
+        "took_ms": deployed.took.as_secs_f64() * 1e3,
     })
 }
 

@@ -1,13 +1,18 @@
 //! Hot reload: reducer versions, the deploy path and the reducers-directory watcher.
 //!
 //! A new module arrives by file ([`watch`]) or by `PUT /v1/reducers/{name}`; both call
-//! [`Deployer::deploy`]. The module is compiled and checked on the caller's thread (never
-//! the fold thread): a compatible `statefold:reducer` component, json formats, and
-//! `restore` of stored checkpoints. Then the fold thread moves the resident models to it in
-//! steps between batches while the old version folds, switches at one batch boundary
-//! ([`crate::fold::Engine::begin_swap`], [`crate::fold::Engine::continue_swap`]) and
-//! commits the version records. Anything that fails is recorded as a refused version with
-//! its reason; the running version goes on.
+//! [`crate::app::App::deploy`]. The module is compiled and checked on the caller's thread
+//! (never the fold thread) by [`Deployer::prepare`]: a compatible `statefold:reducer`
+//! component, json formats, `restore` of stored checkpoints. Anything that fails is
+//! recorded as a refused version with its reason; the running version goes on.
+//!
+//! A checked module is written to the log as a deploy record
+//! ([`crate::fold::DEPLOY_HEADER`]) in every partition of each of the reducer's topics.
+//! Each partition folds with the new version from its record on, on every replica alike:
+//! the log, not the moment a server was told, decides where versions switch. Models move
+//! to the new version one by one at their next diff; the fold loop moves the rest between
+//! batches ([`crate::fold::Engine::retire`]). Every replica records the version as active
+//! when it folds the record ([`Deployer::folded`]).
 //!
 //! Versions are content-addressed (blake3 of the module) and kept in the `reducers` column
 //! family: the module bytes of every version that was ever active (past diffs name them),
@@ -16,11 +21,10 @@
 pub mod watch;
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::fold::{Resolve, SwapError};
+use crate::fold::{DeployFolded, Resolve};
 use crate::reducer::{LoadError, ModuleHash, Reducer, Runtime};
 use crate::source::now_ms;
 use crate::store::{Store, StoreError};
@@ -75,8 +79,13 @@ pub enum DeployError {
     /// Refused: recorded as a refused version. `code` is stable.
     #[error("{message}")]
     Refused { code: &'static str, message: String },
-    #[error("the fold loop is not running")]
+    #[error("the server is shutting down")]
     Stopped,
+    #[error("this server is read-only: deploy through a writable replica")]
+    ReadOnly,
+    /// The log did not take a deploy record, or this server did not fold it in time.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -87,30 +96,32 @@ pub struct Deployed {
     pub version: VersionRecord,
     /// The version was already active: nothing changed.
     pub unchanged: bool,
-    /// Resident models moved to the new instance.
-    pub moved: usize,
-    /// How long folding paused for the swap.
-    pub pause: Duration,
+    /// Deploy records written (one per partition of each of the reducer's topics).
+    pub partitions: usize,
+    /// From the deploy records written to this server folding all of them.
+    pub took: Duration,
 }
 
-/// A version for the fold thread to swap in (resident models moved in steps between
-/// batches, then one switch).
-pub struct Swap {
-    pub kinds: Vec<Arc<str>>,
-    pub reducer: Arc<Reducer>,
-    /// Written once the engine has swapped: the new version active, the old one retired.
-    pub records: Vec<VersionRecord>,
-    pub module: Vec<u8>,
-    pub reply: SyncSender<Result<(usize, Duration), SwapError>>,
+/// A deploy that passed its checks, ready to be written to the log.
+pub enum Prepared {
+    /// The version is already active.
+    Unchanged(VersionRecord),
+    Ready {
+        record: VersionRecord,
+        module: Vec<u8>,
+        kinds: Vec<Arc<str>>,
+    },
 }
 
 /// Limits of the deploy path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeployLimits {
-    /// Stored checkpoints restored into a new version before it is swapped in.
+    /// Stored checkpoints restored into a new version before it is deployed.
     pub check_models_max: usize,
     /// Refused versions remembered per reducer (oldest forgotten first).
     pub refused_kept_max: usize,
+    /// Largest module a deploy record may carry (the log's message size limit).
+    pub record_bytes_max: usize,
 }
 
 /// Finds versions by id: the process's compile cache, else the stored module.
@@ -128,33 +139,55 @@ impl Resolve for Registry {
         let bytes = bytes.ok_or_else(|| format!("module {id} is not in the store"))?;
         self.runtime.load(&bytes).map_err(|e| e.to_string())
     }
+
+    fn load(&self, module: &[u8]) -> Result<Arc<Reducer>, String> {
+        let reducer = match self.runtime.cached(ModuleHash::of(module)) {
+            Some(reducer) => reducer,
+            None => self.runtime.load(module).map_err(|e| format!("{}: {e}", e.code()))?,
+        };
+        check_formats(&reducer).map_err(|(code, message)| format!("{code}: {message}"))?;
+        Ok(reducer)
+    }
 }
 
-/// The one deploy path.
+/// The HTTP API serves json states and diffs only.
+fn check_formats(reducer: &Reducer) -> Result<(), (&'static str, String)> {
+    let info = reducer.info();
+    if info.diff_format != "json" || info.state_format != "json" {
+        let message = format!(
+            "the reducer declares {}/{} diffs/states; the HTTP API serves json only",
+            info.diff_format, info.state_format
+        );
+        return Err(("unsupported_format", message));
+    }
+    Ok(())
+}
+
+/// The checks of the deploy path, and the records of versions. Writing the deploy records
+/// to the log and waiting for them is [`crate::app::App::deploy`].
 pub struct Deployer {
     registry: Arc<Registry>,
     /// Reducer name → the kinds it folds.
     names: BTreeMap<String, Vec<Arc<str>>>,
-    swaps: SyncSender<Swap>,
     /// One deploy at a time.
-    serial: Mutex<()>,
+    serial: tokio::sync::Mutex<()>,
     limits: DeployLimits,
 }
 
 impl Deployer {
-    /// A deployer and the receiving end of its swaps, for the fold loop.
-    pub fn new(
-        registry: Arc<Registry>,
-        names: BTreeMap<String, Vec<Arc<str>>>,
-        limits: DeployLimits,
-    ) -> (Deployer, Receiver<Swap>) {
-        let (swaps, receiver) = sync_channel(1);
-        (Deployer { registry, names, swaps, serial: Mutex::new(()), limits }, receiver)
+    pub fn new(registry: Arc<Registry>, names: BTreeMap<String, Vec<Arc<str>>>, limits: DeployLimits) -> Deployer {
+        Deployer { registry, names, serial: tokio::sync::Mutex::new(()), limits }
     }
 
     /// The reducer names and the kinds each folds.
     pub fn names(&self) -> &BTreeMap<String, Vec<Arc<str>>> {
         &self.names
+    }
+
+    /// Held for the whole of a deploy: one at a time, so deploy records of two deploys
+    /// are in the same order in every partition.
+    pub async fn serial(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.serial.lock().await
     }
 
     /// Every recorded version of `name`, most recently changed first.
@@ -169,27 +202,24 @@ impl Deployer {
         Ok(versions)
     }
 
-    /// Deploys a stored version again (a rollback).
-    pub fn redeploy(&self, name: &str, id: &str, origin: &str) -> Result<Deployed, DeployError> {
+    /// The module of a stored version (to deploy it again: a rollback).
+    pub fn stored(&self, name: &str, id: &str) -> Result<Vec<u8>, DeployError> {
         let unknown = || DeployError::UnknownVersion { name: name.to_owned(), id: id.to_owned() };
         let hash = hex::decode(id).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(unknown)?;
-        let bytes = self.registry.store.module(&ModuleHash(hash))?.ok_or_else(unknown)?;
-        self.deploy(name, bytes, origin)
+        self.registry.store.module(&ModuleHash(hash))?.ok_or_else(unknown)
     }
 
-    /// Checks `module` and makes it the active version of `name`, or refuses it (recorded,
-    /// with its reason) and changes nothing.
-    pub fn deploy(&self, name: &str, module: Vec<u8>, origin: &str) -> Result<Deployed, DeployError> {
+    /// Checks `module` as the next version of `name`, on the caller's thread (it compiles:
+    /// never the fold thread). A refusal is recorded with its reason.
+    pub fn prepare(&self, name: &str, module: Vec<u8>, origin: &str) -> Result<Prepared, DeployError> {
         let kinds = self.names.get(name).ok_or_else(|| DeployError::UnknownReducer(name.to_owned()))?.clone();
-        let _serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         let id = ModuleHash::of(&module);
         let now = now_ms();
         let versions = self.registry.store.read().versions(name)?;
-        let active = versions.iter().find(|v| v.status == VersionStatus::Active).cloned();
-        if let Some(active) = &active
+        if let Some(active) = versions.iter().find(|v| v.status == VersionStatus::Active)
             && active.id == id
         {
-            return Ok(Deployed { version: active.clone(), unchanged: true, moved: 0, pause: Duration::ZERO });
+            return Ok(Prepared::Unchanged(active.clone()));
         }
         let first_ms = versions.iter().find(|v| v.id == id).map_or(now, |v| v.first_ms);
         let mut record = VersionRecord {
@@ -203,47 +233,64 @@ impl Deployer {
             first_ms,
             changed_ms: now,
         };
+        if module.len() > self.limits.record_bytes_max {
+            let message = format!(
+                "the module is {} bytes; a deploy record carries at most deploy_record_bytes_max ({}) (raise it with the log's message size limit)",
+                module.len(),
+                self.limits.record_bytes_max
+            );
+            return self.refuse(record, &versions, "too_large_for_log", message).map(|never| match never {});
+        }
         let started = Instant::now();
         let reducer = match self.check(&kinds, &module) {
             Ok(reducer) => reducer,
-            Err((code, message)) => return self.refuse(record, &versions, code, message),
+            Err((code, message)) => return self.refuse(record, &versions, code, message).map(|never| match never {}),
         };
         record.declared = Some((reducer.info().name.clone(), reducer.info().version.clone()));
-        tracing::info!(reducer = name, version = %id, checked_ms = started.elapsed().as_millis() as u64, "deploy checked; swapping at the next batch boundary");
-        let mut records = vec![record.clone()];
-        if let Some(mut old) = active {
-            old.status = VersionStatus::Retired;
-            old.changed_ms = now;
-            records.push(old);
-        }
-        let (reply, answer) = sync_channel(1);
-        let swap = Swap { kinds, reducer, records, module, reply };
-        self.swaps.send(swap).map_err(|_| DeployError::Stopped)?;
-        match answer.recv().map_err(|_| DeployError::Stopped)? {
-            Ok((moved, pause)) => {
-                tracing::info!(reducer = name, version = %id, moved, pause_ms = pause.as_secs_f64() * 1e3, "deployed");
-                Ok(Deployed { version: record, unchanged: false, moved, pause })
+        tracing::info!(reducer = name, version = %id, checked_ms = started.elapsed().as_millis() as u64, "deploy checked; writing its deploy records to the log");
+        Ok(Prepared::Ready { record, module, kinds })
+    }
+
+    /// Records the versions deploy records made active (on every replica that folds
+    /// them): the new one active, the one before retired.
+    pub fn folded(&self, deploys: &[DeployFolded]) -> Result<(), DeployError> {
+        let mut seen: Vec<(&str, ModuleHash)> = Vec::new();
+        for deploy in deploys {
+            if seen.contains(&(&deploy.name, deploy.version)) || !self.names.contains_key(&deploy.name) {
+                continue;
             }
-            Err(e) => self.refuse(
-                record,
-                &versions,
-                "restore_failed",
-                format!("a live model cannot move to this version: {e}"),
-            ),
+            seen.push((&deploy.name, deploy.version));
+            let versions = self.registry.store.read().versions(&deploy.name)?;
+            let active = versions.iter().find(|v| v.status == VersionStatus::Active);
+            if active.is_some_and(|a| a.id == deploy.version) {
+                continue;
+            }
+            let now = now_ms();
+            let first_ms = versions.iter().find(|v| v.id == deploy.version).map_or(now, |v| v.first_ms);
+            let mut records = vec![VersionRecord {
+                name: deploy.name.clone(),
+                id: deploy.version,
+                status: VersionStatus::Active,
+                refusal: None,
+                origin: deploy.origin.clone(),
+                declared: Some(deploy.declared.clone()),
+                bytes: deploy.module.len() as u64,
+                first_ms,
+                changed_ms: now,
+            }];
+            if let Some(old) = active {
+                records.push(VersionRecord { status: VersionStatus::Retired, changed_ms: now, ..old.clone() });
+            }
+            self.registry.store.put_versions(&records, None)?;
+            tracing::info!(reducer = %deploy.name, version = %deploy.version, origin = %deploy.origin, "deployed");
         }
+        Ok(())
     }
 
     /// Compiles and checks a module for `kinds`; the refusal code and message if it is not fit.
     fn check(&self, kinds: &[Arc<str>], module: &[u8]) -> Result<Arc<Reducer>, (&'static str, String)> {
         let reducer = self.registry.runtime.load(module).map_err(|e: LoadError| (e.code(), e.to_string()))?;
-        let info = reducer.info();
-        if info.diff_format != "json" || info.state_format != "json" {
-            let message = format!(
-                "the reducer declares {}/{} diffs/states; the HTTP API serves json only",
-                info.diff_format, info.state_format
-            );
-            return Err(("unsupported_format", message));
-        }
+        check_formats(&reducer)?;
         self.check_restore(kinds, &reducer).map_err(|message| ("restore_failed", message))?;
         Ok(reducer)
     }
@@ -283,7 +330,7 @@ impl Deployer {
         versions: &[VersionRecord],
         code: &'static str,
         message: String,
-    ) -> Result<Deployed, DeployError> {
+    ) -> Result<std::convert::Infallible, DeployError> {
         tracing::warn!(reducer = %record.name, version = %record.id, code, %message, "deploy refused; the active version goes on");
         record.status = VersionStatus::Refused;
         record.refusal = Some((code.to_owned(), message.clone()));

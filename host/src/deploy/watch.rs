@@ -14,7 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{DeployError, Deployer};
+use super::DeployError;
+use crate::app::{App, Module};
 use crate::reducer::ModuleHash;
 
 /// One watched file.
@@ -38,7 +39,8 @@ fn signature(path: &PathBuf) -> Option<(u64, SystemTime)> {
 /// versions were chosen at start); a file written again later is deployed, even with the
 /// same bytes as now (a deploy of the active version changes nothing).
 pub fn spawn(
-    deployer: Arc<Deployer>,
+    app: Arc<App>,
+    runtime: tokio::runtime::Handle,
     files: Vec<(String, PathBuf)>,
     interval: Duration,
     stop: CancellationToken,
@@ -54,13 +56,13 @@ pub fn spawn(
         while !stop.is_cancelled() {
             std::thread::sleep(interval);
             for file in &mut watched {
-                poll(&deployer, file);
+                poll(&app, &runtime, file);
             }
         }
     })
 }
 
-fn poll(deployer: &Deployer, file: &mut Watched) {
+fn poll(app: &Arc<App>, runtime: &tokio::runtime::Handle, file: &mut Watched) {
     let now = signature(&file.path);
     if now != file.seen {
         file.seen = now; // changed (or still changing): look again after an interval
@@ -80,7 +82,7 @@ fn poll(deployer: &Deployer, file: &mut Watched) {
     }
     file.content = Some(content);
     tracing::info!(reducer = %file.name, path = %file.path.display(), version = %content, "reducer file changed; deploying");
-    match deployer.deploy(&file.name, bytes, "directory") {
+    match runtime.block_on(app.deploy(&file.name, Module::Bytes(bytes), "directory")) {
         Ok(deployed) if deployed.unchanged => tracing::info!(reducer = %file.name, "already the active version"),
         Ok(_) => {}
         Err(DeployError::Refused { .. }) => {} // logged and recorded by the deployer

@@ -8,7 +8,7 @@
 mod catchup;
 mod versions;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
@@ -23,6 +23,15 @@ pub use versions::{History, Known, Resolve, Versions};
 
 /// A record whose header has this name creates its model (and carries no diff).
 pub const CREATE_HEADER: &str = "statefold-create";
+/// A record whose header has this name (its value: the reducer's name) deploys the module
+/// it carries to its partition: the partition's later records fold with that version. A
+/// deploy writes one to every partition of each of the reducer's topics, so every replica
+/// switches each partition at the same offset.
+pub const DEPLOY_HEADER: &str = "statefold-deploy";
+/// On a deploy record: how the version arrived (`http`, `directory`).
+pub const DEPLOY_ORIGIN_HEADER: &str = "statefold-origin";
+/// On a deploy record: the number of partitions the deploy wrote to.
+pub const DEPLOY_PARTITIONS_HEADER: &str = "statefold-partitions";
 /// Longest model id, in bytes.
 pub const ID_BYTES_MAX: usize = 256;
 
@@ -40,7 +49,12 @@ pub struct Record {
 
 impl Record {
     pub fn is_create(&self) -> bool {
-        self.headers.iter().any(|(name, _)| name == CREATE_HEADER)
+        self.header(CREATE_HEADER).is_some()
+    }
+
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
     }
 }
 
@@ -147,6 +161,8 @@ pub enum Rejection {
     UnknownTopic,
     /// The record's value is larger than `diff_bytes_max` (its size).
     TooLarge { bytes: u64 },
+    /// A deploy record whose module cannot fold here (not a loadable reducer).
+    InvalidDeploy(String),
 }
 
 impl Rejection {
@@ -160,6 +176,7 @@ impl Rejection {
             Rejection::OffsetRegressed { .. } => "offset_regressed",
             Rejection::UnknownTopic => "unknown_topic",
             Rejection::TooLarge { .. } => "too_large",
+            Rejection::InvalidDeploy(_) => "invalid_deploy",
         }
     }
 
@@ -174,6 +191,7 @@ impl Rejection {
             }
             Rejection::UnknownTopic => "no kind reads this topic".into(),
             Rejection::TooLarge { bytes } => format!("the diff is {bytes} bytes, more than diff_bytes_max"),
+            Rejection::InvalidDeploy(reason) => reason.clone(),
         }
     }
 
@@ -196,6 +214,7 @@ impl Rejection {
             "offset_regressed" => Rejection::OffsetRegressed { head_offset: detail? },
             "unknown_topic" => Rejection::UnknownTopic,
             "too_large" => Rejection::TooLarge { bytes: detail? },
+            "invalid_deploy" => Rejection::InvalidDeploy(message),
             _ => return None,
         })
     }
@@ -269,6 +288,65 @@ pub struct Folded {
     pub replaced: Vec<ModelKey>,
     /// The progress of a replay, committed with the models it rebuilt.
     pub replay: Option<ReplayJob>,
+    /// Deploy records folded, in record order.
+    pub deploys: Vec<DeployFolded>,
+    /// The versions of every kind a deploy record changed, as they stand after the batch.
+    pub kind_versions: Vec<(Arc<str>, KindVersions)>,
+}
+
+/// A deploy record folded: `partition` folds with `version` after `offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployFolded {
+    pub kind: Arc<str>,
+    /// The reducer's name (the record's header).
+    pub name: String,
+    pub version: ModuleHash,
+    pub origin: String,
+    /// What the module declares: (name, version).
+    pub declared: (String, String),
+    pub partition: u32,
+    pub offset: u64,
+    /// The module (stored: later diffs name the version).
+    pub module: Bytes,
+}
+
+/// Which reducer version folds each partition of a kind. Deploy records in the log change
+/// it, so every replica that folds the same records uses the same versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindVersions {
+    /// The version of a partition that has folded no deploy record: the kind's first.
+    pub genesis: ModuleHash,
+    /// Partitions that folded a deploy record, and the last one's version.
+    pub partitions: BTreeMap<u32, ModuleHash>,
+    /// Partitions the latest deploy wrote to (0 before any deploy).
+    pub partition_count: u32,
+    /// The version of the latest deploy record folded (`genesis` before any): what a
+    /// replay rebuilds with, and what the kind is said to run.
+    pub latest: ModuleHash,
+}
+
+impl KindVersions {
+    pub fn new(genesis: ModuleHash) -> KindVersions {
+        KindVersions { genesis, partitions: BTreeMap::new(), partition_count: 0, latest: genesis }
+    }
+
+    /// The version that folds `partition` now.
+    pub fn of(&self, partition: u32) -> ModuleHash {
+        self.partitions.get(&partition).copied().unwrap_or(self.genesis)
+    }
+
+    /// Every version some partition folds with now.
+    pub fn in_use(&self) -> Vec<ModuleHash> {
+        let mut out: Vec<ModuleHash> = self.partitions.values().copied().collect();
+        let all_deployed =
+            self.partition_count > 0 && (0..self.partition_count).all(|p| self.partitions.contains_key(&p));
+        if !all_deployed {
+            out.push(self.genesis);
+        }
+        out.sort_by_key(|v| v.0);
+        out.dedup();
+        out
+    }
 }
 
 /// A replay of a kind: its states rebuilt from the retained diffs by its active reducer,
@@ -322,9 +400,6 @@ pub struct FoldLimits {
     /// Largest diff, in bytes; a larger record is rejected (`too_large`). Every replica
     /// must use the same value to reach the same hashes.
     pub diff_bytes_max: usize,
-    /// Steps a deploy spends copying again models folded during it before it switches
-    /// anyway (the last step then copies all that are left).
-    pub deploy_recopy_rounds_max: u32,
 }
 
 impl Default for FoldLimits {
@@ -334,7 +409,6 @@ impl Default for FoldLimits {
             retain_checkpoints: 2,
             head_cache_models_max: 100_000,
             diff_bytes_max: 1 << 20,
-            deploy_recopy_rounds_max: 8,
         }
     }
 }
@@ -343,40 +417,42 @@ impl Default for FoldLimits {
 pub struct KindSpec {
     pub name: Arc<str>,
     pub topic: Arc<str>,
-    pub reducer: Arc<Reducer>,
+    /// Its versions as stored (or, for a new kind, its first version alone).
+    pub versions: KindVersions,
+}
+
+impl KindSpec {
+    /// A kind that folds every partition with `reducer` until a deploy record says otherwise.
+    pub fn new(name: &str, topic: &str, reducer: &Reducer) -> KindSpec {
+        KindSpec { name: name.into(), topic: topic.into(), versions: KindVersions::new(reducer.id()) }
+    }
 }
 
 struct KindState {
     name: Arc<str>,
-    reducer: ModuleHash,
-    models: Models,
+    versions: KindVersions,
+    /// One instance per version in use (created when first needed). A model is resident in
+    /// at most one; it moves (snapshot on one version, restore on the other) when its
+    /// partition's version is not the one holding it.
+    instances: Vec<Models>,
     heads: LruCache<Arc<str>, Head>,
 }
 
-/// The fold engine: one reducer instance per kind, and the heads of recently used models.
+/// The fold engine: reducer instances per kind, and the heads of recently used models.
 pub struct Engine {
     kinds: Vec<KindState>,
     by_topic: HashMap<Arc<str>, usize>,
     limits: FoldLimits,
-    /// Past versions, for models whose stored history another version applied.
+    /// Past versions, for models whose stored history another version applied; also how
+    /// the engine finds the versions it folds with.
     versions: Versions,
-    /// A deploy moving resident models to a new instance.
-    moving: Option<Moving>,
     /// The instance replays rebuild models on.
     replayer: Option<Models>,
 }
 
-/// A deploy that did not happen: the kinds keep their version.
-#[derive(Debug, thiserror::Error)]
-#[error("kind {kind}, model {model:?}: {source}")]
-pub struct SwapError {
-    pub kind: Arc<str>,
-    pub model: String,
-    pub source: ReducerError,
-}
-
 impl Engine {
-    /// `versions` finds past reducer versions (see [`Versions`]).
+    /// `versions` finds reducer versions by id (see [`Versions`]); it must know every
+    /// version `kinds` name.
     pub fn new(kinds: Vec<KindSpec>, limits: FoldLimits, versions: Versions) -> Engine {
         let cache = NonZeroUsize::new(limits.head_cache_models_max.max(1)).expect("max(1)");
         let mut by_topic = HashMap::new();
@@ -387,115 +463,88 @@ impl Engine {
                 by_topic.insert(spec.topic.clone(), i);
                 KindState {
                     name: spec.name,
-                    reducer: spec.reducer.id(),
-                    models: spec.reducer.models(),
+                    versions: spec.versions,
+                    instances: Vec::new(),
                     heads: LruCache::new(cache),
                 }
             })
             .collect();
-        Engine { kinds, by_topic, limits, versions, moving: None, replayer: None }
+        Engine { kinds, by_topic, limits, versions, replayer: None }
     }
 
-    /// The version each kind folds with.
-    pub fn reducer(&self, kind: &str) -> Option<ModuleHash> {
-        self.kinds.iter().find(|k| &*k.name == kind).map(|k| k.reducer)
+    /// The versions a kind folds with.
+    pub fn versions(&self, kind: &str) -> Option<&KindVersions> {
+        self.kinds.iter().find(|k| &*k.name == kind).map(|k| &k.versions)
     }
 
-    /// Starts moving `kinds` to `reducer`. The old instances keep folding; every resident
-    /// model is copied to a new instance (snapshot on the old version, restore on the new)
-    /// by [`Engine::continue_swap`], a chunk per batch boundary, so no single pause grows
-    /// with the number of resident models. Models not resident move when next used (see
-    /// [`Versions`]).
-    pub fn begin_swap(&mut self, kinds: &[Arc<str>], reducer: &Arc<Reducer>) {
-        assert!(self.moving.is_none(), "one swap at a time");
-        let kinds = self
-            .kinds
-            .iter()
-            .enumerate()
-            .filter(|(_, state)| kinds.contains(&state.name) && state.reducer != reducer.id())
-            .map(|(index, state)| {
-                // Most recently used last, popped first: the hottest models move first.
-                let remaining = state.models.resident_ids();
-                KindMove { index, to: reducer.models(), remaining, dirty: HashSet::new() }
-            })
-            .collect();
-        self.moving = Some(Moving { reducer: reducer.clone(), kinds, dirty_rounds: 0 });
+    /// Models resident per kind, over all its instances, and the number of instances.
+    pub fn resident(&self, kind: &str) -> Option<(usize, usize)> {
+        let state = self.kinds.iter().find(|k| &*k.name == kind)?;
+        Some((state.instances.iter().map(Models::resident).sum(), state.instances.len()))
     }
 
-    /// Copies up to `budget` more models. Once all are copied, copies again the models
-    /// folded since their copy and switches the kinds to the new version:
-    /// `Some(Ok(models moved))`. `Some(Err)`: a model cannot move; the swap is abandoned and
-    /// nothing changed. `None`: more to copy at the next boundary.
-    pub fn continue_swap(&mut self, budget: usize) -> Option<Result<usize, SwapError>> {
-        let moving = self.moving.as_mut()?;
+    /// Moves up to `budget` resident models off instances whose version no partition
+    /// folds with any more (after a deploy reached every partition) to the version that
+    /// does, and frees such instances once empty. Called between batches, so no pause
+    /// grows with the number of resident models. Returns the models handled.
+    pub fn retire(&mut self, budget: usize) -> usize {
         let mut left = budget.max(1);
-        for m in &mut moving.kinds {
-            let state = &mut self.kinds[m.index];
-            while left > 0
-                && let Some(id) = m.remaining.pop()
-            {
-                left -= 1;
-                if let Err(e) = copy_model(&state.name, &mut state.models, &mut m.to, &id) {
-                    self.moving = None;
-                    return Some(Err(e));
+        for state in &mut self.kinds {
+            let in_use = state.versions.in_use();
+            let mut i = state.instances.len();
+            while i > 0 {
+                i -= 1;
+                let version = state.instances[i].reducer().id();
+                if in_use.contains(&version) {
+                    continue;
                 }
-            }
-        }
-        if moving.kinds.iter().any(|m| !m.remaining.is_empty()) {
-            return None;
-        }
-        // Models folded since their copy are copied again, a budget at a time, until what
-        // is left fits in one step. A batch dirties at most its own models, so this ends
-        // when the budget is at least a batch; `deploy_recopy_rounds_max` bounds it otherwise.
-        let dirty: usize = moving.kinds.iter().map(|m| m.dirty.len()).sum();
-        if dirty > left && moving.dirty_rounds < self.limits.deploy_recopy_rounds_max {
-            moving.dirty_rounds += 1;
-            for m in &mut moving.kinds {
-                let state = &mut self.kinds[m.index];
-                let ids: Vec<Arc<str>> = m.dirty.iter().take(left).cloned().collect();
-                left -= ids.len();
-                for id in ids {
-                    m.dirty.remove(&id);
-                    if let Err(e) = recopy_model(&state.name, &mut state.models, &mut m.to, &id) {
-                        self.moving = None;
-                        return Some(Err(e));
+                // Models go to the one version left; with several (a deploy that did not
+                // reach every partition), they are dropped: each is rebuilt from its
+                // history by its partition's version when next used.
+                let target = match in_use.as_slice() {
+                    [only] => match instance(state, &mut self.versions, *only) {
+                        Ok(target) => Some(target),
+                        Err(e) => {
+                            tracing::warn!(kind = %state.name, error = %e, "cannot load the version to move models to; dropping them");
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                // Creating the target may have shifted nothing before `i`: instances are
+                // only ever pushed at the end.
+                let mut ids = state.instances[i].resident_ids();
+                while left > 0
+                    && let Some(id) = ids.pop()
+                {
+                    left -= 1;
+                    let moved = match target {
+                        Some(to) => move_model(&mut state.instances, &id, i, to),
+                        None => Ok(()),
+                    };
+                    if let Err(e) = moved.and_then(|()| state.instances[i].forget(&id)) {
+                        tracing::warn!(kind = %state.name, id, error = %e, "model not moved off a retired version; it is rebuilt from its history when next used");
+                        for models in &mut state.instances {
+                            let _ = models.forget(&id);
+                        }
                     }
                 }
-            }
-            return None;
-        }
-        let moving = self.moving.take().expect("checked above");
-        let mut switched = Vec::with_capacity(moving.kinds.len());
-        for mut m in moving.kinds {
-            let state = &mut self.kinds[m.index];
-            for id in &m.dirty {
-                if let Err(e) = recopy_model(&state.name, &mut state.models, &mut m.to, id) {
-                    return Some(Err(e));
+                if state.instances[i].resident() == 0 {
+                    let retired = state.instances.remove(i);
+                    tracing::info!(kind = %state.name, version = %version, "instance of a retired version freed");
+                    // Freeing an instance that held many models takes milliseconds.
+                    let freed =
+                        std::thread::Builder::new().name("retired-instance".into()).spawn(move || drop(retired));
+                    if let Err(e) = freed {
+                        tracing::warn!(error = %e, "cannot free the retired instance on its own thread; freeing it here");
+                    }
+                }
+                if left == 0 {
+                    return budget;
                 }
             }
-            switched.push((m.index, m.to));
         }
-        let mut moved = 0;
-        let mut retired = Vec::with_capacity(switched.len());
-        for (index, to) in switched {
-            moved += to.resident();
-            let state = &mut self.kinds[index];
-            retired.push(std::mem::replace(&mut state.models, to));
-            state.reducer = moving.reducer.id();
-        }
-        // Freeing an instance that held many models takes milliseconds: not on this thread.
-        let freed = std::thread::Builder::new().name("retired-instance".into()).spawn(move || drop(retired));
-        if let Err(e) = freed {
-            tracing::warn!(error = %e, "cannot free the retired instance on its own thread; freeing it here");
-        }
-        Some(Ok(moved))
-    }
-
-    /// Notes that a model of `kind` changed, for a swap in progress (copy it again).
-    fn touched(&mut self, kind: usize, id: &Arc<str>) {
-        if let Some(m) = self.moving.as_mut().and_then(|moving| moving.kinds.iter_mut().find(|m| m.index == kind)) {
-            m.dirty.insert(id.clone());
-        }
+        budget.max(1) - left
     }
 
     /// Rebuilds one model from its oldest retained version with the kind's reducer (see
@@ -522,15 +571,14 @@ impl Engine {
         let mut probe = head.clone();
         probe.checkpoints = oldest.into_iter().collect();
         let history = view.checkpoint(&model, &probe).map_err(FoldError::View)?;
-        self.touched(index, &model.id);
         let replayer = &mut self.replayer;
         let state = &mut self.kinds[index];
-        let reducer = state.reducer;
+        let reducer = state.versions.latest;
         // One instance rebuilds model after model (creating one per model costs more than
         // the rebuild); a model is dropped from it when done, and before, in case an
         // earlier attempt left it there.
         if replayer.as_ref().is_none_or(|m| m.reducer().id() != reducer) {
-            *replayer = Some(state.models.reducer().models());
+            *replayer = Some(self.versions.reducer(reducer)?.models());
         }
         let models = replayer.as_mut().expect("set above");
         models.forget(id)?;
@@ -625,7 +673,9 @@ impl Engine {
         folded.applied.extend(applied);
         folded.replaced.push(model.clone());
         // The fold instance rebuilds the model from its new checkpoint on next use.
-        state.models.forget(id)?;
+        for models in &mut state.instances {
+            models.forget(id)?;
+        }
         state.heads.put(model.id.clone(), new_head.clone());
         folded.heads.push((model, new_head));
         Ok(Ok(()))
@@ -635,8 +685,9 @@ impl Engine {
     /// must be before the next call.
     pub fn fold(&mut self, records: &[Record], view: &dyn View) -> Result<Folded, FoldError> {
         let mut folded = Folded::default();
-        // Per kind, per model: the records in offset order.
-        let mut groups: Vec<(usize, Arc<str>, Vec<&Record>)> = Vec::new();
+        // Per kind, per model: the records in offset order, each with the version its
+        // partition folds with at its offset (deploy records in the batch change it).
+        let mut groups: Vec<(usize, Arc<str>, Vec<Versioned>)> = Vec::new();
         let mut index: HashMap<(usize, &[u8]), usize> = HashMap::new();
         for record in records {
             let reject = |reason| Rejected::new(record, None, reason);
@@ -644,6 +695,10 @@ impl Engine {
                 folded.rejected.push(reject(Rejection::UnknownTopic));
                 continue;
             };
+            if let Some(name) = record.header(DEPLOY_HEADER) {
+                self.deploy(kind, record, name, &mut folded);
+                continue;
+            }
             let key = record.key.as_deref().ok_or_else(|| "record has no key".to_owned());
             let id = match key.and_then(validate_id) {
                 Ok(id) => id,
@@ -662,7 +717,7 @@ impl Engine {
                 groups.push((kind, Arc::from(id), Vec::new()));
                 groups.len() - 1
             });
-            groups[slot].2.push(record);
+            groups[slot].2.push((record, self.kinds[kind].versions.of(record.partition)));
         }
         for (kind, id, records) in groups {
             self.fold_model(kind, id, &records, view, &mut folded)?;
@@ -670,15 +725,49 @@ impl Engine {
         Ok(folded)
     }
 
+    /// A deploy record: its partition folds with the module it carries from the next
+    /// offset on. A module that cannot load here is rejected (`invalid_deploy`) and the
+    /// partition keeps its version.
+    fn deploy(&mut self, kind: usize, record: &Record, name: &[u8], folded: &mut Folded) {
+        let state = &mut self.kinds[kind];
+        let reject = |reason: String| Rejected::new(record, None, Rejection::InvalidDeploy(reason));
+        let reducer = match self.versions.load(&record.value) {
+            Ok(reducer) => reducer,
+            Err(reason) => {
+                tracing::error!(kind = %state.name, partition = record.partition, offset = record.offset, %reason, "deploy record refused; the partition keeps its version");
+                return folded.rejected.push(reject(reason));
+            }
+        };
+        let text = |header| record.header(header).map(|v| String::from_utf8_lossy(v).into_owned());
+        let count = text(DEPLOY_PARTITIONS_HEADER).and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
+        let versions = &mut state.versions;
+        versions.partitions.insert(record.partition, reducer.id());
+        versions.partition_count = versions.partition_count.max(count);
+        versions.latest = reducer.id();
+        let info = reducer.info();
+        tracing::info!(kind = %state.name, partition = record.partition, offset = record.offset, version = %reducer.id(), "deploy record folded: the partition folds with this version from here");
+        folded.deploys.push(DeployFolded {
+            kind: state.name.clone(),
+            name: String::from_utf8_lossy(name).into_owned(),
+            version: reducer.id(),
+            origin: text(DEPLOY_ORIGIN_HEADER).unwrap_or_else(|| "log".into()),
+            declared: (info.name.clone(), info.version.clone()),
+            partition: record.partition,
+            offset: record.offset,
+            module: record.value.clone(),
+        });
+        folded.kind_versions.retain(|(k, _)| *k != state.name);
+        folded.kind_versions.push((state.name.clone(), state.versions.clone()));
+    }
+
     fn fold_model(
         &mut self,
         kind: usize,
         id: Arc<str>,
-        records: &[&Record],
+        records: &[Versioned],
         view: &dyn View,
         folded: &mut Folded,
     ) -> Result<(), FoldError> {
-        self.touched(kind, &id);
         let limits = self.limits.clone();
         let state = &mut self.kinds[kind];
         let versions = &mut self.versions;
@@ -690,7 +779,7 @@ impl Engine {
         let mut pending = Pending::default();
         let mut i = 0;
         while i < records.len() {
-            let record = records[i];
+            let (record, version) = records[i];
             let reject = |reason| Rejected::new(record, Some(model.clone()), reason);
             if let Some(head_offset) = head.as_ref().and_then(|h| h.offset)
                 && record.offset <= head_offset
@@ -704,7 +793,7 @@ impl Engine {
                 if head.is_some() {
                     folded.rejected.push(reject(Rejection::Exists));
                 } else {
-                    head = Some(Head::new(&model, state.reducer));
+                    head = Some(Head::new(&model, version));
                     folded.created.push(model.clone());
                 }
                 i += 1;
@@ -712,50 +801,65 @@ impl Engine {
             }
             let current = head.get_or_insert_with(|| {
                 folded.created.push(model.clone());
-                Head::new(&model, state.reducer)
+                Head::new(&model, version)
             });
-            // The run of diffs up to the next create record goes in one call.
-            let run_end = records[i..].iter().position(|r| r.is_create()).map_or(records.len(), |n| i + n);
+            // The run of diffs up to the next create record or version change goes in one call.
+            let run_end =
+                records[i..].iter().position(|(r, v)| r.is_create() || *v != version).map_or(records.len(), |n| i + n);
             let run = &records[i..run_end];
             let diffs: Vec<DiffRecord> = run
                 .iter()
-                .map(|r| DiffRecord {
+                .map(|(r, _)| DiffRecord {
                     offset: r.offset,
                     timestamp_ms: r.timestamp_ms,
                     headers: r.headers.clone(),
                     payload: r.value.to_vec(),
                 })
                 .collect();
+            let to = instance(state, versions, version)?;
+            // Resident under another version (its partition switched since): it moves,
+            // snapshot there and restore here, as `Versions` defines its state.
+            let mut moved = Ok(());
+            for from in 0..state.instances.len() {
+                if from != to {
+                    moved = moved.and_then(|()| move_model(&mut state.instances, &id, from, to));
+                    moved = moved.and_then(|()| state.instances[from].forget(&id));
+                }
+            }
             let mut overlay = Overlay {
                 model: &model,
                 head: current,
-                reducer: state.reducer,
+                reducer: version,
                 versions: &mut *versions,
                 view,
                 pending: &mut pending,
                 folded: &mut *folded,
                 limits: &limits,
             };
-            let outcomes = match state.models.apply(&id, overlay.head.hash, &diffs, &mut overlay) {
+            let applied = moved.and_then(|()| state.instances[to].apply(&id, overlay.head.hash, &diffs, &mut overlay));
+            let outcomes = match applied {
                 Ok(outcomes) => outcomes,
-                // The model cannot be rebuilt under this version (a deploy whose restore
-                // fails on a state that was not resident): its diffs fail, others go on.
+                // The model cannot be rebuilt under this version (its state does not
+                // restore, or moving it failed): its diffs fail, others go on.
                 Err(e @ (ReducerError::Restore { .. } | ReducerError::Trap { .. } | ReducerError::Contract { .. })) => {
                     tracing::error!(kind = %model.kind, id = %model.id, error = %e, "model cannot be rebuilt; its diffs fail");
+                    for models in &mut state.instances {
+                        models.forget(&id)?;
+                    }
                     vec![Outcome::Failed(format!("cannot rebuild the model: {e}")); diffs.len()]
                 }
                 Err(e) => return Err(e.into()),
             };
-            for ((record, diff), outcome) in run.iter().zip(diffs).zip(outcomes) {
+            for (((record, _), diff), outcome) in run.iter().zip(diffs).zip(outcomes) {
                 match outcome {
-                    Outcome::Applied(hash) => overlay.applied(record, diff, hash, state.reducer),
+                    Outcome::Applied(hash) => overlay.applied(record, diff, hash, version),
                     Outcome::Refused(reason) => overlay.reject(record, Rejection::Refused(reason)),
                     Outcome::Failed(reason) => overlay.reject(record, Rejection::Failed(reason)),
                 }
             }
             let since_checkpoint = overlay.head.seq - overlay.head.checkpoint().map_or(0, |(seq, _)| seq);
             if since_checkpoint >= limits.checkpoint_interval_diffs {
-                match state.models.snapshot(&id, &mut overlay) {
+                match state.instances[to].snapshot(&id, &mut overlay) {
                     Ok(snapshot) => overlay.checkpoint(snapshot),
                     // A reducer that cannot snapshot keeps its models resident; the
                     // diffs stay retained and the next interval tries again.
@@ -775,37 +879,25 @@ impl Engine {
     }
 }
 
-/// A swap in progress (see [`Engine::begin_swap`]).
-struct Moving {
-    reducer: Arc<Reducer>,
-    kinds: Vec<KindMove>,
-    /// Steps spent on models folded during the swap.
-    dirty_rounds: u32,
+/// A record and the version its partition folds with at its offset.
+type Versioned<'a> = (&'a Record, ModuleHash);
+
+/// The index of the kind's instance of `version`, created if there is none.
+fn instance(state: &mut KindState, versions: &mut Versions, version: ModuleHash) -> Result<usize, ReducerError> {
+    if let Some(i) = state.instances.iter().position(|m| m.reducer().id() == version) {
+        return Ok(i);
+    }
+    state.instances.push(versions.reducer(version)?.models());
+    Ok(state.instances.len() - 1)
 }
 
-struct KindMove {
-    index: usize,
-    to: Models,
-    /// Resident models not copied yet, most recently used last.
-    remaining: Vec<String>,
-    /// Models folded (or replayed) since the swap began: copied again at the end.
-    dirty: HashSet<Arc<str>>,
-}
-
-/// Copies one resident model from `from` to `to` (nothing if it is not resident: it is
-/// rebuilt from the store when next used).
-fn copy_model(kind: &Arc<str>, from: &mut Models, to: &mut Models, id: &str) -> Result<(), SwapError> {
-    let error = |source| SwapError { kind: kind.clone(), model: id.to_owned(), source };
-    match from.snapshot_resident(id).map_err(error)? {
-        Some(snapshot) => to.adopt(id, &snapshot).map_err(error),
+/// Copies a model resident in instance `from` into instance `to` (snapshot on one
+/// version, restore on the other); nothing if it is not resident there.
+fn move_model(instances: &mut [Models], id: &str, from: usize, to: usize) -> Result<(), ReducerError> {
+    match instances[from].snapshot_resident(id)? {
+        Some(snapshot) => instances[to].adopt(id, &snapshot),
         None => Ok(()),
     }
-}
-
-/// Copies a model again (its state changed since it was copied).
-fn recopy_model(kind: &Arc<str>, from: &mut Models, to: &mut Models, id: &str) -> Result<(), SwapError> {
-    let forgotten = to.forget(id).map_err(|source| SwapError { kind: kind.clone(), model: id.to_owned(), source });
-    forgotten.and_then(|()| copy_model(kind, from, to, id))
 }
 
 /// What this batch changed for one model that the store does not have yet.

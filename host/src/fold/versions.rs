@@ -41,6 +41,9 @@ impl History {
 /// Finds a reducer version by its id (from the compile cache or the stored module).
 pub trait Resolve: Send + Sync {
     fn reducer(&self, id: ModuleHash) -> Result<Arc<Reducer>, String>;
+    /// Loads the module a deploy record carries (a version this process may not have
+    /// seen); why it cannot fold here otherwise.
+    fn load(&self, module: &[u8]) -> Result<Arc<Reducer>, String>;
 }
 
 /// A fixed set of versions (tests and tools that load their reducers themselves).
@@ -49,6 +52,10 @@ pub struct Known(pub Vec<Arc<Reducer>>);
 impl Resolve for Known {
     fn reducer(&self, id: ModuleHash) -> Result<Arc<Reducer>, String> {
         self.0.iter().find(|r| r.id() == id).cloned().ok_or_else(|| format!("version {id} is not loaded"))
+    }
+
+    fn load(&self, module: &[u8]) -> Result<Arc<Reducer>, String> {
+        self.reducer(ModuleHash::of(module))
     }
 }
 
@@ -63,6 +70,19 @@ impl Versions {
     pub fn new(resolve: Arc<dyn Resolve>, instances_max: usize) -> Versions {
         let max = NonZeroUsize::new(instances_max.max(1)).expect("max(1)");
         Versions { resolve, scratch: LruCache::new(max) }
+    }
+
+    /// Version `id`.
+    pub fn reducer(&self, id: ModuleHash) -> Result<Arc<Reducer>, ReducerError> {
+        self.resolve.reducer(id).map_err(|reason| ReducerError::Instantiate {
+            reducer: format!("version {id}"),
+            reason: format!("cannot load a version the log deployed: {reason}"),
+        })
+    }
+
+    /// The version a deploy record carries.
+    pub fn load(&self, module: &[u8]) -> Result<Arc<Reducer>, String> {
+        self.resolve.load(module)
     }
 
     /// A scratch instance of version `id`.

@@ -446,9 +446,11 @@ impl KafkaWriter {
         Ok(KafkaWriter { producer })
     }
 
+    /// Appends to `partition`, or to the key's partition (the producer's partitioner).
     pub async fn append(
         &self,
         topic: &str,
+        partition: Option<u32>,
         key: &[u8],
         value: &[u8],
         headers: &[(String, Vec<u8>)],
@@ -457,7 +459,10 @@ impl KafkaWriter {
         for (name, value) in headers {
             owned = owned.insert(Header { key: name, value: Some(value) });
         }
-        let record = FutureRecord::to(topic).key(key).payload(value).headers(owned);
+        let mut record = FutureRecord::to(topic).key(key).payload(value).headers(owned);
+        if let Some(partition) = partition {
+            record = record.partition(partition as i32);
+        }
         let delivery = self
             .producer
             .send_result(record)
@@ -466,6 +471,20 @@ impl KafkaWriter {
             Ok(Ok(delivery)) => Ok((delivery.partition as u32, delivery.offset as u64)),
             Ok(Err((e, _))) => Err(WriteError::Unavailable(e.to_string())),
             Err(_) => Err(WriteError::Unavailable("the producer was closed".into())),
+        }
+    }
+
+    /// The number of partitions of `topic`, as the broker reports it.
+    pub async fn partitions(&self, topic: &str, timeout: Duration) -> Result<u32, WriteError> {
+        let (producer, name) = (self.producer.clone(), topic.to_owned());
+        let metadata = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(Some(&name), timeout))
+            .await
+            .map_err(|e| WriteError::Unavailable(e.to_string()))?
+            .map_err(|e| WriteError::Unavailable(format!("cannot read the partitions of {topic}: {e}")))?;
+        let count = metadata.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len());
+        match count {
+            0 => Err(WriteError::Unavailable(format!("the broker reports no partitions for topic {topic}"))),
+            n => Ok(n as u32),
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use embedded::{EmbeddedLog, EmbeddedSource};
-pub use kafka::{KafkaSource, KafkaWriter, kafka_settings};
+pub use kafka::{KafkaSource, KafkaWriter, SOURCE_NAME as KAFKA_SOURCE_NAME, kafka_settings};
 
 use crate::fold::Record;
 use crate::store::Position;
@@ -125,10 +125,31 @@ pub enum Writer {
 }
 
 impl Writer {
-    /// Appends one record; returns its (partition, offset) once the log has it durably.
+    /// Appends one record to the key's partition; returns its (partition, offset) once the
+    /// log has it durably.
     pub async fn append(
         &self,
         topic: &str,
+        key: &[u8],
+        value: &[u8],
+        headers: &[(String, Vec<u8>)],
+    ) -> Result<(u32, u64), WriteError> {
+        self.append_to(topic, None, key, value, headers).await
+    }
+
+    /// The number of partitions of `topic`.
+    pub async fn partitions(&self, topic: &str) -> Result<u32, WriteError> {
+        match self {
+            Writer::Embedded(_) => Ok(1),
+            Writer::Kafka(producer) => producer.partitions(topic, Duration::from_secs(10)).await,
+        }
+    }
+
+    /// Appends one record to `partition` (`None`: the key's partition).
+    pub async fn append_to(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
         key: &[u8],
         value: &[u8],
         headers: &[(String, Vec<u8>)],
@@ -142,9 +163,23 @@ impl Writer {
                     .map_err(|e| WriteError::Unavailable(e.to_string()))?
                     .map_err(WriteError::from)
             }
-            Writer::Kafka(producer) => producer.append(topic, key, value, headers).await,
+            Writer::Kafka(producer) => producer.append(topic, partition, key, value, headers).await,
         }
     }
+}
+
+/// The next offset of every partition a batch read from, as positions of `source`.
+pub fn positions(source: &str, records: &[Record]) -> Vec<(String, Position)> {
+    let mut next: std::collections::HashMap<(&str, u32), u64> = std::collections::HashMap::new();
+    for record in records {
+        let slot = next.entry((&*record.topic, record.partition)).or_default();
+        *slot = (*slot).max(record.offset + 1);
+    }
+    next.into_iter()
+        .map(|((topic, partition), next_offset)| {
+            (source.to_owned(), Position { topic: topic.to_owned(), partition, next_offset })
+        })
+        .collect()
 }
 
 pub(crate) fn now_ms() -> i64 {

@@ -19,7 +19,9 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, Read
 
 use crate::chain::Hash;
 use crate::deploy::{VersionRecord, VersionStatus};
-use crate::fold::{Applied, Folded, Head, History, ModelKey, Record, Rejected, Rejection, ReplayJob, View, ViewError};
+use crate::fold::{
+    Applied, Folded, Head, History, KindVersions, ModelKey, Record, Rejected, Rejection, ReplayJob, View, ViewError,
+};
 use crate::reducer::{Checkpoint, ModuleHash};
 use codec::{Dec, Enc, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix, progress_key};
 
@@ -110,6 +112,64 @@ impl Store {
         Ok(Store { db, write, log_ends: Mutex::new(HashMap::new()) })
     }
 
+    /// Opens a store for reading only, beside the server that may be writing it (RocksDB
+    /// takes no lock for this): what it reads is the store as of this call.
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        let mut db_options = Options::default();
+        db_options.create_if_missing(false);
+        let db = DB::open_cf_for_read_only(&db_options, path, FAMILIES, false)?;
+        Ok(Store { db, write: WriteOptions::default(), log_ends: Mutex::new(HashMap::new()) })
+    }
+
+    /// Every stored position of a source: (topic, partition, next offset).
+    pub fn positions(&self, source: &str) -> Result<Vec<Position>, StoreError> {
+        let mut prefix = source.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(self.cf(PROGRESS), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        for item in iter {
+            let (key, value) = item?;
+            let Some(rest) = key.strip_prefix(prefix.as_slice()) else { break };
+            let mut parts = rest.splitn(2, |b| *b == 0);
+            let topic = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+            let partition = parts.next().and_then(|p| <[u8; 4]>::try_from(p).ok()).map(u32::from_be_bytes);
+            let Some(partition) = partition else {
+                return Err(StoreError::corrupt(PROGRESS, &key, "not source ‖ 0 ‖ topic ‖ 0 ‖ partition"));
+            };
+            let next_offset = decode(PROGRESS, &key, &value, |d| d.u64())?;
+            out.push(Position { topic, partition, next_offset });
+        }
+        Ok(out)
+    }
+
+    /// Replaces the stored history and head of `models` with `from`'s (a repair by
+    /// `statefold verify`), in one WriteBatch. A model `from` does not have is deleted.
+    pub fn replace_models(&self, from: &Store, models: &[ModelKey]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for model in models {
+            let prefix = model_prefix(&model.kind, &model.id);
+            let end = prefix_end(&prefix);
+            for cf in [DIFFS, STATES, HASHES] {
+                batch.delete_range_cf(self.cf(cf), &prefix, &end);
+                let iter = from.db.iterator_cf(from.cf(cf), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+                for item in iter {
+                    let (key, value) = item?;
+                    if !key.starts_with(&prefix) {
+                        break;
+                    }
+                    batch.put_cf(self.cf(cf), key, value);
+                }
+            }
+            let head = head_key(&model.kind, &model.id);
+            match from.db.get_cf(from.cf(HEADS), &head)? {
+                Some(value) => batch.put_cf(self.cf(HEADS), head, value),
+                None => batch.delete_cf(self.cf(HEADS), head),
+            }
+        }
+        self.db.write_opt(batch, &self.write)?;
+        Ok(())
+    }
+
     fn cf(&self, name: &'static str) -> &rocksdb::ColumnFamily {
         self.db.cf_handle(name).expect("every column family is created at open")
     }
@@ -161,6 +221,16 @@ impl Store {
         if let Some(job) = &folded.replay {
             batch.put_cf(self.cf(REDUCERS), replay_key(&job.kind), encode_replay(job));
         }
+        let mut modules: Vec<ModuleHash> = Vec::new();
+        for deploy in &folded.deploys {
+            if !modules.contains(&deploy.version) {
+                modules.push(deploy.version);
+                batch.put_cf(self.cf(REDUCERS), module_key(&deploy.version), &deploy.module);
+            }
+        }
+        for (kind, versions) in &folded.kind_versions {
+            batch.put_cf(self.cf(REDUCERS), kind_versions_key(kind), encode_kind_versions(versions));
+        }
         for (source, position) in positions {
             let key = progress_key(source, &position.topic, position.partition);
             batch.put_cf(self.cf(PROGRESS), key, Enc::value().u64(position.next_offset).done());
@@ -183,6 +253,13 @@ impl Store {
             batch.put_cf(self.cf(REDUCERS), version_key(&record.name, &record.id), encode_version(record));
         }
         self.db.write_opt(batch, &self.write)?;
+        Ok(())
+    }
+
+    /// Records a kind's versions (its first start; deploy records change them in commits).
+    pub fn put_kind_versions(&self, kind: &str, versions: &KindVersions) -> Result<(), StoreError> {
+        let value = encode_kind_versions(versions);
+        self.db.put_cf_opt(self.cf(REDUCERS), kind_versions_key(kind), value, &self.write)?;
         Ok(())
     }
 
@@ -399,6 +476,24 @@ impl Reader<'_> {
         self.page(REDUCERS, &prefix, &prefix, usize::MAX, |key, value| decode_version(name, key, value).map(Some))
     }
 
+    /// Which version folds each partition of a kind (`None` before its first start).
+    pub fn kind_versions(&self, kind: &str) -> Result<Option<KindVersions>, StoreError> {
+        let key = kind_versions_key(kind);
+        let Some(value) = self.snapshot.get_cf(self.store.cf(REDUCERS), &key)? else { return Ok(None) };
+        decode(REDUCERS, &key, &value, |d| {
+            let genesis = d.module()?;
+            let latest = d.module()?;
+            let partition_count = d.u32()?;
+            let mut partitions = std::collections::BTreeMap::new();
+            for _ in 0..d.u32()? {
+                let partition = d.u32()?;
+                partitions.insert(partition, d.module()?);
+            }
+            Ok(KindVersions { genesis, partitions, partition_count, latest })
+        })
+        .map(Some)
+    }
+
     /// The kind's replay, running or last finished.
     pub fn replay(&self, kind: &str) -> Result<Option<ReplayJob>, StoreError> {
         let key = replay_key(kind);
@@ -569,6 +664,20 @@ fn module_key(id: &ModuleHash) -> Vec<u8> {
 
 fn version_key(name: &str, id: &ModuleHash) -> Vec<u8> {
     [&b"v"[..], name.as_bytes(), &[0], &id.0].concat()
+}
+
+fn kind_versions_key(kind: &str) -> Vec<u8> {
+    [&b"k"[..], kind.as_bytes()].concat()
+}
+
+fn encode_kind_versions(versions: &KindVersions) -> Vec<u8> {
+    let mut enc = Enc::value();
+    enc.module(&versions.genesis).module(&versions.latest).u32(versions.partition_count);
+    enc.u32(versions.partitions.len() as u32);
+    for (partition, version) in &versions.partitions {
+        enc.u32(*partition).module(version);
+    }
+    enc.done()
 }
 
 fn replay_key(kind: &str) -> Vec<u8> {

@@ -1,0 +1,277 @@
+//! `statefold verify`: refolds the kinds from Kafka, the source of truth, into a scratch
+//! store, up to the positions the live store has folded, and compares every model's head
+//! (seq, offset, hash) with the live store's. `--repair` then replaces each diverged
+//! model's history and head with the refolded ones.
+//!
+//! The refold starts each kind with the live store's first version (`genesis`); deploy
+//! records in the log switch versions as they did when the live store folded them. The
+//! live store is opened read-only (beside a running server) to verify; a repair writes to
+//! it, so its server must be stopped.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::config::Config;
+use crate::deploy::Registry;
+use crate::fold::{Engine, Head, KindSpec, KindVersions, ModelKey, Versions};
+use crate::reducer::Runtime;
+use crate::source::{KafkaSource, Source, SourceStatus, positions};
+use crate::store::{Store, StoreOptions};
+
+/// Where a refold stands, for progress reports.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Records refolded so far, and in all (up to the live store's positions).
+    pub records: u64,
+    pub total: u64,
+    pub elapsed: Duration,
+}
+
+/// A model whose live head or state is not what the log folds to.
+#[derive(Debug, Clone)]
+pub struct Mismatch {
+    pub model: ModelKey,
+    /// What differs: `missing`, `extra`, `head` (seq, offset or hash), `state` (same
+    /// chain, another state: a corrupted checkpoint, or a reducer that is not
+    /// deterministic).
+    pub what: &'static str,
+    /// `None`: the model is missing on that side.
+    pub live: Option<Head>,
+    pub log: Option<Head>,
+}
+
+/// What a verify found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub records: u64,
+    pub models: u64,
+    pub mismatches: Vec<Mismatch>,
+    /// Models replaced by `--repair`.
+    pub repaired: usize,
+}
+
+/// Verifies (and with `repair`, repairs) the store `config` names against its Kafka
+/// topics. `progress` is called about once a second while refolding.
+pub fn verify(config: &Config, repair: bool, progress: &mut dyn FnMut(Progress)) -> anyhow::Result<Report> {
+    let kafka = config.kafka.as_ref().context(
+        "verify refolds from Kafka: configure [kafka] brokers (the embedded log lives in the store it would check)",
+    )?;
+    let limits = &config.limits;
+    let db = config.data_dir.join("db");
+    anyhow::ensure!(db.exists(), "no store in {}", config.data_dir.display());
+    let live = Arc::new(if repair {
+        Store::open(&db, &StoreOptions { fsync: limits.store_fsync }).with_context(|| {
+            format!("cannot open {} to repair it (stop the server that uses it first)", db.display())
+        })?
+    } else {
+        Store::open_read_only(&db).with_context(|| format!("cannot open {} to read", db.display()))?
+    });
+    let scratch_dir = scratch_dir(&config.data_dir);
+    let _ = std::fs::remove_dir_all(&scratch_dir);
+    let scratch = Arc::new(Store::open(&scratch_dir, &StoreOptions { fsync: false })?);
+    let result = refold_and_compare(config, kafka, &live, &scratch, progress).and_then(|mut report| {
+        if repair && !report.mismatches.is_empty() {
+            let models: Vec<ModelKey> = report.mismatches.iter().map(|m| m.model.clone()).collect();
+            live.replace_models(&scratch, &models)?;
+            report.repaired = models.len();
+        }
+        Ok(report)
+    });
+    drop(scratch);
+    if let Err(e) = std::fs::remove_dir_all(&scratch_dir) {
+        tracing::warn!(dir = %scratch_dir.display(), error = %e, "cannot remove the scratch store");
+    }
+    result
+}
+
+fn scratch_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("verify.scratch")
+}
+
+fn refold_and_compare(
+    config: &Config,
+    kafka: &crate::config::KafkaConfig,
+    live: &Arc<Store>,
+    scratch: &Arc<Store>,
+    progress: &mut dyn FnMut(Progress),
+) -> anyhow::Result<Report> {
+    let limits = &config.limits;
+    let source_name = crate::source::KAFKA_SOURCE_NAME;
+    // Targets: what the live store has folded, per partition.
+    let mut targets: HashMap<(String, u32), u64> = HashMap::new();
+    for position in live.positions(source_name)? {
+        targets.insert((position.topic, position.partition), position.next_offset);
+    }
+    anyhow::ensure!(
+        !targets.is_empty() || live.sources()?.is_empty(),
+        "the store in {} was not folded from Kafka: nothing to verify against",
+        config.data_dir.display()
+    );
+    let runtime = Arc::new(Runtime::new(limits.reducer(), None)?);
+    let registry = Arc::new(Registry { runtime: runtime.clone(), store: scratch.clone() });
+    let mut specs = Vec::new();
+    let mut topics = Vec::new();
+    let mut kinds = Vec::new();
+    for kind in &config.kinds {
+        let Some(versions) = live.read().kind_versions(&kind.name)? else {
+            tracing::info!(kind = %kind.name, "the live store never folded this kind; skipped");
+            continue;
+        };
+        let genesis = versions.genesis;
+        let module = live.module(&genesis)?.with_context(|| format!("kind {}: module {genesis} missing", kind.name))?;
+        scratch.put_versions(&[], Some((genesis, &module)))?;
+        specs.push(KindSpec {
+            name: kind.name.as_str().into(),
+            topic: kind.topic().into(),
+            versions: KindVersions::new(genesis),
+        });
+        topics.push(kind.topic().to_owned());
+        kinds.push(kind.name.clone());
+    }
+    targets.retain(|(topic, _), _| topics.contains(topic));
+    let total: u64 = targets.values().sum();
+    let mut engine = Engine::new(specs, limits.fold(), Versions::new(registry, limits.reducer_versions_resident_max));
+    // Its own consumer group: positions come from the scratch store, and the commits (for
+    // monitoring) must not move the live servers' group.
+    let mut kafka = kafka.clone();
+    kafka.group_id = format!("{}.verify", kafka.group_id);
+    let status = Arc::new(SourceStatus::default());
+    let mut source = KafkaSource::start(&kafka, limits, scratch.clone(), topics, status.clone())?;
+    let mut next: HashMap<(String, u32), u64> = HashMap::new();
+    let mut done = 0u64;
+    let started = Instant::now();
+    let mut reported = Instant::now();
+    let remaining = |next: &HashMap<(String, u32), u64>| {
+        targets.iter().any(|(partition, target)| next.get(partition).copied().unwrap_or(0) < *target)
+    };
+    while remaining(&next) {
+        let records = source.poll(limits.batch_records_max, Duration::from_millis(100))?;
+        let records: Vec<_> = records
+            .into_iter()
+            .filter(|r| r.offset < targets.get(&(r.topic.to_string(), r.partition)).copied().unwrap_or(0))
+            .collect();
+        if records.is_empty() {
+            if let Some(problem) = status.problem() {
+                tracing::warn!(%problem, "waiting for the log");
+            } else if source.caught_up() && remaining(&next) {
+                let behind: Vec<String> = targets
+                    .iter()
+                    .filter(|(p, t)| next.get(*p).copied().unwrap_or(0) < **t)
+                    .map(|((topic, partition), target)| format!("{topic}/{partition} ends before {target}"))
+                    .collect();
+                anyhow::bail!("the log holds less than the live store folded: {}", behind.join(", "));
+            }
+        } else {
+            let folded = engine.fold(&records, &**scratch)?;
+            let positions = positions(source_name, &records);
+            scratch.commit(&folded, &positions)?;
+            for (_, position) in &positions {
+                next.insert((position.topic.clone(), position.partition), position.next_offset);
+            }
+            done += records.len() as u64;
+        }
+        if reported.elapsed() >= Duration::from_secs(1) {
+            reported = Instant::now();
+            progress(Progress { records: done, total, elapsed: started.elapsed() });
+        }
+    }
+    drop(source);
+    progress(Progress { records: done, total, elapsed: started.elapsed() });
+
+    // States are compared too: the chain covers which diffs applied, not what the
+    // reducer made of them.
+    let versions = |store: &Arc<Store>| {
+        let registry = Arc::new(Registry { runtime: runtime.clone(), store: store.clone() });
+        Versions::new(registry, limits.reducer_versions_resident_max)
+    };
+    let mut states = (versions(live), versions(scratch));
+    let mut report = Report { records: done, ..Report::default() };
+    for kind in &kinds {
+        compare(kind, (live, scratch), &mut states, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// The state at a model's head, as the store holds it.
+fn state(store: &Store, versions: &mut Versions, model: &ModelKey, head: &Head) -> anyhow::Result<Vec<u8>> {
+    let history = crate::fold::View::checkpoint(store, model, head).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(versions.materialize(&model.id, history, head.reducer)?)
+}
+
+/// Compares the heads of every model of `kind`, in id order on both sides.
+fn compare(
+    kind: &str,
+    (live, scratch): (&Store, &Store),
+    states: &mut (Versions, Versions),
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    const PAGE: usize = 1000;
+    let (live_reader, log_reader) = (live.read(), scratch.read());
+    let mut pages = (Vec::new().into_iter(), Vec::new().into_iter());
+    let (mut live_after, mut log_after): (Option<String>, Option<String>) = (None, None);
+    let mut next_live = |pages: &mut std::vec::IntoIter<(String, Head)>| -> anyhow::Result<Option<(String, Head)>> {
+        if let Some(item) = pages.next() {
+            return Ok(Some(item));
+        }
+        let page = live_reader.list(kind, live_after.as_deref(), PAGE)?;
+        live_after = page.last().map(|(id, _)| id.clone());
+        *pages = page.into_iter();
+        Ok(pages.next())
+    };
+    let mut next_log = |pages: &mut std::vec::IntoIter<(String, Head)>| -> anyhow::Result<Option<(String, Head)>> {
+        if let Some(item) = pages.next() {
+            return Ok(Some(item));
+        }
+        let page = log_reader.list(kind, log_after.as_deref(), PAGE)?;
+        log_after = page.last().map(|(id, _)| id.clone());
+        *pages = page.into_iter();
+        Ok(pages.next())
+    };
+    let (mut a, mut b) = (next_live(&mut pages.0)?, next_log(&mut pages.1)?);
+    loop {
+        let order = match (&a, &b) {
+            (None, None) => return Ok(()),
+            (Some((x, _)), Some((y, _))) => x.cmp(y),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+        };
+        let (live_head, log_head) = match order {
+            Ordering::Equal => (a.take(), b.take()),
+            Ordering::Less => (a.take(), None),
+            Ordering::Greater => (None, b.take()),
+        };
+        let id = live_head.as_ref().or(log_head.as_ref()).map(|(id, _)| id.clone()).expect("one side");
+        report.models += 1;
+        let model = ModelKey::new(kind, &id);
+        let what = match (&live_head, &log_head) {
+            (Some((_, l)), Some((_, r))) if (l.seq, l.offset, l.hash) != (r.seq, r.offset, r.hash) => Some("head"),
+            (Some((_, l)), Some((_, r))) => {
+                // A state that cannot be rebuilt on one side differs from the other.
+                let left = state(live, &mut states.0, &model, l).map_err(|e| e.to_string());
+                let right = state(scratch, &mut states.1, &model, r).map_err(|e| e.to_string());
+                (left != right).then_some("state")
+            }
+            (Some(_), None) => Some("extra"),
+            (None, _) => Some("missing"),
+        };
+        if let Some(what) = what {
+            report.mismatches.push(Mismatch {
+                model,
+                what,
+                live: live_head.map(|(_, h)| h),
+                log: log_head.map(|(_, h)| h),
+            });
+        }
+        if a.is_none() {
+            a = next_live(&mut pages.0)?;
+        }
+        if b.is_none() {
+            b = next_log(&mut pages.1)?;
+        }
+    }
+}
