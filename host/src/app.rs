@@ -187,6 +187,8 @@ pub struct Log {
     pub source: Arc<SourceStatus>,
     /// Writes refused (`read_only = true`).
     pub read_only: bool,
+    /// Compares this server's partition digests with the other replicas' (Kafka only).
+    pub attestor: Option<Arc<crate::attest::Attestor>>,
 }
 
 pub struct App {
@@ -203,6 +205,7 @@ pub struct App {
     pub deployer: Arc<Deployer>,
     /// Writes (creates, appends, deploys, replays) refused.
     pub read_only: bool,
+    pub attestor: Option<Arc<crate::attest::Attestor>>,
     /// The latest replay of each kind, running or finished.
     replays: Mutex<BTreeMap<String, ReplayJob>>,
 }
@@ -217,7 +220,7 @@ impl App {
         status: Arc<Status>,
         deployer: Arc<Deployer>,
     ) -> Result<App, StoreError> {
-        let Log { writer, source_name, source, read_only } = log;
+        let Log { writer, source_name, source, read_only, attestor } = log;
         let hub = Hub::new(limits.sse_queue_events_max, limits.sse_subscribers_max);
         let states = Mutex::new(StateCache::new(limits.state_cache_bytes_max));
         let mut replays = BTreeMap::new();
@@ -245,6 +248,7 @@ impl App {
             deployer,
             read_only,
             replays,
+            attestor,
         })
     }
 
@@ -596,7 +600,11 @@ impl App {
         None
     }
 
+    /// Ready to serve: caught up, and not diverged from the other replicas.
     pub fn ready(&self) -> bool {
+        if self.attestor.as_ref().is_some_and(|a| a.replicas().diverged.is_some()) {
+            return false;
+        }
         self.unready_reason().is_none()
     }
 }

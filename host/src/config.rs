@@ -128,6 +128,11 @@ limits! {
     reducer_versions_resident_max: usize = 4;
     /// Models a replay rebuilds between two batches of the log (one WriteBatch).
     replay_page_models: usize = 64;
+    /// A replica publishes its digest of a partition each time the partition's offsets
+    /// cross a multiple of this (with Kafka; see `attest_topic`).
+    attest_interval_records: u64 = 1000;
+    /// Digests kept per partition, this replica's and other replicas' not compared yet.
+    attest_points_kept: usize = 1000;
 }
 
 impl Limits {
@@ -169,6 +174,8 @@ impl Limits {
             ("deploy_record_bytes_max", self.deploy_record_bytes_max as u64),
             ("reducer_versions_resident_max", self.reducer_versions_resident_max as u64),
             ("replay_page_models", self.replay_page_models as u64),
+            ("attest_interval_records", self.attest_interval_records),
+            ("attest_points_kept", self.attest_points_kept as u64),
             ("diff_bytes_max", self.diff_bytes_max as u64),
             ("batch_records_max", self.batch_records_max as u64),
             ("batch_bytes_max", self.batch_bytes_max as u64),
@@ -278,6 +285,14 @@ pub struct KafkaConfig {
     /// librdkafka properties for the producer only (override `properties`).
     #[serde(default)]
     pub producer: BTreeMap<String, String>,
+    /// The topic replicas publish their partition digests to, to detect a replica that
+    /// folds the log differently (create it with a few partitions; "" turns it off).
+    #[serde(default = "default_attest_topic")]
+    pub attest_topic: String,
+}
+
+pub fn default_attest_topic() -> String {
+    "statefold-attestations".into()
 }
 
 pub fn default_group_id() -> String {
@@ -293,6 +308,7 @@ impl KafkaConfig {
             properties: BTreeMap::new(),
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
+            attest_topic: default_attest_topic(),
         }
     }
 

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::time::Sleep;
 
 use crate::app::{App, Kind, Log, Status};
+use crate::attest::{Attestor, Digests};
 use crate::config::Config;
 use crate::deploy::{Deployer, Registry, VersionRecord, VersionStatus, watch as reducer_watch};
 use crate::fold::{Engine, Folded, KindSpec, KindVersions, ReplayJob, Resolve, Versions};
@@ -33,6 +34,7 @@ pub struct Running {
     server: tokio::task::JoinHandle<io::Result<()>>,
     fold: std::thread::JoinHandle<()>,
     watcher: std::thread::JoinHandle<()>,
+    attest: Option<std::thread::JoinHandle<()>>,
     writer: Writer,
 }
 
@@ -48,9 +50,9 @@ impl Running {
     pub async fn wait(self) -> Result<(), String> {
         self.app.status.stop.cancelled().await;
         let served = self.server.await;
-        let (fold, watcher) = (self.fold, self.watcher);
-        // Both end on `stop`; a panic in either is already reported by the panic hook.
-        let _ = tokio::task::spawn_blocking(move || (fold.join(), watcher.join())).await;
+        let (fold, watcher, attest) = (self.fold, self.watcher, self.attest);
+        // All end on `stop`; a panic in any is already reported by the panic hook.
+        let _ = tokio::task::spawn_blocking(move || (fold.join(), watcher.join(), attest.map(|a| a.join()))).await;
         if let Writer::Kafka(producer) = self.writer {
             let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
         }
@@ -145,8 +147,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let deployer = Arc::new(Deployer::new(registry, names, limits.deploy()));
     let (committed_tx, committed_rx) = watch::channel(0u64);
     let status = Arc::new(Status::default());
-    let log =
-        Log { writer: writer.clone(), source_name: source.name(), source: source_status, read_only: config.read_only };
+    let (attestor, attest_thread) = match &config.kafka {
+        Some(kafka) => Attestor::start(kafka, &limits, &config.data_dir, status.stop.clone())?.unzip(),
+        None => (None, None),
+    };
+    let log = Log {
+        writer: writer.clone(),
+        source_name: source.name(),
+        source: source_status,
+        read_only: config.read_only,
+        attestor: attestor.clone(),
+    };
     let app = Arc::new(App::new(limits.clone(), store, kinds, log, committed_rx, status, deployer)?);
 
     let listener =
@@ -157,10 +168,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let control = Control {
             replay_page_models: limits.replay_page_models,
             deploy_move_models_max: limits.deploy_move_models_max,
+            digests: Digests::new(limits.attest_interval_records),
+            attestor,
         };
         std::thread::Builder::new()
             .name("fold".into())
-            .spawn(move || fold_loop(source, engine, &app, &committed_tx, &control))?
+            .spawn(move || fold_loop(source, engine, &app, &committed_tx, control))?
     };
     let interval = Duration::from_millis(limits.reducer_watch_interval_ms);
     let runtime = tokio::runtime::Handle::current();
@@ -172,7 +185,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let server =
         tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).into_future());
     tracing::info!(%addr, "serving");
-    Ok(Running { addr, app, server, fold, watcher, writer })
+    Ok(Running { addr, app, server, fold, watcher, attest: attest_thread, writer })
 }
 
 /// The version of reducer `name` to start with: the store's active one (whatever the
@@ -226,10 +239,14 @@ fn active_version(registry: &Registry, name: &str, path: &Path) -> anyhow::Resul
     Ok(reducer)
 }
 
-/// What the fold thread does between batches besides folding.
+/// What the fold thread does besides folding.
 struct Control {
     replay_page_models: usize,
     deploy_move_models_max: usize,
+    /// Each partition's digest, committed with its position.
+    digests: Digests,
+    /// Publishes the digests' attestation points to the other replicas.
+    attestor: Option<Arc<Attestor>>,
 }
 
 /// Reads batches from the source, folds them, commits each in one WriteBatch with the
@@ -241,7 +258,7 @@ fn fold_loop(
     mut engine: Engine,
     app: &App,
     committed: &watch::Sender<u64>,
-    control: &Control,
+    mut control: Control,
 ) {
     let status = &app.status;
     let batch_max = app.limits.batch_records_max;
@@ -266,9 +283,16 @@ fn fold_loop(
                 Ok(folded) => folded,
                 Err(e) => return status.fatal(format!("fold: {e}")),
             };
-            let positions = positions(source.name(), &records);
+            let mut positions = positions(source.name(), &records);
+            let points = match control.digests.advance(&app.store, source.name(), &folded.marks, &mut positions) {
+                Ok(points) => points,
+                Err(e) => return status.fatal(format!("reading digests: {e}")),
+            };
             if let Err(e) = app.store.commit(&folded, &positions) {
                 return status.fatal(format!("commit: {e}"));
+            }
+            if let Some(attestor) = &control.attestor {
+                attestor.own(points);
             }
             if !folded.deploys.is_empty() {
                 // The batch that switched versions: its time includes compiling a version

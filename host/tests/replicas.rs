@@ -31,9 +31,10 @@ const DIFFS: usize = 1500;
 const REDUCER: &str = "statefold_reducer_counter";
 
 fn flags(broker: &Broker) -> Vec<String> {
-    ["--kafka-brokers", &broker.brokers(), "--kafka-fetch-wait-ms", "10", "--kafka-check-interval-ms", "200"]
-        .map(String::from)
-        .to_vec()
+    let brokers = broker.brokers();
+    let flags = ["--kafka-brokers", &brokers, "--kafka-fetch-wait-ms", "10", "--kafka-check-interval-ms", "200"];
+    let attest = ["--attest-interval-records", "50"];
+    flags.iter().chain(&attest).map(|s| s.to_string()).collect()
 }
 
 /// The base URL of each server, `None` while it is down.
@@ -89,6 +90,7 @@ fn verify(dir: &Path, broker: &Broker, repair: bool) -> (bool, String) {
 async fn three_replica_processes_a_deploy_a_sigkill_and_hopping_clients_agree_then_verify() {
     let broker = Broker::start();
     broker.create_topic("counter", 3);
+    broker.create_topic("statefold-attestations", 1);
     let dirs: Vec<tempfile::TempDir> = (0..SERVERS).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut servers: Vec<Option<Serve>> =
         dirs.iter().map(|d| Some(Serve::start_with(d.path(), &flags(&broker)))).collect();
@@ -219,6 +221,21 @@ async fn three_replica_processes_a_deploy_a_sigkill_and_hopping_clients_agree_th
             "{url}: {body}"
         );
         assert_eq!(body["versions"][0]["origin"], "http", "the deploy record carries its origin: {body}");
+    }
+    // Their partition digests, exchanged through the attestation topic, agree: each is
+    // ready and agrees with both others (the restarted one included).
+    for url in &all {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = get(&http, &format!("{url}/readyz")).await;
+            let peers = body["replicas"]["peers"].as_array().cloned().unwrap_or_default();
+            if status == 200 && peers.len() >= 2 && peers.iter().all(|p| p["agrees"] == true) {
+                break;
+            }
+            assert!(peers.iter().all(|p| p["agrees"] == true), "{url}: a replica disagrees: {body}");
+            assert!(Instant::now() < deadline, "{url}: digests never compared: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     *final_heads.write().await = heads.clone();
     done.store(true, Ordering::Relaxed);

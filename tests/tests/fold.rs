@@ -91,7 +91,7 @@ fn random_batches_restarts_and_faults_fold_to_the_reference() {
             offset += 1;
         }
         let folded = fold.fold(&records, &store).unwrap();
-        let position = Position { topic: "trap".into(), partition: 0, next_offset: offset };
+        let position = Position { topic: "trap".into(), partition: 0, next_offset: offset, digest: None };
         store.commit(&folded, &[("test".to_owned(), position)]).unwrap();
     }
     // A record replayed at an old offset is refused, never folded out of order.

@@ -2,7 +2,7 @@
 //! and a read-only replica. The three-server test with hopping clients, a deploy, a
 //! SIGKILLed process and `statefold verify` runs the binary: `host/tests/replicas.rs`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use statefold::config::{Config, KafkaConfig, Limits};
@@ -74,4 +74,97 @@ async fn a_read_only_replica_serves_what_the_gateway_wrote() {
         }
     };
     assert_eq!(snapshot["state"], json!(210));
+}
+
+/// Three replicas, one of which rejects what the others apply (a smaller `diff_bytes_max`:
+/// a configuration every replica must share). Their partition digests, exchanged through
+/// the attestation topic, agree until then; then the odd one reports itself diverged and
+/// goes unready, and the other two stay ready and name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_folds_differently_is_detected_and_taken_out_of_service() {
+    let broker = Broker::start();
+    broker.create_topic("counter", 3);
+    for topic in ["document", "workflow", "trap", "statefold-attestations"] {
+        broker.create_topic(topic, 1);
+    }
+    let mut servers = Vec::new();
+    for odd in [false, false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), &broker);
+        config.limits.attest_interval_records = 10;
+        if odd {
+            config.limits.diff_bytes_max = 64;
+        }
+        servers.push(TestServer::start_config(dir, config).await);
+    }
+    servers[0].create("counter", "m").await;
+    let append = async |server: &TestServer, diff: &str| {
+        let (status, body) = server.post("/v1/models/counter/m/diffs", diff.to_owned()).await;
+        assert_eq!(status, 202, "{body}");
+        format!("{}:{}", body["partition"], body["offset"])
+    };
+    let readyz = async |server: &TestServer| server.get("/readyz").await;
+    // Until the wide diff, every replica agrees with every other.
+    let mut last = String::new();
+    for n in 0..60 {
+        last = append(&servers[n % 3], r#"{"add":1}"#).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for server in &servers {
+        loop {
+            let (status, body) = readyz(server).await;
+            let peers = body["replicas"]["peers"].as_array().cloned().unwrap_or_default();
+            if status == 200 && peers.len() == 2 && peers.iter().all(|p| p["agrees"] == true) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replicas never compared their digests: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (_, model) = server.get(&format!("/v1/models/counter/m?folded={last}")).await;
+        assert_eq!(model["state"], json!(60), "{model}");
+    }
+
+    // A diff of 100 bytes: applied by two, rejected `too_large` by the third. Then more
+    // diffs, so the partition passes more attestation points.
+    let wide = format!(r#"{{"add":1{}}}"#, " ".repeat(100));
+    append(&servers[0], &wide).await;
+    for n in 0..30 {
+        last = append(&servers[n % 2], r#"{"add":1}"#).await;
+    }
+    let (_, odd) = servers[2].get(&format!("/v1/models/counter/m?folded={last}")).await;
+    let (_, even) = servers[0].get(&format!("/v1/models/counter/m?folded={last}")).await;
+    assert_eq!(
+        (odd["state"].clone(), even["state"].clone()),
+        (json!(90), json!(91)),
+        "the odd one rejected the wide diff"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = readyz(&servers[2]).await;
+        if status == 503 {
+            assert_eq!(body["error"]["code"], "diverged", "{body}");
+            assert!(body["error"]["message"].as_str().unwrap().contains("statefold verify"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the odd replica never noticed: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let odd_id = readyz(&servers[2]).await.1["replicas"]["server"].as_str().unwrap().to_owned();
+    for server in &servers[..2] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = readyz(server).await;
+            assert_eq!(status, 200, "a replica in the majority stays in service: {body}");
+            let peers = body["replicas"]["peers"].as_array().unwrap().clone();
+            let disagreeing: Vec<&Value> = peers.iter().filter(|p| p["agrees"] == false).collect();
+            if disagreeing.len() == 1 {
+                assert_eq!(disagreeing[0]["server"], odd_id.as_str(), "{body}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the majority never saw the odd one: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let metrics = servers[2].client.get(servers[2].url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("statefold_replica_diverged 1"), "{metrics}");
 }

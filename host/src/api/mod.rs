@@ -531,14 +531,20 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
         .into_iter()
         .map(|((topic, partition), p)| PartitionBody { topic, partition, next: p.next, end: p.end, lag: p.lag() })
         .collect();
-    match app.unready_reason() {
-        None => Json(serde_json::json!({"ready": true, "partitions": partitions})).into_response(),
-        Some(reason) => {
-            let body = serde_json::json!({
-                "ready": false,
-                "error": {"code": "not_ready", "message": reason},
-                "partitions": partitions,
-            });
+    let replicas = app.attestor.as_ref().map(|a| a.replicas());
+    let diverged = replicas.as_ref().and_then(|r| r.diverged.clone());
+    match (app.unready_reason(), diverged) {
+        (None, None) => {
+            Json(serde_json::json!({"ready": true, "partitions": partitions, "replicas": replicas})).into_response()
+        }
+        (reason, diverged) => {
+            let error = match (reason, diverged) {
+                (_, Some(diverged)) => serde_json::json!({"code": "diverged", "message": diverged}),
+                (Some(reason), None) => serde_json::json!({"code": "not_ready", "message": reason}),
+                (None, None) => unreachable!("matched above"),
+            };
+            let body =
+                serde_json::json!({"ready": false, "error": error, "partitions": partitions, "replicas": replicas});
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }
@@ -566,6 +572,18 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         status.deploy_records_total.load(Ordering::Relaxed),
         status.deploy_batch_max_us.load(Ordering::Relaxed) as f64 / 1e6,
     );
+    if let Some(attestor) = &app.attestor {
+        let replicas = attestor.replicas();
+        let _ = write!(
+            text,
+            "# TYPE statefold_replica_digests_compared_total counter\nstatefold_replica_digests_compared_total {}\n\
+             # TYPE statefold_replica_peers_disagreeing gauge\nstatefold_replica_peers_disagreeing {}\n\
+             # TYPE statefold_replica_diverged gauge\nstatefold_replica_diverged {}\n",
+            attestor.compared_total.load(Ordering::Relaxed),
+            replicas.peers.iter().filter(|v| !v.agrees).count(),
+            u8::from(replicas.diverged.is_some()),
+        );
+    }
     text.push_str("# TYPE statefold_records_rejected_total counter\n");
     for (code, n) in status.rejected_totals() {
         let _ = writeln!(text, "statefold_records_rejected_total{{code=\"{code}\"}} {n}");

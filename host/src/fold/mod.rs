@@ -292,6 +292,38 @@ pub struct Folded {
     pub deploys: Vec<DeployFolded>,
     /// The versions of every kind a deploy record changed, as they stand after the batch.
     pub kind_versions: Vec<(Arc<str>, KindVersions)>,
+    /// What became of each record of the batch, for the partitions' digests (see
+    /// [`crate::attest`]); in no particular order.
+    pub marks: Vec<Mark>,
+}
+
+/// What became of one record: a 32-byte summary, the same on every replica that folds it
+/// the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    pub mark: [u8; 32],
+}
+
+impl Folded {
+    /// Records that `record` was not applied.
+    pub fn reject(&mut self, rejected: Rejected) {
+        let mark = *blake3::hash(format!("rejected:{}", rejected.reason.code()).as_bytes()).as_bytes();
+        let (topic, partition, offset) = (rejected.topic.clone(), rejected.partition, rejected.offset);
+        self.marks.push(Mark { topic, partition, offset, mark });
+        self.rejected.push(rejected);
+    }
+
+    /// Records an outcome of `record`: the model's new hash (or a deploy's version) and
+    /// the version that made it.
+    fn mark(&mut self, record: &Record, outcome: [u8; 32], by: ModuleHash) {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&outcome).update(&by.0);
+        let mark = *hasher.finalize().as_bytes();
+        self.marks.push(Mark { topic: record.topic.clone(), partition: record.partition, offset: record.offset, mark });
+    }
 }
 
 /// A deploy record folded: `partition` folds with `version` after `offset`.
@@ -692,7 +724,7 @@ impl Engine {
         for record in records {
             let reject = |reason| Rejected::new(record, None, reason);
             let Some(&kind) = self.by_topic.get(&record.topic) else {
-                folded.rejected.push(reject(Rejection::UnknownTopic));
+                folded.reject(reject(Rejection::UnknownTopic));
                 continue;
             };
             if let Some(name) = record.header(DEPLOY_HEADER) {
@@ -703,14 +735,14 @@ impl Engine {
             let id = match key.and_then(validate_id) {
                 Ok(id) => id,
                 Err(reason) => {
-                    folded.rejected.push(reject(Rejection::InvalidKey(reason)));
+                    folded.reject(reject(Rejection::InvalidKey(reason)));
                     continue;
                 }
             };
             if record.value.len() > self.limits.diff_bytes_max {
                 let bytes = record.value.len() as u64;
                 let model = ModelKey { kind: self.kinds[kind].name.clone(), id: id.into() };
-                folded.rejected.push(Rejected::new(record, Some(model), Rejection::TooLarge { bytes }));
+                folded.reject(Rejected::new(record, Some(model), Rejection::TooLarge { bytes }));
                 continue;
             }
             let slot = *index.entry((kind, id.as_bytes())).or_insert_with(|| {
@@ -735,7 +767,7 @@ impl Engine {
             Ok(reducer) => reducer,
             Err(reason) => {
                 tracing::error!(kind = %state.name, partition = record.partition, offset = record.offset, %reason, "deploy record refused; the partition keeps its version");
-                return folded.rejected.push(reject(reason));
+                return folded.reject(reject(reason));
             }
         };
         let text = |header| record.header(header).map(|v| String::from_utf8_lossy(v).into_owned());
@@ -756,6 +788,7 @@ impl Engine {
             offset: record.offset,
             module: record.value.clone(),
         });
+        folded.mark(record, reducer.id().0, reducer.id());
         folded.kind_versions.retain(|(k, _)| *k != state.name);
         folded.kind_versions.push((state.name.clone(), state.versions.clone()));
     }
@@ -785,16 +818,17 @@ impl Engine {
                 && record.offset <= head_offset
             {
                 tracing::error!(kind = %model.kind, id = %model.id, offset = record.offset, head_offset, "offset regressed; record not folded");
-                folded.rejected.push(reject(Rejection::OffsetRegressed { head_offset }));
+                folded.reject(reject(Rejection::OffsetRegressed { head_offset }));
                 i += 1;
                 continue;
             }
             if record.is_create() {
                 if head.is_some() {
-                    folded.rejected.push(reject(Rejection::Exists));
+                    folded.reject(reject(Rejection::Exists));
                 } else {
                     head = Some(Head::new(&model, version));
                     folded.created.push(model.clone());
+                    folded.mark(record, *model.genesis().as_bytes(), version);
                 }
                 i += 1;
                 continue;
@@ -940,11 +974,12 @@ impl Overlay<'_> {
         self.head.offset = Some(applied.offset);
         self.head.hash = hash;
         self.head.reducer = reducer;
+        self.folded.mark(record, *hash.as_bytes(), reducer);
         self.folded.applied.push(applied);
     }
 
     fn reject(&mut self, record: &Record, reason: Rejection) {
-        self.folded.rejected.push(Rejected::new(record, Some(self.model.clone()), reason));
+        self.folded.reject(Rejected::new(record, Some(self.model.clone()), reason));
     }
 
     /// Saves the model's current state (at its head) as a checkpoint.

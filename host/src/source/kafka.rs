@@ -95,7 +95,7 @@ pub fn kafka_settings(config: &KafkaConfig, limits: &Limits, role: Role) -> BTre
     settings
 }
 
-fn client_config(settings: &BTreeMap<String, String>) -> ClientConfig {
+pub(crate) fn client_config(settings: &BTreeMap<String, String>) -> ClientConfig {
     let mut config = ClientConfig::new();
     for (k, v) in settings {
         config.set(k, v);

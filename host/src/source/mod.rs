@@ -3,7 +3,7 @@
 //! log the source reads.
 
 mod embedded;
-mod kafka;
+pub(crate) mod kafka;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -177,7 +177,7 @@ pub fn positions(source: &str, records: &[Record]) -> Vec<(String, Position)> {
     }
     next.into_iter()
         .map(|((topic, partition), next_offset)| {
-            (source.to_owned(), Position { topic: topic.to_owned(), partition, next_offset })
+            (source.to_owned(), Position { topic: topic.to_owned(), partition, next_offset, digest: None })
         })
         .collect()
 }

@@ -138,6 +138,9 @@ impl<'a> Dec<'a> {
         }
         Ok(headers)
     }
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
     pub fn finish(self) -> Result<(), Malformed> {
         match self.buf.len() {
             0 => Ok(()),

@@ -84,6 +84,9 @@ pub struct Position {
     pub topic: String,
     pub partition: u32,
     pub next_offset: u64,
+    /// The partition's digest after the records before `next_offset` (see
+    /// [`crate::attest`]); `None` where none is kept.
+    pub digest: Option<Hash>,
 }
 
 /// The RocksDB store.
@@ -136,8 +139,8 @@ impl Store {
             let Some(partition) = partition else {
                 return Err(StoreError::corrupt(PROGRESS, &key, "not source ‖ 0 ‖ topic ‖ 0 ‖ partition"));
             };
-            let next_offset = decode(PROGRESS, &key, &value, |d| d.u64())?;
-            out.push(Position { topic, partition, next_offset });
+            let (next_offset, digest) = decode(PROGRESS, &key, &value, decode_progress)?;
+            out.push(Position { topic, partition, next_offset, digest });
         }
         Ok(out)
     }
@@ -233,7 +236,12 @@ impl Store {
         }
         for (source, position) in positions {
             let key = progress_key(source, &position.topic, position.partition);
-            batch.put_cf(self.cf(PROGRESS), key, Enc::value().u64(position.next_offset).done());
+            let mut value = Enc::value();
+            value.u64(position.next_offset);
+            if let Some(digest) = &position.digest {
+                value.hash(digest);
+            }
+            batch.put_cf(self.cf(PROGRESS), key, value.done());
         }
         self.db.write_opt(batch, &self.write)?;
         Ok(())
@@ -286,9 +294,19 @@ impl Store {
 
     /// The stored position of a source's partition: the next offset to read.
     pub fn position(&self, source: &str, topic: &str, partition: u32) -> Result<Option<u64>, StoreError> {
+        Ok(self.progress(source, topic, partition)?.map(|(next, _)| next))
+    }
+
+    /// The stored position of a source's partition and its digest.
+    pub fn progress(
+        &self,
+        source: &str,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Option<(u64, Option<Hash>)>, StoreError> {
         let key = progress_key(source, topic, partition);
         let Some(value) = self.db.get_cf(self.cf(PROGRESS), &key)? else { return Ok(None) };
-        decode(PROGRESS, &key, &value, |d| d.u64()).map(Some)
+        decode(PROGRESS, &key, &value, decode_progress).map(Some)
     }
 
     /// The sources positions are stored for.
@@ -664,6 +682,13 @@ fn module_key(id: &ModuleHash) -> Vec<u8> {
 
 fn version_key(name: &str, id: &ModuleHash) -> Vec<u8> {
     [&b"v"[..], name.as_bytes(), &[0], &id.0].concat()
+}
+
+/// A position: the next offset, then the partition's digest if one is kept.
+fn decode_progress(d: &mut Dec<'_>) -> Result<(u64, Option<Hash>), Malformed> {
+    let next = d.u64()?;
+    let digest = if d.is_empty() { None } else { Some(d.hash()?) };
+    Ok((next, digest))
 }
 
 fn kind_versions_key(kind: &str) -> Vec<u8> {
