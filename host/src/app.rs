@@ -14,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::Hash;
 use crate::config::Limits;
-use crate::deploy::{DeployError, Deployed, Deployer, Prepared, VersionStatus};
+use crate::deploy::{DeployError, Deployed, Deployer, Prepared};
 use crate::fold::Versions;
 use crate::fold::{
     Applied, CREATE_HEADER, CatchUp, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, Head, ModelKey,
-    Rejection, ReplayJob, plan_catch_up,
+    REPLAY_HEADER, Rejection, ReplayJob, plan_catch_up,
 };
 use crate::hub::Hub;
 use crate::reducer::ReducerError;
@@ -317,37 +317,26 @@ impl App {
     }
 
     /// Starts rebuilding a kind's states from the retained diffs with its active reducer.
-    pub fn start_replay(&self, kind: &str) -> Result<ReplayJob, AppError> {
+    pub async fn start_replay(self: &Arc<App>, kind: &str) -> Result<ReplayJob, AppError> {
         self.writable()?;
-        let spec = self.kind(kind)?;
-        let mut replays = self.replays.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(job) = replays.get(kind)
-            && job.finished_ms.is_none()
-        {
-            return Err(AppError::ReplayRunning(Box::new(job.clone())));
+        let topic = self.kind(kind)?.topic.clone();
+        if let Some(job) = self.replays_running().into_iter().find(|job| job.kind == kind) {
+            return Err(AppError::ReplayRunning(Box::new(job)));
         }
-        let reader = self.store.read();
-        let versions = reader.versions(&spec.reducer)?;
-        let active =
-            versions.iter().find(|v| v.status == VersionStatus::Active).expect("every reducer has an active version");
-        let total = reader.count(kind)?;
-        let job = ReplayJob {
-            kind: kind.to_owned(),
-            reducer: active.id,
-            started_ms: crate::source::now_ms(),
-            finished_ms: None,
-            total,
-            done: 0,
-            failed: 0,
-            first_error: None,
-            cursor: None,
-        };
-        drop(reader);
-        // Durable before it is accepted: a restart resumes it.
-        self.store.put_replay(&job)?;
-        tracing::info!(kind, reducer = %active.id, models = total, "replay started");
-        replays.insert(kind.to_owned(), job.clone());
-        Ok(job)
+        // A replay record in every partition: each replica rebuilds each partition's models
+        // for it, at the same place in the log.
+        let count = self.writer.partitions(&topic).await?;
+        let headers = [(REPLAY_HEADER.to_owned(), kind.as_bytes().to_vec())];
+        let mut written = Vec::new();
+        for partition in 0..count {
+            written.push(self.writer.append_to(&topic, Some(partition), kind.as_bytes(), b"", &headers).await?);
+        }
+        let timeout = Duration::from_millis(self.limits.wait_applied_ms_max);
+        for (partition, offset) in written {
+            self.wait_stored(&topic, partition, offset, timeout).await?;
+        }
+        let job = self.replays.lock().unwrap_or_else(|p| p.into_inner()).get(kind).cloned();
+        job.ok_or_else(|| AppError::Unavailable("the replay records were folded but no replay started".into()))
     }
 
     /// The kind's latest replay.

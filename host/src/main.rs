@@ -25,10 +25,11 @@ enum Command {
     /// Work with reducer components (.wasm).
     #[command(subcommand)]
     Reducer(ReducerCommand),
-    /// Rebuild a kind's states from its retained diffs with its active reducer, on a
-    /// running server (POST /v1/kinds/KIND/replay), printing progress until it finishes.
-    /// Old states keep serving until each model's rebuilt one is swapped in; clients holding
-    /// old hashes then get `reset` + `snapshot`.
+    /// Rebuild a kind's states from its retained diffs with its reducer, through a running
+    /// server (POST /v1/kinds/KIND/replay: a replay record in each partition, so every
+    /// replica rebuilds alike), printing that server's progress until it finishes. Old
+    /// states keep serving until each model's rebuilt one is swapped in; clients holding old
+    /// hashes then get `reset` + `snapshot`.
     Replay {
         /// The kind to replay.
         kind: String,

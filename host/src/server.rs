@@ -25,7 +25,7 @@ use crate::deploy::{Deployer, Registry, VersionRecord, VersionStatus, watch as r
 use crate::fold::{Engine, Folded, KindSpec, KindVersions, ReplayJob, Resolve, Versions};
 use crate::reducer::{ModuleHash, Reducer, Runtime};
 use crate::source::{EmbeddedLog, KafkaSource, KafkaWriter, Source, SourceStatus, Writer, positions};
-use crate::store::{Store, StoreOptions};
+use crate::store::{Store, StoreError, StoreOptions};
 
 /// A running Statefold.
 pub struct Running {
@@ -277,13 +277,24 @@ fn fold_loop(
             Ok(records) => records,
             Err(e) => return status.fatal(format!("source {}: {e}", source.name())),
         };
-        if !records.is_empty() {
+        // A replay record ends what one fold takes: the rest is folded after its commit.
+        let mut rest = &records[..];
+        while !rest.is_empty() {
             let started = Instant::now();
-            let folded = match engine.fold(&records, &*app.store) {
+            let mut folded = match engine.fold(rest, &*app.store) {
                 Ok(folded) => folded,
                 Err(e) => return status.fatal(format!("fold: {e}")),
             };
-            let mut positions = positions(source.name(), &records);
+            let (done, later) = rest.split_at(folded.consumed);
+            rest = later;
+            if let Some((kind, reducer)) = folded.replays.first() {
+                // The replay's progress is committed with its record, so a restart resumes it.
+                match replay_started(app, kind, *reducer) {
+                    Ok(job) => folded.replay = Some(job),
+                    Err(e) => return status.fatal(format!("starting a replay: {e}")),
+                }
+            }
+            let mut positions = positions(source.name(), done);
             let points = match control.digests.advance(&app.store, source.name(), &folded.marks, &mut positions) {
                 Ok(points) => points,
                 Err(e) => return status.fatal(format!("reading digests: {e}")),
@@ -293,6 +304,9 @@ fn fold_loop(
             }
             if let Some(attestor) = &control.attestor {
                 attestor.own(points);
+            }
+            if let Some(job) = folded.replay.take() {
+                app.replay_progress(job);
             }
             if !folded.deploys.is_empty() {
                 // The batch that switched versions: its time includes compiling a version
@@ -321,6 +335,24 @@ fn fold_loop(
     }
 }
 
+/// The job a replay record starts (or starts again: another partition's record of the same
+/// replay rescans the kind; models already rebuilt are skipped).
+fn replay_started(app: &App, kind: &str, reducer: ModuleHash) -> Result<ReplayJob, StoreError> {
+    let job = ReplayJob {
+        kind: kind.to_owned(),
+        reducer,
+        started_ms: crate::source::now_ms(),
+        finished_ms: None,
+        total: app.store.read().count(kind)?,
+        done: 0,
+        failed: 0,
+        first_error: None,
+        cursor: None,
+    };
+    tracing::info!(kind, reducer = %reducer, models = job.total, "replay started");
+    Ok(job)
+}
+
 /// Rebuilds the next page of a replay's models and commits them with its progress.
 fn replay_page(
     engine: &mut Engine,
@@ -333,7 +365,8 @@ fn replay_page(
     let mut folded = Folded::default();
     for (id, _) in &page {
         match engine.replay_model(&job.kind, id, &*app.store, &mut folded).map_err(|e| e.to_string())? {
-            Ok(()) => job.done += 1,
+            // Rebuilt now, or already (at its first diff after the replay record).
+            Ok(_) => job.done += 1,
             Err(reason) => {
                 tracing::warn!(kind = %job.kind, id, %reason, "model not replayed; it keeps its history");
                 job.failed += 1;

@@ -134,6 +134,11 @@ fn refold_and_compare(
         kinds.push(kind.name.clone());
     }
     targets.retain(|(topic, _), _| topics.contains(topic));
+    for kind in &kinds {
+        if live.read().replay(kind)?.is_some_and(|job| job.finished_ms.is_none()) {
+            anyhow::bail!("a replay of kind {kind} is running on this store: verify once it has finished");
+        }
+    }
     let total: u64 = targets.values().sum();
     let mut engine = Engine::new(specs, limits.fold(), Versions::new(registry, limits.reducer_versions_resident_max));
     // Its own consumer group: positions come from the scratch store, and the commits (for
@@ -167,11 +172,16 @@ fn refold_and_compare(
                 anyhow::bail!("the log holds less than the live store folded: {}", behind.join(", "));
             }
         } else {
-            let folded = engine.fold(&records, &**scratch)?;
-            let positions = positions(source_name, &records);
-            scratch.commit(&folded, &positions)?;
-            for (_, position) in &positions {
-                next.insert((position.topic.clone(), position.partition), position.next_offset);
+            let mut rest = &records[..];
+            while !rest.is_empty() {
+                let folded = engine.fold(rest, &**scratch)?;
+                let (folded_now, later) = rest.split_at(folded.consumed);
+                rest = later;
+                let positions = positions(source_name, folded_now);
+                scratch.commit(&folded, &positions)?;
+                for (_, position) in &positions {
+                    next.insert((position.topic.clone(), position.partition), position.next_offset);
+                }
             }
             done += records.len() as u64;
         }
@@ -182,6 +192,21 @@ fn refold_and_compare(
     }
     drop(source);
     progress(Progress { records: done, total, elapsed: started.elapsed() });
+    // Replay records rebuild a model at its next diff or between batches: the models the
+    // fold did not reach are rebuilt now, as the live server's replay did.
+    for kind in &kinds {
+        let mut after: Option<String> = None;
+        loop {
+            let page = scratch.read().list(kind, after.as_deref(), 256)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            let mut folded = crate::fold::Folded::default();
+            for (id, _) in &page {
+                engine.replay_model(kind, id, &**scratch, &mut folded)?.ok();
+            }
+            scratch.commit(&folded, &[])?;
+        }
+    }
 
     // States are compared too: the chain covers which diffs applied, not what the
     // reducer made of them.

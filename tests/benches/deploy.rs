@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use statefold::deploy::{Registry, VersionRecord, VersionStatus};
-use statefold::fold::{DEPLOY_HEADER, DEPLOY_PARTITIONS_HEADER, Engine, FoldLimits, KindSpec, Record, Versions};
+use statefold::fold::{
+    DEPLOY_HEADER, DEPLOY_PARTITIONS_HEADER, Engine, FoldLimits, KindSpec, REPLAY_HEADER, Record, Versions,
+};
 use statefold::reducer::{Limits, Runtime};
 use statefold::store::{Store, StoreOptions};
 use statefold_tests::bench::median;
@@ -146,7 +148,13 @@ fn main() {
     }
     let resident = engine.resident("counter").expect("kind").0;
     let max = *rows.longest.iter().max().expect("rounds");
-    // Replay: every model rebuilt with the active version, a page of 64 per WriteBatch.
+    // Replay: a replay record, then every model rebuilt with the partition's version, a
+    // page of 64 per WriteBatch (as the fold loop does between batches).
+    offset += 1;
+    let replay_record =
+        Record { headers: vec![(REPLAY_HEADER.into(), b"counter".to_vec())], value: Bytes::new(), ..record(offset, 0) };
+    let folded = engine.fold(&[replay_record], &*store).expect("fold");
+    store.commit(&folded, &[]).expect("commit");
     let started = Instant::now();
     let mut after: Option<String> = None;
     let mut replayed = 0;
@@ -156,7 +164,7 @@ fn main() {
         after = Some(last.clone());
         let mut folded = statefold::fold::Folded::default();
         for (id, _) in &page {
-            engine.replay_model("counter", id, &*store, &mut folded).expect("replay").expect("rebuilt");
+            assert!(engine.replay_model("counter", id, &*store, &mut folded).expect("replay").expect("rebuilt"));
             replayed += 1;
         }
         store.commit(&folded, &[]).expect("commit");

@@ -2,6 +2,7 @@
 //! and a read-only replica. The three-server test with hopping clients, a deploy, a
 //! SIGKILLed process and `statefold verify` runs the binary: `host/tests/replicas.rs`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -167,4 +168,100 @@ async fn a_replica_that_folds_differently_is_detected_and_taken_out_of_service()
     }
     let metrics = servers[2].client.get(servers[2].url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("statefold_replica_diverged 1"), "{metrics}");
+}
+
+/// A deploy and a replay through one of three replicas while diffs keep arriving through
+/// all: both are records in the log, so every replica rebuilds every model for the replay
+/// at the same place (at its next diff, or between batches), and they end with the same
+/// hashes, seqs and states; their digests keep agreeing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_through_one_replica_rebuilds_the_same_states_on_all() {
+    let broker = Broker::start();
+    broker.create_topic("counter", 3);
+    for topic in ["document", "workflow", "trap", "statefold-attestations"] {
+        broker.create_topic(topic, 1);
+    }
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), &broker);
+        config.limits.attest_interval_records = 10;
+        config.limits.replay_page_models = 2;
+        config.limits.checkpoint_interval_diffs = 3;
+        servers.push(Arc::new(TestServer::start_config(dir, config).await));
+    }
+    const MODELS: usize = 12;
+    let mut sums = vec![Vec::<i64>::new(); MODELS];
+    for (i, sum) in sums.iter_mut().enumerate() {
+        servers[i % 3].create("counter", &format!("m{i}")).await;
+        // A peak, then down: v1 keeps no max; v2 rebuilt over the history sees the peak.
+        for add in [40, -30, 5] {
+            let diff = if add > 0 { json!({"add": add}) } else { json!({"sub": -add}) };
+            servers[(i + 1) % 3].apply("counter", &format!("m{i}"), &diff.to_string()).await;
+            sum.push(add);
+        }
+    }
+    let module = std::fs::read(statefold_tests::wasm("counter_v2")).unwrap();
+    let response = servers[0].client.put(servers[0].url("/v1/reducers/statefold_reducer_counter")).body(module);
+    let (status, body) = statefold_tests::http::json_of(response.send().await.unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Diffs through the other two while the replay is written and runs.
+    let writers = {
+        let servers = servers.clone();
+        tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for n in 0..60 {
+                let i = n % MODELS;
+                let (status, body) =
+                    servers[1 + n % 2].post(&format!("/v1/models/counter/m{i}/diffs"), r#"{"add":1}"#).await;
+                assert_eq!(status, 202, "{body}");
+                sent.push(i);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            sent
+        })
+    };
+    let (status, job) = servers[0].post("/v1/kinds/counter/replay", "").await;
+    assert_eq!(status, 202, "{job}");
+    for i in writers.await.unwrap() {
+        sums[i].push(1);
+    }
+    // Every replica finishes its replay (each ran it from the log) and agrees on everything.
+    for server in &servers {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, job) = server.get("/v1/kinds/counter/replay").await;
+            if status == 200 && job["state"] == "finished" {
+                assert_eq!(job["models_failed"], 0, "{job}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the replay never finished: {job}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for (i, sum) in sums.iter().enumerate() {
+        let (value, max) = sum.iter().fold((0, 0), |(v, m), d| (v + d, i64::max(m, v + d)));
+        let mut seen = Vec::new();
+        for server in &servers {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let body = loop {
+                let (_, body) = server.get(&format!("/v1/models/counter/m{i}")).await;
+                if body["seq"] == json!(sum.len()) {
+                    break body;
+                }
+                assert!(Instant::now() < deadline, "m{i}: {body}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert_eq!(body["state"], json!({"value": value, "max": max}), "m{i}: rebuilt by v2 from its first diff");
+            seen.push(json!([body["hash"], body["seq"], body["state"]]));
+        }
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "m{i}: replicas disagree: {seen:?}");
+    }
+    for server in &servers {
+        let (status, body) = server.get("/readyz").await;
+        assert_eq!(status, 200, "{body}");
+        let peers = body["replicas"]["peers"].as_array().unwrap();
+        assert!(peers.iter().all(|p| p["agrees"] == true), "digests agree after the replay: {body}");
+    }
 }

@@ -289,8 +289,10 @@ async fn append(
     raw_json(&body, "the diff")?;
     let model = ModelKey::new(&kind, &id);
     let topic = {
+        // A model created through another replica may not be folded here yet.
         let model = model.clone();
-        blocking(&app, move |app| app.check_append(&model)).await?
+        let unknown = |result: &Result<Arc<str>, ApiError>| matches!(result, Err(e) if e.code == "unknown_model");
+        patiently(&app, unknown, move |app| app.check_append(&model)).await?
     };
     let (partition, offset) = app.write(&topic, &id, Some(&body)).await?;
     if !wait {

@@ -154,7 +154,7 @@ fn replay_body(job: ReplayJob) -> serde_json::Value {
 
 /// `POST /v1/kinds/{kind}/replay`: starts a replay (202), or 409 if one runs.
 pub(super) async fn start_replay(State(app): State<Arc<App>>, Path(kind): Path<String>) -> Result<Response, ApiError> {
-    let job = blocking(&app, move |app| app.start_replay(&kind)).await?;
+    let job = app.start_replay(&kind).await?;
     Ok((StatusCode::ACCEPTED, Json(replay_body(job))).into_response())
 }
 

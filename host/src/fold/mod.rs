@@ -28,6 +28,11 @@ pub const CREATE_HEADER: &str = "statefold-create";
 /// deploy writes one to every partition of each of the reducer's topics, so every replica
 /// switches each partition at the same offset.
 pub const DEPLOY_HEADER: &str = "statefold-deploy";
+/// A record whose header has this name (its value: the kind) replays its partition: every
+/// model of the partition is rebuilt from its oldest retained version with the partition's
+/// version at that record, at its next diff or between batches, whichever comes first (see
+/// [`Engine::replay_model`]). A replay writes one to every partition of the kind's topic.
+pub const REPLAY_HEADER: &str = "statefold-replay";
 /// On a deploy record: how the version arrived (`http`, `directory`).
 pub const DEPLOY_ORIGIN_HEADER: &str = "statefold-origin";
 /// On a deploy record: the number of partitions the deploy wrote to.
@@ -104,11 +109,25 @@ pub struct Head {
     pub checkpoints: Vec<(u64, u64)>,
     /// Every diff after this offset is retained; `None`: every diff since the model began.
     pub pruned_through: Option<u64>,
+    /// The partition its records are in (`None` for a head stored before it was recorded).
+    pub partition: Option<u32>,
+    /// The replay generation of its partition its history was rebuilt for (see
+    /// [`REPLAY_HEADER`]).
+    pub replayed: u64,
 }
 
 impl Head {
-    fn new(model: &ModelKey, reducer: ModuleHash) -> Head {
-        Head { seq: 0, offset: None, hash: model.genesis(), reducer, checkpoints: Vec::new(), pruned_through: None }
+    fn new(model: &ModelKey, reducer: ModuleHash, partition: u32, replayed: u64) -> Head {
+        Head {
+            seq: 0,
+            offset: None,
+            hash: model.genesis(),
+            reducer,
+            checkpoints: Vec::new(),
+            pruned_through: None,
+            partition: Some(partition),
+            replayed,
+        }
     }
 
     /// The latest checkpoint, as (seq, offset).
@@ -295,6 +314,11 @@ pub struct Folded {
     /// What became of each record of the batch, for the partitions' digests (see
     /// [`crate::attest`]); in no particular order.
     pub marks: Vec<Mark>,
+    /// Records of the batch folded: all, or up to and including the first replay record
+    /// (the caller commits, then folds the rest).
+    pub consumed: usize,
+    /// Replay records this batch folded: the kind, and the version it rebuilds with.
+    pub replays: Vec<(Arc<str>, ModuleHash)>,
 }
 
 /// What became of one record: a 32-byte summary, the same on every replica that folds it
@@ -316,11 +340,13 @@ impl Folded {
         self.rejected.push(rejected);
     }
 
-    /// Records an outcome of `record`: the model's new hash (or a deploy's version) and
-    /// the version that made it.
-    fn mark(&mut self, record: &Record, outcome: [u8; 32], by: ModuleHash) {
+    /// Records an outcome of `record` (`what` happened, the model's seq after it) and the
+    /// version that made it. Not the model's hash: the record (in the digest by its
+    /// offset) and the seq determine it, except where a replay rebased the chain, which a
+    /// replica does on its own and must not count as diverging.
+    fn mark(&mut self, record: &Record, what: &str, seq: u64, by: ModuleHash) {
         let mut hasher = blake3::Hasher::new();
-        hasher.update(&outcome).update(&by.0);
+        hasher.update(what.as_bytes()).update(&seq.to_be_bytes()).update(&by.0);
         let mark = *hasher.finalize().as_bytes();
         self.marks.push(Mark { topic: record.topic.clone(), partition: record.partition, offset: record.offset, mark });
     }
@@ -352,14 +378,28 @@ pub struct KindVersions {
     pub partitions: BTreeMap<u32, ModuleHash>,
     /// Partitions the latest deploy wrote to (0 before any deploy).
     pub partition_count: u32,
-    /// The version of the latest deploy record folded (`genesis` before any): what a
-    /// replay rebuilds with, and what the kind is said to run.
+    /// The version of the latest deploy record folded (`genesis` before any): what the
+    /// kind is said to run.
     pub latest: ModuleHash,
+    /// Partitions that folded a replay record: how many, and the version the last one
+    /// rebuilds with (the partition's version at that record).
+    pub replays: BTreeMap<u32, (u64, ModuleHash)>,
 }
 
 impl KindVersions {
     pub fn new(genesis: ModuleHash) -> KindVersions {
-        KindVersions { genesis, partitions: BTreeMap::new(), partition_count: 0, latest: genesis }
+        KindVersions {
+            genesis,
+            partitions: BTreeMap::new(),
+            partition_count: 0,
+            latest: genesis,
+            replays: BTreeMap::new(),
+        }
+    }
+
+    /// The replay generation of `partition`: replay records folded in it.
+    pub fn replayed(&self, partition: u32) -> u64 {
+        self.replays.get(&partition).map_or(0, |(generation, _)| *generation)
     }
 
     /// The version that folds `partition` now.
@@ -579,25 +619,87 @@ impl Engine {
         budget.max(1) - left
     }
 
-    /// Rebuilds one model from its oldest retained version with the kind's reducer (see
-    /// [`ReplayJob`]) into `folded`. The oldest retained version (its oldest checkpoint, or
-    /// its first diff) becomes the base of a new chain ([`Hash::rebase`]); the diffs after
-    /// it are applied again, keeping their offsets and seqs. Returns why a model cannot be
-    /// rebuilt (it keeps its history): a diff the reducer now refuses or fails on, a state
-    /// it cannot restore.
+    /// Rebuilds one model for its partition's latest replay record (see [`REPLAY_HEADER`]),
+    /// if it was not rebuilt for it yet, into `folded`: `Ok(Ok(true))`. `Ok(Ok(false))`:
+    /// nothing to do (already rebuilt, no replay record in its partition, or a head stored
+    /// before partitions were recorded, which is rebuilt at its next diff). `Ok(Err)`: why
+    /// it cannot be rebuilt; it keeps its history, and is not tried again for this replay.
+    /// The fold rebuilds a model at its first diff after the replay record, and the fold
+    /// loop the others between batches: either way the result is the same, so every
+    /// replica reaches the same hashes.
     pub fn replay_model(
         &mut self,
         kind: &str,
         id: &str,
         view: &dyn View,
         folded: &mut Folded,
-    ) -> Result<Result<(), String>, FoldError> {
+    ) -> Result<Result<bool, String>, FoldError> {
         let Some(index) = self.kinds.iter().position(|k| &*k.name == kind) else {
             return Ok(Err("unknown kind".into()));
         };
         let model = ModelKey::new(kind, id);
         let Some(head) = view.head(&model).map_err(FoldError::View)? else { return Ok(Err("no such model".into())) };
-        let Some(last_offset) = head.offset else { return Ok(Ok(())) }; // no diffs: nothing to rebuild
+        let Some(partition) = head.partition else { return Ok(Ok(false)) };
+        if head.replayed >= self.kinds[index].versions.replayed(partition) {
+            return Ok(Ok(false));
+        }
+        self.kinds[index].heads.put(model.id.clone(), head);
+        let outcome = self.replay_model_at(index, &model, partition, view, folded)?;
+        let head = self.kinds[index].heads.get(&model.id).expect("put above").clone();
+        folded.heads.push((model, head));
+        Ok(outcome.map(|()| true))
+    }
+
+    /// Rebuilds a model (its head in the heads cache) for `partition`'s latest replay into
+    /// `folded` (diffs, checkpoints, replaced; the new head goes to the cache only).
+    fn replay_model_at(
+        &mut self,
+        index: usize,
+        model: &ModelKey,
+        partition: u32,
+        view: &dyn View,
+        folded: &mut Folded,
+    ) -> Result<Result<(), String>, FoldError> {
+        let Some(&(generation, version)) = self.kinds[index].versions.replays.get(&partition) else {
+            return Ok(Ok(()));
+        };
+        let mut head = self.kinds[index].heads.get(&model.id).expect("the caller cached the head").clone();
+        // Written only if the whole rebuild succeeds.
+        let mut rebuilt = Folded::default();
+        let result = self.rebuild(index, model, &head, version, view, &mut rebuilt)?;
+        let outcome = match result {
+            Ok(new_head) => {
+                head = new_head;
+                folded.applied.extend(rebuilt.applied);
+                folded.checkpoints.extend(rebuilt.checkpoints);
+                folded.replaced.extend(rebuilt.replaced);
+                Ok(())
+            }
+            Err(reason) => Err(reason),
+        };
+        head.replayed = generation;
+        self.kinds[index].heads.put(model.id.clone(), head);
+        Ok(outcome)
+    }
+
+    /// Rebuilds one model from its oldest retained version with version `reducer` (see
+    /// [`ReplayJob`]) into `folded`; its new head. The oldest retained version (its oldest checkpoint, or
+    /// its first diff) becomes the base of a new chain ([`Hash::rebase`]); the diffs after
+    /// it are applied again, keeping their offsets and seqs. Returns why a model cannot be
+    /// rebuilt (it keeps its history): a diff the reducer now refuses or fails on, a state
+    /// it cannot restore.
+    fn rebuild(
+        &mut self,
+        index: usize,
+        model: &ModelKey,
+        head: &Head,
+        reducer: ModuleHash,
+        view: &dyn View,
+        folded: &mut Folded,
+    ) -> Result<Result<Head, String>, FoldError> {
+        let model = model.clone();
+        let id: &str = &model.id;
+        let Some(last_offset) = head.offset else { return Ok(Ok(head.clone())) }; // no diffs: nothing to rebuild
         // While nothing was pruned, every diff is retained: rebuild from the empty state.
         let oldest = head.pruned_through.and(head.checkpoints.first().copied());
         let mut probe = head.clone();
@@ -605,7 +707,6 @@ impl Engine {
         let history = view.checkpoint(&model, &probe).map_err(FoldError::View)?;
         let replayer = &mut self.replayer;
         let state = &mut self.kinds[index];
-        let reducer = state.versions.latest;
         // One instance rebuilds model after model (creating one per model costs more than
         // the rebuild); a model is dropped from it when done, and before, in case an
         // earlier attempt left it there.
@@ -627,7 +728,7 @@ impl Engine {
                 (seq, offset, prev.unwrap_or(head.hash))
             }
             _ => {
-                let Some((genesis, first)) = tail.next() else { return Ok(Ok(())) };
+                let Some((genesis, first)) = tail.next() else { return Ok(Ok(head.clone())) };
                 match models.apply(id, genesis, std::slice::from_ref(&first), &mut memory)?.pop() {
                     Some(Outcome::Applied(hash)) => (1, first.offset, hash),
                     other => {
@@ -656,6 +757,8 @@ impl Engine {
             reducer,
             checkpoints: vec![(base_seq, base_offset)],
             pruned_through: Some(base_offset),
+            partition: head.partition,
+            replayed: head.replayed,
         };
         let mut applied = Vec::with_capacity(diffs.len());
         for (diff, outcome) in diffs.into_iter().zip(outcomes) {
@@ -708,15 +811,21 @@ impl Engine {
         for models in &mut state.instances {
             models.forget(id)?;
         }
-        state.heads.put(model.id.clone(), new_head.clone());
-        folded.heads.push((model, new_head));
-        Ok(Ok(()))
+        Ok(Ok(new_head))
     }
 
     /// Folds one batch. Nothing is written: the result is committed by the caller, and
     /// must be before the next call.
     pub fn fold(&mut self, records: &[Record], view: &dyn View) -> Result<Folded, FoldError> {
         let mut folded = Folded::default();
+        // A replay record ends the batch: models rebuilt for it read their committed history.
+        let replay_at =
+            records.iter().position(|r| r.header(REPLAY_HEADER).is_some() && self.by_topic.contains_key(&r.topic));
+        let (records, replay) = match replay_at {
+            Some(i) => (&records[..i], Some(&records[i])),
+            None => (records, None),
+        };
+        folded.consumed = records.len() + usize::from(replay.is_some());
         // Per kind, per model: the records in offset order, each with the version its
         // partition folds with at its offset (deploy records in the batch change it).
         let mut groups: Vec<(usize, Arc<str>, Vec<Versioned>)> = Vec::new();
@@ -752,7 +861,39 @@ impl Engine {
             groups[slot].2.push((record, self.kinds[kind].versions.of(record.partition)));
         }
         for (kind, id, records) in groups {
-            self.fold_model(kind, id, &records, view, &mut folded)?;
+            // The first diff of a model after its partition's replay record rebuilds it first.
+            let model = ModelKey { kind: self.kinds[kind].name.clone(), id: id.clone() };
+            let partition = records[0].0.partition;
+            let generation = self.kinds[kind].versions.replayed(partition);
+            let head = match self.kinds[kind].heads.get(&id) {
+                Some(head) => Some(head.clone()),
+                None => view.head(&model).map_err(FoldError::View)?,
+            };
+            let mut rebuilt = false;
+            if let Some(mut head) = head
+                && head.replayed < generation
+            {
+                // (A head stored before partitions were recorded: it is in this one.)
+                head.partition = Some(partition);
+                self.kinds[kind].heads.put(id.clone(), head);
+                if let Err(reason) = self.replay_model_at(kind, &model, partition, view, &mut folded)? {
+                    tracing::warn!(kind = %model.kind, id = %model.id, %reason, "model not replayed; it keeps its history");
+                }
+                rebuilt = true;
+            }
+            self.fold_model(kind, id, &records, view, &mut folded, rebuilt)?;
+        }
+        if let Some(record) = replay {
+            let kind = self.by_topic[&record.topic];
+            let state = &mut self.kinds[kind];
+            let version = state.versions.of(record.partition);
+            let generation = state.versions.replayed(record.partition) + 1;
+            state.versions.replays.insert(record.partition, (generation, version));
+            tracing::info!(kind = %state.name, partition = record.partition, offset = record.offset, generation, "replay record folded: the partition's models are rebuilt");
+            folded.mark(record, "replay", generation, version);
+            folded.replays.push((state.name.clone(), version));
+            folded.kind_versions.retain(|(k, _)| *k != state.name);
+            folded.kind_versions.push((state.name.clone(), state.versions.clone()));
         }
         Ok(folded)
     }
@@ -788,7 +929,7 @@ impl Engine {
             offset: record.offset,
             module: record.value.clone(),
         });
-        folded.mark(record, reducer.id().0, reducer.id());
+        folded.mark(record, "deployed", 0, reducer.id());
         folded.kind_versions.retain(|(k, _)| *k != state.name);
         folded.kind_versions.push((state.name.clone(), state.versions.clone()));
     }
@@ -800,6 +941,7 @@ impl Engine {
         records: &[Versioned],
         view: &dyn View,
         folded: &mut Folded,
+        rebuilt: bool,
     ) -> Result<(), FoldError> {
         let limits = self.limits.clone();
         let state = &mut self.kinds[kind];
@@ -809,7 +951,17 @@ impl Engine {
             Some(head) => Some(head.clone()),
             None => view.head(&model).map_err(FoldError::View)?,
         };
+        let partition = records[0].0.partition;
+        let generation = state.versions.replayed(partition);
+        if let Some(head) = &mut head {
+            head.partition = Some(partition);
+        }
         let mut pending = Pending::default();
+        if rebuilt {
+            // Its rebuilt state is this batch's last checkpoint of it, not in the store yet.
+            let checkpoint = folded.checkpoints.iter().rev().find(|c| c.model == model);
+            pending.snapshot = checkpoint.map(|c| c.snapshot.clone());
+        }
         let mut i = 0;
         while i < records.len() {
             let (record, version) = records[i];
@@ -826,16 +978,16 @@ impl Engine {
                 if head.is_some() {
                     folded.reject(reject(Rejection::Exists));
                 } else {
-                    head = Some(Head::new(&model, version));
+                    head = Some(Head::new(&model, version, partition, generation));
                     folded.created.push(model.clone());
-                    folded.mark(record, *model.genesis().as_bytes(), version);
+                    folded.mark(record, "created", 0, version);
                 }
                 i += 1;
                 continue;
             }
             let current = head.get_or_insert_with(|| {
                 folded.created.push(model.clone());
-                Head::new(&model, version)
+                Head::new(&model, version, partition, generation)
             });
             // The run of diffs up to the next create record or version change goes in one call.
             let run_end =
@@ -974,7 +1126,7 @@ impl Overlay<'_> {
         self.head.offset = Some(applied.offset);
         self.head.hash = hash;
         self.head.reducer = reducer;
-        self.folded.mark(record, *hash.as_bytes(), reducer);
+        self.folded.mark(record, "applied", applied.seq, reducer);
         self.folded.applied.push(applied);
     }
 

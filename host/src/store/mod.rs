@@ -507,7 +507,12 @@ impl Reader<'_> {
                 let partition = d.u32()?;
                 partitions.insert(partition, d.module()?);
             }
-            Ok(KindVersions { genesis, partitions, partition_count, latest })
+            let mut replays = std::collections::BTreeMap::new();
+            for _ in 0..d.u32()? {
+                let partition = d.u32()?;
+                replays.insert(partition, (d.u64()?, d.module()?));
+            }
+            Ok(KindVersions { genesis, partitions, partition_count, latest, replays })
         })
         .map(Some)
     }
@@ -702,6 +707,10 @@ fn encode_kind_versions(versions: &KindVersions) -> Vec<u8> {
     for (partition, version) in &versions.partitions {
         enc.u32(*partition).module(version);
     }
+    enc.u32(versions.replays.len() as u32);
+    for (partition, (generation, version)) in &versions.replays {
+        enc.u32(*partition).u64(*generation).module(version);
+    }
     enc.done()
 }
 
@@ -783,7 +792,7 @@ fn encode_head(head: &Head) -> Vec<u8> {
     for (seq, offset) in &head.checkpoints {
         enc.u64(*seq).u64(*offset);
     }
-    enc.opt_u64(head.pruned_through).done()
+    enc.opt_u64(head.pruned_through).opt_u64(head.partition.map(u64::from)).u64(head.replayed).done()
 }
 
 fn decode_head(key: &[u8], value: &[u8]) -> Result<Head, StoreError> {
@@ -805,7 +814,14 @@ fn read_head(dec: &mut Dec<'_>) -> Result<Head, Malformed> {
         checkpoints.push((dec.u64()?, dec.u64()?));
     }
     let pruned_through = dec.opt_u64()?;
-    Ok(Head { seq, offset, hash, reducer, checkpoints, pruned_through })
+    // Heads written before partitions and replays were recorded end here.
+    let (partition, replayed) = if dec.is_empty() {
+        (None, 0)
+    } else {
+        let partition = dec.opt_u64()?.map(|p| u32::try_from(p).map_err(|_| Malformed(format!("partition {p}"))));
+        (partition.transpose()?, dec.u64()?)
+    };
+    Ok(Head { seq, offset, hash, reducer, checkpoints, pruned_through, partition, replayed })
 }
 
 /// Invariants of a head, checked before it is written and after it is read.
@@ -962,6 +978,8 @@ mod tests {
             reducer: ModuleHash([7; 32]),
             checkpoints: vec![(2, 10), (4, 30)],
             pruned_through: Some(10),
+            partition: Some(2),
+            replayed: 1,
         };
         let bytes = encode_head(&head);
         assert_eq!(decode_head(b"k", &bytes).unwrap(), head);
