@@ -2,8 +2,10 @@
 //! detected, and stops being served.
 //!
 //! Every server keeps, per partition, a digest of what became of each record it folded:
-//! `digest = blake3(digest ‖ offset ‖ mark)`, where the mark is the model's new hash and the
-//! version that applied it, a rejection's code, or a deploy's version ([`crate::fold::Mark`]).
+//! `digest = blake3(digest ‖ offset ‖ what ‖ 0 ‖ seq ‖ version)` ([`crate::fold::Mark`]): an
+//! applied diff's seq and the version that applied it, a rejection's code, a deploy's
+//! version. Not the model's hash: the log's records and the seqs determine it, except where
+//! a replay rebased a chain, which is not a divergence.
 //! The digest is committed with the partition's position, so it survives restarts. Replicas
 //! that fold the same records the same way have the same digest at every offset.
 //!
@@ -87,7 +89,9 @@ impl Digests {
             for mark in marks {
                 if let Some(current) = digest {
                     let mut hasher = blake3::Hasher::new();
-                    hasher.update(current.as_bytes()).update(&mark.offset.to_be_bytes()).update(&mark.mark);
+                    hasher.update(current.as_bytes()).update(&mark.offset.to_be_bytes());
+                    hasher.update(mark.what.as_bytes()).update(&[0]).update(&mark.seq.to_be_bytes());
+                    hasher.update(&mark.by.map_or([0; 32], |by| by.0));
                     *current = Hash::from_bytes(*hasher.finalize().as_bytes());
                     if last.is_none_or(|l| l / self.interval < mark.offset / self.interval) {
                         points.push(Point {

@@ -21,7 +21,7 @@ use crate::deploy::Registry;
 use crate::fold::{Engine, Head, KindSpec, KindVersions, ModelKey, Versions};
 use crate::reducer::Runtime;
 use crate::source::{KafkaSource, Source, SourceStatus, positions};
-use crate::store::{Store, StoreOptions};
+use crate::store::{Reader, Store, StoreOptions};
 
 /// Where a refold stands, for progress reports.
 #[derive(Debug, Clone, Copy)]
@@ -222,6 +222,30 @@ fn refold_and_compare(
     Ok(report)
 }
 
+/// A kind's heads in id order, read a page at a time.
+struct Heads<'a> {
+    reader: Reader<'a>,
+    kind: &'a str,
+    after: Option<String>,
+    page: std::vec::IntoIter<(String, Head)>,
+}
+
+impl<'a> Heads<'a> {
+    fn new(store: &'a Store, kind: &'a str) -> Heads<'a> {
+        Heads { reader: store.read(), kind, after: None, page: Vec::new().into_iter() }
+    }
+
+    fn next(&mut self) -> anyhow::Result<Option<(String, Head)>> {
+        if let Some(item) = self.page.next() {
+            return Ok(Some(item));
+        }
+        let page = self.reader.list(self.kind, self.after.as_deref(), 1000)?;
+        self.after = page.last().map(|(id, _)| id.clone());
+        self.page = page.into_iter();
+        Ok(self.page.next())
+    }
+}
+
 /// The state at a model's head, as the store holds it.
 fn state(store: &Store, versions: &mut Versions, model: &ModelKey, head: &Head) -> anyhow::Result<Vec<u8>> {
     let history = crate::fold::View::checkpoint(store, model, head).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -235,29 +259,8 @@ fn compare(
     states: &mut (Versions, Versions),
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    const PAGE: usize = 1000;
-    let (live_reader, log_reader) = (live.read(), scratch.read());
-    let mut pages = (Vec::new().into_iter(), Vec::new().into_iter());
-    let (mut live_after, mut log_after): (Option<String>, Option<String>) = (None, None);
-    let mut next_live = |pages: &mut std::vec::IntoIter<(String, Head)>| -> anyhow::Result<Option<(String, Head)>> {
-        if let Some(item) = pages.next() {
-            return Ok(Some(item));
-        }
-        let page = live_reader.list(kind, live_after.as_deref(), PAGE)?;
-        live_after = page.last().map(|(id, _)| id.clone());
-        *pages = page.into_iter();
-        Ok(pages.next())
-    };
-    let mut next_log = |pages: &mut std::vec::IntoIter<(String, Head)>| -> anyhow::Result<Option<(String, Head)>> {
-        if let Some(item) = pages.next() {
-            return Ok(Some(item));
-        }
-        let page = log_reader.list(kind, log_after.as_deref(), PAGE)?;
-        log_after = page.last().map(|(id, _)| id.clone());
-        *pages = page.into_iter();
-        Ok(pages.next())
-    };
-    let (mut a, mut b) = (next_live(&mut pages.0)?, next_log(&mut pages.1)?);
+    let (mut live_heads, mut log_heads) = (Heads::new(live, kind), Heads::new(scratch, kind));
+    let (mut a, mut b) = (live_heads.next()?, log_heads.next()?);
     loop {
         let order = match (&a, &b) {
             (None, None) => return Ok(()),
@@ -293,10 +296,10 @@ fn compare(
             });
         }
         if a.is_none() {
-            a = next_live(&mut pages.0)?;
+            a = live_heads.next()?;
         }
         if b.is_none() {
-            b = next_log(&mut pages.1)?;
+            b = log_heads.next()?;
         }
     }
 }

@@ -321,22 +321,24 @@ pub struct Folded {
     pub replays: Vec<(Arc<str>, ModuleHash)>,
 }
 
-/// What became of one record: a 32-byte summary, the same on every replica that folds it
-/// the same way.
+/// What became of one record, the same on every replica that folds it the same way:
+/// `what` (`applied`, `created`, `deployed`, `replay`, or a rejection's code), the model's
+/// seq after it (a replay's generation), and the version that made it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mark {
     pub topic: Arc<str>,
     pub partition: u32,
     pub offset: u64,
-    pub mark: [u8; 32],
+    pub what: &'static str,
+    pub seq: u64,
+    pub by: Option<ModuleHash>,
 }
 
 impl Folded {
     /// Records that `record` was not applied.
     pub fn reject(&mut self, rejected: Rejected) {
-        let mark = *blake3::hash(format!("rejected:{}", rejected.reason.code()).as_bytes()).as_bytes();
         let (topic, partition, offset) = (rejected.topic.clone(), rejected.partition, rejected.offset);
-        self.marks.push(Mark { topic, partition, offset, mark });
+        self.marks.push(Mark { topic, partition, offset, what: rejected.reason.code(), seq: 0, by: None });
         self.rejected.push(rejected);
     }
 
@@ -344,11 +346,9 @@ impl Folded {
     /// version that made it. Not the model's hash: the record (in the digest by its
     /// offset) and the seq determine it, except where a replay rebased the chain, which a
     /// replica does on its own and must not count as diverging.
-    fn mark(&mut self, record: &Record, what: &str, seq: u64, by: ModuleHash) {
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(what.as_bytes()).update(&seq.to_be_bytes()).update(&by.0);
-        let mark = *hasher.finalize().as_bytes();
-        self.marks.push(Mark { topic: record.topic.clone(), partition: record.partition, offset: record.offset, mark });
+    fn mark(&mut self, record: &Record, what: &'static str, seq: u64, by: ModuleHash) {
+        let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
+        self.marks.push(Mark { topic, partition, offset, what, seq, by: Some(by) });
     }
 }
 
@@ -862,24 +862,26 @@ impl Engine {
         }
         for (kind, id, records) in groups {
             // The first diff of a model after its partition's replay record rebuilds it first.
-            let model = ModelKey { kind: self.kinds[kind].name.clone(), id: id.clone() };
             let partition = records[0].0.partition;
             let generation = self.kinds[kind].versions.replayed(partition);
-            let head = match self.kinds[kind].heads.get(&id) {
-                Some(head) => Some(head.clone()),
-                None => view.head(&model).map_err(FoldError::View)?,
-            };
             let mut rebuilt = false;
-            if let Some(mut head) = head
-                && head.replayed < generation
-            {
-                // (A head stored before partitions were recorded: it is in this one.)
-                head.partition = Some(partition);
-                self.kinds[kind].heads.put(id.clone(), head);
-                if let Err(reason) = self.replay_model_at(kind, &model, partition, view, &mut folded)? {
-                    tracing::warn!(kind = %model.kind, id = %model.id, %reason, "model not replayed; it keeps its history");
+            // (No replay record in this partition yet: nothing to look up.)
+            if generation > 0 {
+                let model = ModelKey { kind: self.kinds[kind].name.clone(), id: id.clone() };
+                let head = match self.kinds[kind].heads.get(&id) {
+                    Some(head) if head.replayed >= generation => None,
+                    Some(head) => Some(head.clone()),
+                    None => view.head(&model).map_err(FoldError::View)?.filter(|h| h.replayed < generation),
+                };
+                if let Some(mut head) = head {
+                    // (A head stored before partitions were recorded: it is in this one.)
+                    head.partition = Some(partition);
+                    self.kinds[kind].heads.put(id.clone(), head);
+                    if let Err(reason) = self.replay_model_at(kind, &model, partition, view, &mut folded)? {
+                        tracing::warn!(kind = %model.kind, id = %model.id, %reason, "model not replayed; it keeps its history");
+                    }
+                    rebuilt = true;
                 }
-                rebuilt = true;
             }
             self.fold_model(kind, id, &records, view, &mut folded, rebuilt)?;
         }
