@@ -299,7 +299,11 @@ fn fold_loop(
                 Ok(points) => points,
                 Err(e) => return status.fatal(format!("reading digests: {e}")),
             };
-            if let Err(e) = app.store.commit(&folded, &positions) {
+            let versions = match app.deployer.records(&folded.deploys) {
+                Ok(versions) => versions,
+                Err(e) => return status.fatal(format!("recording deployed versions: {e}")),
+            };
+            if let Err(e) = app.store.commit_with(&folded, &positions, &versions) {
                 return status.fatal(format!("commit: {e}"));
             }
             if let Some(attestor) = &control.attestor {
@@ -312,9 +316,6 @@ fn fold_loop(
                 // The batch that switched versions: its time includes compiling a version
                 // this server had not seen (a deploy made through another replica).
                 status.deploys_folded(folded.deploys.len(), started.elapsed());
-                if let Err(e) = app.deployer.folded(&folded.deploys) {
-                    return status.fatal(format!("recording deployed versions: {e}"));
-                }
             }
             for (_, position) in &positions {
                 app.source.set_next(&position.topic, position.partition, position.next_offset);

@@ -265,3 +265,51 @@ async fn a_replay_through_one_replica_rebuilds_the_same_states_on_all() {
         assert!(peers.iter().all(|p| p["agrees"] == true), "digests agree after the replay: {body}");
     }
 }
+
+/// A deploy whose records reached only some partitions (here: one record produced by hand
+/// to partition 0, as a deploy cut short would leave) switches those partitions only; the
+/// same version deployed again is not taken as `unchanged`, and completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_cut_short_is_completed_by_deploying_again() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, Producer};
+
+    let broker = Broker::start();
+    broker.create_topic("counter", 3);
+    for topic in ["document", "workflow", "trap"] {
+        broker.create_topic(topic, 1);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), &broker);
+    let server = TestServer::start_config(dir, config).await;
+    let v2 = std::fs::read(statefold_tests::wasm("counter_v2")).unwrap();
+    let producer = broker.producer();
+    let headers =
+        OwnedHeaders::new().insert(Header { key: "statefold-deploy", value: Some("statefold_reducer_counter") });
+    let record = BaseRecord::<[u8], [u8]>::to("counter").partition(0).key(b"x").payload(&v2).headers(headers);
+    producer.send(record).map_err(|(e, _)| e).unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+
+    let path = "/v1/reducers/statefold_reducer_counter";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = server.get(path).await;
+        if body["versions"][0]["status"] == "active" && body["versions"][0]["origin"] == "log" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hand-made deploy record was never folded: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let put = async || {
+        let response = server.client.put(server.url(path)).body(v2.clone()).send().await.unwrap();
+        statefold_tests::http::json_of(response).await
+    };
+    let (status, body) = put().await;
+    assert_eq!(
+        (status, body["unchanged"].as_bool(), body["partitions"].as_u64()),
+        (200, Some(false), Some(3)),
+        "{body}"
+    );
+    let (status, body) = put().await;
+    assert_eq!((status, body["unchanged"].as_bool()), (200, Some(true)), "now every partition folds with it: {body}");
+}

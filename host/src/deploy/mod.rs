@@ -12,7 +12,7 @@
 //! the log, not the moment a server was told, decides where versions switch. Models move
 //! to the new version one by one at their next diff; the fold loop moves the rest between
 //! batches ([`crate::fold::Engine::retire`]). Every replica records the version as active
-//! when it folds the record ([`Deployer::folded`]).
+//! in the batch that folds the record ([`Deployer::records`]).
 //!
 //! Versions are content-addressed (blake3 of the module) and kept in the `reducers` column
 //! family: the module bytes of every version that was ever active (past diffs name them),
@@ -216,8 +216,12 @@ impl Deployer {
         let id = ModuleHash::of(&module);
         let now = now_ms();
         let versions = self.registry.store.read().versions(name)?;
+        // Active, and every partition of every kind folds with it. (A deploy whose records
+        // reached only some partitions, the writer having failed half way, is deployed
+        // again: partitions already switched are unaffected.)
         if let Some(active) = versions.iter().find(|v| v.status == VersionStatus::Active)
             && active.id == id
+            && self.everywhere(&kinds, id)?
         {
             return Ok(Prepared::Unchanged(active.clone()));
         }
@@ -251,9 +255,21 @@ impl Deployer {
         Ok(Prepared::Ready { record, module, kinds })
     }
 
-    /// Records the versions deploy records made active (on every replica that folds
-    /// them): the new one active, the one before retired.
-    pub fn folded(&self, deploys: &[DeployFolded]) -> Result<(), DeployError> {
+    /// Whether every partition of every kind in `kinds` folds with version `id`.
+    fn everywhere(&self, kinds: &[Arc<str>], id: ModuleHash) -> Result<bool, DeployError> {
+        let reader = self.registry.store.read();
+        for kind in kinds {
+            if reader.kind_versions(kind)?.is_none_or(|v| v.in_use() != [id]) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The version records deploy records make active (on every replica that folds them):
+    /// the new one active, the one before retired. Committed with the batch that folds them.
+    pub fn records(&self, deploys: &[DeployFolded]) -> Result<Vec<VersionRecord>, DeployError> {
+        let mut out = Vec::new();
         let mut seen: Vec<(&str, ModuleHash)> = Vec::new();
         for deploy in deploys {
             if seen.contains(&(&deploy.name, deploy.version)) || !self.names.contains_key(&deploy.name) {
@@ -281,10 +297,10 @@ impl Deployer {
             if let Some(old) = active {
                 records.push(VersionRecord { status: VersionStatus::Retired, changed_ms: now, ..old.clone() });
             }
-            self.registry.store.put_versions(&records, None)?;
             tracing::info!(reducer = %deploy.name, version = %deploy.version, origin = %deploy.origin, "deployed");
+            out.extend(records);
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Compiles and checks a module for `kinds`; the refusal code and message if it is not fit.

@@ -179,8 +179,21 @@ impl Store {
 
     /// Commits one folded batch and the source positions after it, atomically.
     pub fn commit(&self, folded: &Folded, positions: &[(String, Position)]) -> Result<(), StoreError> {
+        self.commit_with(folded, positions, &[])
+    }
+
+    /// [`Store::commit`], with the version records the batch's deploy records make.
+    pub fn commit_with(
+        &self,
+        folded: &Folded,
+        positions: &[(String, Position)],
+        versions: &[VersionRecord],
+    ) -> Result<(), StoreError> {
         check_folded(folded)?;
         let mut batch = WriteBatch::default();
+        for record in versions {
+            batch.put_cf(self.cf(REDUCERS), version_key(&record.name, &record.id), encode_version(record));
+        }
         for model in &folded.replaced {
             // A replayed model's history is rewritten whole: what it had goes first.
             let prefix = model_prefix(&model.kind, &model.id);
