@@ -962,7 +962,7 @@ impl Engine {
         if rebuilt {
             // Its rebuilt state is this batch's last checkpoint of it, not in the store yet.
             let checkpoint = folded.checkpoints.iter().rev().find(|c| c.model == model);
-            pending.snapshot = checkpoint.map(|c| c.snapshot.clone());
+            pending.snapshot = checkpoint.map(|c| (c.snapshot.clone(), c.reducer));
         }
         let mut i = 0;
         while i < records.len() {
@@ -1091,8 +1091,11 @@ fn move_model(instances: &mut [Models], id: &str, from: usize, to: usize) -> Res
 /// What this batch changed for one model that the store does not have yet.
 #[derive(Default)]
 struct Pending {
-    snapshot: Option<Vec<u8>>,
+    /// A snapshot and the version that wrote it.
+    snapshot: Option<(Vec<u8>, ModuleHash)>,
     tail: Vec<(Hash, DiffRecord)>,
+    /// The version that applied each diff of `tail` (a batch may cross a deploy record).
+    tail_by: Vec<ModuleHash>,
 }
 
 /// The store's checkpoints as of this batch: committed ones plus this batch's writes.
@@ -1124,6 +1127,7 @@ impl Overlay<'_> {
             payload: record.value.clone(),
         };
         self.pending.tail.push((self.head.hash, diff));
+        self.pending.tail_by.push(reducer);
         self.head.seq = applied.seq;
         self.head.offset = Some(applied.offset);
         self.head.hash = hash;
@@ -1139,8 +1143,9 @@ impl Overlay<'_> {
     /// Saves the model's current state (at its head) as a checkpoint.
     fn checkpoint(&mut self, snapshot: Vec<u8>) {
         let Some(offset) = self.head.offset else { return };
-        self.pending.snapshot = Some(snapshot.clone());
+        self.pending.snapshot = Some((snapshot.clone(), self.reducer));
         self.pending.tail.clear();
+        self.pending.tail_by.clear();
         if self.head.checkpoint().is_some_and(|(_, at)| at == offset) {
             return;
         }
@@ -1171,15 +1176,20 @@ impl Overlay<'_> {
 impl Checkpoints for Overlay<'_> {
     fn load(&mut self, id: &str) -> Result<Checkpoint, ViewError> {
         debug_assert_eq!(id, &*self.model.id, "the engine applies one model at a time");
-        let mut checkpoint = match &self.pending.snapshot {
-            Some(snapshot) => Checkpoint { snapshot: Some(snapshot.clone()), tail: Vec::new() },
-            None => {
-                let history = self.view.checkpoint(self.model, self.head)?;
-                self.versions.settle(&self.model.id, history, self.reducer)?
-            }
+        // Committed history (or this batch's snapshot) plus this batch's diffs, each run by
+        // the version that applied it, brought to the version folding now.
+        let Pending { snapshot, tail, tail_by } = &*self.pending;
+        let mut history = match snapshot {
+            Some((snapshot, by)) => History {
+                checkpoint: Checkpoint { snapshot: Some(snapshot.clone()), tail: Vec::new() },
+                snapshot_by: Some(*by),
+                applied_by: Vec::new(),
+            },
+            None => self.view.checkpoint(self.model, self.head)?,
         };
-        checkpoint.tail.extend(self.pending.tail.iter().cloned());
-        Ok(checkpoint)
+        history.checkpoint.tail.extend(tail.iter().cloned());
+        history.applied_by.extend(tail_by.iter().copied());
+        Ok(self.versions.settle(&self.model.id, history, self.reducer)?)
     }
 
     fn save(&mut self, id: &str, snapshot: Vec<u8>) -> Result<(), ViewError> {
