@@ -116,7 +116,7 @@ case "$cmd" in
   bench)
     setup
     build_reducers
-    cargo bench -p statefold-tests --bench reducer --bench deploy "$@"
+    cargo bench -p statefold-tests --bench reducer --bench deploy --bench suite "$@"
     ;;
   *)
     echo "usage: ./dev.sh test|run [ARGS...]|bench" >&2
