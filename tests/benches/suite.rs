@@ -2,12 +2,14 @@
 //!
 //! Prints one table; each figure stands beside the limit or baseline it is judged against,
 //! measured in the same run. Measured so far: recovery (time to ready after a restart with
-//! 100,000 models stored, beside opening the same RocksDB store alone) and catch-up (a
+//! 100,000 models stored, beside opening the same RocksDB store alone), catch-up (a
 //! `document` client 100,000 diffs behind: its `patch` event, beside fetching the whole
-//! state). Under `cargo test` it smoke-runs with 1/100 of the data.
+//! state), and end-to-end latency (produce to a real Tansu broker → `diff` event at an SSE
+//! client, beside a consume-only rdkafka reader). Under `cargo test` it smoke-runs with
+//! 1/100 of the data.
 //!
-//! Both run a real server in-process on the embedded log, whose records are written
-//! straight into the store before it starts (the fold at start is not measured here).
+//! A real server runs in-process. For recovery and catch-up its embedded log's records are
+//! written straight into the store before it starts (that fold is not measured).
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +39,7 @@ async fn main() {
     let mut rows = Vec::new();
     recovery(&mut rows).await;
     catch_up(&mut rows).await;
+    latency(&mut rows).await;
     println!();
     println!("statefold benchmark suite ({} cores, {} rounds per figure)", cores(), rounds(5));
     println!("{:<58} {:>14}  beside (same run)", "case", "figure");
@@ -140,6 +143,142 @@ async fn catch_up(rows: &mut Vec<Row>) {
             "goal < 100 ms; {patch_bytes} bytes; the whole state {state:.2?}, {state_bytes} bytes ({:.1}x)",
             patch.as_secs_f64() / state.as_secs_f64()
         ),
+    });
+    server.stop().await;
+}
+
+/// End-to-end latency (5): a record produced to Kafka until its `diff` event reaches an
+/// SSE client, at 1,000 records/s over 10 models; beside a consume-only rdkafka reader of
+/// the same records in the same run (what the broker and client alone take).
+async fn latency(rows: &mut Vec<Row>) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::producer::{BaseRecord, Producer};
+    use std::sync::{Arc, Mutex};
+
+    const MODELS: usize = 10;
+    const RATE: u64 = 1000;
+    let seconds = if full() { 5.0 } else { 0.5 };
+    let broker = statefold_tests::broker::Broker::start();
+    broker.create_topic("counter", 3);
+    for topic in ["document", "workflow", "trap"] {
+        broker.create_topic(topic, 1);
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A short fetch wait: the broker holds an idle fetch this long (librdkafka's
+    // `fetch.wait.max.ms`), a floor under latency at low rates.
+    let limits = Limits { kafka_fetch_wait_ms: 5, ..limits() };
+    let mut config = example_config(dir.path(), limits);
+    config.kafka = Some(statefold::config::KafkaConfig::new(&broker.brokers()));
+    let server = TestServer::start_config(dir, config).await;
+    for i in 0..MODELS {
+        server.create("counter", &format!("l{i}")).await;
+    }
+    // Send instants per model, in order; receive instants per model, in order.
+    type Times = Arc<Mutex<Vec<Vec<Instant>>>>;
+    let sent: Times = Arc::new(Mutex::new(vec![Vec::new(); MODELS]));
+    let (sse, raw): (Times, Times) =
+        (Arc::new(Mutex::new(vec![Vec::new(); MODELS])), Arc::new(Mutex::new(vec![Vec::new(); MODELS])));
+    let mut followers = Vec::new();
+    for i in 0..MODELS {
+        let (_, head) = server.get(&format!("/v1/models/counter/l{i}")).await;
+        let mut events = server.events("counter", &format!("l{i}"), head["hash"].as_str()).await;
+        let sse = sse.clone();
+        followers.push(tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if event.event == "diff" {
+                    sse.lock().unwrap()[i].push(Instant::now());
+                }
+            }
+        }));
+    }
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", "statefold-bench-latency")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.queue.backoff.ms", "1")
+        .create()
+        .expect("a consumer");
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in 0..3 {
+        assignment.add_partition_offset("counter", partition, rdkafka::Offset::End).expect("assign");
+    }
+    consumer.assign(&assignment).expect("assigned");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (raw, stop) = (raw.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
+                    let key = message.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or_default();
+                    if let Some(i) = key.strip_prefix('l').and_then(|n| n.parse::<usize>().ok()) {
+                        raw.lock().unwrap()[i].push(Instant::now());
+                    }
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await; // the reader's assignment settles
+    let total = (RATE as f64 * seconds) as usize;
+    let producer = broker.producer();
+    // Connected and warm before the clock starts (metadata, the idempotent producer id).
+    for _ in 0..10 {
+        producer.send(BaseRecord::to("counter").key(b"warm-up").payload(br#"{"add":1}"#)).expect("queued");
+    }
+    producer.flush(Duration::from_secs(30)).expect("delivered");
+    {
+        let sent = sent.clone();
+        tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            for n in 0..total {
+                // Open loop: record n goes out at n ms, whatever happened before.
+                let due = start + Duration::from_micros(n as u64 * 1_000_000 / RATE);
+                while Instant::now() < due {
+                    std::hint::spin_loop();
+                }
+                let i = n % MODELS;
+                let key = format!("l{i}");
+                sent.lock().unwrap()[i].push(Instant::now());
+                producer.send(BaseRecord::to("counter").key(key.as_bytes()).payload(br#"{"add":1}"#)).expect("queued");
+            }
+            producer.flush(Duration::from_secs(30)).expect("delivered");
+        })
+        .await
+        .expect("producer");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sse.lock().unwrap().iter().map(Vec::len).sum::<usize>() < total
+        || raw.lock().unwrap().iter().map(Vec::len).sum::<usize>() < total
+    {
+        assert!(Instant::now() < deadline, "not every record arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().expect("reader");
+    for follower in followers {
+        follower.abort();
+    }
+    let percentiles = |received: &Times| {
+        let sent = sent.lock().unwrap();
+        let mut all: Vec<Duration> = sent
+            .iter()
+            .zip(received.lock().unwrap().iter())
+            .flat_map(|(s, r)| s.iter().zip(r).map(|(s, r)| r.saturating_duration_since(*s)))
+            .collect();
+        all.sort();
+        (all[all.len() / 2], all[all.len() * 99 / 100])
+    };
+    let ((p50, p99), (raw50, raw99)) = (percentiles(&sse), percentiles(&raw));
+    rows.push(Row {
+        name: format!("5. produce → SSE diff event, {RATE}/s, {total} records: p50"),
+        value: format!("{p50:.2?}"),
+        beside: format!("consume-only rdkafka reader p50 {raw50:.2?}"),
+    });
+    rows.push(Row {
+        name: "   same, p99".into(),
+        value: format!("{p99:.2?}"),
+        beside: format!("goal < 20 ms; consume-only reader p99 {raw99:.2?} (fetch wait 5 ms)"),
     });
     server.stop().await;
 }
