@@ -124,10 +124,11 @@ fn follow(mut stream: SseStream, id: String, follower: Arc<Mutex<Follower>>) -> 
 
 /// Sends `rate` diffs per second for `duration` to random models (fire and forget);
 /// returns each model's sent diffs as (partition, offset, delta).
+/// Sends `rate` diffs/s until `end` is set and passed.
 async fn stream_diffs(
     server: Arc<TestServer>,
     rate: usize,
-    duration: Duration,
+    end: Arc<std::sync::Mutex<Option<Instant>>>,
 ) -> BTreeMap<String, Vec<(u32, u64, i64)>> {
     let mut rng = StdRng::seed_from_u64(5);
     let per_tick = rate / 100;
@@ -136,7 +137,7 @@ async fn stream_diffs(
     // Open loop: each tick's diffs go out on their own task, whatever the latency of the
     // previous ones, so the offered rate holds.
     let mut ticks = Vec::new();
-    while started.elapsed() < duration {
+    while end.lock().unwrap().is_none_or(|end| Instant::now() < end) {
         tick.tick().await;
         let batch: Vec<(String, i64)> =
             (0..per_tick).map(|_| (format!("m{}", rng.random_range(0..MODELS)), rng.random_range(-50..100))).collect();
@@ -167,8 +168,9 @@ async fn stream_diffs(
     sent
 }
 
-/// Deploys v2 of `counter` with `deploy` 1.5 s into a 5 s stream of 1,000 diffs/s over
-/// 1,000 models, and checks everything the issue asks. With a broker, the log is Kafka
+/// Deploys v2 of `counter` with `deploy` 1.5 s into a stream of 1,000 diffs/s over 1,000
+/// models that goes on until 1.5 s after every partition folds v2, and checks everything
+/// the issue asks. With a broker, the log is Kafka
 /// (`counter` with 3 partitions).
 async fn deploy_under_load<F, Fut>(broker: Option<&Broker>, deploy: F)
 where
@@ -200,9 +202,19 @@ where
         followers.push((format!("m{i}"), follower.clone(), follow(stream, format!("m{i}"), follower)));
     }
 
-    let load = tokio::spawn(stream_diffs(server.clone(), 1000, Duration::from_secs(5)));
+    let end = Arc::new(std::sync::Mutex::new(None));
+    let load = tokio::spawn(stream_diffs(server.clone(), 1000, end.clone()));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     deploy(server.clone(), reducers.clone()).await;
+    // (Through the directory, the deploy happens after this returns; each partition
+    // switches when its deploy record is folded.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let store = || server.running.as_ref().expect("running").app.store.clone();
+    while store().read().kind_versions("counter").unwrap().is_none_or(|v| v.in_use() != [v2]) {
+        assert!(Instant::now() < deadline, "the deploy never reached every partition");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    *end.lock().unwrap() = Some(Instant::now() + Duration::from_millis(1500));
     let mut sent = load.await.unwrap();
     for i in 0..MODELS {
         sent.entry(format!("m{i}")).or_default();
@@ -383,8 +395,20 @@ async fn bad_uploads_are_refused_each_with_its_reason_while_v1_folds() {
 
     // Too large, unknown reducer, a stored version that does not exist: plain errors.
     // (Its own connection: the server answers before reading the body, then closes.)
-    let once = reqwest::Client::new();
-    let response = once.put(server.url("/v1/reducers/counter")).body(vec![0; 5 << 20]).send().await.unwrap();
+    // The client may see the connection close while it still sends (a reset instead of
+    // the answer); it tries again on a new connection.
+    let mut attempts = 0;
+    let response = loop {
+        let once = reqwest::Client::new();
+        match once.put(server.url("/v1/reducers/counter")).body(vec![0; 5 << 20]).send().await {
+            Ok(response) => break response,
+            Err(e) if attempts < 5 => {
+                attempts += 1;
+                eprintln!("oversized upload: {e}; again");
+            }
+            Err(e) => panic!("the oversized upload never got an answer: {e}"),
+        }
+    };
     let (status, body) = statefold_tests::http::json_of(response).await;
     assert_eq!((status, body["error"]["code"].as_str()), (413, Some("too_large")), "{body}");
     let (status, body) = put_module(&server, "/v1/reducers/nope", module("counter_v2")).await;
