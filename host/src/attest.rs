@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chain::Hash;
 use crate::config::{KafkaConfig, Limits};
 use crate::fold::Mark;
-use crate::source::kafka::{Role, client_config, kafka_settings};
+use crate::source::kafka::{Role, client_config, kafka_settings, partition_count};
 use crate::store::{Position, Store, StoreError};
 
 /// A partition's digest at an attestation point.
@@ -295,23 +295,16 @@ impl Attestor {
         let mut assigned = false;
         while !stop.is_cancelled() {
             if !assigned {
-                match consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(5)) {
-                    Ok(metadata) => {
-                        let count = metadata
-                            .topics()
-                            .iter()
-                            .find(|t| t.name() == self.topic)
-                            .map_or(0, |t| t.partitions().len());
-                        if count > 0 {
-                            let mut list = TopicPartitionList::new();
-                            for partition in 0..count as i32 {
-                                let tail = Offset::OffsetTail(self.kept as i64);
-                                if let Err(e) = list.add_partition_offset(&self.topic, partition, tail) {
-                                    tracing::warn!(error = %e, "cannot assign the attestation topic");
-                                }
+                match partition_count(consumer.client(), &self.topic, Duration::from_secs(5)) {
+                    Ok(count) => {
+                        let mut list = TopicPartitionList::new();
+                        for partition in 0..count as i32 {
+                            let tail = Offset::OffsetTail(self.kept as i64);
+                            if let Err(e) = list.add_partition_offset(&self.topic, partition, tail) {
+                                tracing::warn!(error = %e, "cannot assign the attestation topic");
                             }
-                            assigned = consumer.assign(&list).is_ok();
                         }
+                        assigned = consumer.assign(&list).is_ok();
                     }
                     Err(e) => tracing::debug!(error = %e, "attestation topic not readable yet"),
                 }

@@ -396,6 +396,26 @@ fn check_loop(
     }
 }
 
+/// The number of partitions of `topic`, as the brokers describe it; why not, otherwise.
+pub(crate) fn partition_count<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<u32, String> {
+    let metadata = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("cannot reach the brokers: metadata of topic {topic:?}: {e}"))?;
+    let described = metadata.topics().iter().find(|t| t.name() == topic);
+    match described {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as u32),
+        Some(t) => {
+            let error = t.error().map(|e| format!("{:?}", RDKafkaErrorCode::from(e))).unwrap_or_default();
+            Err(format!("topic {topic:?} is not available ({error}); create it"))
+        }
+        None => Err(format!("topic {topic:?} is not on the brokers; create it")),
+    }
+}
+
 fn check(
     consumer: &KafkaConsumer,
     topics: &[String],
@@ -404,18 +424,7 @@ fn check(
     timeout: Duration,
 ) -> Result<(), String> {
     for topic in topics {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(|e| format!("cannot reach the brokers: metadata of topic {topic:?}: {e}"))?;
-        let described = metadata.topics().iter().find(|t| t.name() == topic);
-        let count = match described {
-            Some(t) if t.error().is_none() && !t.partitions().is_empty() => t.partitions().len() as u32,
-            Some(t) => {
-                let error = t.error().map(|e| format!("{:?}", RDKafkaErrorCode::from(e))).unwrap_or_default();
-                return Err(format!("topic {topic:?} is not available ({error}); create it"));
-            }
-            None => return Err(format!("topic {topic:?} is not on the brokers; create it")),
-        };
+        let count = partition_count(consumer.client(), topic, timeout)?;
         for partition in 0..count {
             let (_, high) = consumer
                 .fetch_watermarks(topic, partition as i32, timeout)
@@ -477,15 +486,10 @@ impl KafkaWriter {
     /// The number of partitions of `topic`, as the broker reports it.
     pub async fn partitions(&self, topic: &str, timeout: Duration) -> Result<u32, WriteError> {
         let (producer, name) = (self.producer.clone(), topic.to_owned());
-        let metadata = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(Some(&name), timeout))
+        tokio::task::spawn_blocking(move || partition_count(producer.client(), &name, timeout))
             .await
             .map_err(|e| WriteError::Unavailable(e.to_string()))?
-            .map_err(|e| WriteError::Unavailable(format!("cannot read the partitions of {topic}: {e}")))?;
-        let count = metadata.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len());
-        match count {
-            0 => Err(WriteError::Unavailable(format!("the broker reports no partitions for topic {topic}"))),
-            n => Ok(n as u32),
-        }
+            .map_err(WriteError::Unavailable)
     }
 
     /// Waits (up to `timeout`) for records still queued.
