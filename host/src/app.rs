@@ -287,33 +287,49 @@ impl App {
             Prepared::Ready { record, module, kinds } => (record, module, kinds),
         };
         let started = Instant::now();
-        let unavailable = |e: WriteError| DeployError::Unavailable(format!("writing the deploy records: {e}"));
-        let mut written = Vec::new();
+        let mut written = 0;
         for kind in &kinds {
             let topic = &self.kind(kind).map_err(|e| DeployError::Unavailable(e.to_string()))?.topic;
-            let count = self.writer.partitions(topic).await.map_err(unavailable)?;
             let headers = [
                 (DEPLOY_HEADER.to_owned(), name.as_bytes().to_vec()),
                 (DEPLOY_ORIGIN_HEADER.to_owned(), origin.as_bytes().to_vec()),
-                (DEPLOY_PARTITIONS_HEADER.to_owned(), count.to_string().into_bytes()),
             ];
-            for partition in 0..count {
-                let at = self.writer.append_to(topic, Some(partition), name.as_bytes(), &module, &headers).await;
-                written.push((topic.clone(), at.map_err(unavailable)?));
-            }
-        }
-        let timeout = Duration::from_millis(self.limits.wait_applied_ms_max);
-        for (topic, (partition, offset)) in &written {
-            self.wait_stored(topic, *partition, *offset, timeout).await.map_err(|e| match e {
+            written += self.in_every_partition(topic, name.as_bytes(), &module, &headers).await.map_err(|e| match e {
                 AppError::ShuttingDown => DeployError::Stopped,
-                e => DeployError::Unavailable(format!(
+                AppError::WaitTimeout(..) => DeployError::Unavailable(format!(
                     "the deploy records are in the log and every replica will fold them, but this server did not within wait_applied_ms_max: {e}"
                 )),
+                e => DeployError::Unavailable(format!("writing the deploy records: {e}")),
             })?;
         }
         let versions = self.deployer.versions(name)?;
         let version = versions.into_iter().find(|v| v.id == record.id).unwrap_or(record);
-        Ok(Deployed { version, unchanged: false, partitions: written.len(), took: started.elapsed() })
+        Ok(Deployed { version, unchanged: false, partitions: written, took: started.elapsed() })
+    }
+
+    /// Writes one record (key, value, headers, plus [`DEPLOY_PARTITIONS_HEADER`]) to every
+    /// partition of `topic`, and waits until this server has folded them all: how deploy
+    /// and replay records reach every replica at one place in each partition. Returns the
+    /// number of partitions.
+    async fn in_every_partition(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        headers: &[(String, Vec<u8>)],
+    ) -> Result<usize, AppError> {
+        let count = self.writer.partitions(topic).await?;
+        let mut headers = headers.to_vec();
+        headers.push((DEPLOY_PARTITIONS_HEADER.to_owned(), count.to_string().into_bytes()));
+        let mut written = Vec::new();
+        for partition in 0..count {
+            written.push(self.writer.append_to(topic, Some(partition), key, value, &headers).await?);
+        }
+        let timeout = Duration::from_millis(self.limits.wait_applied_ms_max);
+        for &(partition, offset) in &written {
+            self.wait_stored(topic, partition, offset, timeout).await?;
+        }
+        Ok(written.len())
     }
 
     /// Starts rebuilding a kind's states from the retained diffs with its active reducer.
@@ -325,16 +341,8 @@ impl App {
         }
         // A replay record in every partition: each replica rebuilds each partition's models
         // for it, at the same place in the log.
-        let count = self.writer.partitions(&topic).await?;
         let headers = [(REPLAY_HEADER.to_owned(), kind.as_bytes().to_vec())];
-        let mut written = Vec::new();
-        for partition in 0..count {
-            written.push(self.writer.append_to(&topic, Some(partition), kind.as_bytes(), b"", &headers).await?);
-        }
-        let timeout = Duration::from_millis(self.limits.wait_applied_ms_max);
-        for (partition, offset) in written {
-            self.wait_stored(&topic, partition, offset, timeout).await?;
-        }
+        self.in_every_partition(&topic, kind.as_bytes(), b"", &headers).await?;
         let job = self.replays.lock().unwrap_or_else(|p| p.into_inner()).get(kind).cloned();
         job.ok_or_else(|| AppError::Unavailable("the replay records were folded but no replay started".into()))
     }
