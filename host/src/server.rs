@@ -106,7 +106,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             }
         };
         let info = reducer.info();
-        tracing::info!(kind = %kind.name, topic = kind.topic(), reducer = %name, version = %versions.latest, declared = %format!("{}@{}", info.name, info.version), partitions_deployed = versions.partitions.len(), "kind loaded");
+        tracing::info!(kind = %kind.name, topic = kind.topic(), reducer = %name, versions = %versions.in_use().iter().map(ToString::to_string).collect::<Vec<_>>().join(","), declared = %format!("{}@{}", info.name, info.version), partitions_deployed = versions.partitions.len(), "kind loaded");
         specs.push(KindSpec { name: kind.name.as_str().into(), topic: kind.topic().into(), versions });
         let readers = Versions::new(registry.clone(), limits.reducer_versions_resident_max);
         kinds.push(Kind::new(&kind.name, kind.topic(), &name, readers));

@@ -378,9 +378,6 @@ pub struct KindVersions {
     pub partitions: BTreeMap<u32, ModuleHash>,
     /// Partitions the latest deploy wrote to (0 before any deploy).
     pub partition_count: u32,
-    /// The version of the latest deploy record folded (`genesis` before any): what the
-    /// kind is said to run.
-    pub latest: ModuleHash,
     /// Partitions that folded a replay record: how many, and the version the last one
     /// rebuilds with (the partition's version at that record).
     pub replays: BTreeMap<u32, (u64, ModuleHash)>,
@@ -388,13 +385,7 @@ pub struct KindVersions {
 
 impl KindVersions {
     pub fn new(genesis: ModuleHash) -> KindVersions {
-        KindVersions {
-            genesis,
-            partitions: BTreeMap::new(),
-            partition_count: 0,
-            latest: genesis,
-            replays: BTreeMap::new(),
-        }
+        KindVersions { genesis, partitions: BTreeMap::new(), partition_count: 0, replays: BTreeMap::new() }
     }
 
     /// The replay generation of `partition`: replay records folded in it.
@@ -542,11 +533,6 @@ impl Engine {
             })
             .collect();
         Engine { kinds, by_topic, limits, versions, replayer: None }
-    }
-
-    /// The versions a kind folds with.
-    pub fn versions(&self, kind: &str) -> Option<&KindVersions> {
-        self.kinds.iter().find(|k| &*k.name == kind).map(|k| &k.versions)
     }
 
     /// Models resident per kind, over all its instances, and the number of instances.
@@ -918,7 +904,6 @@ impl Engine {
         let versions = &mut state.versions;
         versions.partitions.insert(record.partition, reducer.id());
         versions.partition_count = versions.partition_count.max(count);
-        versions.latest = reducer.id();
         let info = reducer.info();
         tracing::info!(kind = %state.name, partition = record.partition, offset = record.offset, version = %reducer.id(), "deploy record folded: the partition folds with this version from here");
         folded.deploys.push(DeployFolded {

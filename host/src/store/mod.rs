@@ -513,7 +513,6 @@ impl Reader<'_> {
         let Some(value) = self.snapshot.get_cf(self.store.cf(REDUCERS), &key)? else { return Ok(None) };
         decode(REDUCERS, &key, &value, |d| {
             let genesis = d.module()?;
-            let latest = d.module()?;
             let partition_count = d.u32()?;
             let mut partitions = std::collections::BTreeMap::new();
             for _ in 0..d.u32()? {
@@ -525,7 +524,7 @@ impl Reader<'_> {
                 let partition = d.u32()?;
                 replays.insert(partition, (d.u64()?, d.module()?));
             }
-            Ok(KindVersions { genesis, partitions, partition_count, latest, replays })
+            Ok(KindVersions { genesis, partitions, partition_count, replays })
         })
         .map(Some)
     }
@@ -715,7 +714,7 @@ fn kind_versions_key(kind: &str) -> Vec<u8> {
 
 fn encode_kind_versions(versions: &KindVersions) -> Vec<u8> {
     let mut enc = Enc::value();
-    enc.module(&versions.genesis).module(&versions.latest).u32(versions.partition_count);
+    enc.module(&versions.genesis).u32(versions.partition_count);
     enc.u32(versions.partitions.len() as u32);
     for (partition, version) in &versions.partitions {
         enc.u32(*partition).module(version);
