@@ -23,7 +23,7 @@ use crate::attest::{Attestor, Digests};
 use crate::config::Config;
 use crate::deploy::{Deployer, Registry, VersionRecord, VersionStatus, watch as reducer_watch};
 use crate::fold::{Engine, Folded, KindSpec, KindVersions, ReplayJob, Resolve, Versions};
-use crate::reducer::{ModuleHash, Reducer, Runtime};
+use crate::reducer::{ModuleHash, Natives, Reducer, Runtime};
 use crate::source::{EmbeddedLog, KafkaSource, KafkaWriter, Source, SourceStatus, Writer, positions};
 use crate::store::{Store, StoreError, StoreOptions};
 
@@ -69,6 +69,12 @@ impl Running {
 
 /// Opens everything the config names and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    start_with(config, Natives::new()).await
+}
+
+/// [`start`], running the modules in `natives` through native stand-ins: how the
+/// benchmark suite measures what the wasm sandbox costs in the whole pipeline.
+pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Running> {
     config.validate().map_err(anyhow::Error::msg)?;
     let limits = config.limits.clone();
     std::fs::create_dir_all(&config.data_dir)
@@ -76,7 +82,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let store = Store::open(&config.data_dir.join("db"), &StoreOptions { fsync: limits.store_fsync })
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let store = Arc::new(store);
-    let runtime = Arc::new(Runtime::new(limits.reducer(), Some(config.data_dir.join("compiled")))?);
+    let runtime = Runtime::new(limits.reducer(), Some(config.data_dir.join("compiled")))?.with_natives(natives);
+    let runtime = Arc::new(runtime);
     let registry = Arc::new(Registry { runtime: runtime.clone(), store: store.clone() });
 
     let mut kinds = Vec::new();

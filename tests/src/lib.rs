@@ -52,6 +52,23 @@ pub fn wasm(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("no reducer named {name} in {}", dir.display()))
 }
 
+/// Path of the `statefold` binary, built first: release under `cargo bench` (which
+/// passes `--bench`), debug otherwise (the tests have built its library already).
+pub fn statefold_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let release = std::env::args().any(|a| a == "--bench");
+            let mut args = vec!["build", "--quiet", "-p", "statefold", "--bin", "statefold"];
+            if release {
+                args.push("--release");
+            }
+            cargo(&args);
+            target_dir().join(if release { "release" } else { "debug" }).join("statefold")
+        })
+        .clone()
+}
+
 pub mod broker;
 pub mod http;
 
@@ -68,5 +85,72 @@ pub mod bench {
     pub fn median(mut samples: Vec<Duration>) -> Duration {
         samples.sort();
         samples[samples.len() / 2]
+    }
+
+    /// Reducer crate `R` compiled into the host, standing in for its `.wasm` (`module`):
+    /// the baseline that measures what the sandbox costs in the whole pipeline.
+    pub fn native<R: statefold_guest::Reducer>(module: &std::path::Path) -> statefold::reducer::Natives
+    where
+        R::State: Send,
+    {
+        let bytes = std::fs::read(module).expect("the reducer's .wasm");
+        let native: Arc<dyn Native> = Arc::new(NativeReducer::<R>(PhantomData));
+        [(ModuleHash::of(&bytes), native)].into_iter().collect()
+    }
+
+    use std::marker::PhantomData;
+    use std::sync::Arc;
+
+    use statefold::reducer::{Composed, ModuleHash, Native, NativeModel};
+    use statefold_guest::{Compose, native::Model};
+
+    struct NativeReducer<R>(PhantomData<fn() -> R>);
+
+    impl<R: statefold_guest::Reducer> Native for NativeReducer<R>
+    where
+        R::State: Send,
+    {
+        fn create(&self, model: &str, snapshot: Option<&[u8]>) -> Result<Box<dyn NativeModel>, String> {
+            let model = match snapshot {
+                Some(snapshot) => Model::<R>::restore(model, snapshot)?,
+                None => Model::<R>::new(model),
+            };
+            Ok(Box::new(NativeOne(model)))
+        }
+
+        fn merge(&self, diffs: &[Vec<u8>]) -> Result<Composed, String> {
+            if let [one] = diffs {
+                return Ok(Composed::Diff(one.clone()));
+            }
+            let decoded = diffs
+                .iter()
+                .map(|d| serde_json::from_slice::<R::Diff>(d).map_err(|e| format!("malformed diff: {e}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(match R::merge(decoded) {
+                Compose::Composed(d) => Composed::Diff(serde_json::to_vec(&d).expect("a diff serializes")),
+                Compose::NotComposable(reason) => Composed::NotComposable(reason),
+            })
+        }
+
+        fn delta(&self, from: &[u8], to: &[u8]) -> Result<Vec<u8>, String> {
+            let from: R::State = serde_json::from_slice(from).map_err(|e| format!("malformed `from` state: {e}"))?;
+            let to: R::State = serde_json::from_slice(to).map_err(|e| format!("malformed `to` state: {e}"))?;
+            R::delta(&from, &to).map(|d| serde_json::to_vec(&d).expect("a diff serializes"))
+        }
+    }
+
+    struct NativeOne<R: statefold_guest::Reducer>(Model<R>);
+
+    impl<R: statefold_guest::Reducer> NativeModel for NativeOne<R>
+    where
+        R::State: Send,
+    {
+        fn apply(&mut self, payload: &[u8], offset: u64, prev_hash: &[u8]) -> Result<(), String> {
+            self.0.apply(payload, offset, prev_hash)
+        }
+
+        fn snapshot(&self) -> Vec<u8> {
+            self.0.snapshot()
+        }
     }
 }

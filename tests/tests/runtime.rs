@@ -69,6 +69,16 @@ fn a_reducer_that_breaks_the_contract_fails_its_diffs_not_the_host() {
 }
 
 #[test]
+fn a_healthy_batch_is_one_call_on_one_instance() {
+    let runtime = runtime(Limits::default());
+    let mut fold = Fold::new(&runtime, "counter");
+    let outcomes = fold.apply("c", &[r#"{"add":1}"#, r#"{"add":2}"#, r#"{"add":3}"#]);
+    assert_eq!(applied(&outcomes), [true, true, true], "{outcomes:?}");
+    let stats = fold.models.stats();
+    assert_eq!((stats.instances, stats.traps), (1, 0), "no batch was retried one diff at a time: {stats:?}");
+}
+
+#[test]
 fn bad_files_are_refused_with_a_specific_reason() {
     let runtime = runtime(Limits::default());
     let not_wasm = runtime.load(b"#!/bin/sh\necho hello\n").unwrap_err();

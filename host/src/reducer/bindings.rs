@@ -6,4 +6,4 @@ wasmtime::component::bindgen!({
     path: "../wit",
 });
 
-pub use self::statefold::reducer::types::{ApplyResult, Capabilities, Composed, Diff, DiffContext};
+pub use self::statefold::reducer::types::{ApplyResult, Capabilities, Composed, Diff, DiffContext, Refusal};

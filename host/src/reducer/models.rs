@@ -15,7 +15,7 @@ use wasmtime::component::ResourceAny;
 
 use super::bindings::{self, ApplyResult, DiffContext};
 use super::sandbox::GuestData;
-use super::{Reducer, ReducerError};
+use super::{Native, NativeModel, Reducer, ReducerError};
 use crate::chain::Hash;
 
 /// One diff as the log holds it.
@@ -104,9 +104,154 @@ pub enum Composed {
 }
 
 struct Live {
-    store: Store<GuestData>,
-    guest: bindings::Guest,
-    resident: LruCache<String, ResourceAny>,
+    instance: Instance,
+    resident: LruCache<String, Handle>,
+}
+
+/// The guest that holds the models: a wasm instance, or the reducer's logic compiled into
+/// the host ([`Native`]). Everything above these calls (batches, trap isolation, rebuilds,
+/// the eviction budget, the hash chain) is the same for both.
+enum Instance {
+    Wasm { store: Box<Store<GuestData>>, guest: bindings::Guest },
+    Native { native: Arc<dyn Native>, models: HashMap<u64, Box<dyn NativeModel>>, next: u64 },
+}
+
+/// A model held by an [`Instance`].
+#[derive(Debug, Clone, Copy)]
+enum Handle {
+    Wasm(ResourceAny),
+    Native(u64),
+}
+
+impl Instance {
+    /// A new model, empty or restored from `snapshot`; the inner `Err` is the reducer's
+    /// refusal of the snapshot.
+    fn create(&mut self, model: &str, snapshot: Option<&[u8]>) -> wasmtime::Result<Result<Handle, String>> {
+        match self {
+            Instance::Wasm { store, guest } => {
+                let api = guest.statefold_reducer_reducer().model();
+                let created = match snapshot {
+                    Some(snapshot) => api.call_restore(&mut **store, model, snapshot)?,
+                    None => Ok(api.call_constructor(&mut **store, model)?),
+                };
+                Ok(created.map(Handle::Wasm))
+            }
+            Instance::Native { native, models, next } => Ok(native.create(model, snapshot).map(|created| {
+                *next += 1;
+                models.insert(*next, created);
+                Handle::Native(*next)
+            })),
+        }
+    }
+
+    /// `model.apply` of `batch`; `prevs[i]` is the model's hash before `batch[i]`.
+    fn apply(&mut self, handle: Handle, prevs: &[Hash], batch: &[DiffRecord]) -> wasmtime::Result<ApplyResult> {
+        match (self, handle) {
+            (Instance::Wasm { store, guest }, Handle::Wasm(handle)) => {
+                let wit: Vec<bindings::Diff> = batch
+                    .iter()
+                    .zip(prevs)
+                    .map(|(d, prev)| bindings::Diff {
+                        context: DiffContext {
+                            offset: d.offset,
+                            timestamp_ms: d.timestamp_ms,
+                            headers: d.headers.clone(),
+                            prev_hash: prev.as_bytes().to_vec(),
+                        },
+                        payload: d.payload.clone(),
+                    })
+                    .collect();
+                guest.statefold_reducer_reducer().model().call_apply(&mut **store, handle, &wit)
+            }
+            (Instance::Native { models, .. }, Handle::Native(handle)) => {
+                let model = models.get_mut(&handle).ok_or_else(|| wasmtime::format_err!("unknown native model"))?;
+                for (index, (d, prev)) in batch.iter().zip(prevs).enumerate() {
+                    if let Err(reason) = model.apply(&d.payload, d.offset, prev.as_bytes()) {
+                        let refusal = Some(bindings::Refusal { index: index as u32, reason });
+                        return Ok(ApplyResult { applied: index as u32, refusal });
+                    }
+                }
+                Ok(ApplyResult { applied: batch.len() as u32, refusal: None })
+            }
+            _ => Err(wasmtime::format_err!("a handle of another instance")),
+        }
+    }
+
+    fn snapshot(&mut self, handle: Handle) -> wasmtime::Result<Vec<u8>> {
+        match (self, handle) {
+            (Instance::Wasm { store, guest }, Handle::Wasm(handle)) => {
+                guest.statefold_reducer_reducer().model().call_snapshot(&mut **store, handle)
+            }
+            (Instance::Native { models, .. }, Handle::Native(handle)) => {
+                models.get(&handle).map(|m| m.snapshot()).ok_or_else(|| wasmtime::format_err!("unknown native model"))
+            }
+            _ => Err(wasmtime::format_err!("a handle of another instance")),
+        }
+    }
+
+    fn drop_model(&mut self, handle: Handle) -> wasmtime::Result<()> {
+        match (self, handle) {
+            (Instance::Wasm { store, .. }, Handle::Wasm(handle)) => handle.resource_drop(&mut **store),
+            (Instance::Native { models, .. }, Handle::Native(handle)) => {
+                models.remove(&handle);
+                Ok(())
+            }
+            _ => Err(wasmtime::format_err!("a handle of another instance")),
+        }
+    }
+
+    /// Bytes of linear memory (0 natively: the host's heap has no per-reducer budget).
+    fn memory_bytes(&self) -> usize {
+        match self {
+            Instance::Wasm { store, .. } => store.data().limiter.memory_bytes,
+            Instance::Native { .. } => 0,
+        }
+    }
+
+    fn heap_bytes(&mut self) -> wasmtime::Result<u64> {
+        match self {
+            Instance::Wasm { store, guest } => guest.statefold_reducer_reducer().call_heap_bytes(&mut **store),
+            Instance::Native { .. } => Ok(0),
+        }
+    }
+
+    /// What the guest wrote to stderr lately.
+    fn stderr(&self) -> String {
+        match self {
+            Instance::Wasm { store, .. } => store.data().stderr.take(),
+            Instance::Native { .. } => String::new(),
+        }
+    }
+
+    /// Fuel for one call and `starts` diffs (natively nothing is metered).
+    fn arm(&mut self, starts: u32, fuel: u64) -> wasmtime::Result<()> {
+        match self {
+            Instance::Wasm { store, .. } => {
+                store.data_mut().meter.starts_left = starts;
+                store.set_fuel(fuel)
+            }
+            Instance::Native { .. } => Ok(()),
+        }
+    }
+
+    fn merge(&mut self, diffs: &[Vec<u8>]) -> wasmtime::Result<Result<Composed, String>> {
+        match self {
+            Instance::Wasm { store, guest } => {
+                Ok(guest.statefold_reducer_reducer().call_merge(&mut **store, diffs)?.map(|composed| match composed {
+                    bindings::Composed::Diff(d) => Composed::Diff(d),
+                    bindings::Composed::NotComposable(reason) => Composed::NotComposable(reason),
+                }))
+            }
+            Instance::Native { native, .. } => Ok(native.merge(diffs)),
+        }
+    }
+
+    fn delta(&mut self, from: &[u8], to: &[u8]) -> wasmtime::Result<Result<Vec<u8>, String>> {
+        match self {
+            Instance::Wasm { store, guest } => guest.statefold_reducer_reducer().call_delta(&mut **store, from, to),
+            Instance::Native { native, .. } => Ok(native.delta(from, to)),
+        }
+    }
 }
 
 /// Counters, for metrics and tests.
@@ -196,6 +341,8 @@ impl Models {
                     } else {
                         // Somewhere in the batch, or caused by what else the instance
                         // held; find it one diff at a time on a fresh instance.
+                        let (CallError::Trap(reason) | CallError::Contract(reason)) = error;
+                        tracing::debug!(reducer = %self.reducer.label(), model, diffs = batch.len(), %reason, "batch failed; isolating");
                         isolate = true;
                     }
                 }
@@ -208,8 +355,7 @@ impl Models {
     /// The model's state, serialized by the reducer.
     pub fn snapshot(&mut self, model: &str, checkpoints: &mut dyn Checkpoints) -> Result<Vec<u8>, ReducerError> {
         let handle = self.resident_handle(model, checkpoints, &[])?;
-        let live = self.arm(0)?;
-        let result = live.guest.statefold_reducer_reducer().model().call_snapshot(&mut live.store, handle);
+        let result = self.arm(0)?.instance.snapshot(handle);
         result.map_err(|e| self.trap("snapshot", e))
     }
 
@@ -223,8 +369,7 @@ impl Models {
         let Some(handle) = self.live.as_mut().and_then(|live| live.resident.peek(model).copied()) else {
             return Ok(None);
         };
-        let live = self.arm(0)?;
-        let result = live.guest.statefold_reducer_reducer().model().call_snapshot(&mut live.store, handle);
+        let result = self.arm(0)?.instance.snapshot(handle);
         result.map_err(|e| self.trap("snapshot", e)).map(Some)
     }
 
@@ -237,8 +382,7 @@ impl Models {
     /// Drops `model` from the guest without saving it (its stored history is the truth).
     pub fn forget(&mut self, model: &str) -> Result<(), ReducerError> {
         let Some(handle) = self.live.as_mut().and_then(|live| live.resident.pop(model)) else { return Ok(()) };
-        let live = self.arm(0)?;
-        let dropped = handle.resource_drop(&mut live.store);
+        let dropped = self.arm(0)?.instance.drop_model(handle);
         dropped.map_err(|e| self.trap("model destructor", e))
     }
 
@@ -249,10 +393,9 @@ impl Models {
         let handle = self.restore(model, checkpoint.snapshot.as_deref(), &replay)?;
         let live = self.arm(0)?;
         live.resident.pop(model);
-        let snapshot = live.guest.statefold_reducer_reducer().model().call_snapshot(&mut live.store, handle);
+        let snapshot = live.instance.snapshot(handle);
         let snapshot = snapshot.map_err(|e| self.trap("snapshot", e))?;
-        let live = self.arm(0)?;
-        let dropped = handle.resource_drop(&mut live.store);
+        let dropped = self.arm(0)?.instance.drop_model(handle);
         dropped.map_err(|e| self.trap("model destructor", e))?;
         Ok(snapshot)
     }
@@ -261,15 +404,12 @@ impl Models {
     pub fn evict(&mut self, model: &str, checkpoints: &mut dyn Checkpoints) -> Result<(), ReducerError> {
         let Some(live) = self.live.as_mut() else { return Ok(()) };
         let Some(handle) = live.resident.pop(model) else { return Ok(()) };
-        self.arm(0)?;
-        let live = self.live.as_mut().expect("armed above");
-        let snapshot = live.guest.statefold_reducer_reducer().model().call_snapshot(&mut live.store, handle);
+        let snapshot = self.arm(0)?.instance.snapshot(handle);
         let snapshot = snapshot.map_err(|e| self.trap("snapshot", e))?;
         checkpoints
             .save(model, snapshot)
             .map_err(|source| ReducerError::Checkpoints { model: model.to_owned(), source })?;
-        let live = self.arm(0)?;
-        let dropped = handle.resource_drop(&mut live.store);
+        let dropped = self.arm(0)?.instance.drop_model(handle);
         dropped.map_err(|e| self.trap("model destructor", e))?;
         self.stats.evictions += 1;
         tracing::debug!(reducer = %self.reducer.label(), model, "model evicted");
@@ -279,20 +419,14 @@ impl Models {
     /// Composes consecutive diffs into one, if the reducer can do it exactly.
     pub fn merge(&mut self, diffs: &[Vec<u8>]) -> Result<Composed, ReducerError> {
         self.require(self.reducer.info.merge, "merge")?;
-        let live = self.arm(0)?;
-        let result = live.guest.statefold_reducer_reducer().call_merge(&mut live.store, diffs);
-        match result.map_err(|e| self.trap("merge", e))? {
-            Ok(bindings::Composed::Diff(d)) => Ok(Composed::Diff(d)),
-            Ok(bindings::Composed::NotComposable(reason)) => Ok(Composed::NotComposable(reason)),
-            Err(reason) => Err(self.refused("merge", reason)),
-        }
+        let result = self.arm(0)?.instance.merge(diffs);
+        result.map_err(|e| self.trap("merge", e))?.map_err(|reason| self.refused("merge", reason))
     }
 
     /// The diff that takes snapshot `from` to snapshot `to`.
     pub fn delta(&mut self, from: &[u8], to: &[u8]) -> Result<Vec<u8>, ReducerError> {
         self.require(self.reducer.info.delta, "delta")?;
-        let live = self.arm(0)?;
-        let result = live.guest.statefold_reducer_reducer().call_delta(&mut live.store, from, to);
+        let result = self.arm(0)?.instance.delta(from, to);
         result.map_err(|e| self.trap("delta", e))?.map_err(|reason| self.refused("delta", reason))
     }
 
@@ -310,23 +444,26 @@ impl Models {
     /// The live instance, created if needed, with fuel for one call and `starts` diffs.
     fn arm(&mut self, starts: u32) -> Result<&mut Live, ReducerError> {
         if self.live.is_none() {
-            let mut store = self.reducer.new_store();
-            store.set_fuel(self.reducer.limits.call_fuel_max).map_err(|e| self.instantiate_error(e))?;
-            let guest = match self.reducer.pre.instantiate(&mut store) {
-                Ok(guest) => guest,
-                Err(e) => return Err(self.instantiate_error(e)),
+            let instance = match &self.reducer.native {
+                Some(native) => Instance::Native { native: native.clone(), models: HashMap::new(), next: 0 },
+                None => {
+                    let mut store = self.reducer.new_store();
+                    store.set_fuel(self.reducer.limits.call_fuel_max).map_err(|e| self.instantiate_error(e))?;
+                    let guest = match self.reducer.pre.instantiate(&mut store) {
+                        Ok(guest) => guest,
+                        Err(e) => return Err(self.instantiate_error(e)),
+                    };
+                    Instance::Wasm { store: Box::new(store), guest }
+                }
             };
             self.stats.instances += 1;
             tracing::debug!(reducer = %self.reducer.label(), instances = self.stats.instances, "instance created");
-            self.live = Some(Live { store, guest, resident: LruCache::unbounded() });
+            self.live = Some(Live { instance, resident: LruCache::unbounded() });
         }
         let fuel = self.reducer.limits.call_fuel_max;
         let live = self.live.as_mut().expect("created above");
-        live.store.data_mut().meter.starts_left = starts;
-        live.store
-            .set_fuel(fuel)
-            .map_err(|e| ReducerError::Instantiate { reducer: self.reducer.label(), reason: format!("{e:#}") })?;
-        Ok(live)
+        live.instance.arm(starts, fuel).map_err(|e| self.instantiate_error(e))?;
+        Ok(self.live.as_mut().expect("created above"))
     }
 
     fn instantiate_error(&self, e: wasmtime::Error) -> ReducerError {
@@ -348,7 +485,7 @@ impl Models {
     }
 
     fn describe_trap(&self, error: &wasmtime::Error) -> String {
-        let stderr = self.live.as_ref().map(|live| live.store.data().stderr.take()).unwrap_or_default();
+        let stderr = self.live.as_ref().map(|live| live.instance.stderr()).unwrap_or_default();
         let reason = match error.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::OutOfFuel) => format!(
                 "exceeded its CPU budget (reducer_diff_fuel_max {} per diff, reducer_call_fuel_max {} per call)",
@@ -365,7 +502,7 @@ impl Models {
         model: &str,
         checkpoints: &mut dyn Checkpoints,
         applied_here: &[(Hash, &DiffRecord)],
-    ) -> Result<ResourceAny, ReducerError> {
+    ) -> Result<Handle, ReducerError> {
         if let Some(handle) = self.live.as_mut().and_then(|live| live.resident.get(model)) {
             return Ok(*handle);
         }
@@ -384,7 +521,7 @@ impl Models {
         model: &str,
         snapshot: Option<&[u8]>,
         replay: &[(Hash, &DiffRecord)],
-    ) -> Result<ResourceAny, ReducerError> {
+    ) -> Result<Handle, ReducerError> {
         match self.rebuild(model, snapshot, replay, false) {
             Err(ReducerError::Diverged { .. }) if replay.len() > 1 => self.rebuild(model, snapshot, replay, true),
             other => other,
@@ -398,13 +535,8 @@ impl Models {
         snapshot: Option<&[u8]>,
         replay: &[(Hash, &DiffRecord)],
         one_at_a_time: bool,
-    ) -> Result<ResourceAny, ReducerError> {
-        let live = self.arm(0)?;
-        let api = live.guest.statefold_reducer_reducer().model();
-        let created = match snapshot {
-            Some(snapshot) => api.call_restore(&mut live.store, model, snapshot),
-            None => api.call_constructor(&mut live.store, model).map(Ok),
-        };
+    ) -> Result<Handle, ReducerError> {
+        let created = self.arm(0)?.instance.create(model, snapshot);
         let handle = match created {
             Ok(Ok(handle)) => handle,
             Ok(Err(reason)) => {
@@ -447,29 +579,22 @@ impl Models {
     /// applied.
     fn call_apply(
         &mut self,
-        handle: ResourceAny,
+        handle: Handle,
         prev: Hash,
         batch: &[DiffRecord],
     ) -> Result<(ApplyResult, Vec<Hash>), CallError> {
-        let mut hash = prev;
-        let mut hashes = Vec::with_capacity(batch.len());
-        let wit: Vec<bindings::Diff> = batch
-            .iter()
-            .map(|d| {
-                let context = DiffContext {
-                    offset: d.offset,
-                    timestamp_ms: d.timestamp_ms,
-                    headers: d.headers.clone(),
-                    prev_hash: hash.as_bytes().to_vec(),
-                };
-                hash = hash.next(&d.payload);
-                hashes.push(hash);
-                bindings::Diff { context, payload: d.payload.clone() }
-            })
-            .collect();
+        // prevs[i] is the hash before batch[i]; hashes[i] the one after it.
+        let mut prevs = Vec::with_capacity(batch.len() + 1);
+        prevs.push(prev);
+        for d in batch {
+            let next = prevs[prevs.len() - 1].next(&d.payload);
+            prevs.push(next);
+        }
+        let hashes = prevs[1..].to_vec();
+        prevs.truncate(batch.len());
         let n = u32::try_from(batch.len()).map_err(|_| CallError::Contract("batch too large".into()))?;
         let live = self.arm(n).map_err(|e| CallError::Trap(e.to_string()))?;
-        let result = live.guest.statefold_reducer_reducer().model().call_apply(&mut live.store, handle, &wit);
+        let result = live.instance.apply(handle, &prevs, batch);
         let result = result.map_err(|e| CallError::Trap(self.describe_trap(&e)))?;
         let refused_index = result.refusal.as_ref().map(|r| r.index);
         let valid = match refused_index {
@@ -493,16 +618,14 @@ impl Models {
             let Some(live) = self.live.as_mut() else { return Ok(()) };
             let over_count = live.resident.len() > limits.resident_models_max;
             // The heap cannot exceed linear memory: below the budget, no need to ask.
-            let memory_bytes = live.store.data().limiter.memory_bytes as u64;
+            let memory_bytes = live.instance.memory_bytes() as u64;
             let over_bytes = if over_count || memory_bytes <= limits.resident_bytes_max {
                 false
             } else {
-                let live = self.arm(0)?;
-                let heap = live.guest.statefold_reducer_reducer().call_heap_bytes(&mut live.store);
+                let heap = self.arm(0)?.instance.heap_bytes();
                 let heap = heap.map_err(|e| self.trap("heap-bytes", e))?;
-                let live = self.live.as_ref().expect("no trap");
                 // Clamped: the guest cannot use more heap than its memory holds.
-                heap.min(live.store.data().limiter.memory_bytes as u64) > limits.resident_bytes_max
+                heap.min(memory_bytes) > limits.resident_bytes_max
             };
             if !over_count && !over_bytes {
                 return Ok(());
