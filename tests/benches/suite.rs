@@ -1,20 +1,25 @@
-//! The benchmark suite (issue 7): `cargo bench -p statefold-tests --bench suite`.
+//! The benchmark suite (issue 7): `cargo bench -p statefold-tests --bench suite [-- N...]`.
 //!
 //! Prints one table; each figure stands beside the limit or baseline it is judged against,
-//! measured in the same run. Measured so far: recovery (time to ready after a restart with
-//! 100,000 models stored, beside opening the same RocksDB store alone), catch-up (a
-//! `document` client 100,000 diffs behind: its `patch` event, beside fetching the whole
-//! state), and end-to-end latency (produce to a real Tansu broker → `diff` event at an SSE
-//! client, beside a consume-only rdkafka reader). Under `cargo test` it smoke-runs with
-//! 1/100 of the data.
+//! measured in the same run: 1. fold throughput from the embedded log (beside the reducer
+//! compiled natively into the host, and RocksDB writing what the fold wrote); 2. from a
+//! real Tansu broker (beside a consume-only rdkafka reader); 3. per-diff cost with a 1-MiB
+//! state (beside a 100-byte one); 4. catch-up 100,000 diffs behind (beside the whole state,
+//! and the same diffs received live); 5. produce → SSE latency (beside a consume-only
+//! reader); 6. fan-out to 10,000 SSE clients (a `statefold serve` process, its memory);
+//! 7. recovery (beside opening RocksDB). Numbers given as arguments pick cases. Under
+//! `cargo test` it smoke-runs with 1/100 of the data.
 //!
-//! A real server runs in-process. For recovery and catch-up its embedded log's records are
-//! written straight into the store before it starts (that fold is not measured).
+//! Servers run in-process except for fan-out. Embedded logs are written straight into the
+//! store before a server starts (not measured).
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use statefold::config::Limits;
 use statefold::fold::{CREATE_HEADER, ModelKey};
+use statefold::reducer::Natives;
 use statefold::store::{Store, StoreOptions};
 use statefold_tests::bench::{median, rounds};
 use statefold_tests::http::{TestServer, example_config};
@@ -28,6 +33,13 @@ fn scaled(n: usize) -> usize {
     if full() { n } else { (n / 100).max(1) }
 }
 
+/// Whether to run case `n`: all of them, unless some numbers are given
+/// (`cargo bench -p statefold-tests --bench suite -- 1 4`).
+fn wanted(n: u32) -> bool {
+    let picked: Vec<u32> = std::env::args().filter_map(|a| a.parse().ok()).collect();
+    picked.is_empty() || picked.contains(&n)
+}
+
 struct Row {
     name: String,
     value: String,
@@ -36,10 +48,31 @@ struct Row {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    }
     let mut rows = Vec::new();
-    recovery(&mut rows).await;
-    catch_up(&mut rows).await;
-    latency(&mut rows).await;
+    if wanted(1) {
+        fold_embedded(&mut rows).await;
+    }
+    if wanted(2) {
+        fold_kafka(&mut rows).await;
+    }
+    if wanted(3) {
+        state_size(&mut rows).await;
+    }
+    if wanted(4) {
+        catch_up(&mut rows).await;
+    }
+    if wanted(5) {
+        latency(&mut rows).await;
+    }
+    if wanted(6) {
+        fan_out(&mut rows).await;
+    }
+    if wanted(7) {
+        recovery(&mut rows).await;
+    }
     println!();
     println!("statefold benchmark suite ({} cores, {} rounds per figure)", cores(), rounds(5));
     println!("{:<58} {:>14}  beside (same run)", "case", "figure");
@@ -72,6 +105,284 @@ async fn started(dir: tempfile::TempDir, limits: Limits) -> TestServer {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     server
+}
+
+/// 1M `counter` diffs (`{"add":1}`) over 10,000 models, after one create each: (key,
+/// value, create?) in log order. Models are drawn by a fixed pseudo-random sequence.
+fn counter_log(models: usize, diffs: usize) -> impl Iterator<Item = (String, Vec<u8>, bool)> {
+    let creates = (0..models).map(|i| (format!("m{i}"), Vec::new(), true));
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let diffs = (0..diffs).map(move |_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (format!("m{}", x % models as u64), br#"{"add":1}"#.to_vec(), false)
+    });
+    creates.chain(diffs)
+}
+
+/// A copy of data dir `from`.
+fn copy_of(from: &std::path::Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let status = std::process::Command::new("cp").arg("-a").arg(from.join(".")).arg(dir.path()).status();
+    assert!(status.expect("cp runs").success(), "cp -a {}", from.display());
+    dir
+}
+
+/// Starts a server on `dir` (with `natives` standing in for their modules) and waits
+/// until it has folded its whole log: the time that took, and what its commits wrote
+/// (commits, entries, bytes).
+async fn fold_all(dir: &std::path::Path, natives: Natives) -> (Duration, [u64; 3]) {
+    let natives_used = !natives.is_empty();
+    let start = Instant::now();
+    let running = statefold::server::start_with(example_config(dir, limits()), natives).await.expect("starts");
+    while !running.app.ready() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = start.elapsed();
+    eprintln!("  folded {} in {took:.2?}{}", dir.display(), if natives_used { " (native)" } else { "" });
+    let written = running.app.store.written();
+    let written = [&written.commits, &written.entries, &written.bytes].map(|n| n.load(Ordering::Relaxed));
+    running.stop().await.expect("stops");
+    (took, written)
+}
+
+/// Fold throughput from the embedded log (1): 1M `counter` diffs over 10,000 models,
+/// from a fresh start to caught up; beside the same with `counter` compiled natively into
+/// the host, and RocksDB alone writing what the fold's commits wrote.
+async fn fold_embedded(rows: &mut Vec<Row>) {
+    let (models, diffs) = (scaled(10_000), scaled(1_000_000));
+    // A server ran once on the empty log first, so reducers come from its compile cache.
+    let seed = started(tempfile::tempdir().expect("temp dir"), limits()).await.stop().await;
+    let start = Instant::now();
+    {
+        let store = Store::open(&seed.path().join("db"), &StoreOptions { fsync: false }).expect("store");
+        for (key, value, create) in counter_log(models, diffs) {
+            let headers = if create { vec![(CREATE_HEADER.to_owned(), Vec::new())] } else { Vec::new() };
+            store.append("counter", 0, key.as_bytes(), &value, 0, &headers).expect("append");
+        }
+    }
+    eprintln!("  wrote the embedded log in {:.2?}", start.elapsed());
+    let natives =
+        statefold_tests::bench::native::<statefold_reducer_counter::Counter>(&statefold_tests::wasm("counter"));
+    let (mut wasm, mut native, mut written) = (Vec::new(), Vec::new(), [0; 3]);
+    // Alternating, so that both see the same machine.
+    for _ in 0..rounds(3) {
+        let dir = copy_of(seed.path());
+        let (took, w) = fold_all(dir.path(), Natives::new()).await;
+        wasm.push(took);
+        written = w;
+        let dir = copy_of(seed.path());
+        native.push(fold_all(dir.path(), natives.clone()).await.0);
+    }
+    let (wasm, native) = (median(wasm), median(native));
+    let raw = raw_rocksdb(written, models);
+    let records = (models + diffs) as f64;
+    let rate = |took: Duration| records / took.as_secs_f64();
+    rows.push(Row {
+        name: format!("1. fold, embedded log, {diffs} diffs over {models} models"),
+        value: format!("{:.0}/s", rate(wasm)),
+        beside: format!(
+            "native reducer {:.0}/s (ratio {:.2}, goal >= 0.5); RocksDB writing the same {} MB in {} batches {:.0}/s (ratio {:.2})",
+            rate(native),
+            native.as_secs_f64() / wasm.as_secs_f64(),
+            written[2] / 1_000_000,
+            written[0],
+            rate(raw),
+            raw.as_secs_f64() / wasm.as_secs_f64(),
+        ),
+    });
+}
+
+/// Fold throughput from Kafka (2): the same log produced to a 3-partition topic of a real
+/// Tansu broker, folded by a fresh server until caught up; beside a consume-only rdkafka
+/// reader of the same topic (the server's fetch settings) in the same run.
+async fn fold_kafka(rows: &mut Vec<Row>) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseRecord, Producer};
+
+    // 10,000 of the million, over 1,000 models: Tansu on sqlite serves a backlog at about
+    // 1,000 records/s here, and with a million records stored its fetches time out (it
+    // scans in sqlite). See BENCHMARKS.md.
+    let (models, diffs) = (scaled(1_000), scaled(10_000));
+    let broker = statefold_tests::broker::Broker::start();
+    broker.create_topic("counter", 3);
+    for topic in ["document", "workflow", "trap"] {
+        broker.create_topic(topic, 1);
+    }
+    let producer = broker.producer();
+    let start = Instant::now();
+    for (n, (key, value, create)) in counter_log(models, diffs).enumerate() {
+        if n % 100_000 == 99_999 {
+            // Bounded in flight: Tansu stalled with a million records queued at once.
+            producer.flush(Duration::from_secs(600)).expect("delivered");
+            eprintln!("  produced {} records in {:.2?}", n + 1, start.elapsed());
+        }
+        let mut headers = rdkafka::message::OwnedHeaders::new();
+        if create {
+            headers = headers.insert(rdkafka::message::Header { key: CREATE_HEADER, value: Some(&[][..]) });
+        }
+        let mut record = BaseRecord::to("counter").key(key.as_bytes()).payload(&value).headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    r,
+                )) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => panic!("produce: {e}"),
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(600)).expect("delivered");
+    let produced = start.elapsed();
+    let records = (models + diffs) as f64;
+
+    let limits = limits();
+    let (mut folded, mut consumed) = (Vec::new(), Vec::new());
+    for round in 0..rounds(2) {
+        // Consume-only: the server's fetch settings, every record read and its key looked at.
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", broker.brokers())
+            .set("group.id", format!("statefold-bench-reader-{round}"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("check.crcs", "true")
+            .set("fetch.wait.max.ms", limits.kafka_fetch_wait_ms.to_string())
+            .set("fetch.queue.backoff.ms", "1")
+            .create()
+            .expect("a consumer");
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for partition in 0..3 {
+            assignment.add_partition_offset("counter", partition, rdkafka::Offset::Beginning).expect("assign");
+        }
+        let start = Instant::now();
+        consumer.assign(&assignment).expect("assigned");
+        let (mut n, mut key_bytes) = (0usize, 0usize);
+        while n < models + diffs {
+            match consumer.poll(Duration::from_secs(10)) {
+                Some(Ok(message)) => {
+                    key_bytes += rdkafka::Message::key(&message).map_or(0, <[u8]>::len);
+                    n += 1;
+                }
+                // Transient, as for the server's source: librdkafka reconnects by itself.
+                Some(Err(e)) => eprintln!("  consume-only reader: {e}"),
+                None => {}
+            }
+        }
+        consumed.push(start.elapsed());
+        eprintln!("  consumed {n} records in {:.2?}", start.elapsed());
+        assert!(key_bytes > 0);
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = example_config(dir.path(), limits.clone());
+        config.kafka = Some(statefold::config::KafkaConfig::new(&broker.brokers()));
+        let start = Instant::now();
+        let running = statefold::server::start(config).await.expect("starts");
+        while !running.app.ready() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        folded.push(start.elapsed());
+        eprintln!("  folded them in {:.2?}", start.elapsed());
+        running.stop().await.expect("stops");
+    }
+    let (folded, consumed) = (median(folded), median(consumed));
+    let rate = |took: Duration| records / took.as_secs_f64();
+    rows.push(Row {
+        name: format!("2. fold from Kafka (3 partitions), {diffs} diffs over {models} models"),
+        value: format!("{:.0}/s", rate(folded)),
+        beside: format!(
+            "consume-only rdkafka reader {:.0}/s (ratio {:.2}, goal >= 0.7); produced at {:.0}/s",
+            rate(consumed),
+            consumed.as_secs_f64() / folded.as_secs_f64(),
+            rate(produced),
+        ),
+    });
+}
+
+/// State-size independence (3): the fold's per-diff cost for small diffs (`{"n":i}`) to
+/// a `document` whose state is 1 MiB, beside the same diffs to one of about 100 bytes
+/// (checkpoints, which snapshot the whole state every `checkpoint_interval_diffs`,
+/// included).
+async fn state_size(rows: &mut Vec<Row>) {
+    let diffs = scaled(50_000);
+    let mut per_diff = Vec::new();
+    for bytes in [100, 1 << 20] {
+        // The model and its state, folded once (and the reducers compiled) before the clock.
+        let seed = started(tempfile::tempdir().expect("temp dir"), limits()).await.stop().await;
+        let store = Store::open(&seed.path().join("db"), &StoreOptions { fsync: false }).expect("store");
+        let append = |value: &[u8], create: bool| {
+            let headers = if create { vec![(CREATE_HEADER.to_owned(), Vec::new())] } else { Vec::new() };
+            store.append("document", 0, b"doc", value, 0, &headers).expect("append");
+        };
+        append(b"", true);
+        let value = "v".repeat(1000);
+        let keys = if bytes < 1024 { 1 } else { bytes / 1010 };
+        for chunk in (0..keys).collect::<Vec<_>>().chunks(256) {
+            let doc: serde_json::Map<String, serde_json::Value> = chunk
+                .iter()
+                .map(|k| {
+                    (format!("key{k:05}"), if bytes < 1024 { "a small document".into() } else { value.clone().into() })
+                })
+                .collect();
+            append(serde_json::Value::Object(doc).to_string().as_bytes(), false);
+        }
+        drop(store);
+        let seed = started(seed, limits()).await.stop().await;
+        let store = Store::open(&seed.path().join("db"), &StoreOptions { fsync: false }).expect("store");
+        for i in 0..diffs {
+            store.append("document", 0, b"doc", format!(r#"{{"n":{i}}}"#).as_bytes(), 0, &[]).expect("append");
+        }
+        drop(store);
+        let mut took = Vec::new();
+        for _ in 0..rounds(3) {
+            took.push(fold_all(copy_of(seed.path()).path(), Natives::new()).await.0);
+        }
+        per_diff.push(median(took) / diffs as u32);
+    }
+    rows.push(Row {
+        name: format!("3. fold {diffs} small diffs to a document of 1 MiB, per diff"),
+        value: format!("{:.2?}", per_diff[1]),
+        beside: format!(
+            "goal <= 2x; the same to a document of ~100 bytes {:.2?} ({:.2}x)",
+            per_diff[0],
+            per_diff[1].as_secs_f64() / per_diff[0].as_secs_f64()
+        ),
+    });
+}
+
+/// RocksDB alone (same compression, WAL, no fsync) writing `written` = [batches, entries,
+/// bytes] as that many write batches of equal puts, keys spread over `models` prefixes.
+fn raw_rocksdb(written: [u64; 3], models: usize) -> Duration {
+    let [batches, entries, bytes] = written;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut options = rocksdb::Options::default();
+    options.create_if_missing(true);
+    options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let db = rocksdb::DB::open(&options, dir.path()).expect("rocksdb");
+    let mut write = rocksdb::WriteOptions::default();
+    write.set_sync(false);
+    let per_batch = (entries / batches.max(1)).max(1);
+    // Each entry: a 24-byte key (model prefix, offset) and the rest of its share as value;
+    // a batch adds about 20 bytes per entry of its own framing.
+    let value = vec![7u8; (bytes / entries.max(1)).saturating_sub(24 + 20) as usize];
+    let start = Instant::now();
+    let mut n: u64 = 0;
+    for _ in 0..batches {
+        let mut batch = rocksdb::WriteBatch::default();
+        for _ in 0..per_batch {
+            let mut key = [0u8; 24];
+            key[..8].copy_from_slice(&(n % models as u64).to_be_bytes());
+            key[16..].copy_from_slice(&n.to_be_bytes());
+            batch.put(key, &value);
+            n += 1;
+        }
+        db.write_opt(batch, &write).expect("write");
+    }
+    start.elapsed()
 }
 
 /// Recovery (7): a restart with 100,000 models stored, from `start` to ready.
@@ -136,6 +447,34 @@ async fn catch_up(rows: &mut Vec<Row>) {
         state_bytes = body.len();
     }
     let (patch, state) = (median(patch), median(state));
+    server.stop().await;
+
+    // The same diffs received live, one event each, by a client that stayed connected:
+    // from the first append to the last `diff` event.
+    let server = started(prefilled("document", std::iter::once(("doc".to_owned(), Vec::new(), true))), limits()).await;
+    let app = server.running.as_ref().expect("running").app.clone();
+    let mut events = server.events("document", "doc", Some(&genesis)).await;
+    let start = Instant::now();
+    let writer = tokio::spawn(async move {
+        for i in 0..diffs {
+            app.write("document", "doc", Some(format!(r#"{{"k{}":{i}}}"#, i % 1000).as_bytes()))
+                .await
+                .expect("written");
+        }
+    });
+    // A client a whole ring behind gets a patch instead (counted).
+    let (mut seq, mut live_bytes, mut patches) = (0, 0, 0);
+    while seq < diffs as u64 {
+        let event = events.next().await.expect("an event");
+        if event.event == "diff" || event.event == "patch" {
+            patches += usize::from(event.event == "patch");
+            live_bytes += event.data.len();
+            seq = event.json()["seq"].as_u64().expect("a seq");
+        }
+    }
+    let live = start.elapsed();
+    writer.await.expect("writer");
+    server.stop().await;
     rows.push(Row {
         name: format!("4. catch-up {diffs} diffs behind (document): patch event"),
         value: format!("{patch:.2?}"),
@@ -144,7 +483,14 @@ async fn catch_up(rows: &mut Vec<Row>) {
             patch.as_secs_f64() / state.as_secs_f64()
         ),
     });
-    server.stop().await;
+    rows.push(Row {
+        name: format!("   the same {diffs} diffs received live, one event each"),
+        value: format!("{live:.2?}"),
+        beside: format!(
+            "{live_bytes} bytes of event data ({:.0}x the patch's); {patches} patches (lagged a full ring)",
+            live_bytes as f64 / patch_bytes as f64
+        ),
+    });
 }
 
 /// End-to-end latency (5): a record produced to Kafka until its `diff` event reaches an
@@ -281,6 +627,124 @@ async fn latency(rows: &mut Vec<Row>) {
         beside: format!("goal < 20 ms; consume-only reader p99 {raw99:.2?} (fetch wait 5 ms)"),
     });
     server.stop().await;
+}
+
+/// Fan-out (6): 10,000 SSE clients on one `counter` model while 10 diffs/s are appended
+/// over HTTP: each diff's delay from its append being sent to its `diff` event reaching
+/// each client, and the server's resident memory. The server is a `statefold serve`
+/// process of its own, so that its memory is its own.
+async fn fan_out(rows: &mut Vec<Row>) {
+    use futures_util::StreamExt;
+    use std::io::BufRead;
+
+    let clients = if full() { 10_000 } else { 20 };
+    let diffs = if full() { 100 } else { 5 };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let counter = statefold_tests::wasm("counter");
+    let mut child = std::process::Command::new(statefold_tests::statefold_binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--reducers-dir")
+        .arg(counter.parent().expect("a dir"))
+        .args(["--kind", "counter=statefold_reducer_counter.wasm"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("statefold serve starts");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("first line");
+    let url = line.trim().strip_prefix("statefold listening on ").expect("the address").to_owned();
+    let rss = {
+        let status = format!("/proc/{}/status", child.id());
+        move || -> u64 {
+            let text = std::fs::read_to_string(&status).unwrap_or_default();
+            let kb = text.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
+            kb.and_then(|kb| kb.parse::<u64>().ok()).unwrap_or(0) * 1024
+        }
+    };
+    let http = reqwest::Client::new();
+    while !http.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let created = http.post(format!("{url}/v1/models/counter")).body(r#"{"id":"hot"}"#).send().await.expect("create");
+    let (status, head) = statefold_tests::http::json_of(created).await;
+    assert_eq!(status, 201, "{head}");
+    let hash = head["hash"].as_str().expect("a hash").to_owned();
+    let idle = rss();
+
+    // Each client: subscribed from the model's hash (live diffs only), it notes when each
+    // `diff` event arrives until it has all of them.
+    let connects = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut followers = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let (http, url, hash, connects) = (http.clone(), url.clone(), hash.clone(), connects.clone());
+        followers.push(tokio::spawn(async move {
+            let permit = connects.acquire_owned().await.expect("open");
+            let request = http.get(format!("{url}/v1/models/counter/hot/events")).header("Last-Event-ID", hash);
+            let response = request.send().await.expect("subscribed");
+            assert_eq!(response.status(), 200);
+            drop(permit);
+            let mut arrivals = Vec::with_capacity(diffs);
+            let mut body = response.bytes_stream();
+            while arrivals.len() < diffs {
+                let chunk = body.next().await.expect("the stream goes on").expect("a chunk");
+                let now = Instant::now();
+                let events = chunk.windows(11).filter(|w| w == b"event: diff").count();
+                arrivals.extend(std::iter::repeat_n(now, events));
+            }
+            arrivals
+        }));
+    }
+    let subscribers = || async {
+        let metrics = http.get(format!("{url}/metrics")).send().await.expect("metrics").text().await.expect("text");
+        let line = metrics.lines().find_map(|l| l.strip_prefix("statefold_sse_subscribers "));
+        line.and_then(|n| n.trim().parse::<usize>().ok()).unwrap_or(0)
+    };
+    let start = Instant::now();
+    while subscribers().await < clients {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let connected = start.elapsed();
+    let subscribed = rss();
+
+    // 10 diffs/s, open loop; each send instant noted just before its request goes out.
+    let mut sent = Vec::with_capacity(diffs);
+    let mut peak = subscribed;
+    let start = Instant::now();
+    for n in 0..diffs {
+        let due = start + Duration::from_millis(100 * n as u64);
+        tokio::time::sleep_until(due.into()).await;
+        sent.push(Instant::now());
+        let append = http.post(format!("{url}/v1/models/counter/hot/diffs")).body(r#"{"add":1}"#).send().await;
+        assert!(append.expect("appended").status().is_success());
+        peak = peak.max(rss());
+    }
+    let mut delays = Vec::with_capacity(clients * diffs);
+    for follower in followers {
+        let arrivals = follower.await.expect("a follower");
+        delays.extend(arrivals.iter().zip(&sent).map(|(a, s)| a.saturating_duration_since(*s)));
+    }
+    peak = peak.max(rss());
+    child.kill().expect("stopped");
+    child.wait().expect("reaped");
+    delays.sort();
+    let (p50, p99) = (delays[delays.len() / 2], delays[delays.len() * 99 / 100]);
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    rows.push(Row {
+        name: format!("6. fan-out: {clients} SSE clients on one model, 10 diffs/s: p50"),
+        value: format!("{p50:.2?}"),
+        beside: format!("{} deliveries; all {clients} subscribed in {connected:.2?}", delays.len()),
+    });
+    rows.push(Row { name: "   same, p99".into(), value: format!("{p99:.2?}"), beside: "goal < 250 ms".into() });
+    rows.push(Row {
+        name: "   same, server resident memory (peak)".into(),
+        value: format!("{:.0} MiB", mib(peak)),
+        beside: format!(
+            "goal < 300 MiB; idle with the model {:.0} MiB, subscribed {:.0} MiB",
+            mib(idle),
+            mib(subscribed)
+        ),
+    });
 }
 
 fn cores() -> usize {

@@ -560,12 +560,16 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
          # TYPE statefold_diffs_applied_total counter\nstatefold_diffs_applied_total {}\n\
          # TYPE statefold_sse_subscribers gauge\nstatefold_sse_subscribers {}\n\
          # TYPE statefold_sse_lagged_total counter\nstatefold_sse_lagged_total {}\n\
-         # TYPE statefold_ready gauge\nstatefold_ready {}\n",
+         # TYPE statefold_ready gauge\nstatefold_ready {}\n\
+         # TYPE statefold_store_commits_total counter\nstatefold_store_commits_total {}\n\
+         # TYPE statefold_store_commit_bytes_total counter\nstatefold_store_commit_bytes_total {}\n",
         status.batches_total.load(Ordering::Relaxed),
         status.applied_total.load(Ordering::Relaxed),
         app.hub.subscribers(),
         app.hub.lagged_total.load(Ordering::Relaxed),
         u8::from(app.ready()),
+        app.store.written().commits.load(Ordering::Relaxed),
+        app.store.written().bytes.load(Ordering::Relaxed),
     );
     let _ = write!(
         text,

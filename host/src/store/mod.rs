@@ -13,6 +13,7 @@ mod codec;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions};
@@ -95,6 +96,18 @@ pub struct Store {
     write: WriteOptions,
     /// Next offset of each embedded-log partition; the lock also orders appends.
     log_ends: Mutex<HashMap<(String, u32), u64>>,
+    written: Written,
+}
+
+/// What the fold's commits wrote (for metrics, and for the benchmark that writes the same
+/// bytes to RocksDB directly).
+#[derive(Debug, Default)]
+pub struct Written {
+    pub commits: AtomicU64,
+    /// Puts and range deletes.
+    pub entries: AtomicU64,
+    /// RocksDB's size of the write batches.
+    pub bytes: AtomicU64,
 }
 
 impl Store {
@@ -112,7 +125,7 @@ impl Store {
         let db = DB::open_cf_descriptors(&db_options, path, families)?;
         let mut write = WriteOptions::default();
         write.set_sync(options.fsync);
-        Ok(Store { db, write, log_ends: Mutex::new(HashMap::new()) })
+        Ok(Store { db, write, log_ends: Mutex::new(HashMap::new()), written: Written::default() })
     }
 
     /// Opens a store for reading only, beside the server that may be writing it (RocksDB
@@ -121,7 +134,12 @@ impl Store {
         let mut db_options = Options::default();
         db_options.create_if_missing(false);
         let db = DB::open_cf_for_read_only(&db_options, path, FAMILIES, false)?;
-        Ok(Store { db, write: WriteOptions::default(), log_ends: Mutex::new(HashMap::new()) })
+        Ok(Store {
+            db,
+            write: WriteOptions::default(),
+            log_ends: Mutex::new(HashMap::new()),
+            written: Written::default(),
+        })
     }
 
     /// Every stored position of a source: (topic, partition, next offset).
@@ -256,8 +274,17 @@ impl Store {
             }
             batch.put_cf(self.cf(PROGRESS), key, value.done());
         }
+        let (entries, bytes) = (batch.len() as u64, batch.size_in_bytes() as u64);
         self.db.write_opt(batch, &self.write)?;
+        self.written.commits.fetch_add(1, Ordering::Relaxed);
+        self.written.entries.fetch_add(entries, Ordering::Relaxed);
+        self.written.bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// What the fold's commits have written since the store was opened.
+    pub fn written(&self) -> &Written {
+        &self.written
     }
 
     /// Writes reducer version records, and a module's bytes, atomically.
