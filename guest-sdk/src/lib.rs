@@ -230,6 +230,16 @@ pub mod native {
             &self.state
         }
     }
+
+    /// The export `merge`, natively: encoded diffs composed into one, if `R` can.
+    pub fn merge<R: Reducer, C: Codec>(diffs: &[Vec<u8>]) -> Result<Compose<Vec<u8>>, String> {
+        crate::__private::merge_encoded::<R, C>(diffs)
+    }
+
+    /// The export `delta`, natively.
+    pub fn delta<R: Reducer, C: Codec>(from: &[u8], to: &[u8]) -> Result<Vec<u8>, String> {
+        crate::__private::delta_encoded::<R, C>(from, to)
+    }
 }
 
 #[doc(hidden)]
@@ -259,6 +269,29 @@ pub mod __private {
     pub fn apply_one<R: Reducer, C: Codec>(state: &mut R::State, payload: &[u8], ctx: &Context) -> Result<(), String> {
         let diff: R::Diff = C::decode(payload).map_err(|e| format!("malformed diff: {e}"))?;
         R::apply(state, diff, ctx).map_err(|r| r.0)
+    }
+
+    /// Compose encoded diffs (`Err`: one is malformed). One diff is its own composition.
+    pub fn merge_encoded<R: Reducer, C: Codec>(diffs: &[Vec<u8>]) -> Result<Compose<Vec<u8>>, String> {
+        if let [only] = diffs {
+            return Ok(Compose::Composed(only.clone()));
+        }
+        let decoded = diffs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| C::decode::<R::Diff>(d).map_err(|e| format!("malformed diff at index {i}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(match R::merge(decoded) {
+            Compose::Composed(d) => Compose::Composed(C::encode(&d)),
+            Compose::NotComposable(reason) => Compose::NotComposable(reason),
+        })
+    }
+
+    /// The encoded diff between two encoded states.
+    pub fn delta_encoded<R: Reducer, C: Codec>(from: &[u8], to: &[u8]) -> Result<Vec<u8>, String> {
+        let from: R::State = C::decode(from).map_err(|e| format!("malformed `from` state: {e}"))?;
+        let to: R::State = C::decode(to).map_err(|e| format!("malformed `to` state: {e}"))?;
+        R::delta(&from, &to).map(|d| C::encode(&d))
     }
 
     /// The exported component, for reducer `R` with codec `C`.
@@ -292,24 +325,14 @@ pub mod __private {
         }
 
         fn merge(diffs: Vec<Vec<u8>>) -> Result<Composed, String> {
-            if diffs.len() == 1 {
-                return Ok(Composed::Diff(diffs.into_iter().next().unwrap_or_default()));
-            }
-            let decoded = diffs
-                .iter()
-                .enumerate()
-                .map(|(i, d)| C::decode::<R::Diff>(d).map_err(|e| format!("malformed diff at index {i}: {e}")))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(match R::merge(decoded) {
-                Compose::Composed(d) => Composed::Diff(C::encode(&d)),
+            Ok(match merge_encoded::<R, C>(&diffs)? {
+                Compose::Composed(d) => Composed::Diff(d),
                 Compose::NotComposable(reason) => Composed::NotComposable(reason),
             })
         }
 
         fn delta(from: Vec<u8>, to: Vec<u8>) -> Result<Vec<u8>, String> {
-            let from: R::State = C::decode(&from).map_err(|e| format!("malformed `from` state: {e}"))?;
-            let to: R::State = C::decode(&to).map_err(|e| format!("malformed `to` state: {e}"))?;
-            R::delta(&from, &to).map(|d| C::encode(&d))
+            delta_encoded::<R, C>(&from, &to)
         }
 
         fn heap_bytes() -> u64 {

@@ -102,7 +102,8 @@ pub mod bench {
     use std::sync::Arc;
 
     use statefold::reducer::{Composed, ModuleHash, Native, NativeModel};
-    use statefold_guest::{Compose, native::Model};
+    use statefold_guest::native::{self, Model};
+    use statefold_guest::{Compose, Json};
 
     struct NativeReducer<R>(PhantomData<fn() -> R>);
 
@@ -119,23 +120,14 @@ pub mod bench {
         }
 
         fn merge(&self, diffs: &[Vec<u8>]) -> Result<Composed, String> {
-            if let [one] = diffs {
-                return Ok(Composed::Diff(one.clone()));
-            }
-            let decoded = diffs
-                .iter()
-                .map(|d| serde_json::from_slice::<R::Diff>(d).map_err(|e| format!("malformed diff: {e}")))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(match R::merge(decoded) {
-                Compose::Composed(d) => Composed::Diff(serde_json::to_vec(&d).expect("a diff serializes")),
+            Ok(match native::merge::<R, Json>(diffs)? {
+                Compose::Composed(d) => Composed::Diff(d),
                 Compose::NotComposable(reason) => Composed::NotComposable(reason),
             })
         }
 
         fn delta(&self, from: &[u8], to: &[u8]) -> Result<Vec<u8>, String> {
-            let from: R::State = serde_json::from_slice(from).map_err(|e| format!("malformed `from` state: {e}"))?;
-            let to: R::State = serde_json::from_slice(to).map_err(|e| format!("malformed `to` state: {e}"))?;
-            R::delta(&from, &to).map(|d| serde_json::to_vec(&d).expect("a diff serializes"))
+            native::delta::<R, Json>(from, to)
         }
     }
 
