@@ -42,9 +42,9 @@ enum Command {
     },
     /// Refold the configured kinds from Kafka (the source of truth) into a scratch store,
     /// up to the positions the data dir's store has folded, and compare every model's head
-    /// (seq, offset, hash) and its state at the head with it. Prints progress and each mismatch; exits non-zero on
-    /// any. Takes the same configuration as `serve`, and runs beside a running server
-    /// (the store is read as of the start).
+    /// (seq, offset, hash) and its state at the head with it. Prints progress and each
+    /// mismatch; exits non-zero on any. Takes the same configuration as `serve`, and runs
+    /// beside a running server (the store is read as of the start).
     Verify {
         #[command(flatten)]
         serve: ServeArgs,

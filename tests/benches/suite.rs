@@ -88,12 +88,23 @@ fn limits() -> Limits {
 /// Writes `records` (key, value, create?) to the embedded log of a new data dir.
 fn prefilled(topic: &str, records: impl Iterator<Item = (String, Vec<u8>, bool)>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(&dir.path().join("db"), &StoreOptions { fsync: false }).expect("store");
+    append_log(dir.path(), topic, records);
+    dir
+}
+
+/// Appends `records` (key, value, create?) to the embedded log of data dir `dir`.
+fn append_log(dir: &std::path::Path, topic: &str, records: impl Iterator<Item = (String, Vec<u8>, bool)>) {
+    let store = Store::open(&dir.join("db"), &StoreOptions { fsync: false }).expect("store");
     for (key, value, create) in records {
         let headers = if create { vec![(CREATE_HEADER.to_owned(), Vec::new())] } else { Vec::new() };
         store.append(topic, 0, key.as_bytes(), &value, 0, &headers).expect("append");
     }
-    dir
+}
+
+/// A data dir a server has run on once, so that later servers take the reducers from its
+/// compile cache.
+async fn compiled() -> tempfile::TempDir {
+    started(tempfile::tempdir().expect("temp dir"), limits()).await.stop().await
 }
 
 /// A server on `dir` with `limits`, once it has folded everything in its log.
@@ -153,15 +164,9 @@ async fn fold_all(dir: &std::path::Path, natives: Natives) -> (Duration, [u64; 3
 async fn fold_embedded(rows: &mut Vec<Row>) {
     let (models, diffs) = (scaled(10_000), scaled(1_000_000));
     // A server ran once on the empty log first, so reducers come from its compile cache.
-    let seed = started(tempfile::tempdir().expect("temp dir"), limits()).await.stop().await;
+    let seed = compiled().await;
     let start = Instant::now();
-    {
-        let store = Store::open(&seed.path().join("db"), &StoreOptions { fsync: false }).expect("store");
-        for (key, value, create) in counter_log(models, diffs) {
-            let headers = if create { vec![(CREATE_HEADER.to_owned(), Vec::new())] } else { Vec::new() };
-            store.append("counter", 0, key.as_bytes(), &value, 0, &headers).expect("append");
-        }
-    }
+    append_log(seed.path(), "counter", counter_log(models, diffs));
     eprintln!("  wrote the embedded log in {:.2?}", start.elapsed());
     let natives =
         statefold_tests::bench::native::<statefold_reducer_counter::Counter>(&statefold_tests::wasm("counter"));
@@ -205,11 +210,7 @@ async fn fold_kafka(rows: &mut Vec<Row>) {
     // 1,000 records/s here, and with a million records stored its fetches time out (it
     // scans in sqlite). See BENCHMARKS.md.
     let (models, diffs) = (scaled(1_000), scaled(10_000));
-    let broker = statefold_tests::broker::Broker::start();
-    broker.create_topic("counter", 3);
-    for topic in ["document", "workflow", "trap"] {
-        broker.create_topic(topic, 1);
-    }
+    let broker = statefold_tests::broker::Broker::with_example_topics();
     let producer = broker.producer();
     let start = Instant::now();
     for (n, (key, value, create)) in counter_log(models, diffs).enumerate() {
@@ -312,31 +313,23 @@ async fn state_size(rows: &mut Vec<Row>) {
     let mut per_diff = Vec::new();
     for bytes in [100, 1 << 20] {
         // The model and its state, folded once (and the reducers compiled) before the clock.
-        let seed = started(tempfile::tempdir().expect("temp dir"), limits()).await.stop().await;
-        let store = Store::open(&seed.path().join("db"), &StoreOptions { fsync: false }).expect("store");
-        let append = |value: &[u8], create: bool| {
-            let headers = if create { vec![(CREATE_HEADER.to_owned(), Vec::new())] } else { Vec::new() };
-            store.append("document", 0, b"doc", value, 0, &headers).expect("append");
-        };
-        append(b"", true);
+        let seed = compiled().await;
         let value = "v".repeat(1000);
-        let keys = if bytes < 1024 { 1 } else { bytes / 1010 };
-        for chunk in (0..keys).collect::<Vec<_>>().chunks(256) {
+        let keys: Vec<usize> = (0..if bytes < 1024 { 1 } else { bytes / 1010 }).collect();
+        let state = keys.chunks(256).map(|chunk| {
             let doc: serde_json::Map<String, serde_json::Value> = chunk
                 .iter()
                 .map(|k| {
                     (format!("key{k:05}"), if bytes < 1024 { "a small document".into() } else { value.clone().into() })
                 })
                 .collect();
-            append(serde_json::Value::Object(doc).to_string().as_bytes(), false);
-        }
-        drop(store);
+            ("doc".to_owned(), serde_json::Value::Object(doc).to_string().into_bytes(), false)
+        });
+        let create = std::iter::once(("doc".to_owned(), Vec::new(), true));
+        append_log(seed.path(), "document", create.chain(state));
         let seed = started(seed, limits()).await.stop().await;
-        let store = Store::open(&seed.path().join("db"), &StoreOptions { fsync: false }).expect("store");
-        for i in 0..diffs {
-            store.append("document", 0, b"doc", format!(r#"{{"n":{i}}}"#).as_bytes(), 0, &[]).expect("append");
-        }
-        drop(store);
+        let small = (0..diffs).map(|i| ("doc".to_owned(), format!(r#"{{"n":{i}}}"#).into_bytes(), false));
+        append_log(seed.path(), "document", small);
         let mut took = Vec::new();
         for _ in 0..rounds(3) {
             took.push(fold_all(copy_of(seed.path()).path(), Natives::new()).await.0);
@@ -505,11 +498,7 @@ async fn latency(rows: &mut Vec<Row>) {
     const MODELS: usize = 10;
     const RATE: u64 = 1000;
     let seconds = if full() { 5.0 } else { 0.5 };
-    let broker = statefold_tests::broker::Broker::start();
-    broker.create_topic("counter", 3);
-    for topic in ["document", "workflow", "trap"] {
-        broker.create_topic(topic, 1);
-    }
+    let broker = statefold_tests::broker::Broker::with_example_topics();
     let dir = tempfile::tempdir().expect("temp dir");
     // A short fetch wait: the broker holds an idle fetch this long (librdkafka's
     // `fetch.wait.max.ms`), a floor under latency at low rates.

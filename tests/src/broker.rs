@@ -59,6 +59,17 @@ impl Broker {
     }
 
     /// `host:port`, for `bootstrap.servers`.
+    /// A broker with the topics of [`crate::http::example_config`]'s kinds (`counter`
+    /// with 3 partitions, the others with 1).
+    pub fn with_example_topics() -> Broker {
+        let broker = Broker::start();
+        broker.create_topic("counter", 3);
+        for topic in ["document", "workflow", "trap"] {
+            broker.create_topic(topic, 1);
+        }
+        broker
+    }
+
     pub fn brokers(&self) -> String {
         self.addr.to_string()
     }

@@ -122,9 +122,8 @@ fn follow(mut stream: SseStream, id: String, follower: Arc<Mutex<Follower>>) -> 
     })
 }
 
-/// Sends `rate` diffs per second for `duration` to random models (fire and forget);
-/// returns each model's sent diffs as (partition, offset, delta).
-/// Sends `rate` diffs/s until `end` is set and passed.
+/// Sends `rate` diffs per second to random models (fire and forget) until `end` is set
+/// and passed; returns each model's sent diffs as (partition, offset, delta).
 async fn stream_diffs(
     server: Arc<TestServer>,
     rate: usize,
@@ -170,8 +169,7 @@ async fn stream_diffs(
 
 /// Deploys v2 of `counter` with `deploy` 1.5 s into a stream of 1,000 diffs/s over 1,000
 /// models that goes on until 1.5 s after every partition folds v2, and checks everything
-/// the issue asks. With a broker, the log is Kafka
-/// (`counter` with 3 partitions).
+/// the issue asks. With a broker, the log is Kafka (`counter` with 3 partitions).
 async fn deploy_under_load<F, Fut>(broker: Option<&Broker>, deploy: F)
 where
     F: FnOnce(Arc<TestServer>, PathBuf) -> Fut,

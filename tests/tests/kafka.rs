@@ -22,16 +22,6 @@ fn limits() -> Limits {
     Limits { kafka_fetch_wait_ms: 10, kafka_check_interval_ms: 200, ..Limits::default() }
 }
 
-/// A broker with the example kinds' topics (counter has 3 partitions).
-fn broker() -> Broker {
-    let broker = Broker::start();
-    broker.create_topic("counter", 3);
-    for topic in ["document", "workflow", "trap"] {
-        broker.create_topic(topic, 1);
-    }
-    broker
-}
-
 /// Polls `GET path` until `done` holds for its body.
 async fn wait_for(server: &TestServer, path: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -47,7 +37,7 @@ async fn wait_for(server: &TestServer, path: &str, done: impl Fn(&serde_json::Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_records_are_recorded_and_skipped_and_their_partition_goes_on() {
-    let broker = broker();
+    let broker = Broker::with_example_topics();
     let dir = tempfile::tempdir().unwrap();
     let config = kafka_config(dir.path(), &broker, Limits { diff_bytes_max: 1024, ..limits() });
     let server = TestServer::start_config(dir, config).await;
@@ -141,7 +131,7 @@ async fn poison_records_are_recorded_and_skipped_and_their_partition_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_are_produced_to_kafka_and_answered_once_folded() {
-    let broker = broker();
+    let broker = Broker::with_example_topics();
     let dir = tempfile::tempdir().unwrap();
     let config = kafka_config(dir.path(), &broker, limits());
     let server = TestServer::start_config(dir, config).await;
@@ -194,7 +184,7 @@ if failed or left:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn diffs_from_another_teams_python_producer_are_folded() {
-    let broker = broker();
+    let broker = Broker::with_example_topics();
     let dir = tempfile::tempdir().unwrap();
     let config = kafka_config(dir.path(), &broker, limits());
     let server = TestServer::start_config(dir, config).await;

@@ -22,11 +22,7 @@ fn config(dir: &std::path::Path, broker: &Broker) -> Config {
 /// read-only server are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_replica_serves_what_the_gateway_wrote() {
-    let broker = Broker::start();
-    broker.create_topic("counter", 3);
-    for topic in ["document", "workflow", "trap"] {
-        broker.create_topic(topic, 1);
-    }
+    let broker = Broker::with_example_topics();
     let dir = tempfile::tempdir().unwrap();
     let gateway_config = config(dir.path(), &broker);
     let gateway = TestServer::start_config(dir, gateway_config).await;
@@ -83,11 +79,8 @@ async fn a_read_only_replica_serves_what_the_gateway_wrote() {
 /// goes unready, and the other two stay ready and name it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_folds_differently_is_detected_and_taken_out_of_service() {
-    let broker = Broker::start();
-    broker.create_topic("counter", 3);
-    for topic in ["document", "workflow", "trap", "statefold-attestations"] {
-        broker.create_topic(topic, 1);
-    }
+    let broker = Broker::with_example_topics();
+    broker.create_topic("statefold-attestations", 1);
     let mut servers = Vec::new();
     for odd in [false, false, true] {
         let dir = tempfile::tempdir().unwrap();
@@ -176,11 +169,8 @@ async fn a_replica_that_folds_differently_is_detected_and_taken_out_of_service()
 /// hashes, seqs and states; their digests keep agreeing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_through_one_replica_rebuilds_the_same_states_on_all() {
-    let broker = Broker::start();
-    broker.create_topic("counter", 3);
-    for topic in ["document", "workflow", "trap", "statefold-attestations"] {
-        broker.create_topic(topic, 1);
-    }
+    let broker = Broker::with_example_topics();
+    broker.create_topic("statefold-attestations", 1);
     let mut servers = Vec::new();
     for _ in 0..3 {
         let dir = tempfile::tempdir().unwrap();
@@ -274,11 +264,7 @@ async fn a_deploy_cut_short_is_completed_by_deploying_again() {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{BaseRecord, Producer};
 
-    let broker = Broker::start();
-    broker.create_topic("counter", 3);
-    for topic in ["document", "workflow", "trap"] {
-        broker.create_topic(topic, 1);
-    }
+    let broker = Broker::with_example_topics();
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &broker);
     let server = TestServer::start_config(dir, config).await;

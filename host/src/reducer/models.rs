@@ -461,9 +461,11 @@ impl Models {
             self.live = Some(Live { instance, resident: LruCache::unbounded() });
         }
         let fuel = self.reducer.limits.call_fuel_max;
-        let live = self.live.as_mut().expect("created above");
-        live.instance.arm(starts, fuel).map_err(|e| self.instantiate_error(e))?;
-        Ok(self.live.as_mut().expect("created above"))
+        let (live, reducer) = (self.live.as_mut().expect("created above"), &self.reducer);
+        live.instance
+            .arm(starts, fuel)
+            .map_err(|e| ReducerError::Instantiate { reducer: reducer.label(), reason: format!("{e:#}") })?;
+        Ok(live)
     }
 
     fn instantiate_error(&self, e: wasmtime::Error) -> ReducerError {
@@ -584,14 +586,15 @@ impl Models {
         batch: &[DiffRecord],
     ) -> Result<(ApplyResult, Vec<Hash>), CallError> {
         // prevs[i] is the hash before batch[i]; hashes[i] the one after it.
-        let mut prevs = Vec::with_capacity(batch.len() + 1);
-        prevs.push(prev);
-        for d in batch {
-            let next = prevs[prevs.len() - 1].next(&d.payload);
-            prevs.push(next);
-        }
-        let hashes = prevs[1..].to_vec();
-        prevs.truncate(batch.len());
+        let (mut prevs, mut hash) = (Vec::with_capacity(batch.len()), prev);
+        let hashes: Vec<Hash> = batch
+            .iter()
+            .map(|d| {
+                prevs.push(hash);
+                hash = hash.next(&d.payload);
+                hash
+            })
+            .collect();
         let n = u32::try_from(batch.len()).map_err(|_| CallError::Contract("batch too large".into()))?;
         let live = self.arm(n).map_err(|e| CallError::Trap(e.to_string()))?;
         let result = live.instance.apply(handle, &prevs, batch);
