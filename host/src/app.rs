@@ -481,26 +481,25 @@ impl App {
             HashAt::Diff { seq, offset } => (Some(offset), seq),
         };
         let through = head.offset.expect("a model past its genesis hash has applied a diff");
-        let missed = reader.diffs(model, after, through, since, since_seq)?;
-        match missed.last() {
-            Some(last) if last.hash == head.hash => {}
-            _ => {
-                return Err(StoreError::Corrupt {
-                    what: "diffs",
-                    key: format!("{model:?}"),
-                    detail: format!("the diffs after {since} do not lead to the head {}", head.hash),
-                }
-                .into());
+        // Summed up first: a patch by `delta` needs only the two states, not the diffs.
+        let run = reader.run(model, after, through, since_seq)?;
+        if run.last != Some(head.hash) {
+            return Err(StoreError::Corrupt {
+                what: "diffs",
+                key: format!("{model:?}"),
+                detail: format!("the diffs after {since} do not lead to the head {}", head.hash),
             }
+            .into());
         }
-        let payloads: Vec<Bytes> = missed.iter().map(|d| d.payload.clone()).collect();
-        let plan = if missed.iter().any(|d| d.reducer != head.reducer) {
+        let missed = || reader.diffs(model, after, through, since, since_seq);
+        let plan = if run.reducers != [head.reducer] {
             // Missed diffs span a deploy: composition is one version's, so one by one.
             CatchUp::Diffs
         } else {
             let mut versions = kind.readers.lock().unwrap_or_else(|p| p.into_inner());
             let max = self.limits.catchup_merge_diffs_max;
-            plan_catch_up(&mut versions, head.reducer, &payloads, max, |versions| {
+            let payloads = || Ok::<_, AppError>(missed()?.into_iter().map(|d| d.payload).collect());
+            plan_catch_up(&mut versions, head.reducer, run.len, max, payloads, |versions| {
                 let from = self.materialize_with(versions, &reader, model, &head, since, after)?;
                 let to = self.materialize_with(versions, &reader, model, &head, head.hash, head.offset)?;
                 Ok::<_, AppError>((from, to))
@@ -508,10 +507,10 @@ impl App {
         };
         Ok(match plan {
             CatchUp::Patch { diff, how } => {
-                tracing::debug!(kind = %model.kind, id = %model.id, missed = missed.len(), how, "catch-up patch");
+                tracing::debug!(kind = %model.kind, id = %model.id, missed = run.len, how, "catch-up patch");
                 Plan::Patch { from: since, to: head.hash, seq: head.seq, diff }
             }
-            CatchUp::Diffs => Plan::Diffs(missed),
+            CatchUp::Diffs => Plan::Diffs(missed()?),
         })
     }
 

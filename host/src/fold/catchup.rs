@@ -16,24 +16,36 @@ pub enum CatchUp {
     Diffs,
 }
 
-/// Plans the catch-up over `missed` (consecutive diffs, oldest first): a single diff as is;
-/// else one composed diff: the reducer's `merge` (a pass over every missed diff) for runs
-/// up to `merge_diffs_max` long, `delta` between the two states (two rebuilds from
-/// checkpoints, computed by `states` only then) for longer ones, each falling back to the
-/// other; else the diffs themselves. A reducer failing in merge or delta falls back to the
-/// next way: a client is never stuck on a faulty reducer.
+/// Plans the catch-up over a run of `len` missed diffs: a single diff as is; else one
+/// composed diff: the reducer's `merge` (a pass over every missed diff, read by `missed`,
+/// oldest first) for runs up to `merge_diffs_max` long, `delta` between the two states
+/// (two rebuilds from checkpoints, computed by `states`; the missed diffs are not read)
+/// for longer ones, each falling back to the other; else the diffs themselves. A reducer
+/// failing in merge or delta falls back to the next way: a client is never stuck on a
+/// faulty reducer.
 ///
 /// Composition is a reducer's: every missed diff must have been applied by `reducer`
 /// (the caller sends the diffs one by one across a deploy).
 pub fn plan_catch_up<S: AsRef<[u8]>, E: std::fmt::Display + From<ReducerError>>(
     versions: &mut Versions,
     reducer: ModuleHash,
-    missed: &[Bytes],
+    len: usize,
     merge_diffs_max: usize,
+    mut missed: impl FnMut() -> Result<Vec<Bytes>, E>,
     states: impl FnOnce(&mut Versions) -> Result<(S, S), E>,
 ) -> CatchUp {
-    if let [only] = missed {
-        return CatchUp::Patch { diff: only.clone(), how: "single" };
+    let mut merged = |versions: &mut Versions| match missed() {
+        Ok(missed) => merge(versions, reducer, &missed),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the missed diffs");
+            None
+        }
+    };
+    if len == 1 {
+        return match missed() {
+            Ok(mut only) if only.len() == 1 => CatchUp::Patch { diff: only.remove(0), how: "single" },
+            _ => CatchUp::Diffs,
+        };
     }
     let info = match versions.models(reducer) {
         Ok(models) => models.reducer().info().clone(),
@@ -42,10 +54,10 @@ pub fn plan_catch_up<S: AsRef<[u8]>, E: std::fmt::Display + From<ReducerError>>(
             return CatchUp::Diffs;
         }
     };
-    let merge_first = missed.len() <= merge_diffs_max || !info.delta;
+    let merge_first = len <= merge_diffs_max || !info.delta;
     if info.merge
         && merge_first
-        && let Some(diff) = merge(versions, reducer, missed)
+        && let Some(diff) = merged(versions)
     {
         return CatchUp::Patch { diff, how: "merge" };
     }
@@ -60,13 +72,12 @@ pub fn plan_catch_up<S: AsRef<[u8]>, E: std::fmt::Display + From<ReducerError>>(
     }
     if info.merge
         && !merge_first
-        && let Some(diff) = merge(versions, reducer, missed)
+        && let Some(diff) = merged(versions)
     {
         return CatchUp::Patch { diff, how: "merge" };
     }
     CatchUp::Diffs
 }
-
 fn merge(versions: &mut Versions, reducer: ModuleHash, missed: &[Bytes]) -> Option<Bytes> {
     let run: Vec<Vec<u8>> = missed.iter().map(|d| d.to_vec()).collect();
     match versions.models(reducer).and_then(|models: &mut Models| models.merge(&run)) {

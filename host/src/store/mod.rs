@@ -79,6 +79,16 @@ pub enum HashAt {
     Diff { seq: u64, offset: u64 },
 }
 
+/// A run of stored diffs, summed up by [`Reader::run`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Run {
+    pub len: usize,
+    /// The last diff's hash (`None`: an empty run).
+    pub last: Option<Hash>,
+    /// The reducers that applied the diffs, in order of first use.
+    pub reducers: Vec<ModuleHash>,
+}
+
 /// A source position: the next offset to read from (topic, partition).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
@@ -598,33 +608,65 @@ impl Reader<'_> {
         mut prev: Hash,
         prev_seq: u64,
     ) -> Result<Vec<Applied>, StoreError> {
-        let prefix = model_prefix(&model.kind, &model.id);
-        let start = offset_key(&prefix, after.map_or(0, |a| a + 1));
-        let iter = self.store.db.iterator_cf_opt(
-            self.store.cf(DIFFS),
-            self.options(),
-            IteratorMode::From(&start, Direction::Forward),
-        );
         let mut out = Vec::new();
+        self.scan_diffs(model, after, through, prev_seq, |key, offset, value| {
+            let diff = checked_diff(model, key, value, offset, prev)?;
+            prev = diff.hash;
+            out.push(diff);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// What [`Reader::diffs`] would return, summed up without copying a payload or hashing:
+    /// how many diffs, the last one's hash, and the reducers that applied them. Enough to
+    /// plan a catch-up whose composition needs only two states.
+    pub fn run(&self, model: &ModelKey, after: Option<u64>, through: u64, prev_seq: u64) -> Result<Run, StoreError> {
+        let mut run = Run::default();
+        self.scan_diffs(model, after, through, prev_seq, |_, _, value| {
+            if !run.reducers.contains(&value.reducer) {
+                run.reducers.push(value.reducer);
+            }
+            run.len += 1;
+            run.last = Some(value.hash);
+            Ok(())
+        })?;
+        Ok(run)
+    }
+
+    /// Visits the stored diffs after `after` through `through` in order, checking that
+    /// their seqs follow `prev_seq` one by one.
+    fn scan_diffs(
+        &self,
+        model: &ModelKey,
+        after: Option<u64>,
+        through: u64,
+        prev_seq: u64,
+        mut visit: impl FnMut(&[u8], u64, DiffValue<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let prefix = model_prefix(&model.kind, &model.id);
+        let mut options = self.options();
+        match through.checked_add(1) {
+            Some(end) => options.set_iterate_upper_bound(offset_key(&prefix, end)),
+            None => options.set_iterate_upper_bound(prefix_end(&prefix)),
+        }
+        let mut iter = self.store.db.raw_iterator_cf_opt(self.store.cf(DIFFS), options);
+        iter.seek(offset_key(&prefix, after.map_or(0, |a| a + 1)));
         let mut seq = prev_seq;
-        for item in iter {
-            let (key, value) = item?;
+        while let Some((key, value)) = iter.item() {
             if !key.starts_with(&prefix) || key.len() != prefix.len() + 8 {
                 break;
             }
-            let offset = key_offset(&key).map_err(|m| StoreError::corrupt("diff key", &key, m.0))?;
-            if offset > through {
-                break;
+            let offset = key_offset(key).map_err(|m| StoreError::corrupt("diff key", key, m.0))?;
+            let value = decode(DIFFS, key, value, read_diff)?;
+            if value.seq != seq + 1 {
+                return Err(StoreError::corrupt("diff", key, format!("seq {} follows seq {seq}", value.seq)));
             }
-            let diff = decode_diff(model, &key, &value, offset, prev)?;
-            if diff.seq != seq + 1 {
-                return Err(StoreError::corrupt("diff", &key, format!("seq {} follows seq {seq}", diff.seq)));
-            }
-            seq = diff.seq;
-            prev = diff.hash;
-            out.push(diff);
+            seq = value.seq;
+            visit(key, offset, value)?;
+            iter.next();
         }
-        Ok(out)
+        Ok(iter.status()?)
     }
 
     /// One stored diff, if `offset` applied to the model.
@@ -701,11 +743,11 @@ impl Reader<'_> {
     }
 }
 
-fn decode<T>(
+fn decode<'a, T>(
     what: &'static str,
     key: &[u8],
-    value: &[u8],
-    f: impl FnOnce(&mut Dec<'_>) -> Result<T, Malformed>,
+    value: &'a [u8],
+    f: impl FnOnce(&mut Dec<'a>) -> Result<T, Malformed>,
 ) -> Result<T, StoreError> {
     let mut dec = Dec::value(value).map_err(|m| StoreError::corrupt(what, key, m.0))?;
     let out = f(&mut dec).map_err(|m| StoreError::corrupt(what, key, m.0))?;
@@ -919,25 +961,27 @@ fn read_diff<'a>(d: &mut Dec<'a>) -> Result<DiffValue<'a>, Malformed> {
 }
 
 /// A stored diff, checked to follow `prev` in the hash chain.
-fn decode_diff(model: &ModelKey, key: &[u8], value: &[u8], offset: u64, prev: Hash) -> Result<Applied, StoreError> {
-    let diff = decode(DIFFS, key, value, |d| {
-        let v = read_diff(d)?;
-        Ok(Applied {
-            model: model.clone(),
-            offset,
-            seq: v.seq,
-            prev,
-            hash: v.hash,
-            reducer: v.reducer,
-            timestamp_ms: v.timestamp_ms,
-            headers: v.headers,
-            payload: Bytes::copy_from_slice(v.payload),
-        })
-    })?;
-    if prev.next(&diff.payload) != diff.hash {
+fn checked_diff(
+    model: &ModelKey,
+    key: &[u8],
+    v: DiffValue<'_>,
+    offset: u64,
+    prev: Hash,
+) -> Result<Applied, StoreError> {
+    if prev.next(v.payload) != v.hash {
         return Err(StoreError::corrupt("diff", key, "hash does not follow from the previous hash and the diff"));
     }
-    Ok(diff)
+    Ok(Applied {
+        model: model.clone(),
+        offset,
+        seq: v.seq,
+        prev,
+        hash: v.hash,
+        reducer: v.reducer,
+        timestamp_ms: v.timestamp_ms,
+        headers: v.headers,
+        payload: Bytes::copy_from_slice(v.payload),
+    })
 }
 
 fn encode_reject(rejected: &Rejected) -> Vec<u8> {
