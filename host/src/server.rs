@@ -189,8 +189,10 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let listener = DeadlineListener { inner: listener, timeout: Duration::from_millis(limits.http_write_timeout_ms) };
     let router = crate::api::router(app.clone());
     let stop = app.status.stop.clone();
-    let server =
-        tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).into_future());
+    // `into_make_service`: each connection shares the one router (an `Arc`), where serving
+    // a `Router` itself rebuilds its route table per connection (kilobytes each).
+    let serve = axum::serve(listener, router.into_make_service());
+    let server = tokio::spawn(serve.with_graceful_shutdown(stop.cancelled_owned()).into_future());
     tracing::info!(%addr, "serving");
     Ok(Running { addr, app, server, fold, watcher, attest: attest_thread, writer })
 }

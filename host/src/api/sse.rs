@@ -5,30 +5,36 @@
 //! (seq at or below it). Every later diff must chain from the hash the client holds
 //! (`prev`); a client that falls a full ring behind, or a chain that does not follow, is
 //! answered with a patch from the client's last hash instead. Lossless either way.
+//!
+//! A stream is the connection's response body: no task or channel of its own. The body is
+//! polled when the connection can take more, so a client that does not read leaves its
+//! place in the model's ring, which absorbs the rest. A live diff's event is rendered once
+//! for all of its subscribers.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::{ApiError, DiffBody, parse_hash, stored_json};
 use crate::app::{App, Plan};
 use crate::chain::Hash;
 use crate::fold::ModelKey;
 use crate::hub::{Live, LiveDiff, Subscription};
-
-/// Events buffered between a stream's feeder task and its connection. Small: a client
-/// that does not read makes the feeder wait, and the model's ring absorbs the rest.
-const CONNECTION_EVENTS: usize = 4;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,84 +62,138 @@ pub(super) async fn events(
     let subscription = app.hub.subscribe(&model).map_err(|full| {
         ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "too_many_subscribers", full.to_string())
     })?;
-    let (tx, mut rx) = mpsc::channel(CONNECTION_EVENTS);
-    tokio::spawn(feed(app.clone(), model, since, subscription, tx));
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|e| e.map(Ok::<_, Infallible>)));
-    let keep_alive = KeepAlive::new().interval(Duration::from_millis(app.limits.sse_heartbeat_ms));
-    Ok(([(header::CACHE_CONTROL, "no-cache")], Sse::new(stream).keep_alive(keep_alive)).into_response())
+    let feed = Feed::new(app, model, since, subscription);
+    let frames = futures_util::stream::unfold(feed, |mut feed| async move {
+        let frame = feed.next().await?;
+        Some((Ok::<_, Infallible>(frame), feed))
+    });
+    let headers = [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")];
+    Ok((headers, Body::from_stream(frames)).into_response())
 }
 
-/// Feeds one client: retry, catch-up, synced, then live diffs. Ends when the client goes.
-async fn feed(app: Arc<App>, model: ModelKey, since: Option<Hash>, mut sub: Subscription, tx: mpsc::Sender<Event>) {
-    let retry = Event::default().retry(Duration::from_millis(app.limits.sse_retry_ms));
-    if tx.send(retry).await.is_err() {
-        return;
+/// One client's stream: retry, catch-up, synced, then live diffs, with a heartbeat when
+/// nothing was sent for `sse_heartbeat_ms`. Ends when the server stops (or the client
+/// goes, which drops it).
+struct Feed {
+    app: Arc<App>,
+    model: ModelKey,
+    sub: Subscription,
+    /// The version the client holds once `queue` is sent; `None` before the first catch-up.
+    at: Option<(Hash, u64)>,
+    since: Option<Hash>,
+    /// Frames to send before the next live diff.
+    queue: VecDeque<Bytes>,
+    heartbeat: Duration,
+    /// When the last frame went out, and the timer that checks it.
+    sent: Instant,
+    idle: Pin<Box<Sleep>>,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    over: bool,
+}
+
+impl Feed {
+    fn new(app: Arc<App>, model: ModelKey, since: Option<Hash>, sub: Subscription) -> Feed {
+        let heartbeat = Duration::from_millis(app.limits.sse_heartbeat_ms);
+        let stop = Box::pin(app.status.stop.clone().cancelled_owned());
+        let retry = format!("retry: {}\n\n", app.limits.sse_retry_ms);
+        Feed {
+            app,
+            model,
+            sub,
+            at: None,
+            since,
+            queue: VecDeque::from([Bytes::from(retry)]),
+            heartbeat,
+            sent: Instant::now(),
+            idle: Box::pin(tokio::time::sleep(heartbeat)),
+            stop,
+            over: false,
+        }
     }
-    let Some(mut at) = catch_up(&app, &model, since, &tx).await else { return };
-    let synced = serde_json::json!({"hash": at.0.to_string(), "seq": at.1});
-    if tx.send(Event::default().event("synced").data(synced.to_string())).await.is_err() {
-        return;
+
+    /// The next frame to send, or `None` once the stream is over.
+    async fn next(&mut self) -> Option<Bytes> {
+        let frame = self.frame().await?;
+        self.sent = Instant::now();
+        Some(frame)
     }
-    loop {
-        let next = tokio::select! {
-            next = sub.receiver.recv() => next,
-            () = tx.closed() => return,
-            () = app.status.stop.cancelled() => return,
-        };
-        let next = next.as_deref().map(|live| match live {
-            Live::Diff(diff) => Some(diff),
-            Live::Replaced => None,
-        });
-        let diff = match next {
-            Ok(Some(diff)) if diff.seq <= at.1 => continue, // covered by the catch-up
-            Ok(Some(diff)) if diff.prev == at.0 => diff,
-            Err(broadcast::error::RecvError::Closed) => return,
-            // Fell a full ring behind, or (never expected) a diff that does not chain:
-            // one patch from the client's hash to the head instead.
-            other => {
-                match other {
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        app.hub.lagged_total.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(kind = %model.kind, id = %model.id, missed, "slow client lagged; catching up");
-                    }
-                    Ok(None) => tracing::debug!(kind = %model.kind, id = %model.id, "model replayed; resetting"),
-                    _ => tracing::warn!(kind = %model.kind, id = %model.id, "live diff does not chain; catching up"),
-                }
-                match catch_up(&app, &model, Some(at.0), &tx).await {
-                    Some(now) => at = now,
-                    None => return,
+
+    async fn frame(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(frame) = self.queue.pop_front() {
+                return Some(frame);
+            }
+            if self.over {
+                return None;
+            }
+            let Some(at) = self.at else {
+                let since = self.since;
+                if let Some(at) = self.catch_up(since).await {
+                    let synced = serde_json::json!({"hash": at.0.to_string(), "seq": at.1}).to_string();
+                    self.queue.push_back(frame("synced", None, &synced));
                 }
                 continue;
+            };
+            let next = tokio::select! {
+                next = self.sub.receiver.recv() => next,
+                () = self.idle.as_mut() => {
+                    // Re-armed from the last frame sent, so a busy stream resets no timer.
+                    let due = self.sent + self.heartbeat;
+                    if due <= Instant::now() {
+                        self.idle.as_mut().reset(Instant::now() + self.heartbeat);
+                        return Some(Bytes::from_static(b":\n\n"));
+                    }
+                    self.idle.as_mut().reset(due);
+                    continue;
+                }
+                () = self.stop.as_mut() => return None,
+            };
+            let next = next.as_deref().map(|live| match live {
+                Live::Diff(diff) => Some(diff),
+                Live::Replaced => None,
+            });
+            match next {
+                Ok(Some(diff)) if diff.seq <= at.1 => {} // covered by the catch-up
+                Ok(Some(diff)) if diff.prev == at.0 => {
+                    self.at = Some((diff.hash, diff.seq));
+                    return Some(diff_frame(diff));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+                // Fell a full ring behind, or (never expected) a diff that does not chain:
+                // one patch from the client's hash to the head instead.
+                other => {
+                    let (kind, id) = (&self.model.kind, &self.model.id);
+                    match other {
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            self.app.hub.lagged_total.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%kind, %id, missed, "slow client lagged; catching up");
+                        }
+                        Ok(None) => tracing::debug!(%kind, %id, "model replayed; resetting"),
+                        _ => tracing::warn!(%kind, %id, "live diff does not chain; catching up"),
+                    }
+                    self.catch_up(Some(at.0)).await;
+                }
             }
-        };
-        if tx.send(diff_event(diff)).await.is_err() {
-            return;
         }
-        at = (diff.hash, diff.seq);
     }
-}
 
-/// Sends the catch-up from `since` to the committed head; returns the version the client
-/// is at, or `None` if the stream is over.
-async fn catch_up(
-    app: &Arc<App>,
-    model: &ModelKey,
-    since: Option<Hash>,
-    tx: &mpsc::Sender<Event>,
-) -> Option<(Hash, u64)> {
-    let plan = super::plan_patiently(app, model.clone(), since).await;
-    let plan = match plan {
-        Ok(plan) => plan,
-        Err(error) => {
-            let data = serde_json::json!({"code": error.code, "message": error.message});
-            let _ = tx.send(Event::default().event("error").data(data.to_string())).await;
-            return None;
+    /// Queues the catch-up from `since` to the committed head and returns the version the
+    /// client will be at; or queues an error and ends the stream.
+    async fn catch_up(&mut self, since: Option<Hash>) -> Option<(Hash, u64)> {
+        match super::plan_patiently(&self.app, self.model.clone(), since).await {
+            Ok(plan) => {
+                self.queue.extend(plan_frames(&plan));
+                self.at = Some(plan.version());
+                self.at
+            }
+            Err(error) => {
+                let data = serde_json::json!({"code": error.code, "message": error.message});
+                self.queue.push_back(frame("error", None, &data.to_string()));
+                self.over = true;
+                None
+            }
         }
-    };
-    for event in plan_events(&plan) {
-        tx.send(event).await.ok()?;
     }
-    Some(plan.version())
 }
 
 /// `snapshot` data. States and diffs are embedded as stored, never re-parsed.
@@ -153,45 +213,65 @@ struct PatchData {
     diff: Box<RawValue>,
 }
 
-fn plan_events(plan: &Plan) -> Vec<Event> {
+fn plan_frames(plan: &Plan) -> Vec<Bytes> {
     match plan {
         Plan::UpToDate { .. } => Vec::new(),
         Plan::Snapshot { reset, state, hash, seq } => {
-            let mut events = Vec::new();
+            let mut frames = Vec::new();
             if let Some(reason) = reset {
-                events.push(Event::default().event("reset").data(serde_json::json!({"reason": reason}).to_string()));
+                frames.push(frame("reset", None, &serde_json::json!({"reason": reason}).to_string()));
             }
             let data = SnapshotData { state: stored_json(state), hash: hash.to_string(), seq: *seq };
             let data = serde_json::to_string(&data).expect("serializable");
-            events.push(Event::default().event("snapshot").id(hash.to_string()).data(data));
-            events
+            frames.push(frame("snapshot", Some(hash), &data));
+            frames
         }
         Plan::Patch { from, to, seq, diff } => {
             let data = PatchData { from: from.to_string(), to: to.to_string(), seq: *seq, diff: stored_json(diff) };
             let data = serde_json::to_string(&data).expect("serializable");
-            vec![Event::default().event("patch").id(to.to_string()).data(data)]
+            vec![frame("patch", Some(to), &data)]
         }
         Plan::Diffs(diffs) => diffs
             .iter()
             .map(|d| {
-                let body = serde_json::to_string(&DiffBody::from_stored(d)).expect("serializable");
-                Event::default().event("diff").id(d.hash.to_string()).data(body)
+                frame("diff", Some(&d.hash), &serde_json::to_string(&DiffBody::from_stored(d)).expect("serializable"))
             })
             .collect(),
     }
 }
 
-fn diff_event(diff: &LiveDiff) -> Event {
-    let data = diff.rendered.get_or_init(|| {
-        let body = DiffBody {
-            prev: diff.prev.to_string(),
-            hash: diff.hash.to_string(),
-            seq: diff.seq,
-            offset: diff.offset,
-            diff: stored_json(&diff.payload),
-        };
-        serde_json::to_vec(&body).expect("serializable").into()
-    });
-    let data = std::str::from_utf8(data).expect("JSON is UTF-8");
-    Event::default().event("diff").id(diff.hash.to_string()).data(data)
+/// A live diff's event, rendered by its first subscriber for all of them.
+fn diff_frame(diff: &LiveDiff) -> Bytes {
+    diff.rendered
+        .get_or_init(|| {
+            let body = DiffBody {
+                prev: diff.prev.to_string(),
+                hash: diff.hash.to_string(),
+                seq: diff.seq,
+                offset: diff.offset,
+                diff: stored_json(&diff.payload),
+            };
+            frame("diff", Some(&diff.hash), &serde_json::to_string(&body).expect("serializable"))
+        })
+        .clone()
+}
+
+/// One SSE event: `event`, `id` (a hash) and `data`, whose lines (a stored JSON text may
+/// have some) each become a `data:` field.
+fn frame(event: &str, id: Option<&Hash>, data: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + 100);
+    out.put_slice(b"event: ");
+    out.put_slice(event.as_bytes());
+    if let Some(id) = id {
+        out.put_slice(b"\nid: ");
+        out.put_slice(id.to_string().as_bytes());
+    }
+    for line in data.split('\n') {
+        for line in line.strip_suffix('\r').unwrap_or(line).split('\r') {
+            out.put_slice(b"\ndata: ");
+            out.put_slice(line.as_bytes());
+        }
+    }
+    out.put_slice(b"\n\n");
+    out.freeze()
 }
