@@ -338,6 +338,15 @@ fn fold_loop(
             }
             app.hub.publish(&folded);
             committed.send_modify(|n| *n += 1);
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                // Where a record's latency goes: the batch's records' ages (log timestamp to
+                // now) against what this server took from poll to publish.
+                let (now, stamps) = (crate::source::now_ms(), done.iter().filter_map(|r| r.timestamp_ms));
+                let oldest_ms = stamps.clone().min().map(|t| now - t);
+                let newest_ms = stamps.max().map(|t| now - t);
+                let took_us = started.elapsed().as_micros() as u64;
+                tracing::debug!(records = done.len(), took_us, oldest_ms, newest_ms, "batch published");
+            }
         }
         if source.caught_up() && !status.caught_up.swap(true, Ordering::Relaxed) {
             tracing::info!("caught up with the log: ready");
