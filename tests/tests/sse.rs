@@ -292,8 +292,12 @@ async fn stalled_client_is_disconnected_and_resumes() {
     let limits = Limits { http_write_timeout_ms: 300, sse_queue_events_max: 8, ..Limits::default() };
     let server = TestServer::start(limits).await;
     let (mut stream, mut local) = follow_new_document(&server, "stall").await;
-    // Fill the socket while the client reads nothing, for longer than the deadline.
-    let final_hash = flood(&server, "stall", 400, 30_000, 20).await;
+    // Fill the socket while the client reads nothing, for longer than the deadline. Each
+    // diff sets a key of its own, so whatever mix of diffs and patches the server sends,
+    // it must send at least the final state (9 MB): more than the kernel buffers for a
+    // client that reads nothing (a send buffer of at most `tcp_wmem`'s 4 MiB here, plus the
+    // receive window the client opened while it read).
+    let final_hash = flood(&server, "stall", 300, 30_000, 300).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // What was buffered still arrives, then the stream ends: the server hung up.
     let mut ended = false;
