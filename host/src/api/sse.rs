@@ -94,7 +94,8 @@ struct Feed {
 impl Feed {
     fn new(app: Arc<App>, model: ModelKey, since: Option<Hash>, sub: Subscription) -> Feed {
         let heartbeat = Duration::from_millis(app.limits.sse_heartbeat_ms);
-        let stop = Box::pin(app.status.stop.clone().cancelled_owned());
+        // A child token: polling it locks its own node, not the one all streams share.
+        let stop = Box::pin(app.status.stop.child_token().cancelled_owned());
         let retry = format!("retry: {}\n\n", app.limits.sse_retry_ms);
         Feed {
             app,
