@@ -45,8 +45,11 @@ limits! {
     batch_records_max: usize = 1000;
     /// Bytes of diffs read into one batch (the batch ends at the record that passes it).
     batch_bytes_max: usize = 16 << 20;
-    /// A checkpoint of a model's state every this many applied diffs.
+    /// A checkpoint of a model's state every this many applied diffs...
     checkpoint_interval_diffs: u64 = 1000;
+    /// ... once their bytes add up to this percent of the latest checkpoint's size (a large
+    /// state is snapshotted less often; 0: by the diff count alone).
+    checkpoint_tail_percent: u64 = 10;
     /// Checkpoints kept per model; diffs before the oldest one kept are pruned.
     retain_checkpoints: usize = 2;
     /// Model heads cached in memory per kind.
@@ -150,6 +153,7 @@ impl Limits {
     pub fn fold(&self) -> crate::fold::FoldLimits {
         crate::fold::FoldLimits {
             checkpoint_interval_diffs: self.checkpoint_interval_diffs,
+            checkpoint_tail_percent: self.checkpoint_tail_percent,
             retain_checkpoints: self.retain_checkpoints,
             head_cache_models_max: self.head_cache_models_max,
             diff_bytes_max: self.diff_bytes_max,

@@ -124,3 +124,71 @@ fn random_batches_restarts_and_faults_fold_to_the_reference() {
     assert_eq!(store.read().rejection("trap", 0, 1).unwrap(), Some(replayed.rejected[0].reason.clone()));
     assert_eq!(store.position("test", "trap", 0).unwrap(), Some(offset));
 }
+
+/// Checkpoints wait for the diffs since the last one to add up to `checkpoint_tail_percent`
+/// of its size: a 100 KB document is snapshotted about every 100 diffs of 100 bytes, a
+/// small one every `checkpoint_interval_diffs`; both fold exactly.
+#[test]
+fn a_large_state_is_checkpointed_once_its_diffs_add_up_to_a_share_of_it() {
+    let runtime = common::runtime(Limits::default());
+    let reducer = common::load(&runtime, "document");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &StoreOptions { fsync: false }).unwrap();
+    let limits = FoldLimits { checkpoint_interval_diffs: 5, checkpoint_tail_percent: 10, ..FoldLimits::default() };
+    let spec = KindSpec::new("document", "document", &reducer);
+    let versions = Versions::new(std::sync::Arc::new(Known(vec![reducer.clone()])), 2);
+    let mut fold = Engine::new(vec![spec], limits, versions);
+    let mut offset = 0u64;
+    // One record per batch, so that the rule is checked after every diff.
+    let mut fold_one = |id: &str, value: String, create: bool| {
+        let mut record = record(offset, Some(id), &value, create);
+        record.topic = "document".into();
+        let folded = fold.fold(&[record], &store).unwrap();
+        assert!(folded.rejected.is_empty(), "{:?}", folded.rejected);
+        offset += 1;
+        let position = Position { topic: "document".into(), partition: 0, next_offset: offset, digest: None };
+        store.commit(&folded, &[("test".to_owned(), position)]).unwrap();
+        (offset - 1, store.read().head(&ModelKey::new("document", id)).unwrap().expect("stored"))
+    };
+    for id in ["big", "small"] {
+        fold_one(id, String::new(), true);
+    }
+    // The rule, followed diff by diff: (seq, bytes since, the latest checkpoint's size).
+    let mut expected = BTreeMap::from([("big", (0u64, 0u64, 0u64, 0u64)), ("small", (0, 0, 0, 0))]);
+    let mut checkpoints = BTreeMap::from([("big", 0), ("small", 0)]);
+    let blob = format!(r#"{{"blob":"{}"}}"#, "x".repeat(100_000));
+    for i in 0..400 {
+        for id in ["big", "small"] {
+            let diff = if i == 0 && id == "big" { blob.clone() } else { format!(r#"{{"n":"{i:0>90}"}}"#) };
+            let (at, head) = fold_one(id, diff.clone(), false);
+            let (seq, since, tail, size) = expected.get_mut(id).unwrap();
+            *seq += 1;
+            *since += 1;
+            *tail += diff.len() as u64;
+            if *since >= 5 && *tail >= *size * 10 / 100 {
+                assert_eq!(head.checkpoint(), Some((*seq, at)), "{id} is due at seq {seq}");
+                let model = ModelKey::new("document", id);
+                let saved = store.read().checkpoint_for(&model, &head, at).unwrap();
+                *size = saved.checkpoint.snapshot.expect("a snapshot").len() as u64;
+                assert_eq!(head.checkpoint_bytes, *size);
+                (*since, *tail) = (0, 0);
+                *checkpoints.get_mut(id).unwrap() += 1;
+            } else {
+                assert_eq!(head.seq - head.checkpoint().map_or(0, |(seq, _)| seq), *since, "{id} at seq {seq}");
+            }
+        }
+    }
+    assert_eq!(checkpoints["small"], 80, "every 5 diffs");
+    assert!((2..=6).contains(&checkpoints["big"]), "about every 100 diffs: {checkpoints:?}");
+    // Both still rebuild from their latest checkpoint to the folded state.
+    let mut models = reducer.models();
+    for id in ["big", "small"] {
+        let model = ModelKey::new("document", id);
+        let head = store.read().head(&model).unwrap().unwrap();
+        let history = store.read().checkpoint_for(&model, &head, head.offset.unwrap()).unwrap();
+        let state: serde_json::Value =
+            serde_json::from_slice(&models.materialize(id, &history.checkpoint).unwrap()).unwrap();
+        assert_eq!(state["n"], format!("{:0>90}", 399), "{id}");
+        assert_eq!(state.get("blob").is_some(), id == "big");
+    }
+}

@@ -114,6 +114,10 @@ pub struct Head {
     /// The replay generation of its partition its history was rebuilt for (see
     /// [`REPLAY_HEADER`]).
     pub replayed: u64,
+    /// Size of the latest checkpoint's snapshot, in bytes (0: none, or not recorded).
+    pub checkpoint_bytes: u64,
+    /// Bytes of the diffs applied since the latest checkpoint.
+    pub tail_bytes: u64,
 }
 
 impl Head {
@@ -127,12 +131,25 @@ impl Head {
             pruned_through: None,
             partition: Some(partition),
             replayed,
+            checkpoint_bytes: 0,
+            tail_bytes: 0,
         }
     }
 
     /// The latest checkpoint, as (seq, offset).
     pub fn checkpoint(&self) -> Option<(u64, u64)> {
         self.checkpoints.last().copied()
+    }
+
+    /// Whether the state is due for a checkpoint: `checkpoint_interval_diffs` applied since
+    /// the latest one, and their bytes at least `checkpoint_tail_percent` of its size. A
+    /// snapshot costs in proportion to the state, so a large state is snapshotted less
+    /// often and the cost per diff byte does not grow with it; the replay it saves stays
+    /// at most that fraction of loading it.
+    fn checkpoint_due(&self, limits: &FoldLimits) -> bool {
+        let since = self.seq - self.checkpoint().map_or(0, |(seq, _)| seq);
+        let share = self.checkpoint_bytes.saturating_mul(limits.checkpoint_tail_percent) / 100;
+        since >= limits.checkpoint_interval_diffs && self.tail_bytes >= share
     }
 }
 
@@ -454,8 +471,10 @@ pub enum FoldError {
 /// Settings of the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FoldLimits {
-    /// A checkpoint of a model's state every this many applied diffs.
+    /// A checkpoint of a model's state every this many applied diffs...
     pub checkpoint_interval_diffs: u64,
+    /// ... once their bytes reach this percent of the latest checkpoint's size.
+    pub checkpoint_tail_percent: u64,
     /// Checkpoints kept per model (at least 1); older diffs and checkpoints are pruned.
     pub retain_checkpoints: usize,
     /// Heads kept in memory (per kind).
@@ -469,6 +488,7 @@ impl Default for FoldLimits {
     fn default() -> Self {
         FoldLimits {
             checkpoint_interval_diffs: 1000,
+            checkpoint_tail_percent: 10,
             retain_checkpoints: 2,
             head_cache_models_max: 100_000,
             diff_bytes_max: 1 << 20,
@@ -745,6 +765,8 @@ impl Engine {
             pruned_through: Some(base_offset),
             partition: head.partition,
             replayed: head.replayed,
+            checkpoint_bytes: base_state.len() as u64,
+            tail_bytes: 0,
         };
         let mut applied = Vec::with_capacity(diffs.len());
         for (diff, outcome) in diffs.into_iter().zip(outcomes) {
@@ -780,6 +802,7 @@ impl Engine {
                 Ok(state) => state,
                 Err(e) => return Ok(Err(format!("cannot snapshot the rebuilt head: {e}"))),
             };
+            let state_now_len = state_now.len() as u64;
             folded.checkpoints.push(CheckpointWrite {
                 model: model.clone(),
                 seq: new_head.seq,
@@ -788,6 +811,7 @@ impl Engine {
                 reducer,
                 snapshot: state_now,
             });
+            new_head.checkpoint_bytes = state_now_len;
             new_head.checkpoints.push((new_head.seq, last_offset));
         }
         models.forget(id)?;
@@ -1030,8 +1054,7 @@ impl Engine {
                     Outcome::Failed(reason) => overlay.reject(record, Rejection::Failed(reason)),
                 }
             }
-            let since_checkpoint = overlay.head.seq - overlay.head.checkpoint().map_or(0, |(seq, _)| seq);
-            if since_checkpoint >= limits.checkpoint_interval_diffs {
+            if overlay.head.checkpoint_due(&limits) {
                 match state.instances[to].snapshot(&id, &mut overlay) {
                     Ok(snapshot) => overlay.checkpoint(snapshot),
                     // A reducer that cannot snapshot keeps its models resident; the
@@ -1114,6 +1137,7 @@ impl Overlay<'_> {
         self.pending.tail.push((self.head.hash, diff));
         self.pending.tail_by.push(reducer);
         self.head.seq = applied.seq;
+        self.head.tail_bytes += record.value.len() as u64;
         self.head.offset = Some(applied.offset);
         self.head.hash = hash;
         self.head.reducer = reducer;
@@ -1128,6 +1152,8 @@ impl Overlay<'_> {
     /// Saves the model's current state (at its head) as a checkpoint.
     fn checkpoint(&mut self, snapshot: Vec<u8>) {
         let Some(offset) = self.head.offset else { return };
+        self.head.checkpoint_bytes = snapshot.len() as u64;
+        self.head.tail_bytes = 0;
         self.pending.snapshot = Some((snapshot.clone(), self.reducer));
         self.pending.tail.clear();
         self.pending.tail_by.clear();

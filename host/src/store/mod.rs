@@ -873,7 +873,8 @@ fn encode_head(head: &Head) -> Vec<u8> {
     for (seq, offset) in &head.checkpoints {
         enc.u64(*seq).u64(*offset);
     }
-    enc.opt_u64(head.pruned_through).opt_u64(head.partition.map(u64::from)).u64(head.replayed).done()
+    enc.opt_u64(head.pruned_through).opt_u64(head.partition.map(u64::from)).u64(head.replayed);
+    enc.u64(head.checkpoint_bytes).u64(head.tail_bytes).done()
 }
 
 fn decode_head(key: &[u8], value: &[u8]) -> Result<Head, StoreError> {
@@ -902,7 +903,21 @@ fn read_head(dec: &mut Dec<'_>) -> Result<Head, Malformed> {
         let partition = dec.opt_u64()?.map(|p| u32::try_from(p).map_err(|_| Malformed(format!("partition {p}"))));
         (partition.transpose()?, dec.u64()?)
     };
-    Ok(Head { seq, offset, hash, reducer, checkpoints, pruned_through, partition, replayed })
+    // Heads written before checkpoint sizes were recorded end here: 0 is "not known", and
+    // the next checkpoint is due by the diff count alone.
+    let (checkpoint_bytes, tail_bytes) = if dec.is_empty() { (0, 0) } else { (dec.u64()?, dec.u64()?) };
+    Ok(Head {
+        seq,
+        offset,
+        hash,
+        reducer,
+        checkpoints,
+        pruned_through,
+        partition,
+        replayed,
+        checkpoint_bytes,
+        tail_bytes,
+    })
 }
 
 /// Invariants of a head, checked before it is written and after it is read.
@@ -1063,9 +1078,14 @@ mod tests {
             pruned_through: Some(10),
             partition: Some(2),
             replayed: 1,
+            checkpoint_bytes: 300,
+            tail_bytes: 42,
         };
         let bytes = encode_head(&head);
         assert_eq!(decode_head(b"k", &bytes).unwrap(), head);
+        // A head stored before checkpoint sizes were recorded: sizes not known (0).
+        let old = decode_head(b"k", &bytes[..bytes.len() - 16]).unwrap();
+        assert_eq!(old, Head { checkpoint_bytes: 0, tail_bytes: 0, ..head.clone() });
         // Truncated, trailing bytes, unknown format: corruption, never a default.
         for bad in [&bytes[..bytes.len() - 1], &[bytes.as_slice(), &[0]].concat()[..], &[9u8, 1, 2][..]] {
             assert!(matches!(decode_head(b"k", bad), Err(StoreError::Corrupt { .. })));
