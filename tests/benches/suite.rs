@@ -309,8 +309,7 @@ async fn fold_kafka(rows: &mut Vec<Row>) {
 
 /// State-size independence (3): the fold's per-diff cost for small diffs (`{"n":i}`) to
 /// a `document` whose state is 1 MiB, beside the same diffs to one of about 100 bytes
-/// (checkpoints, which snapshot the whole state every `checkpoint_interval_diffs`,
-/// included).
+/// (checkpoints, which snapshot the whole state, included).
 async fn state_size(rows: &mut Vec<Row>) {
     let diffs = scaled(50_000);
     let mut seeds = Vec::new();
