@@ -45,6 +45,21 @@ impl Running {
         self.wait().await
     }
 
+    /// Stops from where one cannot await (a destructor): waits up to `timeout` for the
+    /// fold, watcher and attest threads, so that none still holds the store when the
+    /// caller goes on (RocksDB aborts a process that exits while a thread closes it). The
+    /// HTTP server's tasks end with their runtime. False if the threads were not done.
+    pub fn stop_threads(self, timeout: Duration) -> bool {
+        self.app.status.stop.cancel();
+        let (done, finished) = std::sync::mpsc::channel();
+        let (fold, watcher, attest) = (self.fold, self.watcher, self.attest);
+        std::thread::spawn(move || {
+            let _ = (fold.join(), watcher.join(), attest.map(|a| a.join()));
+            let _ = done.send(());
+        });
+        finished.recv_timeout(timeout).is_ok()
+    }
+
     /// Runs until stopped (by [`Running::stop`], a signal wired by the caller, or a fatal
     /// error); returns the fatal error if there was one.
     pub async fn wait(self) -> Result<(), String> {
