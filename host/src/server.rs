@@ -32,10 +32,22 @@ pub struct Running {
     pub addr: SocketAddr,
     pub app: Arc<App>,
     server: tokio::task::JoinHandle<io::Result<()>>,
+    threads: Threads,
+    writer: Writer,
+}
+
+/// The threads of a running Statefold; each ends on `stop`.
+struct Threads {
     fold: std::thread::JoinHandle<()>,
     watcher: std::thread::JoinHandle<()>,
     attest: Option<std::thread::JoinHandle<()>>,
-    writer: Writer,
+}
+
+impl Threads {
+    /// Waits for all of them (a panic in any is already reported by the panic hook).
+    fn join(self) {
+        let _ = (self.fold.join(), self.watcher.join(), self.attest.map(|a| a.join()));
+    }
 }
 
 impl Running {
@@ -52,9 +64,9 @@ impl Running {
     pub fn stop_threads(self, timeout: Duration) -> bool {
         self.app.status.stop.cancel();
         let (done, finished) = std::sync::mpsc::channel();
-        let (fold, watcher, attest) = (self.fold, self.watcher, self.attest);
+        let threads = self.threads;
         std::thread::spawn(move || {
-            let _ = (fold.join(), watcher.join(), attest.map(|a| a.join()));
+            threads.join();
             let _ = done.send(());
         });
         finished.recv_timeout(timeout).is_ok()
@@ -65,9 +77,8 @@ impl Running {
     pub async fn wait(self) -> Result<(), String> {
         self.app.status.stop.cancelled().await;
         let served = self.server.await;
-        let (fold, watcher, attest) = (self.fold, self.watcher, self.attest);
-        // All end on `stop`; a panic in any is already reported by the panic hook.
-        let _ = tokio::task::spawn_blocking(move || (fold.join(), watcher.join(), attest.map(|a| a.join()))).await;
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || threads.join()).await;
         if let Writer::Kafka(producer) = self.writer {
             let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
         }
@@ -209,7 +220,8 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let serve = axum::serve(listener, router.into_make_service());
     let server = tokio::spawn(serve.with_graceful_shutdown(stop.cancelled_owned()).into_future());
     tracing::info!(%addr, "serving");
-    Ok(Running { addr, app, server, fold, watcher, attest: attest_thread, writer })
+    let threads = Threads { fold, watcher, attest: attest_thread };
+    Ok(Running { addr, app, server, threads, writer })
 }
 
 /// The version of reducer `name` to start with: the store's active one (whatever the

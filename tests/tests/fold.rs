@@ -153,7 +153,8 @@ fn a_large_state_is_checkpointed_once_its_diffs_add_up_to_a_share_of_it() {
     for id in ["big", "small"] {
         fold_one(id, String::new(), true);
     }
-    // The rule, followed diff by diff: (seq, bytes since, the latest checkpoint's size).
+    // The rule, followed diff by diff: (seq, diffs since, bytes since, the latest
+    // checkpoint's size).
     let mut expected = BTreeMap::from([("big", (0u64, 0u64, 0u64, 0u64)), ("small", (0, 0, 0, 0))]);
     let mut checkpoints = BTreeMap::from([("big", 0), ("small", 0)]);
     let blob = format!(r#"{{"blob":"{}"}}"#, "x".repeat(100_000));

@@ -78,6 +78,7 @@ pub fn plan_catch_up<S: AsRef<[u8]>, E: std::fmt::Display + From<ReducerError>>(
     }
     CatchUp::Diffs
 }
+
 fn merge(versions: &mut Versions, reducer: ModuleHash, missed: &[Bytes]) -> Option<Bytes> {
     let run: Vec<Vec<u8>> = missed.iter().map(|d| d.to_vec()).collect();
     match versions.models(reducer).and_then(|models: &mut Models| models.merge(&run)) {

@@ -802,7 +802,7 @@ impl Engine {
                 Ok(state) => state,
                 Err(e) => return Ok(Err(format!("cannot snapshot the rebuilt head: {e}"))),
             };
-            let state_now_len = state_now.len() as u64;
+            new_head.checkpoint_bytes = state_now.len() as u64;
             folded.checkpoints.push(CheckpointWrite {
                 model: model.clone(),
                 seq: new_head.seq,
@@ -811,7 +811,6 @@ impl Engine {
                 reducer,
                 snapshot: state_now,
             });
-            new_head.checkpoint_bytes = state_now_len;
             new_head.checkpoints.push((new_head.seq, last_offset));
         }
         models.forget(id)?;
