@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Statefold's one entry point for humans and CI. Installs what the build needs (idempotent),
-# builds the example reducers to .wasm, then:
+# builds the example reducers to .wasm, then (all three in the release profile: RocksDB,
+# librdkafka and wasmtime compile once for the server, the tests and the benchmarks):
 #   ./dev.sh test           the whole test suite
 #   ./dev.sh run [ARGS...]  the statefold binary (no ARGS: serve the example kinds on the
 #                           embedded log, config statefold.toml, http://127.0.0.1:8080)
@@ -17,9 +18,10 @@ setup() {
     rustup target add wasm32-wasip2
   fi
   # RocksDB and librdkafka are built from source: a C/C++ compiler, make, libclang for
-  # the bindings, OpenSSL for Kafka's TLS/SASL.
+  # the bindings, OpenSSL for Kafka's TLS/SASL; python3-venv for the test tools; curl for the
+  # README's commands.
   local missing=()
-  for pkg in libclang-dev g++ make pkg-config libssl-dev; do
+  for pkg in libclang-dev g++ make pkg-config libssl-dev python3-venv curl; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -34,6 +36,8 @@ setup() {
 TOOLS="${STATEFOLD_TOOLS:-$HOME/.cache/statefold/tools}"
 TANSU_VERSION=0.6.0
 CONFLUENT_KAFKA_VERSION=2.16.1
+PROMETHEUS_CLIENT_VERSION=0.26.0
+SCHEMATHESIS_VERSION=4.32.5
 
 # The Kafka-compatible broker the tests start (sqlite storage only: the smallest build).
 install_tansu() {
@@ -46,18 +50,24 @@ install_tansu() {
   fi
 }
 
-# Another team's Kafka client for the tests: Python's confluent-kafka (librdkafka 2.16).
-install_python_client() {
-  if ! "$TOOLS/venv/bin/python" -c "import confluent_kafka" 2>/dev/null; then
-    python3 -m venv "$TOOLS/venv"
-    "$TOOLS/venv/bin/pip" install --quiet "confluent-kafka==$CONFLUENT_KAFKA_VERSION"
+# Python test tools, in one virtualenv: another team's Kafka client (confluent-kafka,
+# librdkafka 2.16), the reference Prometheus text parser (prometheus-client) and the
+# schema-driven API fuzzer (Schemathesis).
+install_python_tools() {
+  local stamp="confluent-kafka==$CONFLUENT_KAFKA_VERSION prometheus-client==$PROMETHEUS_CLIENT_VERSION schemathesis==$SCHEMATHESIS_VERSION"
+  if [ "$(cat "$TOOLS/venv/installed" 2>/dev/null)" != "$stamp" ]; then
+    [ -x "$TOOLS/venv/bin/python" ] || python3 -m venv "$TOOLS/venv"
+    # shellcheck disable=SC2086
+    "$TOOLS/venv/bin/pip" install --quiet $stamp
+    echo "$stamp" >"$TOOLS/venv/installed"
   fi
 }
 
 # Every workspace member but the host and the test crate is a reducer (or the SDK they
-# use): the workspace members are the one list of them.
+# use): the workspace members are the one list of them. `run` builds the examples only;
+# `test` adds the faulty ones.
 build_reducers() {
-  cargo build --release --target wasm32-wasip2 --workspace --exclude statefold --exclude statefold-tests
+  cargo build --release --target wasm32-wasip2 --workspace --exclude statefold --exclude statefold-tests "$@"
 }
 
 wasm_dir() {
@@ -74,12 +84,12 @@ case "$cmd" in
     # idle moments); the tests wait for it.
     install_tansu >"$TOOLS/install-tansu.log" 2>&1 &
     tansu_pid=$!
-    install_python_client
+    install_python_tools
     build_reducers
     cargo fmt --all --check
-    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --release --workspace --all-targets -- -D warnings
     # Build the tests while Tansu may still be building, then wait for it.
-    cargo test --workspace --all-targets --no-run "$@"
+    cargo test --release --workspace --all-targets --no-run "$@"
     if ! wait "$tansu_pid"; then
       cat "$TOOLS/install-tansu.log" >&2
       echo "dev.sh: installing Tansu failed" >&2
@@ -89,8 +99,8 @@ case "$cmd" in
     log="$(mktemp)"
     status=0
     {
-      cargo test --workspace --all-targets "$@" &&
-        cargo test --workspace --doc --exclude 'statefold-faulty-*'
+      cargo test --release --workspace --all-targets "$@" &&
+        cargo test --release --workspace --doc --exclude 'statefold-faulty-*'
     } 2>&1 | tee "$log" || status=$?
     # One closing line over every test binary (the last one cargo prints is often a
     # crate with no doc tests).
@@ -104,7 +114,7 @@ case "$cmd" in
     ;;
   run)
     setup
-    build_reducers
+    build_reducers --exclude 'statefold-faulty-*'
     cargo build --release -p statefold
     bin="${CARGO_TARGET_DIR:-target}/release/statefold"
     if [ $# -eq 0 ]; then

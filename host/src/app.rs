@@ -3,7 +3,7 @@
 //! `spawn_blocking`. Wire formats are the API's business, not this module's.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,14 +16,17 @@ use crate::chain::Hash;
 use crate::config::Limits;
 use crate::deploy::{DeployError, Deployed, Deployer, Prepared};
 use crate::fold::Versions;
-use crate::fold::{
-    Applied, CREATE_HEADER, CatchUp, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, Head, ModelKey,
-    REPLAY_HEADER, Rejection, ReplayJob, plan_catch_up,
+use crate::fold::{CatchUp, plan_catch_up};
+use crate::hub::{Full, Hub, Subscription};
+use crate::metrics::{Gauges, Metrics};
+use crate::model::{
+    Applied, CREATE_HEADER, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, Head, KindVersions,
+    ModelKey, REPLAY_HEADER, Rejection, ReplayJob, VersionRecord,
 };
-use crate::hub::Hub;
 use crate::reducer::ReducerError;
-use crate::source::{SourceStatus, WriteError, Writer};
-use crate::store::{HashAt, Reader, Store, StoreError, StoredRejection};
+use crate::source::attest::Replicas;
+use crate::source::{PartitionStatus, SourceStatus, WriteError, Writer};
+use crate::store::{HashAt, Reader, Store, StoreError, StoredRejection, Written};
 
 /// Why a request failed, in domain terms (the API maps each to a status and code).
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,9 @@ pub enum AppError {
     Pruned(Hash),
     #[error("invalid model id: {0}")]
     InvalidId(String),
+    /// A `PARTITION:OFFSET` that names no record of the log.
+    #[error("{0}")]
+    BadPosition(String),
     #[error("{}: {}", .0.code(), .0.message())]
     Rejected(Rejection),
     #[error("not folded within {0:?}; the diff is in the log at offset {1} and will be folded")]
@@ -94,19 +100,13 @@ impl Kind {
     }
 }
 
-/// Process status: readiness, fatal failure, counters.
+/// Process status: readiness, fatal failure, the stop signal. Counters are in
+/// [`Metrics`].
 #[derive(Default)]
 pub struct Status {
     pub caught_up: AtomicBool,
-    pub batches_total: AtomicU64,
-    pub applied_total: AtomicU64,
-    /// Rejected records by code.
-    rejected_total: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     fatal: Mutex<Option<String>>,
     pub stop: CancellationToken,
-    /// Deploy records folded, and the longest batch that folded one, in microseconds.
-    pub deploy_records_total: AtomicU64,
-    pub deploy_batch_max_us: AtomicU64,
 }
 
 impl Status {
@@ -115,21 +115,6 @@ impl Status {
         tracing::error!(%reason, "fatal: stopping");
         self.fatal.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(reason);
         self.stop.cancel();
-    }
-
-    /// A batch folded `records` deploy records in `took`.
-    pub fn deploys_folded(&self, records: usize, took: Duration) {
-        self.deploy_records_total.fetch_add(records as u64, Ordering::Relaxed);
-        self.deploy_batch_max_us.fetch_max(took.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    pub fn rejected(&self, code: &'static str) {
-        *self.rejected_total.lock().unwrap_or_else(|p| p.into_inner()).entry(code).or_default() += 1;
-    }
-
-    /// Rejected records so far, by code.
-    pub fn rejected_totals(&self) -> Vec<(&'static str, u64)> {
-        self.rejected_total.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, *v)).collect()
     }
 
     pub fn fatal_reason(&self) -> Option<String> {
@@ -188,24 +173,35 @@ pub struct Log {
     /// Writes refused (`read_only = true`).
     pub read_only: bool,
     /// Compares this server's partition digests with the other replicas' (Kafka only).
-    pub attestor: Option<Arc<crate::attest::Attestor>>,
+    pub attestor: Option<Arc<crate::source::attest::Attestor>>,
 }
 
-pub struct App {
-    pub limits: Limits,
-    pub store: Arc<Store>,
-    pub kinds: HashMap<String, Kind>,
-    pub hub: Hub,
+/// What the fold thread and the process share with the service.
+pub struct Process {
+    /// Ticks after each commit of the fold thread.
+    pub committed: watch::Receiver<u64>,
     pub status: Arc<Status>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The service. Its parts are the crate's (the fold thread and the wiring use them); the
+/// API and everything outside the crate go through its methods.
+pub struct App {
+    pub(crate) limits: Limits,
+    pub(crate) store: Arc<Store>,
+    kinds: HashMap<String, Kind>,
+    pub(crate) hub: Hub,
+    pub(crate) status: Arc<Status>,
+    pub(crate) metrics: Arc<Metrics>,
     writer: Writer,
     source_name: &'static str,
-    pub source: Arc<SourceStatus>,
+    pub(crate) source: Arc<SourceStatus>,
     committed: watch::Receiver<u64>,
     states: Mutex<StateCache>,
-    pub deployer: Arc<Deployer>,
+    pub(crate) deployer: Arc<Deployer>,
     /// Writes (creates, appends, deploys, replays) refused.
-    pub read_only: bool,
-    pub attestor: Option<Arc<crate::attest::Attestor>>,
+    read_only: bool,
+    attestor: Option<Arc<crate::source::attest::Attestor>>,
     /// The latest replay of each kind, running or finished.
     replays: Mutex<BTreeMap<String, ReplayJob>>,
 }
@@ -216,11 +212,11 @@ impl App {
         store: Arc<Store>,
         kinds: Vec<Kind>,
         log: Log,
-        committed: watch::Receiver<u64>,
-        status: Arc<Status>,
+        process: Process,
         deployer: Arc<Deployer>,
     ) -> Result<App, StoreError> {
         let Log { writer, source_name, source, read_only, attestor } = log;
+        let Process { committed, status, metrics } = process;
         let hub = Hub::new(limits.sse_queue_events_max, limits.sse_subscribers_max);
         let states = Mutex::new(StateCache::new(limits.state_cache_bytes_max));
         let mut replays = BTreeMap::new();
@@ -240,6 +236,7 @@ impl App {
             kinds,
             hub,
             status,
+            metrics,
             writer,
             source_name,
             source,
@@ -249,6 +246,79 @@ impl App {
             read_only,
             replays,
             attestor,
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Stops the process: the store failed or is corrupted (see [`Status::fatal`]).
+    pub fn fatal(&self, reason: String) {
+        self.status.fatal(reason);
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Cancelled when the process stops (a signal, `Running::stop`, or a fatal error).
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.status.stop
+    }
+
+    /// Subscribes to a model's live diffs from now on.
+    pub fn subscribe(&self, model: &ModelKey) -> Result<Subscription, Full> {
+        self.hub.subscribe(model)
+    }
+
+    /// Where each partition of the kinds' topics stands: next offset to fold, log end.
+    pub fn partitions(&self) -> Vec<((String, u32), PartitionStatus)> {
+        self.source.partitions()
+    }
+
+    /// How this replica compares with the others (Kafka with an attestation topic).
+    pub fn replicas(&self) -> Option<Replicas> {
+        self.attestor.as_ref().map(|a| a.replicas())
+    }
+
+    /// Reducer names and the kinds each folds.
+    pub fn reducer_names(&self) -> &BTreeMap<String, Vec<Arc<str>>> {
+        self.deployer.names()
+    }
+
+    /// Every recorded version of reducer `name`, active first.
+    pub fn reducer_versions(&self, name: &str) -> Result<Vec<VersionRecord>, DeployError> {
+        self.deployer.versions(name)
+    }
+
+    /// Which version folds each partition of `kind` (`None`: a kind this store has not
+    /// folded).
+    pub fn kind_versions(&self, kind: &str) -> Result<Option<KindVersions>, StoreError> {
+        self.store.read().kind_versions(kind)
+    }
+
+    /// What the fold's commits have written since the store was opened.
+    pub fn written(&self) -> &Written {
+        self.store.written()
+    }
+
+    /// `/metrics`: every series, the state-describing gauges as they stand now.
+    pub fn metrics_text(&self) -> String {
+        let replicas = self.replicas().map(|r| (r.peers.iter().filter(|p| !p.agrees).count(), r.diverged.is_some()));
+        let partitions = self
+            .partitions()
+            .into_iter()
+            .map(|((topic, partition), p)| {
+                let lag = p.lag();
+                (topic, partition, p.next, lag)
+            })
+            .collect();
+        self.metrics.encode(Gauges {
+            ready: self.ready(),
+            sse_subscribers: self.hub.subscribers(),
+            partitions,
+            replicas,
         })
     }
 
@@ -437,6 +507,21 @@ impl App {
     /// topic, however it was produced (through another replica, by another service).
     pub async fn wait_position(&self, kind: &str, partition: u32, offset: u64) -> Result<(), AppError> {
         let topic = self.kind(kind)?.topic.clone();
+        // A position that cannot be in the log is the client's mistake: said at once,
+        // rather than after a wait that cannot end well.
+        let partitions = self.writer.partitions(&topic).await?;
+        if partition >= partitions {
+            return Err(AppError::BadPosition(format!(
+                "{topic} has {partitions} partition(s): there is no partition {partition}"
+            )));
+        }
+        if let Some(end) = self.writer.known_end(&topic, partition)?
+            && offset >= end
+        {
+            return Err(AppError::BadPosition(format!(
+                "{topic} partition {partition} ends at offset {end}: there is no record at {offset}"
+            )));
+        }
         self.wait_stored(&topic, partition, offset, Duration::from_millis(self.limits.wait_applied_ms_max)).await
     }
 
@@ -460,6 +545,13 @@ impl App {
 
     /// What a client holding `since` (or nothing) needs to reach the committed head.
     pub fn plan(&self, model: &ModelKey, since: Option<Hash>) -> Result<Plan, AppError> {
+        let started = Instant::now();
+        let plan = self.plan_uncounted(model, since);
+        self.metrics.catchup_plan_seconds.observe(started.elapsed().as_secs_f64());
+        plan
+    }
+
+    fn plan_uncounted(&self, model: &ModelKey, since: Option<Hash>) -> Result<Plan, AppError> {
         let kind = self.kind(&model.kind)?;
         let reader = self.store.read();
         let head = reader.head(model)?.ok_or_else(|| unknown(model))?;
@@ -524,7 +616,7 @@ impl App {
     pub fn check_create(&self, kind: &str, id: &str) -> Result<Arc<str>, AppError> {
         self.writable()?;
         let kind = self.kind(kind)?;
-        crate::fold::validate_id(id.as_bytes()).map_err(AppError::InvalidId)?;
+        crate::model::validate_id(id.as_bytes()).map_err(AppError::InvalidId)?;
         let model = ModelKey { kind: kind.name.clone(), id: id.into() };
         if self.store.read().head(&model)?.is_some() {
             return Err(AppError::Exists { kind: model.kind.to_string(), id: id.to_owned() });

@@ -12,7 +12,7 @@ use serde::Deserialize;
 macro_rules! limits {
     ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr ;)*) => {
         /// Every limit of a running Statefold. TOML section `[limits]`; each is also a flag.
-        #[derive(Debug, Clone, PartialEq, Deserialize)]
+        #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
         #[serde(default, deny_unknown_fields)]
         pub struct Limits {
             $( $(#[doc = $doc])* pub $name: $ty, )*
@@ -40,20 +40,20 @@ macro_rules! limits {
 
 limits! {
     /// Largest diff (record value / request body), in bytes.
-    diff_bytes_max: usize = 1 << 20;
+    diff_bytes_max: usize = crate::fold::FoldLimits::default().diff_bytes_max;
     /// Records folded per batch (and per RocksDB WriteBatch).
     batch_records_max: usize = 1000;
     /// Bytes of diffs read into one batch (the batch ends at the record that passes it).
     batch_bytes_max: usize = 16 << 20;
     /// A checkpoint of a model's state every this many applied diffs...
-    checkpoint_interval_diffs: u64 = 1000;
+    checkpoint_interval_diffs: u64 = crate::fold::FoldLimits::default().checkpoint_interval_diffs;
     /// ... once their bytes add up to this percent of the latest checkpoint's size (a large
     /// state is snapshotted less often; 0: by the diff count alone).
-    checkpoint_tail_percent: u64 = 10;
+    checkpoint_tail_percent: u64 = crate::fold::FoldLimits::default().checkpoint_tail_percent;
     /// Checkpoints kept per model; diffs before the oldest one kept are pruned.
-    retain_checkpoints: usize = 2;
+    retain_checkpoints: usize = crate::fold::FoldLimits::default().retain_checkpoints;
     /// Model heads cached in memory per kind.
-    head_cache_models_max: usize = 100_000;
+    head_cache_models_max: usize = crate::fold::FoldLimits::default().head_cache_models_max;
     /// Materialized states cached for GET and SSE snapshots, in bytes.
     state_cache_bytes_max: u64 = 64 << 20;
     /// Longest run of missed diffs composed with the reducer's merge when it also has delta;
@@ -81,17 +81,17 @@ limits! {
     /// fsync RocksDB's WAL on every commit and append (survives power loss, not only a crash).
     store_fsync: bool = false;
     /// Linear memory cap of one reducer instance, in bytes.
-    reducer_memory_bytes_max: usize = crate::reducer::Limits::default().memory_bytes_max;
+    reducer_memory_bytes_max: usize = crate::reducer::ReducerLimits::default().memory_bytes_max;
     /// CPU budget of one diff, in wasmtime fuel (about one unit per wasm instruction).
-    reducer_diff_fuel_max: u64 = crate::reducer::Limits::default().diff_fuel_max;
+    reducer_diff_fuel_max: u64 = crate::reducer::ReducerLimits::default().diff_fuel_max;
     /// CPU budget of any other reducer call (snapshot, restore, merge, delta), in fuel.
-    reducer_call_fuel_max: u64 = crate::reducer::Limits::default().call_fuel_max;
+    reducer_call_fuel_max: u64 = crate::reducer::ReducerLimits::default().call_fuel_max;
     /// Guest heap one instance may hold before cold models are evicted, in bytes.
-    reducer_resident_bytes_max: u64 = crate::reducer::Limits::default().resident_bytes_max;
+    reducer_resident_bytes_max: u64 = crate::reducer::ReducerLimits::default().resident_bytes_max;
     /// Models resident in one reducer instance before cold ones are evicted.
-    reducer_resident_models_max: usize = crate::reducer::Limits::default().resident_models_max;
+    reducer_resident_models_max: usize = crate::reducer::ReducerLimits::default().resident_models_max;
     /// Bytes of a reducer's stderr kept for error messages.
-    reducer_stderr_bytes_max: usize = crate::reducer::Limits::default().stderr_bytes_max;
+    reducer_stderr_bytes_max: usize = crate::reducer::ReducerLimits::default().stderr_bytes_max;
     /// Records fetched from Kafka and not yet folded, in bytes (librdkafka's consumer queue,
     /// `queued.max.messages.kbytes`): when folding falls behind, fetching pauses.
     kafka_fetch_queue_bytes_max: u64 = 32 << 20;
@@ -139,8 +139,8 @@ limits! {
 }
 
 impl Limits {
-    pub fn reducer(&self) -> crate::reducer::Limits {
-        crate::reducer::Limits {
+    pub fn reducer(&self) -> crate::reducer::ReducerLimits {
+        crate::reducer::ReducerLimits {
             memory_bytes_max: self.reducer_memory_bytes_max,
             diff_fuel_max: self.reducer_diff_fuel_max,
             call_fuel_max: self.reducer_call_fuel_max,

@@ -6,14 +6,15 @@
 //! loses its place (`Lagged`) and catches up from its last hash instead: lossless.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use crate::chain::Hash;
-use crate::fold::{Folded, ModelKey};
+use crate::model::{Folded, ModelKey};
 
 /// One applied diff, as streamed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +24,8 @@ pub struct LiveDiff {
     pub prev: Hash,
     pub hash: Hash,
     pub payload: Bytes,
+    /// When it was published (after its batch's commit): the start of its delay to a client.
+    pub published: Instant,
     /// The event as the API renders it, rendered once for all subscribers.
     pub rendered: std::sync::OnceLock<Bytes>,
 }
@@ -45,8 +48,6 @@ pub struct Hub {
     ring_events: usize,
     subscribers_max: usize,
     subscribers: Arc<AtomicUsize>,
-    /// Times a subscriber fell a full ring behind (metrics, tests).
-    pub lagged_total: AtomicU64,
 }
 
 /// A subscriber's place in a model's ring. Dropping it frees the slot.
@@ -68,7 +69,6 @@ impl Hub {
             ring_events: ring_events.max(1),
             subscribers_max,
             subscribers: Arc::new(AtomicUsize::new(0)),
-            lagged_total: AtomicU64::new(0),
         }
     }
 
@@ -90,6 +90,7 @@ impl Hub {
 
     /// Publishes a committed batch's applied diffs to their models' subscribers.
     pub fn publish(&self, folded: &Folded) {
+        let published = Instant::now();
         let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
         for model in &folded.replaced {
             if let Some(sender) = models.get(model) {
@@ -108,6 +109,7 @@ impl Hub {
                 prev: applied.prev,
                 hash: applied.hash,
                 payload: applied.payload.clone(),
+                published,
                 rendered: std::sync::OnceLock::new(),
             };
             if sender.send(Arc::new(Live::Diff(diff))).is_err() {

@@ -6,14 +6,17 @@
 
 pub mod api;
 pub mod app;
-pub mod attest;
 pub mod chain;
 pub mod config;
 pub mod deploy;
 pub mod fold;
 pub mod hub;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
 pub mod reducer;
 pub mod server;
 pub mod source;
 pub mod store;
 pub mod verify;
+pub mod watch;

@@ -61,7 +61,7 @@ enum ReducerCommand {
     /// (not wasm, a core module, wrong world, incompatible version, failing describe).
     /// Also checks that a new model's empty state survives a snapshot/restore round trip.
     Check {
-        /// The reducer component, e.g. target/wasm32-wasip2/release/statefold_reducer_counter.wasm
+        /// The reducer component, e.g. target/wasm32-wasip2/release/counter.wasm
         file: PathBuf,
         /// Sandbox limits (only the reducer_* ones apply here).
         #[command(flatten)]
@@ -140,7 +140,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let running = statefold::server::start(config).await?;
         println!("statefold listening on http://{}", running.addr);
-        let stop = running.app.status.stop.clone();
+        let stop = running.app.stopping().clone();
         tokio::spawn(async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .expect("a SIGTERM handler can be installed");
@@ -162,7 +162,7 @@ fn verify(config: &Config, repair: bool) -> anyhow::Result<()> {
         eprintln!("verify: refolded {}/{} records ({percent:.1}%, {rate:.0} records/s)", p.records, p.total);
     };
     let report = statefold::verify::verify(config, repair, &mut progress)?;
-    let head = |h: &Option<statefold::fold::Head>| match h {
+    let head = |h: &Option<statefold::model::Head>| match h {
         Some(h) => format!("seq {} offset {} hash {}", h.seq, h.offset.map_or("-".into(), |o| o.to_string()), h.hash),
         None => "missing".into(),
     };
@@ -262,7 +262,7 @@ fn replay(kind: &str, url: &str, interval_s: f64) -> anyhow::Result<()> {
     })
 }
 
-fn check(file: &std::path::Path, limits: statefold::reducer::Limits) -> anyhow::Result<()> {
+fn check(file: &std::path::Path, limits: statefold::reducer::ReducerLimits) -> anyhow::Result<()> {
     use anyhow::Context;
     let runtime = Runtime::new(limits, None)?;
     let reducer = runtime.load_file(file).with_context(|| format!("cannot load {}", file.display()))?;

@@ -1,5 +1,5 @@
-//! Wires a running Statefold: store, reducers, source, the fold loop (its own thread) and
-//! the HTTP server. The binary and the integration tests start it the same way.
+//! Wires a running Statefold: store, reducers, source, the fold loop ([`crate::pipeline`],
+//! its own thread) and the HTTP server (a write deadline on every connection). The binary and the integration tests start it the same way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::{Future, IntoFuture};
@@ -8,9 +8,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -18,14 +17,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Sleep;
 
-use crate::app::{App, Kind, Log, Status};
-use crate::attest::{Attestor, Digests};
+use crate::app::{App, Kind, Log, Process, Status};
 use crate::config::Config;
-use crate::deploy::{Deployer, Registry, VersionRecord, VersionStatus, watch as reducer_watch};
-use crate::fold::{Engine, Folded, KindSpec, KindVersions, ReplayJob, Resolve, Versions};
-use crate::reducer::{ModuleHash, Natives, Reducer, Runtime};
-use crate::source::{EmbeddedLog, KafkaSource, KafkaWriter, Source, SourceStatus, Writer, positions};
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::deploy::{Deployer, Registry};
+use crate::fold::{Engine, KindSpec, Resolve, Versions};
+use crate::metrics::Metrics;
+use crate::model::KindVersions;
+use crate::model::ModuleHash;
+use crate::model::{VersionRecord, VersionStatus};
+use crate::reducer::{Natives, Reducer, Runtime};
+use crate::source::attest::{Attestor, Digests};
+use crate::source::{EmbeddedLog, KafkaSource, KafkaWriter, Source, SourceStatus, Writer};
+use crate::store::{Store, StoreOptions};
+use crate::watch as reducer_watch;
 
 /// A running Statefold.
 pub struct Running {
@@ -108,7 +112,10 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let store = Store::open(&config.data_dir.join("db"), &StoreOptions { fsync: limits.store_fsync })
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let store = Arc::new(store);
-    let runtime = Runtime::new(limits.reducer(), Some(config.data_dir.join("compiled")))?.with_natives(natives);
+    let metrics = Arc::new(Metrics::new());
+    let runtime = Runtime::new(limits.reducer(), Some(config.data_dir.join("compiled")))?
+        .with_natives(natives)
+        .with_call_seconds(metrics.reducer_call_seconds.clone());
     let runtime = Arc::new(runtime);
     let registry = Arc::new(Registry { runtime: runtime.clone(), store: store.clone() });
 
@@ -181,7 +188,10 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let (committed_tx, committed_rx) = watch::channel(0u64);
     let status = Arc::new(Status::default());
     let (attestor, attest_thread) = match &config.kafka {
-        Some(kafka) => Attestor::start(kafka, &limits, &config.data_dir, status.stop.clone())?.unzip(),
+        Some(kafka) => {
+            let compared = metrics.replica_digests_compared.clone();
+            Attestor::start(kafka, &limits, &config.data_dir, status.stop.clone(), compared)?.unzip()
+        }
         None => (None, None),
     };
     let log = Log {
@@ -191,14 +201,21 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         read_only: config.read_only,
         attestor: attestor.clone(),
     };
-    let app = Arc::new(App::new(limits.clone(), store, kinds, log, committed_rx, status, deployer)?);
+    let app = Arc::new(App::new(
+        limits.clone(),
+        store,
+        kinds,
+        log,
+        Process { committed: committed_rx, status, metrics },
+        deployer,
+    )?);
 
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let fold = {
         let app = app.clone();
-        let control = Control {
+        let control = crate::pipeline::Control {
             replay_page_models: limits.replay_page_models,
             deploy_move_models_max: limits.deploy_move_models_max,
             digests: Digests::new(limits.attest_interval_records),
@@ -206,7 +223,7 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         };
         std::thread::Builder::new()
             .name("fold".into())
-            .spawn(move || fold_loop(source, engine, &app, &committed_tx, control))?
+            .spawn(move || crate::pipeline::fold_loop(source, engine, &app, &committed_tx, control))?
     };
     let interval = Duration::from_millis(limits.reducer_watch_interval_ms);
     let runtime = tokio::runtime::Handle::current();
@@ -273,164 +290,6 @@ fn active_version(registry: &Registry, name: &str, path: &Path) -> anyhow::Resul
     registry.store.put_versions(&[record], Some((reducer.id(), &bytes)))?;
     tracing::info!(reducer = name, version = %reducer.id(), file = %path.display(), "first version recorded as active");
     Ok(reducer)
-}
-
-/// What the fold thread does besides folding.
-struct Control {
-    replay_page_models: usize,
-    deploy_move_models_max: usize,
-    /// Each partition's digest, committed with its position.
-    digests: Digests,
-    /// Publishes the digests' attestation points to the other replicas.
-    attestor: Option<Arc<Attestor>>,
-}
-
-/// Reads batches from the source, folds them, commits each in one WriteBatch with the
-/// source position, then publishes. Between batches: a step moving models off retired
-/// reducer versions, and a page of each running replay. Any error here is fatal: the
-/// process stops rather than fold past something it could not store.
-fn fold_loop(
-    mut source: Box<dyn Source>,
-    mut engine: Engine,
-    app: &App,
-    committed: &watch::Sender<u64>,
-    mut control: Control,
-) {
-    let status = &app.status;
-    let batch_max = app.limits.batch_records_max;
-    while !status.stop.is_cancelled() {
-        let retiring = engine.retire(control.deploy_move_models_max) > 0;
-        let replays = app.replays_running();
-        // While models move or a replay runs, come back to it soon even when the log is idle.
-        let busy = retiring || !replays.is_empty();
-        for job in replays {
-            if let Err(e) = replay_page(&mut engine, app, job, control.replay_page_models, committed) {
-                return status.fatal(format!("replay: {e}"));
-            }
-        }
-        let wait = Duration::from_millis(if busy { 1 } else { 100 });
-        let records = match source.poll(batch_max, wait) {
-            Ok(records) => records,
-            Err(e) => return status.fatal(format!("source {}: {e}", source.name())),
-        };
-        // A replay record ends what one fold takes: the rest is folded after its commit.
-        let mut rest = &records[..];
-        while !rest.is_empty() {
-            let started = Instant::now();
-            let mut folded = match engine.fold(rest, &*app.store) {
-                Ok(folded) => folded,
-                Err(e) => return status.fatal(format!("fold: {e}")),
-            };
-            let (done, later) = rest.split_at(folded.consumed);
-            rest = later;
-            if let Some((kind, reducer)) = folded.replays.first() {
-                // The replay's progress is committed with its record, so a restart resumes it.
-                match replay_started(app, kind, *reducer) {
-                    Ok(job) => folded.replay = Some(job),
-                    Err(e) => return status.fatal(format!("starting a replay: {e}")),
-                }
-            }
-            let mut positions = positions(source.name(), done);
-            let points = match control.digests.advance(&app.store, source.name(), &folded.marks, &mut positions) {
-                Ok(points) => points,
-                Err(e) => return status.fatal(format!("reading digests: {e}")),
-            };
-            let versions = match app.deployer.records(&folded.deploys) {
-                Ok(versions) => versions,
-                Err(e) => return status.fatal(format!("recording deployed versions: {e}")),
-            };
-            if let Err(e) = app.store.commit_with(&folded, &positions, &versions) {
-                return status.fatal(format!("commit: {e}"));
-            }
-            if let Some(attestor) = &control.attestor {
-                attestor.own(points);
-            }
-            if let Some(job) = folded.replay.take() {
-                app.replay_progress(job);
-            }
-            if !folded.deploys.is_empty() {
-                // The batch that switched versions: its time includes compiling a version
-                // this server had not seen (a deploy made through another replica).
-                status.deploys_folded(folded.deploys.len(), started.elapsed());
-            }
-            for (_, position) in &positions {
-                app.source.set_next(&position.topic, position.partition, position.next_offset);
-            }
-            source.committed(&positions);
-            status.batches_total.fetch_add(1, Ordering::Relaxed);
-            status.applied_total.fetch_add(folded.applied.len() as u64, Ordering::Relaxed);
-            for rejected in &folded.rejected {
-                status.rejected(rejected.reason.code());
-                tracing::info!(topic = %rejected.topic, partition = rejected.partition, offset = rejected.offset, code = rejected.reason.code(), reason = %rejected.reason.message(), "record rejected");
-            }
-            app.hub.publish(&folded);
-            committed.send_modify(|n| *n += 1);
-            if tracing::enabled!(tracing::Level::DEBUG) {
-                // Where a record's latency goes: the batch's records' ages (log timestamp to
-                // now) against what this server took from poll to publish.
-                let (now, stamps) = (crate::source::now_ms(), done.iter().filter_map(|r| r.timestamp_ms));
-                let oldest_ms = stamps.clone().min().map(|t| now - t);
-                let newest_ms = stamps.max().map(|t| now - t);
-                let took_us = started.elapsed().as_micros() as u64;
-                tracing::debug!(records = done.len(), took_us, oldest_ms, newest_ms, "batch published");
-            }
-        }
-        if source.caught_up() && !status.caught_up.swap(true, Ordering::Relaxed) {
-            tracing::info!("caught up with the log: ready");
-        }
-    }
-}
-
-/// The job a replay record starts (or starts again: another partition's record of the same
-/// replay rescans the kind; models already rebuilt are skipped).
-fn replay_started(app: &App, kind: &str, reducer: ModuleHash) -> Result<ReplayJob, StoreError> {
-    let job = ReplayJob {
-        kind: kind.to_owned(),
-        reducer,
-        started_ms: crate::source::now_ms(),
-        finished_ms: None,
-        total: app.store.read().count(kind)?,
-        done: 0,
-        failed: 0,
-        first_error: None,
-        cursor: None,
-    };
-    tracing::info!(kind, reducer = %reducer, models = job.total, "replay started");
-    Ok(job)
-}
-
-/// Rebuilds the next page of a replay's models and commits them with its progress.
-fn replay_page(
-    engine: &mut Engine,
-    app: &App,
-    mut job: ReplayJob,
-    page_models: usize,
-    committed: &watch::Sender<u64>,
-) -> Result<(), String> {
-    let page = app.store.read().list(&job.kind, job.cursor.as_deref(), page_models).map_err(|e| e.to_string())?;
-    let mut folded = Folded::default();
-    for (id, _) in &page {
-        match engine.replay_model(&job.kind, id, &*app.store, &mut folded).map_err(|e| e.to_string())? {
-            // Rebuilt now, or already (at its first diff after the replay record).
-            Ok(_) => job.done += 1,
-            Err(reason) => {
-                tracing::warn!(kind = %job.kind, id, %reason, "model not replayed; it keeps its history");
-                job.failed += 1;
-                job.first_error.get_or_insert_with(|| format!("model {id:?}: {reason}"));
-            }
-        }
-        job.cursor = Some(id.clone());
-    }
-    if page.len() < page_models {
-        job.finished_ms = Some(crate::source::now_ms());
-        tracing::info!(kind = %job.kind, done = job.done, failed = job.failed, "replay finished");
-    }
-    folded.replay = Some(job.clone());
-    app.store.commit(&folded, &[]).map_err(|e| e.to_string())?;
-    app.hub.publish(&folded);
-    committed.send_modify(|n| *n += 1);
-    app.replay_progress(job);
-    Ok(())
 }
 
 /// Accepts TCP connections whose writes have a deadline.

@@ -1,6 +1,7 @@
 //! `statefold verify`: refolds the kinds from Kafka, the source of truth, into a scratch
 //! store, up to the positions the live store has folded, and compares every model's head
-//! (seq, offset, hash) with the live store's. `--repair` then replaces each diverged
+//! (seq, offset, hash) and its state at the head (materialized on both sides) with the
+//! live store's. `--repair` then replaces each diverged
 //! model's history and head with the refolded ones.
 //!
 //! The refold starts each kind with the live store's first version (`genesis`); deploy
@@ -18,7 +19,8 @@ use anyhow::Context as _;
 
 use crate::config::Config;
 use crate::deploy::Registry;
-use crate::fold::{Engine, Head, KindSpec, KindVersions, ModelKey, Versions};
+use crate::fold::{Engine, KindSpec, Versions};
+use crate::model::{Head, KindVersions, ModelKey};
 use crate::reducer::Runtime;
 use crate::source::{KafkaSource, Source, SourceStatus, positions};
 use crate::store::{Reader, Store, StoreOptions};
@@ -36,13 +38,35 @@ pub struct Progress {
 #[derive(Debug, Clone)]
 pub struct Mismatch {
     pub model: ModelKey,
-    /// What differs: `missing`, `extra`, `head` (seq, offset or hash), `state` (same
-    /// chain, another state: a corrupted checkpoint, or a reducer that is not
-    /// deterministic).
-    pub what: &'static str,
+    pub what: Difference,
     /// `None`: the model is missing on that side.
     pub live: Option<Head>,
     pub log: Option<Head>,
+}
+
+/// What differs between the live store and the log's refold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Difference {
+    /// The log folds a model the store does not have.
+    Missing,
+    /// The store has a model the log does not fold.
+    Extra,
+    /// Seq, offset or hash.
+    Head,
+    /// Same chain, another state: a corrupted checkpoint, or a reducer that is not
+    /// deterministic.
+    State,
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Difference::Missing => "missing",
+            Difference::Extra => "extra",
+            Difference::Head => "head",
+            Difference::State => "state",
+        })
+    }
 }
 
 /// What a verify found.
@@ -200,9 +224,11 @@ fn refold_and_compare(
             let page = scratch.read().list(kind, after.as_deref(), 256)?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
-            let mut folded = crate::fold::Folded::default();
+            let mut folded = crate::model::Folded::default();
             for (id, _) in &page {
-                engine.replay_model(kind, id, &**scratch, &mut folded)?.ok();
+                // A model the replay could not rebuild keeps its history on every replica,
+                // so the refold keeps it too: either outcome is what the log folds to.
+                let _rebuilt_or_kept = engine.replay_model(kind, id, &**scratch, &mut folded)?;
             }
             scratch.commit(&folded, &[])?;
         }
@@ -277,15 +303,17 @@ fn compare(
         report.models += 1;
         let model = ModelKey::new(kind, &id);
         let what = match (&live_head, &log_head) {
-            (Some((_, l)), Some((_, r))) if (l.seq, l.offset, l.hash) != (r.seq, r.offset, r.hash) => Some("head"),
+            (Some((_, l)), Some((_, r))) if (l.seq, l.offset, l.hash) != (r.seq, r.offset, r.hash) => {
+                Some(Difference::Head)
+            }
             (Some((_, l)), Some((_, r))) => {
                 // A state that cannot be rebuilt on one side differs from the other.
                 let left = state(live, &mut states.0, &model, l).map_err(|e| e.to_string());
                 let right = state(scratch, &mut states.1, &model, r).map_err(|e| e.to_string());
-                (left != right).then_some("state")
+                (left != right).then_some(Difference::State)
             }
-            (Some(_), None) => Some("extra"),
-            (None, _) => Some("missing"),
+            (Some(_), None) => Some(Difference::Extra),
+            (None, _) => Some(Difference::Missing),
         };
         if let Some(what) = what {
             report.mismatches.push(Mismatch {

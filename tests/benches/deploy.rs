@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use statefold::deploy::{Registry, VersionRecord, VersionStatus};
-use statefold::fold::{
-    DEPLOY_HEADER, DEPLOY_PARTITIONS_HEADER, Engine, FoldLimits, KindSpec, REPLAY_HEADER, Record, Versions,
-};
-use statefold::reducer::{Limits, Runtime};
+use statefold::deploy::Registry;
+use statefold::fold::{Engine, FoldLimits, KindSpec, Replayed, Versions};
+use statefold::model::{DEPLOY_HEADER, DEPLOY_PARTITIONS_HEADER, REPLAY_HEADER, Record};
+use statefold::model::{VersionRecord, VersionStatus};
+use statefold::reducer::{ReducerLimits, Runtime};
 use statefold::store::{Store, StoreOptions};
 use statefold_tests::bench::median;
 
@@ -51,7 +51,7 @@ fn record(offset: u64, id: usize) -> Record {
 fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(Store::open(&dir.path().join("db"), &StoreOptions { fsync: false }).expect("store"));
-    let limits = Limits { resident_models_max: 2 * MODELS, ..Limits::default() };
+    let limits = ReducerLimits { resident_models_max: 2 * MODELS, ..ReducerLimits::default() };
     let runtime = Arc::new(Runtime::new(limits, None).expect("runtime"));
     let registry = Arc::new(Registry { runtime: runtime.clone(), store: store.clone() });
     let v1 = runtime.load_file(&statefold_tests::wasm("counter")).expect("counter");
@@ -61,7 +61,7 @@ fn main() {
     let compile = median(
         (0..rounds().min(5))
             .map(|_| {
-                let fresh = Runtime::new(Limits::default(), None).expect("runtime");
+                let fresh = Runtime::new(ReducerLimits::default(), None).expect("runtime");
                 let start = Instant::now();
                 fresh.load(&builds[0]).expect("v2 loads");
                 start.elapsed()
@@ -162,9 +162,9 @@ fn main() {
         let page = store.read().list("counter", after.as_deref(), 64).expect("list");
         let Some((last, _)) = page.last() else { break };
         after = Some(last.clone());
-        let mut folded = statefold::fold::Folded::default();
+        let mut folded = statefold::model::Folded::default();
         for (id, _) in &page {
-            assert!(engine.replay_model("counter", id, &*store, &mut folded).expect("replay").expect("rebuilt"));
+            assert_eq!(engine.replay_model("counter", id, &*store, &mut folded).expect("replay"), Replayed::Rebuilt);
             replayed += 1;
         }
         store.commit(&folded, &[]).expect("commit");

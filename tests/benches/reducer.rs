@@ -12,12 +12,13 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use counter::Counter;
+use document::Document;
 use serde_json::json;
 use statefold::chain::Hash;
-use statefold::reducer::{Checkpoints, DiffRecord, Limits, MemoryCheckpoints, Models, Runtime};
+use statefold::model::DiffRecord;
+use statefold::reducer::{Checkpoints, MemoryCheckpoints, Models, ReducerLimits, Runtime};
 use statefold_guest::native;
-use statefold_reducer_counter::Counter;
-use statefold_reducer_document::Document;
 use statefold_tests::bench::median;
 
 const BATCH: usize = 200;
@@ -74,7 +75,7 @@ struct Row {
 }
 
 fn main() {
-    let runtime = Runtime::new(Limits::default(), None).expect("runtime");
+    let runtime = Runtime::new(ReducerLimits::default(), None).expect("runtime");
     let document = runtime.load_file(&statefold_tests::wasm("document")).expect("document.wasm");
     let counter = runtime.load_file(&statefold_tests::wasm("counter")).expect("counter.wasm");
     let patch = |i: usize| format!(r#"{{"n":{i}}}"#);

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use statefold::config::Limits;
-use statefold::fold::{CREATE_HEADER, ModelKey};
+use statefold::model::{CREATE_HEADER, ModelKey};
 use statefold::reducer::Natives;
 use statefold::store::{Store, StoreOptions};
 use statefold_tests::bench::{median, rounds};
@@ -152,7 +152,7 @@ async fn fold_all(dir: &std::path::Path, natives: Natives) -> (Duration, [u64; 3
     }
     let took = start.elapsed();
     eprintln!("  folded {} in {took:.2?}{}", dir.display(), if natives_used { " (native)" } else { "" });
-    let written = running.app.store.written();
+    let written = running.app.written();
     let written = [&written.commits, &written.entries, &written.bytes].map(|n| n.load(Ordering::Relaxed));
     running.stop().await.expect("stops");
     (took, written)
@@ -168,8 +168,7 @@ async fn fold_embedded(rows: &mut Vec<Row>) {
     let start = Instant::now();
     append_log(seed.path(), "counter", counter_log(models, diffs));
     eprintln!("  wrote the embedded log in {:.2?}", start.elapsed());
-    let natives =
-        statefold_tests::bench::native::<statefold_reducer_counter::Counter>(&statefold_tests::wasm("counter"));
+    let natives = statefold_tests::bench::native::<counter::Counter>(&statefold_tests::wasm("counter"));
     let (mut wasm, mut native, mut written) = (Vec::new(), Vec::new(), [0; 3]);
     // Alternating, so that both see the same machine.
     for _ in 0..rounds(3) {
@@ -635,27 +634,14 @@ async fn latency(rows: &mut Vec<Row>) {
 /// process of its own, so that its memory is its own.
 async fn fan_out(rows: &mut Vec<Row>) {
     use futures_util::StreamExt;
-    use std::io::BufRead;
 
     let clients = if full() { 10_000 } else { 20 };
     let diffs = if full() { 100 } else { 5 };
     let dir = tempfile::tempdir().expect("temp dir");
-    let counter = statefold_tests::wasm("counter");
-    let mut child = std::process::Command::new(statefold_tests::statefold_binary())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .arg("--reducers-dir")
-        .arg(counter.parent().expect("a dir"))
-        .args(["--kind", "counter=statefold_reducer_counter.wasm"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("statefold serve starts");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("first line");
-    let url = line.trim().strip_prefix("statefold listening on ").expect("the address").to_owned();
+    let serve = statefold_tests::process::Serve::spawn(dir.path(), &["--kind".into(), "counter=counter.wasm".into()]);
+    let url = serve.url.clone();
     let rss = {
-        let status = format!("/proc/{}/status", child.id());
+        let status = format!("/proc/{}/status", serve.child.id());
         move || -> u64 {
             let text = std::fs::read_to_string(&status).unwrap_or_default();
             let kb = text.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
@@ -725,8 +711,7 @@ async fn fan_out(rows: &mut Vec<Row>) {
         delays.extend(arrivals.iter().zip(&sent).map(|(a, s)| a.saturating_duration_since(*s)));
     }
     peak = peak.max(rss());
-    child.kill().expect("stopped");
-    child.wait().expect("reaped");
+    drop(serve); // kills and reaps the server
     delays.sort();
     let (p50, p99) = (delays[delays.len() / 2], delays[delays.len() * 99 / 100]);
     let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;

@@ -25,9 +25,10 @@ fn cargo(args: &[&str]) {
     assert!(status.success(), "`cargo {}` failed ({status})", args.join(" "));
 }
 
-/// Path of the built `.wasm` of reducer `name`: crate `statefold-reducer-NAME` (an
-/// example) or `statefold-faulty-NAME` (test-only). Every reducer in the workspace is built
-/// the first time; the workspace members are the one list of them.
+/// Path of the built `.wasm` of reducer `name`: `NAME.wasm` from crate
+/// `statefold-reducer-NAME` (an example, whose library is named after the reducer) or
+/// `statefold_faulty_NAME.wasm` (test-only). Every reducer in the workspace is built the
+/// first time; the workspace members are the one list of them.
 pub fn wasm(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -45,32 +46,37 @@ pub fn wasm(name: &str) -> PathBuf {
         ])
     });
     let dir = target_dir().join("wasm32-wasip2/release");
-    ["statefold_reducer_", "statefold_faulty_"]
+    ["", "statefold_faulty_"]
         .iter()
         .map(|prefix| dir.join(format!("{prefix}{name}.wasm")))
         .find(|path| path.exists())
         .unwrap_or_else(|| panic!("no reducer named {name} in {}", dir.display()))
 }
 
-/// Path of the `statefold` binary, built first: release under `cargo bench` (which
-/// passes `--bench`), debug otherwise (the tests have built its library already).
+/// Path of the `statefold` binary, built first in the profile this test or benchmark
+/// was built in (release under `./dev.sh test` and `cargo bench`: one build of the
+/// dependencies serves the server, the tests and the benchmarks).
 pub fn statefold_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let release = std::env::args().any(|a| a == "--bench");
+            // A test or bench executable lives in `<target>/<profile>/deps/`.
+            let exe = std::env::current_exe().expect("the test executable's path");
+            let profile_dir = exe.parent().and_then(Path::parent).expect("<target>/<profile>/deps/<exe>");
+            let release = profile_dir.file_name().is_some_and(|name| name == "release");
             let mut args = vec!["build", "--quiet", "-p", "statefold", "--bin", "statefold"];
             if release {
                 args.push("--release");
             }
             cargo(&args);
-            target_dir().join(if release { "release" } else { "debug" }).join("statefold")
+            profile_dir.join("statefold")
         })
         .clone()
 }
 
 pub mod broker;
 pub mod http;
+pub mod process;
 
 /// What the benchmarks share.
 pub mod bench {
@@ -101,7 +107,8 @@ pub mod bench {
     use std::marker::PhantomData;
     use std::sync::Arc;
 
-    use statefold::reducer::{Composed, ModuleHash, Native, NativeModel};
+    use statefold::model::ModuleHash;
+    use statefold::reducer::{Composed, Native, NativeModel};
     use statefold_guest::native::{self, Model};
     use statefold_guest::{Compose, Json};
 

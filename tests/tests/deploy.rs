@@ -16,8 +16,8 @@ use rand::prelude::*;
 use serde_json::{Value, json};
 use statefold::chain::Hash;
 use statefold::config::{Config, KafkaConfig, KindConfig, Limits};
-use statefold::fold::ModelKey;
-use statefold::reducer::ModuleHash;
+use statefold::model::ModelKey;
+use statefold::model::ModuleHash;
 use statefold::store::{Store, StoreOptions};
 use statefold_tests::broker::Broker;
 use statefold_tests::http::{Follower, SseStream, TestServer};
@@ -207,8 +207,8 @@ where
     // (Through the directory, the deploy happens after this returns; each partition
     // switches when its deploy record is folded.)
     let deadline = Instant::now() + Duration::from_secs(60);
-    let store = || server.running.as_ref().expect("running").app.store.clone();
-    while store().read().kind_versions("counter").unwrap().is_none_or(|v| v.in_use() != [v2]) {
+    let versions = || server.running.as_ref().expect("running").app.kind_versions("counter").unwrap();
+    while versions().is_none_or(|v| v.in_use() != [v2]) {
         assert!(Instant::now() < deadline, "the deploy never reached every partition");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use rand::prelude::*;
 use statefold::chain::Hash;
-use statefold::fold::{CREATE_HEADER, Engine, FoldLimits, KindSpec, Known, ModelKey, Record, Rejection, Versions};
-use statefold::reducer::Limits;
+use statefold::fold::{Engine, FoldLimits, KindSpec, Known, Versions};
+use statefold::model::{CREATE_HEADER, ModelKey, Record, Rejection};
+use statefold::reducer::ReducerLimits;
 use statefold::store::{Position, Store, StoreOptions};
 
 fn record(offset: u64, key: Option<&str>, value: &str, create: bool) -> Record {
@@ -28,7 +29,7 @@ fn record(offset: u64, key: Option<&str>, value: &str, create: bool) -> Record {
 
 #[test]
 fn random_batches_restarts_and_faults_fold_to_the_reference() {
-    let runtime = common::runtime(Limits { resident_models_max: 2, ..Limits::default() });
+    let runtime = common::runtime(ReducerLimits { resident_models_max: 2, ..ReducerLimits::default() });
     // The faulty `trap` reducer: "inc" adds one, "trap" panics, anything else is refused.
     let reducer = common::load(&runtime, "trap");
     let dir = tempfile::tempdir().unwrap();
@@ -130,7 +131,7 @@ fn random_batches_restarts_and_faults_fold_to_the_reference() {
 /// small one every `checkpoint_interval_diffs`; both fold exactly.
 #[test]
 fn a_large_state_is_checkpointed_once_its_diffs_add_up_to_a_share_of_it() {
-    let runtime = common::runtime(Limits::default());
+    let runtime = common::runtime(ReducerLimits::default());
     let reducer = common::load(&runtime, "document");
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), &StoreOptions { fsync: false }).unwrap();

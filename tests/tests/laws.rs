@@ -17,7 +17,7 @@ use common::{Fold, runtime};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Value, json};
-use statefold::reducer::{Composed, Limits, Runtime};
+use statefold::reducer::{Composed, ReducerLimits, Runtime};
 
 /// Cases per law; `PROPTEST_CASES` raises it for a longer hunt.
 fn cases() -> u32 {
@@ -100,7 +100,7 @@ fn counter_diff() -> impl Strategy<Value = String> {
 
 #[test]
 fn counter_merge_law() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let law = Law::new(&runtime, "counter");
     let base = prop::collection::vec(counter_diff(), 0..4);
     let run = prop::collection::vec(counter_diff(), 2..20);
@@ -139,7 +139,7 @@ fn patch() -> impl Strategy<Value = String> {
 
 #[test]
 fn document_merge_law() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let law = Law::new(&runtime, "document");
     let base = prop::collection::vec(patch(), 0..4);
     let run = prop::collection::vec(patch(), 2..6);
@@ -151,7 +151,7 @@ fn document_merge_law() {
 
 #[test]
 fn document_refuses_to_compose_the_issue_example() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let mut fold = Fold::new(&runtime, "document");
     let reason = match fold.models.merge(&[br#"{"k":5}"#.to_vec(), br#"{"k":{"a":1}}"#.to_vec()]).unwrap() {
         Composed::NotComposable(reason) => reason,
@@ -172,7 +172,7 @@ fn document_refuses_to_compose_the_issue_example() {
 
 #[test]
 fn document_delta_law() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let fold = RefCell::new(Fold::new(&runtime, "document"));
     let n = RefCell::new(0u64);
     let patches = || prop::collection::vec(patch(), 0..6);
@@ -216,7 +216,7 @@ fn workflow_diff() -> impl Strategy<Value = String> {
 
 #[test]
 fn workflow_merge_law_where_it_composes() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let law = Law::new(&runtime, "workflow");
     let base = prop::collection::vec(workflow_diff(), 0..8);
     let run = prop::collection::vec(workflow_diff(), 2..30);
@@ -230,7 +230,7 @@ fn workflow_merge_law_where_it_composes() {
 
 #[test]
 fn workflow_composes_a_run_into_one_diff() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let mut fold = Fold::new(&runtime, "workflow");
     let run = [
         r#"{"op":"plan","steps":["build","test"]}"#,

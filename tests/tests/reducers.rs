@@ -5,11 +5,11 @@ mod common;
 
 use common::{Fold, applied, chain, runtime};
 use serde_json::json;
-use statefold::reducer::{Limits, Outcome};
+use statefold::reducer::{Outcome, ReducerLimits};
 
 #[test]
 fn counter_folds_a_fixed_sequence() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let mut fold = Fold::new(&runtime, "counter");
     let diffs = [r#"{"add":5}"#, r#"{"sub":2}"#, r#"{"mul":3}"#, r#"{"add":10}"#, r#"{"sub":3}"#, "not json"];
     let outcomes = fold.apply("c1", &diffs);
@@ -24,7 +24,7 @@ fn counter_folds_a_fixed_sequence() {
 
 #[test]
 fn counter_refuses_overflow_and_keeps_its_state() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let mut fold = Fold::new(&runtime, "counter");
     let max = i64::MAX.to_string();
     let add_max = format!(r#"{{"add":{max}}}"#);
@@ -36,7 +36,7 @@ fn counter_refuses_overflow_and_keeps_its_state() {
 
 #[test]
 fn document_folds_merge_patches() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let mut fold = Fold::new(&runtime, "document");
     let outcomes = fold.apply(
         "d",
@@ -55,7 +55,7 @@ fn document_folds_merge_patches() {
 
 #[test]
 fn workflow_folds_transitions_and_refuses_invalid_ones() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let mut fold = Fold::new(&runtime, "workflow");
     let diffs = [
         r#"{"op":"plan","steps":["build","test","deploy"]}"#,
@@ -113,7 +113,7 @@ fn workflow_folds_transitions_and_refuses_invalid_ones() {
 
 #[test]
 fn refusals_do_not_change_state() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     for (kind, setup, refused) in [
         ("counter", vec![r#"{"add":7}"#], vec![r#"{"add":9223372036854775807}"#, r#"{"div":2}"#, "[]"]),
         ("document", vec![r#"{"a":{"b":1}}"#], vec!["{", r#""unterminated"#]),
@@ -149,7 +149,7 @@ fn each_diff_sees_its_context() {
     // including across a refusal inside one batch: the workflow fixture above would not
     // fold to the same hash otherwise. Here the chain is checked against an independent
     // computation after a refusal in the middle of a batch.
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let mut fold = Fold::new(&runtime, "counter");
     let outcomes = fold.apply("c", &[r#"{"add":1}"#, "bad", r#"{"add":2}"#, r#"{"add":3}"#]);
     let want = [

@@ -1,6 +1,6 @@
 //! Several servers on one broker (a real Tansu), in-process: a gateway that takes writes
 //! and a read-only replica. The three-server test with hopping clients, a deploy, a
-//! SIGKILLed process and `statefold verify` runs the binary: `host/tests/replicas.rs`.
+//! SIGKILLed process and `statefold verify` runs the binary: `tests/replica_processes.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,7 +50,7 @@ async fn a_read_only_replica_serves_what_the_gateway_wrote() {
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_query")), "{body}");
 
     // Every write to the read-only server: 403 read_only, nothing produced.
-    let put = reader.client.put(reader.url("/v1/reducers/statefold_reducer_counter")).body(vec![0u8; 8]);
+    let put = reader.client.put(reader.url("/v1/reducers/counter")).body(vec![0u8; 8]);
     let writes = [
         reader.post("/v1/models/counter", r#"{"id":"r"}"#).await,
         reader.post("/v1/models/counter/g/diffs", r#"{"add":1}"#).await,
@@ -192,7 +192,7 @@ async fn a_replay_through_one_replica_rebuilds_the_same_states_on_all() {
         }
     }
     let module = std::fs::read(statefold_tests::wasm("counter_v2")).unwrap();
-    let response = servers[0].client.put(servers[0].url("/v1/reducers/statefold_reducer_counter")).body(module);
+    let response = servers[0].client.put(servers[0].url("/v1/reducers/counter")).body(module);
     let (status, body) = statefold_tests::http::json_of(response.send().await.unwrap()).await;
     assert_eq!(status, 200, "{body}");
 
@@ -270,13 +270,12 @@ async fn a_deploy_cut_short_is_completed_by_deploying_again() {
     let server = TestServer::start_config(dir, config).await;
     let v2 = std::fs::read(statefold_tests::wasm("counter_v2")).unwrap();
     let producer = broker.producer();
-    let headers =
-        OwnedHeaders::new().insert(Header { key: "statefold-deploy", value: Some("statefold_reducer_counter") });
+    let headers = OwnedHeaders::new().insert(Header { key: "statefold-deploy", value: Some("counter") });
     let record = BaseRecord::<[u8], [u8]>::to("counter").partition(0).key(b"x").payload(&v2).headers(headers);
     producer.send(record).map_err(|(e, _)| e).unwrap();
     producer.flush(Duration::from_secs(10)).unwrap();
 
-    let path = "/v1/reducers/statefold_reducer_counter";
+    let path = "/v1/reducers/counter";
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, body) = server.get(path).await;

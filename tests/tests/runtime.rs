@@ -5,16 +5,16 @@ mod common;
 
 use common::{Fold, applied, load, runtime};
 use serde_json::json;
-use statefold::reducer::{Limits, LoadError, Outcome};
+use statefold::reducer::{LoadError, Outcome, ReducerLimits};
 
 /// Small limits so the faulty reducers hit them quickly.
-fn tight() -> Limits {
-    Limits {
+fn tight() -> ReducerLimits {
+    ReducerLimits {
         memory_bytes_max: 64 << 20,
         diff_fuel_max: 20_000_000,
         call_fuel_max: 200_000_000,
         resident_bytes_max: 32 << 20,
-        ..Limits::default()
+        ..ReducerLimits::default()
     }
 }
 
@@ -70,7 +70,7 @@ fn a_reducer_that_breaks_the_contract_fails_its_diffs_not_the_host() {
 
 #[test]
 fn a_healthy_batch_is_one_call_on_one_instance() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let mut fold = Fold::new(&runtime, "counter");
     let outcomes = fold.apply("c", &[r#"{"add":1}"#, r#"{"add":2}"#, r#"{"add":3}"#]);
     assert_eq!(applied(&outcomes), [true, true, true], "{outcomes:?}");
@@ -80,7 +80,7 @@ fn a_healthy_batch_is_one_call_on_one_instance() {
 
 #[test]
 fn bad_files_are_refused_with_a_specific_reason() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let not_wasm = runtime.load(b"#!/bin/sh\necho hello\n").unwrap_err();
     assert!(matches!(not_wasm, LoadError::NotWasm), "{not_wasm}");
 
@@ -125,7 +125,7 @@ fn bad_files_are_refused_with_a_specific_reason() {
 
 #[test]
 fn loading_is_cached_by_module_hash() {
-    let runtime = runtime(Limits::default());
+    let runtime = runtime(ReducerLimits::default());
     let a = load(&runtime, "counter");
     let b = load(&runtime, "counter");
     assert!(std::sync::Arc::ptr_eq(&a, &b));
@@ -145,13 +145,13 @@ fn compiled_code_survives_restarts_in_the_cache_dir() {
     let dir = std::env::temp_dir().join(format!("statefold-cache-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let bytes = std::fs::read(statefold_tests::wasm("document")).unwrap();
-    let first = statefold::reducer::Runtime::new(Limits::default(), Some(dir.clone())).unwrap();
+    let first = statefold::reducer::Runtime::new(ReducerLimits::default(), Some(dir.clone())).unwrap();
     let id = first.load(&bytes).unwrap().id();
     let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(entries.len(), 1);
     assert!(entries[0].to_string_lossy().starts_with(&id.to_string()));
     // A new runtime (a restart) loads from the cache and works the same.
-    let second = statefold::reducer::Runtime::new(Limits::default(), Some(dir.clone())).unwrap();
+    let second = statefold::reducer::Runtime::new(ReducerLimits::default(), Some(dir.clone())).unwrap();
     let reducer = second.load(&bytes).unwrap();
     let mut models = reducer.models();
     let mut checkpoints = statefold::reducer::MemoryCheckpoints::default();
@@ -161,7 +161,7 @@ fn compiled_code_survives_restarts_in_the_cache_dir() {
 
 #[test]
 fn cold_models_are_evicted_by_count_and_restored_exactly() {
-    let runtime = runtime(Limits { resident_models_max: 8, ..Limits::default() });
+    let runtime = runtime(ReducerLimits { resident_models_max: 8, ..ReducerLimits::default() });
     let mut fold = Fold::new(&runtime, "counter");
     for round in 1..=3i64 {
         for m in 0..40i64 {
@@ -178,7 +178,7 @@ fn cold_models_are_evicted_by_count_and_restored_exactly() {
 
 #[test]
 fn cold_models_are_evicted_by_heap_budget() {
-    let runtime = runtime(Limits { resident_bytes_max: 4 << 20, ..Limits::default() });
+    let runtime = runtime(ReducerLimits { resident_bytes_max: 4 << 20, ..ReducerLimits::default() });
     let mut fold = Fold::new(&runtime, "document");
     let blob = "x".repeat(256 << 10);
     for m in 0..40 {
@@ -196,7 +196,7 @@ fn cold_models_are_evicted_by_heap_budget() {
 #[test]
 fn the_sandbox_shows_a_reducer_nothing_but_fixed_clocks_and_seeded_randomness() {
     let probe = || {
-        let runtime = runtime(Limits::default());
+        let runtime = runtime(ReducerLimits::default());
         let mut fold = Fold::new(&runtime, "probe");
         assert_eq!(applied(&fold.apply("p", &[r#""probe""#])), [true]);
         fold.state("p")

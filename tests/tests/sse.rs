@@ -280,7 +280,7 @@ async fn slow_client_costs_bounded_memory_and_ends_exact() {
     let (_, head) = server.get("/v1/models/document/slow").await;
     assert_eq!(local.state.as_ref(), Some(&head["state"]));
     assert!(local.patches >= 1, "the slow client was caught up by a patch");
-    let lagged = server.running.as_ref().unwrap().app.hub.lagged_total.load(std::sync::atomic::Ordering::Relaxed);
+    let lagged = server.running.as_ref().unwrap().app.metrics().sse_lagged.get();
     assert!(lagged >= 1, "the slow client lost its place in the bounded ring");
     assert!(local.events < 1000, "{} events for 1001 diffs: the backlog was not replayed one by one", local.events);
 }

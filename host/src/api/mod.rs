@@ -5,15 +5,15 @@ mod reducers;
 mod sse;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
@@ -21,13 +21,14 @@ use serde_json::value::RawValue;
 
 use crate::app::{App, AppError, Plan};
 use crate::chain::Hash;
-use crate::fold::{Applied, ModelKey, Rejection};
+use crate::metrics::RequestLabels;
+use crate::model::{Applied, ModelKey, Rejection};
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
 pub fn router(app: Arc<App>) -> Router {
-    let body_max = app.limits.diff_bytes_max;
+    let body_max = app.limits().diff_bytes_max;
     Router::new()
         .route("/v1/models/{kind}", post(create).get(list))
         .route("/v1/models/{kind}/{id}", get(state))
@@ -40,7 +41,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/reducers/{name}",
             get(reducers::show)
                 .put(reducers::deploy)
-                .layer(DefaultBodyLimit::max(app.limits.reducer_module_bytes_max + 1)),
+                .layer(DefaultBodyLimit::max(app.limits().reducer_module_bytes_max + 1)),
         )
         .route("/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
@@ -49,6 +50,7 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // One more byte than a diff may have, so that the handler sees "too large" itself.
         .layer(DefaultBodyLimit::max(body_max + 1))
+        .layer(middleware::from_fn_with_state(app.clone(), timed))
         .with_state(app)
 }
 
@@ -97,6 +99,7 @@ impl From<AppError> for ApiError {
             AppError::UnknownHash(_) => (StatusCode::NOT_FOUND, "unknown_hash"),
             AppError::Pruned(_) => (StatusCode::GONE, "pruned"),
             AppError::InvalidId(_) => (StatusCode::BAD_REQUEST, "invalid_id"),
+            AppError::BadPosition(_) => (StatusCode::BAD_REQUEST, "bad_query"),
             AppError::Rejected(rejection) => match rejection {
                 Rejection::Refused(_) => (StatusCode::CONFLICT, "refused"),
                 Rejection::Exists => (StatusCode::CONFLICT, "model_exists"),
@@ -126,12 +129,15 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&App) -> Result<T, AppError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let app = app.clone();
-    let status = app.status.clone();
-    let result = tokio::task::spawn_blocking(move || f(&app)).await;
+    let result = tokio::task::spawn_blocking({
+        let app = app.clone();
+        move || f(&app)
+    })
+    .await;
     match result {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(AppError::Store(e))) if e.is_fatal() => {
-            status.fatal(e.to_string());
+            app.fatal(e.to_string());
             Err(AppError::Store(e).into())
         }
         Ok(Err(e)) => Err(e.into()),
@@ -155,7 +161,7 @@ async fn patiently<T: Send + 'static>(
     unknown: impl Fn(&Result<T, ApiError>) -> bool,
     f: impl Fn(&App) -> Result<T, AppError> + Clone + Send + 'static,
 ) -> Result<T, ApiError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(app.limits.failover_wait_ms);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(app.limits().failover_wait_ms);
     let mut commits = app.commits();
     loop {
         commits.borrow_and_update();
@@ -236,7 +242,7 @@ async fn create(
     };
     let (partition, offset) = app.write(&topic, &id, None).await?;
     let model = ModelKey::new(&kind, &id);
-    let wait = Duration::from_millis(app.limits.wait_applied_ms_max);
+    let wait = Duration::from_millis(app.limits().wait_applied_ms_max);
     let version = app.wait_folded(&model, &topic, partition, offset, wait).await?;
     let body = VersionBody { id, hash: version.hash.to_string(), seq: version.seq, offset: None };
     Ok((StatusCode::CREATED, Json(body)).into_response())
@@ -253,11 +259,11 @@ fn body_bytes(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Bytes, A
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("the body is larger than diff_bytes_max ({} bytes)", app.limits.diff_bytes_max),
+            format!("the body is larger than diff_bytes_max ({} bytes)", app.limits().diff_bytes_max),
         )
     };
     match body {
-        Ok(bytes) if bytes.len() > app.limits.diff_bytes_max => Err(too_large()),
+        Ok(bytes) if bytes.len() > app.limits().diff_bytes_max => Err(too_large()),
         Ok(bytes) => Ok(bytes),
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large()),
         Err(rejection) => Err(ApiError::bad_request("bad_body", rejection.body_text())),
@@ -299,7 +305,7 @@ async fn append(
         let body = serde_json::json!({"partition": partition, "offset": offset});
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     }
-    let timeout = Duration::from_millis(app.limits.wait_applied_ms_max);
+    let timeout = Duration::from_millis(app.limits().wait_applied_ms_max);
     let version = app.wait_folded(&model, &topic, partition, offset, timeout).await?;
     let body = VersionBody { id, hash: version.hash.to_string(), seq: version.seq, offset: Some(version.offset) };
     Ok(Json(body).into_response())
@@ -455,7 +461,7 @@ async fn list(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
-    let limit = query.limit.unwrap_or(app.limits.list_page_max).clamp(1, app.limits.list_page_max);
+    let limit = query.limit.unwrap_or(app.limits().list_page_max).clamp(1, app.limits().list_page_max);
     let page = {
         let after = query.after.clone();
         blocking(&app, move |app| app.list(&kind, after.as_deref(), limit)).await?
@@ -496,7 +502,7 @@ async fn rejections(
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
     let after = query.after.as_deref().map(|cursor| parse_position(cursor, "after")).transpose()?;
-    let limit = query.limit.unwrap_or(app.limits.list_page_max).clamp(1, app.limits.list_page_max);
+    let limit = query.limit.unwrap_or(app.limits().list_page_max).clamp(1, app.limits().list_page_max);
     let page = blocking(&app, move |app| app.rejections(&kind, after, limit)).await?;
     let next = (page.len() == limit).then(|| page.last().map(|r| format!("{}:{}", r.partition, r.offset))).flatten();
     let items: Vec<RejectionBody> = page
@@ -528,79 +534,39 @@ struct PartitionBody {
 /// plus the reason).
 async fn ready(State(app): State<Arc<App>>) -> Response {
     let partitions: Vec<PartitionBody> = app
-        .source
         .partitions()
         .into_iter()
         .map(|((topic, partition), p)| PartitionBody { topic, partition, next: p.next, end: p.end, lag: p.lag() })
         .collect();
-    let replicas = app.attestor.as_ref().map(|a| a.replicas());
+    let replicas = app.replicas();
     let diverged = replicas.as_ref().and_then(|r| r.diverged.clone());
-    match (app.unready_reason(), diverged) {
-        (None, None) => {
-            Json(serde_json::json!({"ready": true, "partitions": partitions, "replicas": replicas})).into_response()
-        }
-        (reason, diverged) => {
-            let error = match (reason, diverged) {
-                (_, Some(diverged)) => serde_json::json!({"code": "diverged", "message": diverged}),
-                (Some(reason), None) => serde_json::json!({"code": "not_ready", "message": reason}),
-                (None, None) => unreachable!("matched above"),
-            };
-            let body =
-                serde_json::json!({"ready": false, "error": error, "partitions": partitions, "replicas": replicas});
-            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
-        }
+    let mut body = serde_json::json!({"ready": true, "partitions": partitions});
+    if let Some(replicas) = replicas {
+        // Only with replicas compared (Kafka and an attestation topic).
+        body["replicas"] = serde_json::json!(replicas);
     }
+    let error = match (app.unready_reason(), diverged) {
+        (None, None) => return Json(body).into_response(),
+        (_, Some(diverged)) => serde_json::json!({"code": "diverged", "message": diverged}),
+        (Some(reason), None) => serde_json::json!({"code": "not_ready", "message": reason}),
+    };
+    body["ready"] = false.into();
+    body["error"] = error;
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    use std::fmt::Write;
-    let status = &app.status;
-    let mut text = format!(
-        "# TYPE statefold_fold_batches_total counter\nstatefold_fold_batches_total {}\n\
-         # TYPE statefold_diffs_applied_total counter\nstatefold_diffs_applied_total {}\n\
-         # TYPE statefold_sse_subscribers gauge\nstatefold_sse_subscribers {}\n\
-         # TYPE statefold_sse_lagged_total counter\nstatefold_sse_lagged_total {}\n\
-         # TYPE statefold_ready gauge\nstatefold_ready {}\n\
-         # TYPE statefold_store_commits_total counter\nstatefold_store_commits_total {}\n\
-         # TYPE statefold_store_commit_bytes_total counter\nstatefold_store_commit_bytes_total {}\n",
-        status.batches_total.load(Ordering::Relaxed),
-        status.applied_total.load(Ordering::Relaxed),
-        app.hub.subscribers(),
-        app.hub.lagged_total.load(Ordering::Relaxed),
-        u8::from(app.ready()),
-        app.store.written().commits.load(Ordering::Relaxed),
-        app.store.written().bytes.load(Ordering::Relaxed),
-    );
-    let _ = write!(
-        text,
-        "# TYPE statefold_deploy_records_folded_total counter\nstatefold_deploy_records_folded_total {}\n\
-         # TYPE statefold_deploy_batch_max_seconds gauge\nstatefold_deploy_batch_max_seconds {}\n",
-        status.deploy_records_total.load(Ordering::Relaxed),
-        status.deploy_batch_max_us.load(Ordering::Relaxed) as f64 / 1e6,
-    );
-    if let Some(attestor) = &app.attestor {
-        let replicas = attestor.replicas();
-        let _ = write!(
-            text,
-            "# TYPE statefold_replica_digests_compared_total counter\nstatefold_replica_digests_compared_total {}\n\
-             # TYPE statefold_replica_peers_disagreeing gauge\nstatefold_replica_peers_disagreeing {}\n\
-             # TYPE statefold_replica_diverged gauge\nstatefold_replica_diverged {}\n",
-            attestor.compared_total.load(Ordering::Relaxed),
-            replicas.peers.iter().filter(|v| !v.agrees).count(),
-            u8::from(replicas.diverged.is_some()),
-        );
-    }
-    text.push_str("# TYPE statefold_records_rejected_total counter\n");
-    for (code, n) in status.rejected_totals() {
-        let _ = writeln!(text, "statefold_records_rejected_total{{code=\"{code}\"}} {n}");
-    }
-    text.push_str("# TYPE statefold_source_next_offset gauge\n# TYPE statefold_source_lag gauge\n");
-    for ((topic, partition), p) in app.source.partitions() {
-        let labels = format!("topic=\"{topic}\",partition=\"{partition}\"");
-        let _ = writeln!(text, "statefold_source_next_offset{{{labels}}} {}", p.next);
-        if let Some(lag) = p.lag() {
-            let _ = writeln!(text, "statefold_source_lag{{{labels}}} {lag}");
-        }
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], app.metrics_text()).into_response()
+}
+
+/// Times every request to its response head, by method, route pattern and status
+/// (`statefold_http_request_seconds`). A request no route matched counts as `unmatched`.
+async fn timed(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
+    let response = next.run(request).await;
+    let labels = RequestLabels { method, route, status: response.status().as_u16() };
+    app.metrics().http_request_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    response
 }

@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, blocking};
 use crate::app::{App, AppError, Module};
-use crate::deploy::{DeployError, Deployed, VersionRecord};
-use crate::fold::ReplayJob;
+use crate::deploy::{DeployError, Deployed};
+use crate::model::ReplayJob;
+use crate::model::VersionRecord;
 
 #[derive(Serialize)]
 struct VersionBody {
@@ -63,8 +64,8 @@ impl From<DeployError> for ApiError {
 pub(super) async fn list(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let reducers = blocking(&app, |app| {
         let mut out = Vec::new();
-        for (name, kinds) in app.deployer.names() {
-            let versions = app.deployer.versions(name).map_err(deploy_error)?;
+        for (name, kinds) in app.reducer_names() {
+            let versions = app.reducer_versions(name).map_err(deploy_error)?;
             let active = versions.into_iter().next().map(VersionBody::from);
             out.push(serde_json::json!({"name": name, "kinds": kinds.iter().map(|k| &**k).collect::<Vec<_>>(), "active": active}));
         }
@@ -77,8 +78,8 @@ pub(super) async fn list(State(app): State<Arc<App>>) -> Result<Response, ApiErr
 /// `GET /v1/reducers/{name}`: its versions, the active one first, then by last change.
 pub(super) async fn show(State(app): State<Arc<App>>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let (kinds, versions) = blocking(&app, move |app| {
-        let versions = app.deployer.versions(&name).map_err(deploy_error)?;
-        let kinds: Vec<String> = app.deployer.names()[&name].iter().map(|k| k.to_string()).collect();
+        let versions = app.reducer_versions(&name).map_err(deploy_error)?;
+        let kinds: Vec<String> = app.reducer_names()[&name].iter().map(|k| k.to_string()).collect();
         Ok((kinds, versions))
     })
     .await?;
@@ -102,7 +103,7 @@ pub(super) async fn deploy(
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
     app.writable()?;
-    let max = app.limits.reducer_module_bytes_max;
+    let max = app.limits().reducer_module_bytes_max;
     let body = match body {
         Ok(body) if body.len() > max => None,
         Ok(body) => Some(body),

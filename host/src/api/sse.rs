@@ -15,7 +15,6 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -33,8 +32,8 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::{ApiError, DiffBody, parse_hash, stored_json};
 use crate::app::{App, Plan};
 use crate::chain::Hash;
-use crate::fold::ModelKey;
 use crate::hub::{Live, LiveDiff, Subscription};
+use crate::model::ModelKey;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,7 +58,7 @@ pub(super) async fn events(
         let unknown = |result: &Result<_, ApiError>| matches!(result, Err(error) if error.code == "unknown_model");
         super::patiently(&app, unknown, move |app| app.head(&model)).await?;
     }
-    let subscription = app.hub.subscribe(&model).map_err(|full| {
+    let subscription = app.subscribe(&model).map_err(|full| {
         ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "too_many_subscribers", full.to_string())
     })?;
     let feed = Feed::new(app, model, since, subscription);
@@ -93,10 +92,10 @@ struct Feed {
 
 impl Feed {
     fn new(app: Arc<App>, model: ModelKey, since: Option<Hash>, sub: Subscription) -> Feed {
-        let heartbeat = Duration::from_millis(app.limits.sse_heartbeat_ms);
+        let heartbeat = Duration::from_millis(app.limits().sse_heartbeat_ms);
         // A child token: polling it locks its own node, not the one all streams share.
-        let stop = Box::pin(app.status.stop.child_token().cancelled_owned());
-        let retry = format!("retry: {}\n\n", app.limits.sse_retry_ms);
+        let stop = Box::pin(app.stopping().child_token().cancelled_owned());
+        let retry = format!("retry: {}\n\n", app.limits().sse_retry_ms);
         Feed {
             app,
             model,
@@ -157,7 +156,9 @@ impl Feed {
                 Ok(Some(diff)) if diff.seq <= at.1 => {} // covered by the catch-up
                 Ok(Some(diff)) if diff.prev == at.0 => {
                     self.at = Some((diff.hash, diff.seq));
-                    return Some(diff_frame(diff));
+                    let frame = diff_frame(diff);
+                    self.app.metrics().sse_publish_delay_seconds.observe(diff.published.elapsed().as_secs_f64());
+                    return Some(frame);
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
                 // Fell a full ring behind, or (never expected) a diff that does not chain:
@@ -166,7 +167,7 @@ impl Feed {
                     let (kind, id) = (&self.model.kind, &self.model.id);
                     match other {
                         Err(broadcast::error::RecvError::Lagged(missed)) => {
-                            self.app.hub.lagged_total.fetch_add(1, Ordering::Relaxed);
+                            self.app.metrics().sse_lagged.inc();
                             tracing::debug!(%kind, %id, missed, "slow client lagged; catching up");
                         }
                         Ok(None) => tracing::debug!(%kind, %id, "model replayed; resetting"),

@@ -1,13 +1,14 @@
-//! Hot reload: reducer versions, the deploy path and the reducers-directory watcher.
+//! Hot reload: reducer versions and the deploy path (the directory watcher that feeds it is
+//! [`crate::watch`]).
 //!
-//! A new module arrives by file ([`watch`]) or by `PUT /v1/reducers/{name}`; both call
+//! A new module arrives by file ([`crate::watch`]) or by `PUT /v1/reducers/{name}`; both call
 //! [`crate::app::App::deploy`]. The module is compiled and checked on the caller's thread
 //! (never the fold thread) by [`Deployer::prepare`]: a compatible `statefold:reducer`
 //! component, json formats, `restore` of stored checkpoints. Anything that fails is
 //! recorded as a refused version with its reason; the running version goes on.
 //!
 //! A checked module is written to the log as a deploy record
-//! ([`crate::fold::DEPLOY_HEADER`]) in every partition of each of the reducer's topics.
+//! ([`crate::model::DEPLOY_HEADER`]) in every partition of each of the reducer's topics.
 //! Each partition folds with the new version from its record on, on every replica alike:
 //! the log, not the moment a server was told, decides where versions switch. Models move
 //! to the new version one by one at their next diff; the fold loop moves the rest between
@@ -18,56 +19,15 @@
 //! family: the module bytes of every version that was ever active (past diffs name them),
 //! and per reducer name each version's status and times.
 
-pub mod watch;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::fold::{DeployFolded, Resolve};
-use crate::reducer::{LoadError, ModuleHash, Reducer, Runtime};
+use crate::fold::Resolve;
+use crate::model::{DeployFolded, ModuleHash, VersionRecord, VersionStatus};
+use crate::reducer::{LoadError, Reducer, Runtime};
 use crate::source::now_ms;
 use crate::store::{Store, StoreError};
-
-/// Where a version stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VersionStatus {
-    /// Folding the reducer's kinds now.
-    Active,
-    /// Was active; its module is kept (stored diffs name it; deploy it again to roll back).
-    Retired,
-    /// A deploy that did not happen.
-    Refused,
-}
-
-impl VersionStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VersionStatus::Active => "active",
-            VersionStatus::Retired => "retired",
-            VersionStatus::Refused => "refused",
-        }
-    }
-}
-
-/// One version of a reducer, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VersionRecord {
-    /// The reducer's name: its file name in the reducers directory without `.wasm`.
-    pub name: String,
-    pub id: ModuleHash,
-    pub status: VersionStatus,
-    /// Why it was refused: (code, message).
-    pub refusal: Option<(String, String)>,
-    /// How it arrived: `startup`, `directory`, `http`.
-    pub origin: String,
-    /// What the module declares (`describe`): (name, version).
-    pub declared: Option<(String, String)>,
-    pub bytes: u64,
-    /// When this version was first seen, and when its status last changed (ms since epoch).
-    pub first_ms: i64,
-    pub changed_ms: i64,
-}
 
 /// Why a deploy did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -326,7 +286,7 @@ impl Deployer {
                 after = Some(last.clone());
                 for (id, head) in page {
                     let Some((_, offset)) = head.checkpoint() else { continue };
-                    let model = crate::fold::ModelKey::new(kind, &id);
+                    let model = crate::model::ModelKey::new(kind, &id);
                     let history = reader.checkpoint_for(&model, &head, offset).map_err(|e| e.to_string())?;
                     let Some(snapshot) = history.checkpoint.snapshot else { continue };
                     scratch

@@ -4,7 +4,8 @@
 use bytes::Bytes;
 
 use super::Versions;
-use crate::reducer::{Composed, Models, ModuleHash, ReducerError};
+use crate::model::ModuleHash;
+use crate::reducer::{Composed, Models, ReducerError};
 
 /// How a client catches up over a run of missed diffs.
 #[derive(Debug, Clone, PartialEq, Eq)]

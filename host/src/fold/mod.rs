@@ -6,9 +6,11 @@
 //! (see [`crate::chain`]). Each model's diffs in a batch go to the reducer in one call.
 
 mod catchup;
+#[cfg(test)]
+mod tests;
 mod versions;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
@@ -16,438 +18,15 @@ use bytes::Bytes;
 use lru::LruCache;
 
 use crate::chain::Hash;
-use crate::reducer::{Checkpoint, Checkpoints, DiffRecord, Models, ModuleHash, Outcome, Reducer, ReducerError};
+use crate::model::{
+    Applied, Became, CheckpointWrite, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, DeployFolded,
+    Folded, Head, KindVersions, ModelKey, ModuleHash, Prune, REPLAY_HEADER, Record, Rejected, Rejection, validate_id,
+};
+use crate::model::{Checkpoint, DiffRecord};
+use crate::reducer::{Checkpoints, Models, Outcome, Reducer, ReducerError};
 
 pub use catchup::{CatchUp, plan_catch_up};
 pub use versions::{History, Known, Resolve, Versions};
-
-/// A record whose header has this name creates its model (and carries no diff).
-pub const CREATE_HEADER: &str = "statefold-create";
-/// A record whose header has this name (its value: the reducer's name) deploys the module
-/// it carries to its partition: the partition's later records fold with that version. A
-/// deploy writes one to every partition of each of the reducer's topics, so every replica
-/// switches each partition at the same offset.
-pub const DEPLOY_HEADER: &str = "statefold-deploy";
-/// A record whose header has this name (its value: the kind) replays its partition: every
-/// model of the partition is rebuilt from its oldest retained version with the partition's
-/// version at that record, at its next diff or between batches, whichever comes first (see
-/// [`Engine::replay_model`]). A replay writes one to every partition of the kind's topic.
-pub const REPLAY_HEADER: &str = "statefold-replay";
-/// On a deploy record: how the version arrived (`http`, `directory`).
-pub const DEPLOY_ORIGIN_HEADER: &str = "statefold-origin";
-/// On a deploy record: the number of partitions the deploy wrote to.
-pub const DEPLOY_PARTITIONS_HEADER: &str = "statefold-partitions";
-/// Longest model id, in bytes.
-pub const ID_BYTES_MAX: usize = 256;
-
-/// One record as a source delivers it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub topic: Arc<str>,
-    pub partition: u32,
-    pub offset: u64,
-    pub key: Option<Vec<u8>>,
-    pub value: Bytes,
-    pub timestamp_ms: Option<i64>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl Record {
-    pub fn is_create(&self) -> bool {
-        self.header(CREATE_HEADER).is_some()
-    }
-
-    /// The value of the first header named `name`.
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
-    }
-}
-
-/// A model: its kind and its id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ModelKey {
-    pub kind: Arc<str>,
-    pub id: Arc<str>,
-}
-
-impl ModelKey {
-    pub fn new(kind: &str, id: &str) -> ModelKey {
-        ModelKey { kind: kind.into(), id: id.into() }
-    }
-
-    /// The hash of this model before its first diff.
-    pub fn genesis(&self) -> Hash {
-        Hash::genesis(&self.kind, &self.id)
-    }
-}
-
-/// Checks a model id: UTF-8, 1 to [`ID_BYTES_MAX`] bytes, no control characters (the
-/// store separates kind, id and offset with NUL).
-pub fn validate_id(id: &[u8]) -> Result<&str, String> {
-    let id = std::str::from_utf8(id).map_err(|_| "model id is not UTF-8".to_owned())?;
-    if id.is_empty() || id.len() > ID_BYTES_MAX {
-        return Err(format!("model id must be 1 to {ID_BYTES_MAX} bytes, not {}", id.len()));
-    }
-    if id.chars().any(char::is_control) {
-        return Err("model id contains control characters".to_owned());
-    }
-    Ok(id)
-}
-
-/// Where a model stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Head {
-    /// Diffs applied.
-    pub seq: u64,
-    /// Offset of the last applied diff; `None` before the first.
-    pub offset: Option<u64>,
-    pub hash: Hash,
-    /// The reducer version that applied the last diff (or that the model was created under).
-    pub reducer: ModuleHash,
-    /// Retained checkpoints, oldest first, as (seq, offset). Diffs at or before the oldest
-    /// one's offset are pruned once there are more than the retention allows.
-    pub checkpoints: Vec<(u64, u64)>,
-    /// Every diff after this offset is retained; `None`: every diff since the model began.
-    pub pruned_through: Option<u64>,
-    /// The partition its records are in (`None` for a head stored before it was recorded).
-    pub partition: Option<u32>,
-    /// The replay generation of its partition its history was rebuilt for (see
-    /// [`REPLAY_HEADER`]).
-    pub replayed: u64,
-    /// Size of the latest checkpoint's snapshot, in bytes (0: none, or not recorded).
-    pub checkpoint_bytes: u64,
-    /// Bytes of the diffs applied since the latest checkpoint.
-    pub tail_bytes: u64,
-}
-
-impl Head {
-    fn new(model: &ModelKey, reducer: ModuleHash, partition: u32, replayed: u64) -> Head {
-        Head {
-            seq: 0,
-            offset: None,
-            hash: model.genesis(),
-            reducer,
-            checkpoints: Vec::new(),
-            pruned_through: None,
-            partition: Some(partition),
-            replayed,
-            checkpoint_bytes: 0,
-            tail_bytes: 0,
-        }
-    }
-
-    /// The latest checkpoint, as (seq, offset).
-    pub fn checkpoint(&self) -> Option<(u64, u64)> {
-        self.checkpoints.last().copied()
-    }
-
-    /// Whether the state is due for a checkpoint: `checkpoint_interval_diffs` applied since
-    /// the latest one, and their bytes at least `checkpoint_tail_percent` of its size. A
-    /// snapshot costs in proportion to the state, so a large state is snapshotted less
-    /// often and the cost per diff byte does not grow with it; the replay it saves stays
-    /// at most that fraction of loading it.
-    fn checkpoint_due(&self, limits: &FoldLimits) -> bool {
-        let since = self.seq - self.checkpoint().map_or(0, |(seq, _)| seq);
-        let share = self.checkpoint_bytes.saturating_mul(limits.checkpoint_tail_percent) / 100;
-        since >= limits.checkpoint_interval_diffs && self.tail_bytes >= share
-    }
-}
-
-/// A diff that was applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Applied {
-    pub model: ModelKey,
-    pub offset: u64,
-    pub seq: u64,
-    pub prev: Hash,
-    pub hash: Hash,
-    pub reducer: ModuleHash,
-    pub timestamp_ms: Option<i64>,
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub payload: Bytes,
-}
-
-impl Applied {
-    pub fn record(&self) -> DiffRecord {
-        DiffRecord {
-            offset: self.offset,
-            timestamp_ms: self.timestamp_ms,
-            headers: self.headers.clone(),
-            payload: self.payload.to_vec(),
-        }
-    }
-}
-
-/// Why a record was not applied. It is kept (with its offset) and skipped; its partition
-/// goes on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rejection {
-    /// The record key is missing or not a valid model id.
-    InvalidKey(String),
-    /// A create record for a model that exists.
-    Exists,
-    /// The reducer refused the diff; the model is as before it.
-    Refused(String),
-    /// The reducer failed on this diff alone (trap, CPU or memory limit).
-    Failed(String),
-    /// The record's offset is not after the model's last one: the topic was repartitioned
-    /// or rewritten under the model. Never folded out of order.
-    OffsetRegressed { head_offset: u64 },
-    /// The record's topic feeds no kind.
-    UnknownTopic,
-    /// The record's value is larger than `diff_bytes_max` (its size).
-    TooLarge { bytes: u64 },
-    /// A deploy record whose module cannot fold here (not a loadable reducer).
-    InvalidDeploy(String),
-}
-
-impl Rejection {
-    /// A stable machine-readable code.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Rejection::InvalidKey(_) => "invalid_key",
-            Rejection::Exists => "model_exists",
-            Rejection::Refused(_) => "refused",
-            Rejection::Failed(_) => "reducer_failed",
-            Rejection::OffsetRegressed { .. } => "offset_regressed",
-            Rejection::UnknownTopic => "unknown_topic",
-            Rejection::TooLarge { .. } => "too_large",
-            Rejection::InvalidDeploy(_) => "invalid_deploy",
-        }
-    }
-
-    pub fn message(&self) -> String {
-        match self {
-            Rejection::InvalidKey(reason) => reason.clone(),
-            Rejection::Exists => "the model already exists".into(),
-            Rejection::Refused(reason) => reason.clone(),
-            Rejection::Failed(reason) => reason.clone(),
-            Rejection::OffsetRegressed { head_offset } => {
-                format!("offset is not after the model's last applied offset {head_offset}")
-            }
-            Rejection::UnknownTopic => "no kind reads this topic".into(),
-            Rejection::TooLarge { bytes } => format!("the diff is {bytes} bytes, more than diff_bytes_max"),
-            Rejection::InvalidDeploy(reason) => reason.clone(),
-        }
-    }
-
-    /// The number a rejection carries, if any (stored beside the code).
-    pub fn detail(&self) -> Option<u64> {
-        match self {
-            Rejection::OffsetRegressed { head_offset } => Some(*head_offset),
-            Rejection::TooLarge { bytes } => Some(*bytes),
-            _ => None,
-        }
-    }
-
-    /// The inverse of (`code`, `message`, `detail`); `None` for an unknown code.
-    pub fn from_parts(code: &str, message: String, detail: Option<u64>) -> Option<Rejection> {
-        Some(match code {
-            "invalid_key" => Rejection::InvalidKey(message),
-            "model_exists" => Rejection::Exists,
-            "refused" => Rejection::Refused(message),
-            "reducer_failed" => Rejection::Failed(message),
-            "offset_regressed" => Rejection::OffsetRegressed { head_offset: detail? },
-            "unknown_topic" => Rejection::UnknownTopic,
-            "too_large" => Rejection::TooLarge { bytes: detail? },
-            "invalid_deploy" => Rejection::InvalidDeploy(message),
-            _ => return None,
-        })
-    }
-}
-
-/// A record that was not applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejected {
-    pub topic: Arc<str>,
-    pub partition: u32,
-    pub offset: u64,
-    pub model: Option<ModelKey>,
-    /// The record's key, cut to [`REJECTED_KEY_BYTES_MAX`] (it may be what was wrong).
-    pub key: Option<Vec<u8>>,
-    pub timestamp_ms: Option<i64>,
-    pub reason: Rejection,
-}
-
-/// Bytes of a rejected record's key that are kept.
-pub const REJECTED_KEY_BYTES_MAX: usize = 1024;
-
-impl Rejected {
-    pub fn new(record: &Record, model: Option<ModelKey>, reason: Rejection) -> Rejected {
-        Rejected {
-            topic: record.topic.clone(),
-            partition: record.partition,
-            offset: record.offset,
-            model,
-            key: record.key.as_ref().map(|k| k[..k.len().min(REJECTED_KEY_BYTES_MAX)].to_vec()),
-            timestamp_ms: record.timestamp_ms,
-            reason,
-        }
-    }
-}
-
-/// A model's state saved at one of its versions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckpointWrite {
-    pub model: ModelKey,
-    pub seq: u64,
-    pub offset: u64,
-    pub hash: Hash,
-    pub reducer: ModuleHash,
-    pub snapshot: Vec<u8>,
-}
-
-/// Old diffs and checkpoints of a model that retention lets go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Prune {
-    pub model: ModelKey,
-    /// Diffs at or before this offset go.
-    pub diffs_through: u64,
-    /// Checkpoints before this offset go.
-    pub checkpoints_before: u64,
-}
-
-/// Everything one batch changes, for the store to commit atomically.
-#[derive(Debug, Default)]
-pub struct Folded {
-    /// Applied diffs, in record order.
-    pub applied: Vec<Applied>,
-    /// Models created by this batch (by a create record or their first diff).
-    pub created: Vec<ModelKey>,
-    pub rejected: Vec<Rejected>,
-    pub checkpoints: Vec<CheckpointWrite>,
-    pub prunes: Vec<Prune>,
-    /// The final head of every model the batch touched.
-    pub heads: Vec<(ModelKey, Head)>,
-    /// Models whose stored history a replay rewrote: their old diffs, checkpoints and
-    /// hashes go before this batch's writes for them.
-    pub replaced: Vec<ModelKey>,
-    /// The progress of a replay, committed with the models it rebuilt.
-    pub replay: Option<ReplayJob>,
-    /// Deploy records folded, in record order.
-    pub deploys: Vec<DeployFolded>,
-    /// The versions of every kind a deploy record changed, as they stand after the batch.
-    pub kind_versions: Vec<(Arc<str>, KindVersions)>,
-    /// What became of each record of the batch, for the partitions' digests (see
-    /// [`crate::attest`]); in no particular order.
-    pub marks: Vec<Mark>,
-    /// Records of the batch folded: all, or up to and including the first replay record
-    /// (the caller commits, then folds the rest).
-    pub consumed: usize,
-    /// Replay records this batch folded: the kind, and the version it rebuilds with.
-    pub replays: Vec<(Arc<str>, ModuleHash)>,
-}
-
-/// What became of one record, the same on every replica that folds it the same way:
-/// `what` (`applied`, `created`, `deployed`, `replay`, or a rejection's code), the model's
-/// seq after it (a replay's generation), and the version that made it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mark {
-    pub topic: Arc<str>,
-    pub partition: u32,
-    pub offset: u64,
-    pub what: &'static str,
-    pub seq: u64,
-    pub by: Option<ModuleHash>,
-}
-
-impl Folded {
-    /// Records that `record` was not applied.
-    pub fn reject(&mut self, rejected: Rejected) {
-        let (topic, partition, offset) = (rejected.topic.clone(), rejected.partition, rejected.offset);
-        self.marks.push(Mark { topic, partition, offset, what: rejected.reason.code(), seq: 0, by: None });
-        self.rejected.push(rejected);
-    }
-
-    /// Records an outcome of `record` (`what` happened, the model's seq after it) and the
-    /// version that made it. Not the model's hash: the record (in the digest by its
-    /// offset) and the seq determine it, except where a replay rebased the chain, which a
-    /// replica does on its own and must not count as diverging.
-    fn mark(&mut self, record: &Record, what: &'static str, seq: u64, by: ModuleHash) {
-        let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
-        self.marks.push(Mark { topic, partition, offset, what, seq, by: Some(by) });
-    }
-}
-
-/// A deploy record folded: `partition` folds with `version` after `offset`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeployFolded {
-    pub kind: Arc<str>,
-    /// The reducer's name (the record's header).
-    pub name: String,
-    pub version: ModuleHash,
-    pub origin: String,
-    /// What the module declares: (name, version).
-    pub declared: (String, String),
-    pub partition: u32,
-    pub offset: u64,
-    /// The module (stored: later diffs name the version).
-    pub module: Bytes,
-}
-
-/// Which reducer version folds each partition of a kind. Deploy records in the log change
-/// it, so every replica that folds the same records uses the same versions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KindVersions {
-    /// The version of a partition that has folded no deploy record: the kind's first.
-    pub genesis: ModuleHash,
-    /// Partitions that folded a deploy record, and the last one's version.
-    pub partitions: BTreeMap<u32, ModuleHash>,
-    /// Partitions the latest deploy wrote to (0 before any deploy).
-    pub partition_count: u32,
-    /// Partitions that folded a replay record: how many, and the version the last one
-    /// rebuilds with (the partition's version at that record).
-    pub replays: BTreeMap<u32, (u64, ModuleHash)>,
-}
-
-impl KindVersions {
-    pub fn new(genesis: ModuleHash) -> KindVersions {
-        KindVersions { genesis, partitions: BTreeMap::new(), partition_count: 0, replays: BTreeMap::new() }
-    }
-
-    /// The replay generation of `partition`: replay records folded in it.
-    pub fn replayed(&self, partition: u32) -> u64 {
-        self.replays.get(&partition).map_or(0, |(generation, _)| *generation)
-    }
-
-    /// The version that folds `partition` now.
-    pub fn of(&self, partition: u32) -> ModuleHash {
-        self.partitions.get(&partition).copied().unwrap_or(self.genesis)
-    }
-
-    /// Every version some partition folds with now.
-    pub fn in_use(&self) -> Vec<ModuleHash> {
-        let mut out: Vec<ModuleHash> = self.partitions.values().copied().collect();
-        let all_deployed =
-            self.partition_count > 0 && (0..self.partition_count).all(|p| self.partitions.contains_key(&p));
-        if !all_deployed {
-            out.push(self.genesis);
-        }
-        out.sort_by_key(|v| v.0);
-        out.dedup();
-        out
-    }
-}
-
-/// A replay of a kind: its states rebuilt from the retained diffs by its active reducer,
-/// a page of models at a time between batches.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplayJob {
-    pub kind: String,
-    /// The version that rebuilds.
-    pub reducer: ModuleHash,
-    pub started_ms: i64,
-    pub finished_ms: Option<i64>,
-    /// Models of the kind when it started.
-    pub total: u64,
-    /// Models rebuilt.
-    pub done: u64,
-    /// Models that could not be rebuilt (they keep their history).
-    pub failed: u64,
-    pub first_error: Option<String>,
-    /// The last model id handled; the next page starts after it.
-    pub cursor: Option<String>,
-}
 
 /// Failure to read what the engine needs from the store.
 pub type ViewError = Box<dyn std::error::Error + Send + Sync>;
@@ -457,6 +36,23 @@ pub trait View {
     fn head(&self, model: &ModelKey) -> Result<Option<Head>, ViewError>;
     /// The model's latest checkpoint and the diffs after it, with the versions that wrote them.
     fn checkpoint(&self, model: &ModelKey, head: &Head) -> Result<History, ViewError>;
+}
+
+/// Why a model could not be rebuilt for a replay (it keeps its history).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotReplayed(pub String);
+
+/// What [`Engine::replay_model`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    /// Rebuilt for its partition's latest replay record (into the `Folded` given).
+    Rebuilt,
+    /// Nothing to do: already rebuilt, no replay record in its partition, or a head stored
+    /// before partitions were recorded (rebuilt at its next diff).
+    Unchanged,
+    /// Not rebuilt: why. It keeps its history and is not tried again for this replay.
+    Kept(NotReplayed),
 }
 
 /// Why a batch could not be folded. The batch is not committed; the caller stops.
@@ -626,10 +222,8 @@ impl Engine {
     }
 
     /// Rebuilds one model for its partition's latest replay record (see [`REPLAY_HEADER`]),
-    /// if it was not rebuilt for it yet, into `folded`: `Ok(Ok(true))`. `Ok(Ok(false))`:
-    /// nothing to do (already rebuilt, no replay record in its partition, or a head stored
-    /// before partitions were recorded, which is rebuilt at its next diff). `Ok(Err)`: why
-    /// it cannot be rebuilt; it keeps its history, and is not tried again for this replay.
+    /// if it was not rebuilt for it yet, into `folded`. [`Replayed::Kept`]: why it cannot
+    /// be rebuilt; it keeps its history, and is not tried again for this replay.
     /// The fold rebuilds a model at its first diff after the replay record, and the fold
     /// loop the others between batches: either way the result is the same, so every
     /// replica reaches the same hashes.
@@ -639,21 +233,26 @@ impl Engine {
         id: &str,
         view: &dyn View,
         folded: &mut Folded,
-    ) -> Result<Result<bool, String>, FoldError> {
+    ) -> Result<Replayed, FoldError> {
         let Some(index) = self.kinds.iter().position(|k| &*k.name == kind) else {
-            return Ok(Err("unknown kind".into()));
+            return Ok(Replayed::Kept(NotReplayed("unknown kind".into())));
         };
         let model = ModelKey::new(kind, id);
-        let Some(head) = view.head(&model).map_err(FoldError::View)? else { return Ok(Err("no such model".into())) };
-        let Some(partition) = head.partition else { return Ok(Ok(false)) };
+        let Some(head) = view.head(&model).map_err(FoldError::View)? else {
+            return Ok(Replayed::Kept(NotReplayed("no such model".into())));
+        };
+        let Some(partition) = head.partition else { return Ok(Replayed::Unchanged) };
         if head.replayed >= self.kinds[index].versions.replayed(partition) {
-            return Ok(Ok(false));
+            return Ok(Replayed::Unchanged);
         }
         self.kinds[index].heads.put(model.id.clone(), head);
         let outcome = self.replay_model_at(index, &model, partition, view, folded)?;
         let head = self.kinds[index].heads.get(&model.id).expect("put above").clone();
         folded.heads.push((model, head));
-        Ok(outcome.map(|()| true))
+        Ok(match outcome {
+            Ok(()) => Replayed::Rebuilt,
+            Err(reason) => Replayed::Kept(reason),
+        })
     }
 
     /// Rebuilds a model (its head in the heads cache) for `partition`'s latest replay into
@@ -665,7 +264,7 @@ impl Engine {
         partition: u32,
         view: &dyn View,
         folded: &mut Folded,
-    ) -> Result<Result<(), String>, FoldError> {
+    ) -> Result<Result<(), NotReplayed>, FoldError> {
         let Some(&(generation, version)) = self.kinds[index].versions.replays.get(&partition) else {
             return Ok(Ok(()));
         };
@@ -689,7 +288,7 @@ impl Engine {
     }
 
     /// Rebuilds one model from its oldest retained version with version `reducer` (see
-    /// [`ReplayJob`]) into `folded`; its new head. The oldest retained version (its oldest checkpoint, or
+    /// [`crate::model::ReplayJob`]) into `folded`; its new head. The oldest retained version (its oldest checkpoint, or
     /// its first diff) becomes the base of a new chain ([`Hash::rebase`]); the diffs after
     /// it are applied again, keeping their offsets and seqs. Returns why a model cannot be
     /// rebuilt (it keeps its history): a diff the reducer now refuses or fails on, a state
@@ -702,7 +301,7 @@ impl Engine {
         reducer: ModuleHash,
         view: &dyn View,
         folded: &mut Folded,
-    ) -> Result<Result<Head, String>, FoldError> {
+    ) -> Result<Result<Head, NotReplayed>, FoldError> {
         let model = model.clone();
         let id: &str = &model.id;
         let Some(last_offset) = head.offset else { return Ok(Ok(head.clone())) }; // no diffs: nothing to rebuild
@@ -728,7 +327,7 @@ impl Engine {
         let (base_seq, base_offset, old_base) = match (oldest, &snapshot) {
             (Some((seq, offset)), Some(snapshot)) => {
                 if let Err(e) = models.adopt(id, snapshot) {
-                    return Ok(Err(format!("cannot restore the oldest retained checkpoint: {e}")));
+                    return Ok(Err(NotReplayed(format!("cannot restore the oldest retained checkpoint: {e}"))));
                 }
                 let prev = tail.as_slice().first().map(|(prev, _)| *prev);
                 (seq, offset, prev.unwrap_or(head.hash))
@@ -738,10 +337,10 @@ impl Engine {
                 match models.apply(id, genesis, std::slice::from_ref(&first), &mut memory)?.pop() {
                     Some(Outcome::Applied(hash)) => (1, first.offset, hash),
                     other => {
-                        return Ok(Err(format!(
+                        return Ok(Err(NotReplayed(format!(
                             "the first diff (offset {}) no longer applies: {other:?}",
                             first.offset
-                        )));
+                        ))));
                     }
                 }
             }
@@ -751,7 +350,7 @@ impl Engine {
             |models: &mut Models, memory: &mut crate::reducer::MemoryCheckpoints| models.snapshot(id, memory);
         let base_state = match snapshot_now(models, &mut memory) {
             Ok(state) => state,
-            Err(e) => return Ok(Err(format!("cannot snapshot the rebuilt base: {e}"))),
+            Err(e) => return Ok(Err(NotReplayed(format!("cannot snapshot the rebuilt base: {e}")))),
         };
         let rest: Vec<(Hash, DiffRecord)> = tail.collect();
         let diffs: Vec<DiffRecord> = rest.iter().map(|(_, d)| d.clone()).collect();
@@ -771,7 +370,10 @@ impl Engine {
         let mut applied = Vec::with_capacity(diffs.len());
         for (diff, outcome) in diffs.into_iter().zip(outcomes) {
             let Outcome::Applied(hash) = outcome else {
-                return Ok(Err(format!("the diff at offset {} no longer applies: {outcome:?}", diff.offset)));
+                return Ok(Err(NotReplayed(format!(
+                    "the diff at offset {} no longer applies: {outcome:?}",
+                    diff.offset
+                ))));
             };
             applied.push(Applied {
                 model: model.clone(),
@@ -800,7 +402,7 @@ impl Engine {
         if new_head.offset != Some(base_offset) {
             let state_now = match snapshot_now(models, &mut memory) {
                 Ok(state) => state,
-                Err(e) => return Ok(Err(format!("cannot snapshot the rebuilt head: {e}"))),
+                Err(e) => return Ok(Err(NotReplayed(format!("cannot snapshot the rebuilt head: {e}")))),
             };
             new_head.checkpoint_bytes = state_now.len() as u64;
             folded.checkpoints.push(CheckpointWrite {
@@ -901,7 +503,7 @@ impl Engine {
             let generation = state.versions.replayed(record.partition) + 1;
             state.versions.replays.insert(record.partition, (generation, version));
             tracing::info!(kind = %state.name, partition = record.partition, offset = record.offset, generation, "replay record folded: the partition's models are rebuilt");
-            folded.mark(record, "replay", generation, version);
+            folded.mark(record, Became::Replay, generation, version);
             folded.replays.push((state.name.clone(), version));
             folded.kind_versions.retain(|(k, _)| *k != state.name);
             folded.kind_versions.push((state.name.clone(), state.versions.clone()));
@@ -939,7 +541,7 @@ impl Engine {
             offset: record.offset,
             module: record.value.clone(),
         });
-        folded.mark(record, "deployed", 0, reducer.id());
+        folded.mark(record, Became::Deployed, 0, reducer.id());
         folded.kind_versions.retain(|(k, _)| *k != state.name);
         folded.kind_versions.push((state.name.clone(), state.versions.clone()));
     }
@@ -990,7 +592,7 @@ impl Engine {
                 } else {
                     head = Some(Head::new(&model, version, partition, generation));
                     folded.created.push(model.clone());
-                    folded.mark(record, "created", 0, version);
+                    folded.mark(record, Became::Created, 0, version);
                 }
                 i += 1;
                 continue;
@@ -1053,7 +655,7 @@ impl Engine {
                     Outcome::Failed(reason) => overlay.reject(record, Rejection::Failed(reason)),
                 }
             }
-            if overlay.head.checkpoint_due(&limits) {
+            if checkpoint_due(overlay.head, &limits) {
                 match state.instances[to].snapshot(&id, &mut overlay) {
                     Ok(snapshot) => overlay.checkpoint(snapshot),
                     // A reducer that cannot snapshot keeps its models resident; the
@@ -1075,6 +677,17 @@ impl Engine {
 }
 
 /// A record and the version its partition folds with at its offset.
+/// Whether a model's state is due for a checkpoint: `checkpoint_interval_diffs` applied since
+/// the latest one, and their bytes at least `checkpoint_tail_percent` of its size. A
+/// snapshot costs in proportion to the state, so a large state is snapshotted less
+/// often and the cost per diff byte does not grow with it; the replay it saves stays
+/// at most that fraction of loading it.
+fn checkpoint_due(head: &Head, limits: &FoldLimits) -> bool {
+    let since = head.seq - head.checkpoint().map_or(0, |(seq, _)| seq);
+    let share = head.checkpoint_bytes.saturating_mul(limits.checkpoint_tail_percent) / 100;
+    since >= limits.checkpoint_interval_diffs && head.tail_bytes >= share
+}
+
 type Versioned<'a> = (&'a Record, ModuleHash);
 
 /// The index of the kind's instance of `version`, created if there is none.
@@ -1140,7 +753,7 @@ impl Overlay<'_> {
         self.head.offset = Some(applied.offset);
         self.head.hash = hash;
         self.head.reducer = reducer;
-        self.folded.mark(record, "applied", applied.seq, reducer);
+        self.folded.mark(record, Became::Applied, applied.seq, reducer);
         self.folded.applied.push(applied);
     }
 

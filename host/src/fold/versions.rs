@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use lru::LruCache;
 
-use crate::reducer::{Checkpoint, Models, ModuleHash, Reducer, ReducerError};
+use crate::model::Checkpoint;
+use crate::model::ModuleHash;
+use crate::reducer::{Models, Reducer, ReducerError};
 
 /// A model's latest checkpoint and the diffs after it, with the versions that wrote them.
 #[derive(Debug, Clone, Default)]

@@ -7,7 +7,7 @@ use wasmtime::component::types::ComponentItem;
 
 use super::bindings::GuestPre;
 use super::sandbox::GuestData;
-use super::{Limits, LoadError, REDUCER_INTERFACE, ReducerInfo, WIT_VERSION};
+use super::{LoadError, REDUCER_INTERFACE, ReducerInfo, ReducerLimits, WIT_VERSION};
 
 /// Rejects what is not wasm, and core modules, before compiling anything.
 pub(super) fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
@@ -73,7 +73,7 @@ pub(super) fn check_world(engine: &Engine, component: &Component) -> Result<(sem
 /// Instantiates once in a fresh sandbox and asks the reducer what it is.
 pub(super) fn describe(
     pre: &GuestPre<GuestData>,
-    limits: &Limits,
+    limits: &ReducerLimits,
     wit_version: semver::Version,
     imports: Vec<String>,
 ) -> Result<ReducerInfo, LoadError> {

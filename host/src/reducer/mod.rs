@@ -17,13 +17,16 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::metrics::histogram::Histogram;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, Store};
 
-pub use models::{Checkpoint, Checkpoints, Composed, DiffRecord, MemoryCheckpoints, Models, Outcome};
+pub use models::{Checkpoints, Composed, MemoryCheckpoints, Models, Outcome};
 pub use native::{Native, NativeModel};
 
 use sandbox::GuestData;
+
+use crate::model::ModuleHash;
 
 /// The version of the `statefold:reducer` WIT package this host speaks.
 pub const WIT_VERSION: semver::Version = semver::Version::new(0, 1, 0);
@@ -32,7 +35,7 @@ const METER_INTERFACE: &str = "statefold:reducer/meter@0.1.0";
 
 /// Limits on every reducer instance. Each has a default; all are configurable.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
+pub struct ReducerLimits {
     /// Linear memory cap of one instance; growing past it traps that instance.
     pub memory_bytes_max: usize,
     /// CPU budget of one diff, in wasmtime fuel (about one unit per wasm instruction).
@@ -47,9 +50,9 @@ pub struct Limits {
     pub stderr_bytes_max: usize,
 }
 
-impl Default for Limits {
+impl Default for ReducerLimits {
     fn default() -> Self {
-        Limits {
+        ReducerLimits {
             memory_bytes_max: 512 << 20,
             diff_fuel_max: 100_000_000,
             call_fuel_max: 4_000_000_000,
@@ -60,7 +63,7 @@ impl Default for Limits {
     }
 }
 
-impl Limits {
+impl ReducerLimits {
     /// Checks that the limits make sense together.
     pub fn validate(&self) -> Result<(), String> {
         if self.memory_bytes_max < 1 << 20 {
@@ -79,28 +82,6 @@ impl Limits {
             return Err("reducer_resident_models_max must be positive".into());
         }
         Ok(())
-    }
-}
-
-/// blake3 of a module's bytes: the identity of a reducer version.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ModuleHash(pub [u8; 32]);
-
-impl ModuleHash {
-    pub fn of(bytes: &[u8]) -> ModuleHash {
-        ModuleHash(*blake3::hash(bytes).as_bytes())
-    }
-}
-
-impl fmt::Display for ModuleHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for ModuleHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ModuleHash({self})")
     }
 }
 
@@ -202,10 +183,11 @@ pub enum ReducerError {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<GuestData>,
-    limits: Limits,
+    limits: ReducerLimits,
     compiled: Mutex<HashMap<ModuleHash, Arc<Reducer>>>,
     cache_dir: Option<PathBuf>,
     natives: Natives,
+    call_seconds: Histogram,
 }
 
 /// Native stand-ins by module, for benchmarks (see [`Native`]).
@@ -214,7 +196,7 @@ pub type Natives = HashMap<ModuleHash, Arc<dyn Native>>;
 impl Runtime {
     /// Builds the engine and linker. `cache_dir`, if given, keeps compiled code across
     /// restarts (`<blake3>-<engine>.cwasm`).
-    pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
+    pub fn new(limits: ReducerLimits, cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
         limits.validate().map_err(anyhow::Error::msg)?;
         let mut config = Config::new();
         config.wasm_component_model(true);
@@ -228,7 +210,21 @@ impl Runtime {
         if let Some(dir) = &cache_dir {
             std::fs::create_dir_all(dir)?;
         }
-        Ok(Runtime { engine, linker, limits, compiled: Mutex::new(HashMap::new()), cache_dir, natives: Natives::new() })
+        Ok(Runtime {
+            engine,
+            linker,
+            limits,
+            compiled: Mutex::new(HashMap::new()),
+            cache_dir,
+            natives: Natives::new(),
+            call_seconds: Histogram::new([]),
+        })
+    }
+
+    /// Records the time of every `apply` call of the reducers it loads from now on.
+    pub fn with_call_seconds(mut self, call_seconds: Histogram) -> Runtime {
+        self.call_seconds = call_seconds;
+        self
     }
 
     /// Runs the modules in `natives` through their native stand-ins (benchmarks only).
@@ -237,7 +233,7 @@ impl Runtime {
         self
     }
 
-    pub fn limits(&self) -> &Limits {
+    pub fn limits(&self) -> &ReducerLimits {
         &self.limits
     }
 
@@ -268,8 +264,14 @@ impl Runtime {
         if native.is_some() {
             tracing::warn!(reducer = %id, "running natively: no sandbox, no fuel, no memory cap");
         }
-        let reducer =
-            Arc::new(Reducer { id, info, pre, engine: self.engine.clone(), limits: self.limits.clone(), native });
+        let reducer = Arc::new(Reducer {
+            id,
+            info,
+            wasm: Some((pre, self.engine.clone())),
+            limits: self.limits.clone(),
+            native,
+            call_seconds: self.call_seconds.clone(),
+        });
         self.compiled.lock().unwrap_or_else(|p| p.into_inner()).insert(id, reducer.clone());
         Ok(reducer)
     }
@@ -316,13 +318,30 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub struct Reducer {
     id: ModuleHash,
     info: ReducerInfo,
-    pre: bindings::GuestPre<GuestData>,
-    engine: Engine,
-    limits: Limits,
+    /// The compiled component, ready to instantiate (`None`: a native-only reducer).
+    wasm: Option<(bindings::GuestPre<GuestData>, Engine)>,
+    limits: ReducerLimits,
+    /// Runs the calls in place of the component (benchmarks, the engine's unit tests).
     native: Option<Arc<dyn Native>>,
+    /// Time of each `apply` call (`statefold_reducer_call_seconds`).
+    call_seconds: Histogram,
 }
 
 impl Reducer {
+    /// A reducer with no module: `native` answers every call, `info` stands for what it
+    /// would declare, `id` names the version. For tests of what drives reducers (the fold
+    /// engine) without compiling wasm; never a way to run untrusted code (no sandbox).
+    pub fn native(id: ModuleHash, info: ReducerInfo, native: Arc<dyn Native>) -> Arc<Reducer> {
+        Arc::new(Reducer {
+            id,
+            info,
+            wasm: None,
+            limits: ReducerLimits::default(),
+            native: Some(native),
+            call_seconds: Histogram::new([]),
+        })
+    }
+
     /// blake3 of the module: this version's identity.
     pub fn id(&self) -> ModuleHash {
         self.id
@@ -337,10 +356,14 @@ impl Reducer {
         Models::new(self.clone())
     }
 
-    fn new_store(&self) -> Store<GuestData> {
-        let mut store = Store::new(&self.engine, GuestData::new(&self.limits));
+    /// A store and an instance of the component, with `fuel`.
+    fn instantiate(&self, fuel: u64) -> wasmtime::Result<(Store<GuestData>, bindings::Guest)> {
+        let (pre, engine) = self.wasm.as_ref().expect("a reducer without native calls has a module");
+        let mut store = Store::new(engine, GuestData::new(&self.limits));
         store.limiter(|data| &mut data.limiter);
-        store
+        store.set_fuel(fuel)?;
+        let guest = pre.instantiate(&mut store)?;
+        Ok((store, guest))
     }
 
     fn label(&self) -> String {
@@ -360,13 +383,14 @@ mod tests {
 
     #[test]
     fn limits_are_validated_together() {
-        assert_eq!(Limits::default().validate(), Ok(()));
-        let tiny = Limits { memory_bytes_max: 1000, ..Limits::default() };
+        assert_eq!(ReducerLimits::default().validate(), Ok(()));
+        let tiny = ReducerLimits { memory_bytes_max: 1000, ..ReducerLimits::default() };
         assert_eq!(tiny.validate(), Err("reducer_memory_bytes_max must be at least 1 MiB".into()));
-        let inverted = Limits { resident_bytes_max: 1 << 30, memory_bytes_max: 1 << 29, ..Limits::default() };
+        let inverted =
+            ReducerLimits { resident_bytes_max: 1 << 30, memory_bytes_max: 1 << 29, ..ReducerLimits::default() };
         assert!(inverted.validate().unwrap_err().contains("must be below reducer_memory_bytes_max"));
-        assert!(Limits { diff_fuel_max: 0, ..Limits::default() }.validate().is_err());
-        assert!(Limits { resident_models_max: 0, ..Limits::default() }.validate().is_err());
+        assert!(ReducerLimits { diff_fuel_max: 0, ..ReducerLimits::default() }.validate().is_err());
+        assert!(ReducerLimits { resident_models_max: 0, ..ReducerLimits::default() }.validate().is_err());
         let err = Runtime::new(tiny, None).err().expect("refused");
         assert!(err.to_string().contains("at least 1 MiB"), "{err}");
     }

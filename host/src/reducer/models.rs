@@ -17,22 +17,7 @@ use super::bindings::{self, ApplyResult, DiffContext};
 use super::sandbox::GuestData;
 use super::{Native, NativeModel, Reducer, ReducerError};
 use crate::chain::Hash;
-
-/// One diff as the log holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiffRecord {
-    pub offset: u64,
-    pub timestamp_ms: Option<i64>,
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub payload: Vec<u8>,
-}
-
-impl DiffRecord {
-    /// A record with only an offset and a payload.
-    pub fn new(offset: u64, payload: impl Into<Vec<u8>>) -> DiffRecord {
-        DiffRecord { offset, timestamp_ms: None, headers: Vec::new(), payload: payload.into() }
-    }
-}
+use crate::model::{Checkpoint, DiffRecord};
 
 /// What happened to one diff of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,15 +29,6 @@ pub enum Outcome {
     /// The reducer failed on it alone, on a fresh instance (trap, CPU budget, memory cap,
     /// broken contract); the state is as before it.
     Failed(String),
-}
-
-/// A model's latest saved state and the diffs applied after it, each with the hash the
-/// model had before it.
-#[derive(Debug, Clone, Default)]
-pub struct Checkpoint {
-    /// `None`: the model's empty state (a new model).
-    pub snapshot: Option<Vec<u8>>,
-    pub tail: Vec<(Hash, DiffRecord)>,
 }
 
 /// Where evicted and lost models come back from. The store implements it over RocksDB;
@@ -447,10 +423,8 @@ impl Models {
             let instance = match &self.reducer.native {
                 Some(native) => Instance::Native { native: native.clone(), models: HashMap::new(), next: 0 },
                 None => {
-                    let mut store = self.reducer.new_store();
-                    store.set_fuel(self.reducer.limits.call_fuel_max).map_err(|e| self.instantiate_error(e))?;
-                    let guest = match self.reducer.pre.instantiate(&mut store) {
-                        Ok(guest) => guest,
+                    let (store, guest) = match self.reducer.instantiate(self.reducer.limits.call_fuel_max) {
+                        Ok(instance) => instance,
                         Err(e) => return Err(self.instantiate_error(e)),
                     };
                     Instance::Wasm { store: Box::new(store), guest }
@@ -597,7 +571,9 @@ impl Models {
             .collect();
         let n = u32::try_from(batch.len()).map_err(|_| CallError::Contract("batch too large".into()))?;
         let live = self.arm(n).map_err(|e| CallError::Trap(e.to_string()))?;
+        let started = std::time::Instant::now();
         let result = live.instance.apply(handle, &prevs, batch);
+        self.reducer.call_seconds.observe(started.elapsed().as_secs_f64());
         let result = result.map_err(|e| CallError::Trap(self.describe_trap(&e)))?;
         let refused_index = result.refusal.as_ref().map(|r| r.index);
         let valid = match refused_index {

@@ -17,7 +17,7 @@ use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
 use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::Limits;
+use super::ReducerLimits;
 
 /// What a reducer instance's `Store` holds.
 pub(crate) struct GuestData {
@@ -29,7 +29,7 @@ pub(crate) struct GuestData {
 }
 
 impl GuestData {
-    pub(crate) fn new(limits: &Limits) -> GuestData {
+    pub(crate) fn new(limits: &ReducerLimits) -> GuestData {
         let stderr = TailPipe::new(limits.stderr_bytes_max);
         let wasi = WasiCtxBuilder::new()
             .stderr(stderr.clone())

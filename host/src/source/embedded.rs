@@ -5,7 +5,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::{Source, SourceError, SourceStatus};
-use crate::fold::Record;
+use crate::model::Record;
 use crate::store::{Store, StoreError};
 
 /// Embedded topics have one partition.
@@ -39,6 +39,11 @@ impl EmbeddedLog {
         *count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         cvar.notify_all();
         Ok((PARTITION, offset))
+    }
+
+    /// The offset the next record of (`topic`, `partition`) will get.
+    pub fn end(&self, topic: &str, partition: u32) -> Result<u64, StoreError> {
+        self.store.log_end(topic, partition)
     }
 
     /// The reading side, over `topics`, from the positions stored in the store.

@@ -27,7 +27,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::{Source, SourceError, SourceStatus, WriteError};
 use crate::config::{KafkaConfig, Limits};
-use crate::fold::Record;
+use crate::model::Record;
 use crate::store::{Position, Store};
 
 pub const SOURCE_NAME: &str = "kafka";
@@ -95,7 +95,7 @@ pub fn kafka_settings(config: &KafkaConfig, limits: &Limits, role: Role) -> BTre
     settings
 }
 
-pub(crate) fn client_config(settings: &BTreeMap<String, String>) -> ClientConfig {
+pub(super) fn client_config(settings: &BTreeMap<String, String>) -> ClientConfig {
     let mut config = ClientConfig::new();
     for (k, v) in settings {
         config.set(k, v);
@@ -397,7 +397,7 @@ fn check_loop(
 }
 
 /// The number of partitions of `topic`, as the brokers describe it; why not, otherwise.
-pub(crate) fn partition_count<C: ClientContext>(
+pub(super) fn partition_count<C: ClientContext>(
     client: &rdkafka::client::Client<C>,
     topic: &str,
     timeout: Duration,

@@ -1,9 +1,11 @@
 //! Sources of records: the embedded log and Kafka. The fold loop reads a source through
 //! [`Source`] only; the engine never sees it. Appends go through [`Writer`], to the same
-//! log the source reads.
+//! log the source reads. [`attest`]: replicas comparing their partition digests through
+//! a Kafka topic (it builds its clients as the source does, inside this module).
 
+pub mod attest;
 mod embedded;
-pub(crate) mod kafka;
+mod kafka;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -12,7 +14,7 @@ use std::time::Duration;
 pub use embedded::{EmbeddedLog, EmbeddedSource};
 pub use kafka::{KafkaSource, KafkaWriter, SOURCE_NAME as KAFKA_SOURCE_NAME, kafka_settings};
 
-use crate::fold::Record;
+use crate::model::Record;
 use crate::store::Position;
 
 /// Why a source could not deliver.
@@ -142,6 +144,16 @@ impl Writer {
         match self {
             Writer::Embedded(_) => Ok(1),
             Writer::Kafka(producer) => producer.partitions(topic, Duration::from_secs(10)).await,
+        }
+    }
+
+    /// Where (`topic`, `partition`) ends, where this server knows it for certain: the
+    /// embedded log (this process is its only writer). `None` with Kafka, where another
+    /// producer may have appended since this server last looked.
+    pub fn known_end(&self, topic: &str, partition: u32) -> Result<Option<u64>, crate::store::StoreError> {
+        match self {
+            Writer::Embedded(log) => log.end(topic, partition).map(Some),
+            Writer::Kafka(_) => Ok(None),
         }
     }
 

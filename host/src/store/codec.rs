@@ -2,7 +2,7 @@
 //! is strict (lengths checked, nothing left over), so a damaged value is found on read.
 
 use crate::chain::Hash;
-use crate::reducer::ModuleHash;
+use crate::model::ModuleHash;
 
 pub(super) const FORMAT: u8 = 1;
 

@@ -19,11 +19,12 @@ use bytes::Bytes;
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions};
 
 use crate::chain::Hash;
-use crate::deploy::{VersionRecord, VersionStatus};
-use crate::fold::{
-    Applied, Folded, Head, History, KindVersions, ModelKey, Record, Rejected, Rejection, ReplayJob, View, ViewError,
+use crate::fold::{History, View, ViewError};
+use crate::model::{
+    Applied, Folded, Head, KindVersions, ModelKey, ModuleHash, Record, Rejected, Rejection, ReplayJob, VersionRecord,
+    VersionStatus,
 };
-use crate::reducer::{Checkpoint, ModuleHash};
+use crate::model::{Checkpoint, DiffRecord};
 use codec::{Dec, Enc, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix, progress_key};
 
 const DIFFS: &str = "diffs";
@@ -96,7 +97,7 @@ pub struct Position {
     pub partition: u32,
     pub next_offset: u64,
     /// The partition's digest after the records before `next_offset` (see
-    /// [`crate::attest`]); `None` where none is kept.
+    /// [`crate::source::attest`]); `None` where none is kept.
     pub digest: Option<Hash>,
 }
 
@@ -205,8 +206,9 @@ impl Store {
         self.db.cf_handle(name).expect("every column family is created at open")
     }
 
-    /// Commits one folded batch and the source positions after it, atomically.
-    pub fn commit(&self, folded: &Folded, positions: &[(String, Position)]) -> Result<(), StoreError> {
+    /// Commits one folded batch and the source positions after it, atomically. Returns the
+    /// bytes written (the WriteBatch's size).
+    pub fn commit(&self, folded: &Folded, positions: &[(String, Position)]) -> Result<u64, StoreError> {
         self.commit_with(folded, positions, &[])
     }
 
@@ -216,7 +218,7 @@ impl Store {
         folded: &Folded,
         positions: &[(String, Position)],
         versions: &[VersionRecord],
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         check_folded(folded)?;
         let mut batch = WriteBatch::default();
         for record in versions {
@@ -289,7 +291,7 @@ impl Store {
         self.written.commits.fetch_add(1, Ordering::Relaxed);
         self.written.entries.fetch_add(entries, Ordering::Relaxed);
         self.written.bytes.fetch_add(bytes, Ordering::Relaxed);
-        Ok(())
+        Ok(bytes)
     }
 
     /// What the fold's commits have written since the store was opened.
@@ -729,7 +731,7 @@ impl Reader<'_> {
             }
         };
         let diffs = self.diffs(model, after, through.unwrap_or(u64::MAX), prev, seq)?;
-        let tail = diffs.iter().map(|d| (d.prev, d.record())).collect();
+        let tail = diffs.iter().map(|d| (d.prev, DiffRecord::from(d))).collect();
         let applied_by = diffs.iter().map(|d| d.reducer).collect();
         let (snapshot, snapshot_by) = snapshot.map_or((None, None), |(bytes, by)| (Some(bytes), Some(by)));
         Ok(History { checkpoint: Checkpoint { snapshot, tail }, snapshot_by, applied_by })

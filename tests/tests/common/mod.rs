@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use statefold::chain::Hash;
-use statefold::reducer::{DiffRecord, Limits, MemoryCheckpoints, Models, Outcome, Reducer, Runtime};
+use statefold::model::DiffRecord;
+use statefold::reducer::{MemoryCheckpoints, Models, Outcome, Reducer, ReducerLimits, Runtime};
 
-pub fn runtime(limits: Limits) -> Runtime {
+pub fn runtime(limits: ReducerLimits) -> Runtime {
     Runtime::new(limits, None).expect("runtime")
 }
 

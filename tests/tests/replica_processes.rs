@@ -15,20 +15,19 @@ use std::time::{Duration, Instant};
 
 use rand::prelude::*;
 use serde_json::{Value, json};
-use statefold::fold::{CheckpointWrite, Folded, ModelKey};
+use statefold::model::{CheckpointWrite, Folded, ModelKey};
 use statefold::store::{Store, StoreOptions};
 use statefold_tests::broker::Broker;
 use statefold_tests::http::{Follower, SseStream, json_of};
 use tokio::sync::RwLock;
 
-mod common;
-use common::Serve;
+use statefold_tests::process::Serve;
 
 const SERVERS: usize = 3;
 const MODELS: usize = 20;
 const CLIENTS: usize = 100;
 const DIFFS: usize = 1500;
-const REDUCER: &str = "statefold_reducer_counter";
+const REDUCER: &str = "counter";
 
 fn flags(broker: &Broker) -> Vec<String> {
     let brokers = broker.brokers();
@@ -68,7 +67,7 @@ fn value_of(state: &Value) -> Option<i64> {
 /// `statefold verify` on a server's data dir; (success, stdout).
 fn verify(dir: &Path, broker: &Broker, repair: bool) -> (bool, String) {
     let reducers = statefold_tests::wasm("counter").parent().unwrap().to_owned();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_statefold"));
+    let mut command = Command::new(statefold_tests::statefold_binary());
     command
         .args(["verify", "--data-dir"])
         .arg(dir.join("data"))

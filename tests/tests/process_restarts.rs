@@ -9,8 +9,7 @@ use serde_json::json;
 use statefold::chain::Hash;
 use statefold_tests::http::{SseStream, json_of};
 
-mod common;
-use common::Serve;
+use statefold_tests::process::Serve;
 
 /// The reference fold of the counter: the sum, and the hash chain over the diff bytes.
 fn reference(id: &str, diffs: &[String]) -> (i64, Hash) {
@@ -158,7 +157,7 @@ async fn corruption_stops_the_process_with_a_clear_message() {
 fn bad_configuration_is_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_statefold")).arg("serve").args(args).output().unwrap();
+        let output = Command::new(statefold_tests::statefold_binary()).arg("serve").args(args).output().unwrap();
         assert!(!output.status.success(), "{args:?} was accepted");
         String::from_utf8_lossy(&output.stderr).into_owned()
     };

@@ -1,9 +1,11 @@
 //! The `statefold` binary, as a user runs it, on a real reducer built from `reducers/`.
 
+use statefold_tests::process::Serve;
+
 #[test]
 fn cli_check_prints_what_a_reducer_declares() {
-    let bin = env!("CARGO_BIN_EXE_statefold");
-    let out = std::process::Command::new(bin)
+    let bin = statefold_tests::statefold_binary();
+    let out = std::process::Command::new(&bin)
         .args(["reducer", "check"])
         .arg(statefold_tests::wasm("document"))
         .output()
@@ -21,21 +23,19 @@ fn cli_check_prints_what_a_reducer_declares() {
 
     let core = std::env::temp_dir().join(format!("statefold-core-{}.wasm", std::process::id()));
     std::fs::write(&core, wat::parse_str("(module)").unwrap()).unwrap();
-    let out = std::process::Command::new(bin).args(["reducer", "check"]).arg(&core).output().unwrap();
+    let out = std::process::Command::new(&bin).args(["reducer", "check"]).arg(&core).output().unwrap();
     std::fs::remove_file(&core).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("a core WebAssembly module, not a component"), "{stderr}");
 }
 
-mod common;
-
 /// `statefold replay KIND` against a running server: starts the replay, prints progress,
 /// exits 0 when every model is rebuilt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_replay_runs_a_replay_to_the_end() {
     let dir = tempfile::tempdir().unwrap();
-    let mut serve = common::Serve::start_with(dir.path(), &["--replay-page-models".into(), "2".into()]);
+    let mut serve = Serve::start_with(dir.path(), &["--replay-page-models".into(), "2".into()]);
     let client = reqwest::Client::new();
     serve.wait_ready(&client).await;
     for i in 0..5 {
@@ -49,7 +49,7 @@ async fn cli_replay_runs_a_replay_to_the_end() {
         client.get(format!("{}/v1/models/counter/m3", serve.url)).send().await.unwrap().json().await.unwrap();
     let url = serve.url.clone();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_statefold"))
+        std::process::Command::new(statefold_tests::statefold_binary())
             .args(["replay", "counter", "--interval-s", "0.05", "--url", &url])
             .output()
     })
@@ -64,7 +64,7 @@ async fn cli_replay_runs_a_replay_to_the_end() {
     assert_eq!((&after["state"], &after["seq"]), (&before["state"], &before["seq"]), "same reducer, same state");
     assert_ne!(after["hash"], before["hash"], "a replay starts a new chain");
     // An unknown kind: the server's error, exit 1.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_statefold"))
+    let out = std::process::Command::new(statefold_tests::statefold_binary())
         .args(["replay", "nope", "--url", &serve.url])
         .output()
         .unwrap();

@@ -14,9 +14,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use super::DeployError;
 use crate::app::{App, Module};
-use crate::reducer::ModuleHash;
+use crate::deploy::DeployError;
+use crate::model::ModuleHash;
 
 /// One watched file.
 struct Watched {

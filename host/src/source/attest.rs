@@ -2,7 +2,7 @@
 //! detected, and stops being served.
 //!
 //! Every server keeps, per partition, a digest of what became of each record it folded:
-//! `digest = blake3(digest ‖ offset ‖ what ‖ 0 ‖ seq ‖ version)` ([`crate::fold::Mark`]): an
+//! `digest = blake3(digest ‖ offset ‖ what ‖ 0 ‖ seq ‖ version)` ([`crate::model::Mark`]): an
 //! applied diff's seq and the version that applied it, a rejection's code, a deploy's
 //! version. Not the model's hash: the log's records and the seqs determine it, except where
 //! a replay rebased a chain, which is not a divergence.
@@ -20,10 +20,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -32,10 +32,10 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use super::kafka::{Role, client_config, kafka_settings, partition_count};
 use crate::chain::Hash;
 use crate::config::{KafkaConfig, Limits};
-use crate::fold::Mark;
-use crate::source::kafka::{Role, client_config, kafka_settings, partition_count};
+use crate::model::Mark;
 use crate::store::{Position, Store, StoreError};
 
 /// A partition's digest at an attestation point.
@@ -90,7 +90,7 @@ impl Digests {
                 if let Some(current) = digest {
                     let mut hasher = blake3::Hasher::new();
                     hasher.update(current.as_bytes()).update(&mark.offset.to_be_bytes());
-                    hasher.update(mark.what.as_bytes()).update(&[0]).update(&mark.seq.to_be_bytes());
+                    hasher.update(mark.what.as_str().as_bytes()).update(&[0]).update(&mark.seq.to_be_bytes());
                     hasher.update(&mark.by.map_or([0; 32], |by| by.0));
                     *current = Hash::from_bytes(*hasher.finalize().as_bytes());
                     if last.is_none_or(|l| l / self.interval < mark.offset / self.interval) {
@@ -162,7 +162,8 @@ pub struct Attestor {
     kept: usize,
     producer: ThreadedProducer<DefaultProducerContext>,
     inner: Mutex<Inner>,
-    pub compared_total: AtomicU64,
+    /// Points compared with the other replicas' (`statefold_replica_digests_compared_total`).
+    compared: Counter,
 }
 
 impl Attestor {
@@ -173,6 +174,7 @@ impl Attestor {
         limits: &Limits,
         data_dir: &Path,
         stop: CancellationToken,
+        compared: Counter,
     ) -> anyhow::Result<Option<(Arc<Attestor>, std::thread::JoinHandle<()>)>> {
         if config.attest_topic.is_empty() {
             return Ok(None);
@@ -190,7 +192,7 @@ impl Attestor {
             kept: limits.attest_points_kept.max(1),
             producer,
             inner: Mutex::new(Inner::default()),
-            compared_total: AtomicU64::new(0),
+            compared,
         });
         tracing::info!(server = %attestor.server, topic = %attestor.topic, "attesting partition digests to the other replicas");
         let reader = attestor.clone();
@@ -248,7 +250,7 @@ impl Attestor {
     }
 
     fn judge(&self, inner: &mut Inner, server: &str, ours: &Point, theirs: &str) {
-        self.compared_total.fetch_add(1, Ordering::Relaxed);
+        self.compared.inc();
         let agrees = ours.digest == theirs;
         if !agrees {
             tracing::error!(peer = server, topic = %ours.topic, partition = ours.partition, offset = ours.offset, ours = %ours.digest, theirs, "a replica folded this partition differently");

@@ -1,5 +1,5 @@
-//! `statefold serve` as a child process, for the tests of the binary.
-#![allow(dead_code)]
+//! `statefold serve` as a child process: the one helper that starts the binary and reads
+//! the address it prints first.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -18,27 +18,39 @@ impl Serve {
         Serve::start_with(dir, &[])
     }
 
+    /// [`Serve::start`] with more flags.
     pub fn start_with(dir: &Path, extra: &[String]) -> Serve {
-        let counter = statefold_tests::wasm("counter");
-        let reducers = counter.parent().unwrap();
+        let mut args: Vec<String> =
+            ["--kind", "counter=counter.wasm", "--checkpoint-interval-diffs", "50", "--retain-checkpoints", "100"]
+                .map(String::from)
+                .to_vec();
+        args.extend_from_slice(extra);
+        Serve::spawn(dir, &args)
+    }
+
+    /// `statefold serve --listen 127.0.0.1:0 --data-dir DIR/data --reducers-dir
+    /// (the built reducers) ARGS`, its stderr in a file under `dir`.
+    pub fn spawn(dir: &Path, args: &[String]) -> Serve {
+        let counter = crate::wasm("counter");
+        let reducers = counter.parent().expect("the reducers' directory");
+        let mut all: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into(), "--data-dir".into()];
+        all.push(dir.join("data").display().to_string());
+        all.push("--reducers-dir".into());
+        all.push(reducers.display().to_string());
+        all.extend_from_slice(args);
+        Serve::spawn_args(dir, &all)
+    }
+
+    /// `statefold serve ARGS` (which must make it listen on a port of its choosing), its
+    /// stderr in a file under `dir`; returns once it has printed its address.
+    pub fn spawn_args(dir: &Path, args: &[String]) -> Serve {
         let stderr = dir.join(format!(
             "stderr-{}.log",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_statefold"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.join("data"))
-            .arg("--reducers-dir")
-            .arg(reducers)
-            .args([
-                "--kind",
-                "counter=statefold_reducer_counter.wasm",
-                "--checkpoint-interval-diffs",
-                "50",
-                "--retain-checkpoints",
-                "100",
-            ])
-            .args(extra)
+        let mut child = Command::new(crate::statefold_binary())
+            .arg("serve")
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()

@@ -9,8 +9,7 @@ use rand::RngExt;
 use statefold::chain::Hash;
 use statefold_tests::broker::{Broker, produce_all};
 
-mod common;
-use common::Serve;
+use statefold_tests::process::Serve;
 
 const MODELS: usize = 200;
 const DIFFS: usize = 50_000;

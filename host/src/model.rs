@@ -1,0 +1,552 @@
+//! The shared vocabulary: what every part of Statefold speaks of. Records as a source
+//! delivers them, models and their heads, what a batch changed ([`Folded`]: applied
+//! diffs, rejections, checkpoints, prunes, deploys, digest marks), which version folds
+//! each partition ([`KindVersions`]), reducer versions ([`ModuleHash`],
+//! [`VersionRecord`]). Plain data: the fold engine produces it, the store commits it,
+//! sources deliver [`Record`]s, the API and the hub read it. It imports no adapter, so no
+//! two adapters need to import each other.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::chain::Hash;
+
+/// A record whose header has this name creates its model (and carries no diff).
+pub const CREATE_HEADER: &str = "statefold-create";
+/// A record whose header has this name (its value: the reducer's name) deploys the module
+/// it carries to its partition: the partition's later records fold with that version. A
+/// deploy writes one to every partition of each of the reducer's topics, so every replica
+/// switches each partition at the same offset.
+pub const DEPLOY_HEADER: &str = "statefold-deploy";
+/// A record whose header has this name (its value: the kind) replays its partition: every
+/// model of the partition is rebuilt from its oldest retained version with the partition's
+/// version at that record, at its next diff or between batches, whichever comes first (see
+/// `fold::Engine::replay_model`). A replay writes one to every partition of the kind's topic.
+pub const REPLAY_HEADER: &str = "statefold-replay";
+/// On a deploy record: how the version arrived (`http`, `directory`).
+pub const DEPLOY_ORIGIN_HEADER: &str = "statefold-origin";
+/// On a deploy record: the number of partitions the deploy wrote to.
+pub const DEPLOY_PARTITIONS_HEADER: &str = "statefold-partitions";
+/// Longest model id, in bytes.
+pub const ID_BYTES_MAX: usize = 256;
+
+/// One record as a source delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Option<Vec<u8>>,
+    pub value: Bytes,
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    pub fn is_create(&self) -> bool {
+        self.header(CREATE_HEADER).is_some()
+    }
+
+    /// The value of the first header named `name`.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    }
+}
+
+/// A model: its kind and its id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelKey {
+    pub kind: Arc<str>,
+    pub id: Arc<str>,
+}
+
+impl ModelKey {
+    pub fn new(kind: &str, id: &str) -> ModelKey {
+        ModelKey { kind: kind.into(), id: id.into() }
+    }
+
+    /// The hash of this model before its first diff.
+    pub fn genesis(&self) -> Hash {
+        Hash::genesis(&self.kind, &self.id)
+    }
+}
+
+/// Checks a model id: UTF-8, 1 to [`ID_BYTES_MAX`] bytes, no control characters (the
+/// store separates kind, id and offset with NUL).
+pub fn validate_id(id: &[u8]) -> Result<&str, String> {
+    let id = std::str::from_utf8(id).map_err(|_| "model id is not UTF-8".to_owned())?;
+    if id.is_empty() || id.len() > ID_BYTES_MAX {
+        return Err(format!("model id must be 1 to {ID_BYTES_MAX} bytes, not {}", id.len()));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("model id contains control characters".to_owned());
+    }
+    Ok(id)
+}
+
+/// Where a model stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// Diffs applied.
+    pub seq: u64,
+    /// Offset of the last applied diff; `None` before the first.
+    pub offset: Option<u64>,
+    pub hash: Hash,
+    /// The reducer version that applied the last diff (or that the model was created under).
+    pub reducer: ModuleHash,
+    /// Retained checkpoints, oldest first, as (seq, offset). Diffs at or before the oldest
+    /// one's offset are pruned once there are more than the retention allows.
+    pub checkpoints: Vec<(u64, u64)>,
+    /// Every diff after this offset is retained; `None`: every diff since the model began.
+    pub pruned_through: Option<u64>,
+    /// The partition its records are in (`None` for a head stored before it was recorded).
+    pub partition: Option<u32>,
+    /// The replay generation of its partition its history was rebuilt for (see
+    /// [`REPLAY_HEADER`]).
+    pub replayed: u64,
+    /// Size of the latest checkpoint's snapshot, in bytes (0: none, or not recorded).
+    pub checkpoint_bytes: u64,
+    /// Bytes of the diffs applied since the latest checkpoint.
+    pub tail_bytes: u64,
+}
+
+impl Head {
+    /// A model's head before its first diff.
+    pub fn new(model: &ModelKey, reducer: ModuleHash, partition: u32, replayed: u64) -> Head {
+        Head {
+            seq: 0,
+            offset: None,
+            hash: model.genesis(),
+            reducer,
+            checkpoints: Vec::new(),
+            pruned_through: None,
+            partition: Some(partition),
+            replayed,
+            checkpoint_bytes: 0,
+            tail_bytes: 0,
+        }
+    }
+
+    /// The latest checkpoint, as (seq, offset).
+    pub fn checkpoint(&self) -> Option<(u64, u64)> {
+        self.checkpoints.last().copied()
+    }
+}
+
+/// A diff that was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub model: ModelKey,
+    pub offset: u64,
+    pub seq: u64,
+    pub prev: Hash,
+    pub hash: Hash,
+    pub reducer: ModuleHash,
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub payload: Bytes,
+}
+
+/// One diff as the log holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiffRecord {
+    pub offset: u64,
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub payload: Vec<u8>,
+}
+
+impl From<&Applied> for DiffRecord {
+    fn from(applied: &Applied) -> DiffRecord {
+        DiffRecord {
+            offset: applied.offset,
+            timestamp_ms: applied.timestamp_ms,
+            headers: applied.headers.clone(),
+            payload: applied.payload.to_vec(),
+        }
+    }
+}
+
+impl DiffRecord {
+    /// A record with only an offset and a payload.
+    pub fn new(offset: u64, payload: impl Into<Vec<u8>>) -> DiffRecord {
+        DiffRecord { offset, timestamp_ms: None, headers: Vec::new(), payload: payload.into() }
+    }
+}
+
+/// A model's latest saved state and the diffs applied after it, each with the hash the
+/// model had before it.
+#[derive(Debug, Clone, Default)]
+pub struct Checkpoint {
+    /// `None`: the model's empty state (a new model).
+    pub snapshot: Option<Vec<u8>>,
+    pub tail: Vec<(Hash, DiffRecord)>,
+}
+
+/// Why a record was not applied. It is kept (with its offset) and skipped; its partition
+/// goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// The record key is missing or not a valid model id.
+    InvalidKey(String),
+    /// A create record for a model that exists.
+    Exists,
+    /// The reducer refused the diff; the model is as before it.
+    Refused(String),
+    /// The reducer failed on this diff alone (trap, CPU or memory limit).
+    Failed(String),
+    /// The record's offset is not after the model's last one: the topic was repartitioned
+    /// or rewritten under the model. Never folded out of order.
+    OffsetRegressed { head_offset: u64 },
+    /// The record's topic feeds no kind.
+    UnknownTopic,
+    /// The record's value is larger than `diff_bytes_max` (its size).
+    TooLarge { bytes: u64 },
+    /// A deploy record whose module cannot fold here (not a loadable reducer).
+    InvalidDeploy(String),
+}
+
+impl Rejection {
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::InvalidKey(_) => "invalid_key",
+            Rejection::Exists => "model_exists",
+            Rejection::Refused(_) => "refused",
+            Rejection::Failed(_) => "reducer_failed",
+            Rejection::OffsetRegressed { .. } => "offset_regressed",
+            Rejection::UnknownTopic => "unknown_topic",
+            Rejection::TooLarge { .. } => "too_large",
+            Rejection::InvalidDeploy(_) => "invalid_deploy",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Rejection::InvalidKey(reason) => reason.clone(),
+            Rejection::Exists => "the model already exists".into(),
+            Rejection::Refused(reason) => reason.clone(),
+            Rejection::Failed(reason) => reason.clone(),
+            Rejection::OffsetRegressed { head_offset } => {
+                format!("offset is not after the model's last applied offset {head_offset}")
+            }
+            Rejection::UnknownTopic => "no kind reads this topic".into(),
+            Rejection::TooLarge { bytes } => format!("the diff is {bytes} bytes, more than diff_bytes_max"),
+            Rejection::InvalidDeploy(reason) => reason.clone(),
+        }
+    }
+
+    /// The number a rejection carries, if any (stored beside the code).
+    pub fn detail(&self) -> Option<u64> {
+        match self {
+            Rejection::OffsetRegressed { head_offset } => Some(*head_offset),
+            Rejection::TooLarge { bytes } => Some(*bytes),
+            _ => None,
+        }
+    }
+
+    /// The inverse of (`code`, `message`, `detail`); `None` for an unknown code.
+    pub fn from_parts(code: &str, message: String, detail: Option<u64>) -> Option<Rejection> {
+        Some(match code {
+            "invalid_key" => Rejection::InvalidKey(message),
+            "model_exists" => Rejection::Exists,
+            "refused" => Rejection::Refused(message),
+            "reducer_failed" => Rejection::Failed(message),
+            "offset_regressed" => Rejection::OffsetRegressed { head_offset: detail? },
+            "unknown_topic" => Rejection::UnknownTopic,
+            "too_large" => Rejection::TooLarge { bytes: detail? },
+            "invalid_deploy" => Rejection::InvalidDeploy(message),
+            _ => return None,
+        })
+    }
+}
+
+/// A record that was not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    pub model: Option<ModelKey>,
+    /// The record's key, cut to [`REJECTED_KEY_BYTES_MAX`] (it may be what was wrong).
+    pub key: Option<Vec<u8>>,
+    pub timestamp_ms: Option<i64>,
+    pub reason: Rejection,
+}
+
+/// Bytes of a rejected record's key that are kept.
+pub const REJECTED_KEY_BYTES_MAX: usize = 1024;
+
+impl Rejected {
+    pub fn new(record: &Record, model: Option<ModelKey>, reason: Rejection) -> Rejected {
+        Rejected {
+            topic: record.topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+            model,
+            key: record.key.as_ref().map(|k| k[..k.len().min(REJECTED_KEY_BYTES_MAX)].to_vec()),
+            timestamp_ms: record.timestamp_ms,
+            reason,
+        }
+    }
+}
+
+/// A model's state saved at one of its versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointWrite {
+    pub model: ModelKey,
+    pub seq: u64,
+    pub offset: u64,
+    pub hash: Hash,
+    pub reducer: ModuleHash,
+    pub snapshot: Vec<u8>,
+}
+
+/// Old diffs and checkpoints of a model that retention lets go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prune {
+    pub model: ModelKey,
+    /// Diffs at or before this offset go.
+    pub diffs_through: u64,
+    /// Checkpoints before this offset go.
+    pub checkpoints_before: u64,
+}
+
+/// Everything one batch changes, for the store to commit atomically.
+#[derive(Debug, Default)]
+pub struct Folded {
+    /// Applied diffs, in record order.
+    pub applied: Vec<Applied>,
+    /// Models created by this batch (by a create record or their first diff).
+    pub created: Vec<ModelKey>,
+    pub rejected: Vec<Rejected>,
+    pub checkpoints: Vec<CheckpointWrite>,
+    pub prunes: Vec<Prune>,
+    /// The final head of every model the batch touched.
+    pub heads: Vec<(ModelKey, Head)>,
+    /// Models whose stored history a replay rewrote: their old diffs, checkpoints and
+    /// hashes go before this batch's writes for them.
+    pub replaced: Vec<ModelKey>,
+    /// The progress of a replay, committed with the models it rebuilt.
+    pub replay: Option<ReplayJob>,
+    /// Deploy records folded, in record order.
+    pub deploys: Vec<DeployFolded>,
+    /// The versions of every kind a deploy record changed, as they stand after the batch.
+    pub kind_versions: Vec<(Arc<str>, KindVersions)>,
+    /// What became of each record of the batch, for the partitions' digests (see
+    /// [`crate::source::attest`]); in no particular order.
+    pub marks: Vec<Mark>,
+    /// Records of the batch folded: all, or up to and including the first replay record
+    /// (the caller commits, then folds the rest).
+    pub consumed: usize,
+    /// Replay records this batch folded: the kind, and the version it rebuilds with.
+    pub replays: Vec<(Arc<str>, ModuleHash)>,
+}
+
+/// What became of one record, the same on every replica that folds it the same way:
+/// what happened, the model's seq after it (a replay's generation), and the version that
+/// made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    pub what: Became,
+    pub seq: u64,
+    pub by: Option<ModuleHash>,
+}
+
+/// What became of a record (see [`Mark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Became {
+    Applied,
+    Created,
+    Deployed,
+    Replay,
+    /// Not applied: the rejection's code.
+    Rejected(&'static str),
+}
+
+impl Became {
+    /// The stable name, as digests hash it: `applied`, `created`, `deployed`, `replay`,
+    /// or the rejection's code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Became::Applied => "applied",
+            Became::Created => "created",
+            Became::Deployed => "deployed",
+            Became::Replay => "replay",
+            Became::Rejected(code) => code,
+        }
+    }
+}
+
+impl Folded {
+    /// Records that `record` was not applied.
+    pub fn reject(&mut self, rejected: Rejected) {
+        let (topic, partition, offset) = (rejected.topic.clone(), rejected.partition, rejected.offset);
+        self.marks.push(Mark {
+            topic,
+            partition,
+            offset,
+            what: Became::Rejected(rejected.reason.code()),
+            seq: 0,
+            by: None,
+        });
+        self.rejected.push(rejected);
+    }
+
+    /// Records an outcome of `record` (`what` happened, the model's seq after it) and the
+    /// version that made it. Not the model's hash: the record (in the digest by its
+    /// offset) and the seq determine it, except where a replay rebased the chain, which a
+    /// replica does on its own and must not count as diverging.
+    pub fn mark(&mut self, record: &Record, what: Became, seq: u64, by: ModuleHash) {
+        let (topic, partition, offset) = (record.topic.clone(), record.partition, record.offset);
+        self.marks.push(Mark { topic, partition, offset, what, seq, by: Some(by) });
+    }
+}
+
+/// A deploy record folded: `partition` folds with `version` after `offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployFolded {
+    pub kind: Arc<str>,
+    /// The reducer's name (the record's header).
+    pub name: String,
+    pub version: ModuleHash,
+    pub origin: String,
+    /// What the module declares: (name, version).
+    pub declared: (String, String),
+    pub partition: u32,
+    pub offset: u64,
+    /// The module (stored: later diffs name the version).
+    pub module: Bytes,
+}
+
+/// Which reducer version folds each partition of a kind. Deploy records in the log change
+/// it, so every replica that folds the same records uses the same versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindVersions {
+    /// The version of a partition that has folded no deploy record: the kind's first.
+    pub genesis: ModuleHash,
+    /// Partitions that folded a deploy record, and the last one's version.
+    pub partitions: BTreeMap<u32, ModuleHash>,
+    /// Partitions the latest deploy wrote to (0 before any deploy).
+    pub partition_count: u32,
+    /// Partitions that folded a replay record: how many, and the version the last one
+    /// rebuilds with (the partition's version at that record).
+    pub replays: BTreeMap<u32, (u64, ModuleHash)>,
+}
+
+impl KindVersions {
+    pub fn new(genesis: ModuleHash) -> KindVersions {
+        KindVersions { genesis, partitions: BTreeMap::new(), partition_count: 0, replays: BTreeMap::new() }
+    }
+
+    /// The replay generation of `partition`: replay records folded in it.
+    pub fn replayed(&self, partition: u32) -> u64 {
+        self.replays.get(&partition).map_or(0, |(generation, _)| *generation)
+    }
+
+    /// The version that folds `partition` now.
+    pub fn of(&self, partition: u32) -> ModuleHash {
+        self.partitions.get(&partition).copied().unwrap_or(self.genesis)
+    }
+
+    /// Every version some partition folds with now.
+    pub fn in_use(&self) -> Vec<ModuleHash> {
+        let mut out: Vec<ModuleHash> = self.partitions.values().copied().collect();
+        let all_deployed =
+            self.partition_count > 0 && (0..self.partition_count).all(|p| self.partitions.contains_key(&p));
+        if !all_deployed {
+            out.push(self.genesis);
+        }
+        out.sort_by_key(|v| v.0);
+        out.dedup();
+        out
+    }
+}
+
+/// A replay of a kind: its states rebuilt from the retained diffs by its active reducer,
+/// a page of models at a time between batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayJob {
+    pub kind: String,
+    /// The version that rebuilds.
+    pub reducer: ModuleHash,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// Models of the kind when it started.
+    pub total: u64,
+    /// Models rebuilt.
+    pub done: u64,
+    /// Models that could not be rebuilt (they keep their history).
+    pub failed: u64,
+    pub first_error: Option<String>,
+    /// The last model id handled; the next page starts after it.
+    pub cursor: Option<String>,
+}
+
+/// blake3 of a module's bytes: the identity of a reducer version.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModuleHash(pub [u8; 32]);
+
+impl ModuleHash {
+    pub fn of(bytes: &[u8]) -> ModuleHash {
+        ModuleHash(*blake3::hash(bytes).as_bytes())
+    }
+}
+
+impl fmt::Display for ModuleHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for ModuleHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ModuleHash({self})")
+    }
+}
+
+/// Where a version stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionStatus {
+    /// Folding the reducer's kinds now.
+    Active,
+    /// Was active; its module is kept (stored diffs name it; deploy it again to roll back).
+    Retired,
+    /// A deploy that did not happen.
+    Refused,
+}
+
+impl VersionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionStatus::Active => "active",
+            VersionStatus::Retired => "retired",
+            VersionStatus::Refused => "refused",
+        }
+    }
+}
+
+/// One version of a reducer, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRecord {
+    /// The reducer's name: its file name in the reducers directory without `.wasm`.
+    pub name: String,
+    pub id: ModuleHash,
+    pub status: VersionStatus,
+    /// Why it was refused: (code, message).
+    pub refusal: Option<(String, String)>,
+    /// How it arrived: `startup`, `directory`, `http`.
+    pub origin: String,
+    /// What the module declares (`describe`): (name, version).
+    pub declared: Option<(String, String)>,
+    pub bytes: u64,
+    /// When this version was first seen, and when its status last changed (ms since epoch).
+    pub first_ms: i64,
+    pub changed_ms: i64,
+}

@@ -1,0 +1,140 @@
+//! The host's module graph, read from its source: which top-level module names which
+//! (`crate::MODULE` paths), and which outside crates the core names. Fails when a layer
+//! reaches where ARCHITECTURE.md says it must not; prints the picture ARCHITECTURE.md
+//! shows (`cargo test --release -p statefold-tests --test architecture -- --nocapture`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Top-level module of each file under `host/src`, and the text of its code (comments
+/// and doc comments removed: a doc link is not a dependency).
+fn sources() -> BTreeMap<String, String> {
+    let src = statefold_tests::workspace_root().join("host/src");
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("host/src is readable") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let module = module_of(&src, &path);
+                let text = std::fs::read_to_string(&path).expect("a source file");
+                let code: String =
+                    text.lines().map(|line| line.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
+                out.entry(module).or_default().push_str(&code);
+            }
+        }
+    }
+    out
+}
+
+fn module_of(src: &Path, file: &Path) -> String {
+    let relative = file.strip_prefix(src).expect("under host/src");
+    let first = relative.components().next().expect("a path").as_os_str().to_string_lossy().into_owned();
+    first.strip_suffix(".rs").unwrap_or(&first).to_owned()
+}
+
+/// Module -> the crate's modules it names.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let sources = sources();
+    let modules: BTreeSet<String> = sources.keys().cloned().collect();
+    sources
+        .iter()
+        .map(|(module, code)| {
+            let uses = code
+                .match_indices("crate::")
+                .filter_map(|(i, _)| {
+                    let name: String =
+                        code[i + 7..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                    (modules.contains(&name) && &name != module).then_some(name)
+                })
+                .collect();
+            (module.clone(), uses)
+        })
+        .collect()
+}
+
+#[test]
+fn layers_import_only_what_architecture_md_allows() {
+    let graph = graph();
+    println!("host/src module graph (module -> modules it uses):");
+    for (module, uses) in &graph {
+        println!("  {module:<9} -> {}", uses.iter().cloned().collect::<Vec<_>>().join(", "));
+    }
+    // The core and the adapters: what each may name. Everything else (app, hub, deploy,
+    // verify, the drivers pipeline/watch/server, main) composes them.
+    let allowed: &[(&str, &[&str])] = &[
+        ("chain", &[]),
+        ("model", &["chain"]),
+        ("fold", &["chain", "model", "reducer"]),
+        ("reducer", &["chain", "model"]),
+        ("store", &["chain", "model", "fold"]),
+        ("source", &["chain", "model", "store", "config"]),
+        ("api", &["app", "chain", "model", "metrics", "hub", "deploy"]),
+    ];
+    let mut wrong = Vec::new();
+    for (module, may) in allowed {
+        let uses = graph.get(*module).unwrap_or_else(|| panic!("no module {module} in host/src"));
+        for used in uses {
+            if !may.contains(&used.as_str()) {
+                wrong.push(format!("{module} uses {used}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "layering broken (see ARCHITECTURE.md, \"Dependencies\"): {wrong:?}");
+}
+
+#[test]
+fn the_core_names_no_io_crate() {
+    let sources = sources();
+    let mut wrong = Vec::new();
+    for module in ["chain", "model", "fold"] {
+        let code = &sources[module];
+        for io in ["rocksdb", "axum", "tokio", "rdkafka", "hyper", "reqwest", "std::fs", "std::net"] {
+            if code.contains(&format!("{io}::")) || code.contains(&format!("use {io}")) {
+                wrong.push(format!("{module} names {io}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "the core does no I/O: {wrong:?}");
+}
+
+#[test]
+fn no_two_modules_import_each_other() {
+    // Two modules that import each other can be read (or tested) only together.
+    let graph = graph();
+    let mut cycles = Vec::new();
+    for (a, uses) in &graph {
+        for b in uses {
+            if a < b && graph.get(b).is_some_and(|back| back.contains(a)) {
+                cycles.push(format!("{a} <-> {b}"));
+            }
+        }
+    }
+    assert!(cycles.is_empty(), "modules that import each other: {cycles:?}");
+}
+
+/// `cargo tree`'s (package, features) lines for `args`.
+fn features(args: &[&str]) -> BTreeSet<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = std::process::Command::new(&cargo)
+        .args(["tree", "--offline", "--prefix", "none", "-f", "{p} {f}"])
+        .args(args)
+        .current_dir(statefold_tests::workspace_root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cargo}: {e}"));
+    assert!(output.status.success(), "cargo tree: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).lines().map(|l| l.trim_end_matches(" (*)").to_owned()).collect()
+}
+
+#[test]
+fn the_server_alone_and_the_whole_test_build_resolve_one_feature_set() {
+    // `./dev.sh run` builds the host alone, `./dev.sh test` the workspace with its
+    // dev-dependencies: every dependency the host uses must get the same features in both,
+    // or cargo compiles it twice (wasmtime and RocksDB included).
+    let server = features(&["-p", "statefold", "-e", "normal,build"]);
+    let tests = features(&["--workspace", "-e", "normal,build,dev"]);
+    let only_server: Vec<&String> = server.difference(&tests).collect();
+    assert!(only_server.is_empty(), "features the server's build resolves and the tests' do not: {only_server:?}");
+}

@@ -1,0 +1,82 @@
+//! The served OpenAPI document against what the server answers: Schemathesis (a
+//! schema-driven fuzzer, from PyPI) generates requests from `/v1/openapi.json`, valid and
+//! invalid, and checks every response: no 5xx, a status the document lists for the
+//! operation, its content type, headers and body schema.
+//!
+//! Left out: the SSE stream (a response that never ends cannot be read whole; tests/sse.rs
+//! covers it) and `PUT /v1/reducers/{name}` (Schemathesis cannot make `application/wasm`
+//! bodies; tests/deploy.rs sends real and broken modules).
+
+use statefold::config::Limits;
+use statefold_tests::http::TestServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_and_no_response_off_the_document() {
+    // Waits short (a generated `?folded=` or `?wait=applied` that cannot be met answers
+    // 504 after wait_applied_ms_max; an unknown hash waits failover_wait_ms).
+    let limits = Limits { wait_applied_ms_max: 300, failover_wait_ms: 100, ..Limits::default() };
+    let server = TestServer::start(limits).await;
+    // Models to find, so that reads of a known kind and id are part of the run.
+    server.create("counter", "c1").await;
+    server.apply("counter", "c1", r#"{"add":2}"#).await;
+    server.create("document", "d1").await;
+    server.apply("document", "d1", r#"{"title":"t"}"#).await;
+
+    let python = std::env::var("STATEFOLD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let schema = server.url("/v1/openapi.json");
+    let base = server.url("");
+    let report = tempfile::tempdir().unwrap();
+    let args: Vec<String> = [
+        "-c",
+        "import sys; from schemathesis.cli import schemathesis; sys.exit(schemathesis())",
+        "run",
+        &schema,
+        "--url",
+        &base,
+        "--checks",
+        "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance",
+        "--exclude-path",
+        "/v1/models/{kind}/{id}/events",
+        "--exclude-method",
+        "PUT",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        "40",
+        "--seed",
+        "7",
+        "--workers",
+        "2",
+        "--request-timeout",
+        "30",
+        "--suppress-health-check",
+        "all",
+        "--report",
+        "junit",
+        "--report-dir",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain([report.path().display().to_string()])
+    .collect();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&python)
+            .args(&args)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {python}: {e}"))
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "Schemathesis found responses off the document (./dev.sh test installs it and sets STATEFOLD_PYTHON):\n{stdout}\n{stderr}"
+    );
+    // It ran operations, not nothing; its summary goes to the test's output.
+    assert!(stdout.contains("passed"), "{stdout}");
+    let summary = stdout.split("SUMMARY").nth(1).unwrap_or(&stdout);
+    println!("Schemathesis:{summary}");
+    server.stop().await;
+}
