@@ -1,0 +1,129 @@
+//! Committing a folded batch: one WriteBatch with everything the batch changed and the
+//! source positions after it, checked before it is written (`check_folded`).
+
+use super::*;
+
+impl Store {
+    /// Commits one folded batch and the source positions after it, atomically. Returns the
+    /// bytes written (the WriteBatch's size).
+    pub fn commit(&self, folded: &Folded, positions: &[(String, Position)]) -> Result<u64, StoreError> {
+        self.commit_with(folded, positions, &[])
+    }
+
+    /// [`Store::commit`], with the version records the batch's deploy records make.
+    pub fn commit_with(
+        &self,
+        folded: &Folded,
+        positions: &[(String, Position)],
+        versions: &[VersionRecord],
+    ) -> Result<u64, StoreError> {
+        check_folded(folded)?;
+        let mut batch = WriteBatch::default();
+        for record in versions {
+            batch.put_cf(self.cf(REDUCERS), version_key(&record.name, &record.id), encode_version(record));
+        }
+        for model in &folded.replaced {
+            // A replayed model's history is rewritten whole: what it had goes first.
+            let prefix = model_prefix(&model.kind, &model.id);
+            let end = prefix_end(&prefix);
+            for cf in [DIFFS, STATES, HASHES] {
+                batch.delete_range_cf(self.cf(cf), &prefix, &end);
+            }
+        }
+        for applied in &folded.applied {
+            let prefix = model_prefix(&applied.model.kind, &applied.model.id);
+            batch.put_cf(self.cf(DIFFS), offset_key(&prefix, applied.offset), encode_diff(applied));
+            let mut key = prefix;
+            key.extend_from_slice(applied.hash.as_bytes());
+            batch.put_cf(self.cf(HASHES), key, Enc::value().u64(applied.seq).u64(applied.offset).done());
+        }
+        for cp in &folded.checkpoints {
+            let prefix = model_prefix(&cp.model.kind, &cp.model.id);
+            let value = Enc::value().u64(cp.seq).hash(&cp.hash).module(&cp.reducer).bytes(&cp.snapshot).done();
+            batch.put_cf(self.cf(STATES), offset_key(&prefix, cp.offset), value);
+            // A checkpoint's hash resolves even where its diff is gone (a replay's base).
+            let mut key = prefix;
+            key.extend_from_slice(cp.hash.as_bytes());
+            batch.put_cf(self.cf(HASHES), key, Enc::value().u64(cp.seq).u64(cp.offset).done());
+        }
+        for prune in &folded.prunes {
+            let prefix = model_prefix(&prune.model.kind, &prune.model.id);
+            batch.delete_range_cf(self.cf(DIFFS), offset_key(&prefix, 0), offset_key(&prefix, prune.diffs_through + 1));
+            batch.delete_range_cf(
+                self.cf(STATES),
+                offset_key(&prefix, 0),
+                offset_key(&prefix, prune.checkpoints_before),
+            );
+        }
+        for (model, head) in &folded.heads {
+            batch.put_cf(self.cf(HEADS), head_key(&model.kind, &model.id), encode_head(head));
+        }
+        for rejected in &folded.rejected {
+            let key = offset_key(&partition_prefix(&rejected.topic, rejected.partition), rejected.offset);
+            batch.put_cf(self.cf(REJECTS), key, encode_reject(rejected));
+        }
+        if let Some(job) = &folded.replay {
+            batch.put_cf(self.cf(REDUCERS), replay_key(&job.kind), encode_replay(job));
+        }
+        let mut modules: Vec<ModuleHash> = Vec::new();
+        for deploy in &folded.deploys {
+            if !modules.contains(&deploy.version) {
+                modules.push(deploy.version);
+                batch.put_cf(self.cf(REDUCERS), module_key(&deploy.version), &deploy.module);
+            }
+        }
+        for (kind, versions) in &folded.kind_versions {
+            batch.put_cf(self.cf(REDUCERS), kind_versions_key(kind), encode_kind_versions(versions));
+        }
+        for (source, position) in positions {
+            let key = progress_key(source, &position.topic, position.partition);
+            let mut value = Enc::value();
+            value.u64(position.next_offset);
+            if let Some(digest) = &position.digest {
+                value.hash(digest);
+            }
+            batch.put_cf(self.cf(PROGRESS), key, value.done());
+        }
+        let (entries, bytes) = (batch.len() as u64, batch.size_in_bytes() as u64);
+        self.db.write_opt(batch, &self.write)?;
+        self.written.commits.fetch_add(1, Ordering::Relaxed);
+        self.written.entries.fetch_add(entries, Ordering::Relaxed);
+        self.written.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(bytes)
+    }
+
+    /// What the fold's commits have written since the store was opened.
+    pub fn written(&self) -> &Written {
+        &self.written
+    }
+}
+
+/// Checks a batch before it is written: each model's applied diffs chain from its previous
+/// head, seqs and offsets increase, heads agree with the last diff.
+pub(super) fn check_folded(folded: &Folded) -> Result<(), StoreError> {
+    let invalid = |detail: String| StoreError::Invalid { what: "batch", detail };
+    let mut last: HashMap<&ModelKey, &Applied> = HashMap::new();
+    for applied in &folded.applied {
+        if applied.prev.next(&applied.payload) != applied.hash {
+            return Err(invalid(format!("{:?} offset {}: hash is not the chain's", applied.model, applied.offset)));
+        }
+        if let Some(before) = last.get(&applied.model)
+            && (before.hash != applied.prev || before.seq + 1 != applied.seq || before.offset >= applied.offset)
+        {
+            return Err(invalid(format!(
+                "{:?} offset {}: does not follow offset {}",
+                applied.model, applied.offset, before.offset
+            )));
+        }
+        last.insert(&applied.model, applied);
+    }
+    for (model, head) in &folded.heads {
+        check_head(head).map_err(|detail| invalid(format!("head of {model:?}: {detail}")))?;
+        if let Some(applied) = last.get(model)
+            && (applied.hash != head.hash || applied.seq != head.seq)
+        {
+            return Err(invalid(format!("head of {model:?} does not match its last diff")));
+        }
+    }
+    Ok(())
+}
