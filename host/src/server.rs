@@ -54,9 +54,21 @@ impl Threads {
     }
 }
 
+/// Why a running Statefold stopped other than by being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum Stopped {
+    /// A store error on the fold path, or corruption found by a read: the reason.
+    #[error("{0}")]
+    Fatal(String),
+    #[error("HTTP server: {0}")]
+    Server(#[from] io::Error),
+    #[error("HTTP server task: {0}")]
+    ServerTask(#[from] tokio::task::JoinError),
+}
+
 impl Running {
     /// Stops and waits until everything has stopped.
-    pub async fn stop(self) -> Result<(), String> {
+    pub async fn stop(self) -> Result<(), Stopped> {
         self.app.status.stop.cancel();
         self.wait().await
     }
@@ -78,7 +90,7 @@ impl Running {
 
     /// Runs until stopped (by [`Running::stop`], a signal wired by the caller, or a fatal
     /// error); returns the fatal error if there was one.
-    pub async fn wait(self) -> Result<(), String> {
+    pub async fn wait(self) -> Result<(), Stopped> {
         self.app.status.stop.cancelled().await;
         let served = self.server.await;
         let threads = self.threads;
@@ -87,13 +99,9 @@ impl Running {
             let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
         }
         if let Some(reason) = self.app.status.fatal_reason() {
-            return Err(reason);
+            return Err(Stopped::Fatal(reason));
         }
-        match served {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("HTTP server: {e}")),
-            Err(e) => Err(format!("HTTP server task: {e}")),
-        }
+        Ok(served??)
     }
 }
 
