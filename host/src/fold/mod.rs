@@ -601,9 +601,16 @@ impl Engine {
                 folded.created.push(model.clone());
                 Head::new(&model, version, partition, generation)
             });
-            // The run of diffs up to the next create record or version change goes in one call.
-            let run_end =
-                records[i..].iter().position(|(r, v)| r.is_create() || *v != version).map_or(records.len(), |n| i + n);
+            // The run of diffs up to the next create record, version change or offset that
+            // does not follow the one before it goes in one call. (A model's records on two
+            // partitions of a topic can go back in a batch: the record that does is
+            // checked against the head above, as the first of the next run, and rejected.)
+            let run_end = (i + 1..records.len())
+                .find(|&j| {
+                    let (r, v) = records[j];
+                    r.is_create() || v != version || r.offset <= records[j - 1].0.offset
+                })
+                .unwrap_or(records.len());
             let run = &records[i..run_end];
             let diffs: Vec<DiffRecord> = run
                 .iter()

@@ -292,3 +292,23 @@ fn checkpoints_come_every_interval_and_retention_prunes_behind_them() {
     assert_eq!(view.heads[&ModelKey::new("counter", "a")].hash, chain("a", &["1"; 9]));
     assert_eq!(state(&mut restarted, &view, "a"), 9);
 }
+
+#[test]
+fn an_offset_going_back_within_a_batch_is_rejected_not_applied() {
+    // A model's records from two partitions (a producer with another partitioner): in one
+    // batch its offsets can go back. The diff that goes back is rejected; the batch stays
+    // one the store accepts.
+    let reducer = counter();
+    let mut engine = engine(&reducer, FoldLimits::default());
+    let mut view = FakeView::default();
+    let mut other = record(10, "a", "5");
+    other.partition = 1;
+    let records = [record(15, "a", "1"), other, record(16, "a", "2")];
+    let folded = engine.fold(&records, &view).unwrap();
+    let rejected: Vec<_> = folded.rejected.iter().map(|r| (r.partition, r.offset, r.reason.clone())).collect();
+    assert_eq!(rejected, [(1, 10, Rejection::OffsetRegressed { head_offset: 15 })]);
+    let applied: Vec<u64> = folded.applied.iter().map(|a| a.offset).collect();
+    assert_eq!(applied, [15, 16]);
+    view.commit(&folded);
+    assert_eq!(view.heads[&ModelKey::new("counter", "a")].hash, chain("a", &["1", "2"]));
+}
