@@ -122,11 +122,29 @@ impl Status {
     }
 }
 
+/// Why a client's hash is replaced by a snapshot (the SSE `reset` event's `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reset {
+    /// Not a version of this model (made up, from before a replay, or not folded here yet).
+    Unknown,
+    /// A version no longer retained.
+    Pruned,
+}
+
+impl Reset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reset::Unknown => "unknown",
+            Reset::Pruned => "pruned",
+        }
+    }
+}
+
 /// What a client at a version is sent to reach the head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
     /// The whole state (no `since`, or `since` unknown or pruned: then `reset` says which).
-    Snapshot { reset: Option<&'static str>, state: Arc<[u8]>, hash: Hash, seq: u64 },
+    Snapshot { reset: Option<Reset>, state: Arc<[u8]>, hash: Hash, seq: u64 },
     /// One diff from `from` to the head.
     Patch { from: Hash, to: Hash, seq: u64, diff: Bytes },
     /// The missed diffs one by one (the reducer can neither merge nor delta them).
@@ -564,8 +582,8 @@ impl App {
             return Ok(Plan::UpToDate { hash: head.hash, seq: head.seq });
         }
         let at = match reader.find_hash(model, &since)? {
-            None => return snapshot(Some("unknown")),
-            Some(at) if is_pruned(&head, at) => return snapshot(Some("pruned")),
+            None => return snapshot(Some(Reset::Unknown)),
+            Some(at) if is_pruned(&head, at) => return snapshot(Some(Reset::Pruned)),
             Some(at) => at,
         };
         let (after, since_seq) = match at {

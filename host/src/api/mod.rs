@@ -19,7 +19,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::app::{App, AppError, Plan};
+use crate::app::{App, AppError, Plan, Reset};
 use crate::chain::Hash;
 use crate::metrics::RequestLabels;
 use crate::model::{Applied, ModelKey, Rejection};
@@ -180,7 +180,7 @@ async fn patiently<T: Send + 'static>(
 /// this replica has not folded yet.
 async fn plan_patiently(app: &Arc<App>, model: ModelKey, since: Option<Hash>) -> Result<Plan, ApiError> {
     let unknown = |result: &Result<Plan, ApiError>| match result {
-        Ok(Plan::Snapshot { reset, .. }) => *reset == Some("unknown"),
+        Ok(Plan::Snapshot { reset, .. }) => *reset == Some(Reset::Unknown),
         Err(error) => error.code == "unknown_model",
         Ok(_) => false,
     };
@@ -423,9 +423,12 @@ impl DiffBody {
 impl From<&Plan> for PlanBody {
     fn from(plan: &Plan) -> PlanBody {
         match plan {
-            Plan::Snapshot { reset, state, hash, seq } => {
-                PlanBody::Snapshot { reset: *reset, hash: hash.to_string(), seq: *seq, state: stored_json(state) }
-            }
+            Plan::Snapshot { reset, state, hash, seq } => PlanBody::Snapshot {
+                reset: reset.map(Reset::as_str),
+                hash: hash.to_string(),
+                seq: *seq,
+                state: stored_json(state),
+            },
             Plan::Patch { from, to, seq, diff } => {
                 PlanBody::Patch { from: from.to_string(), to: to.to_string(), seq: *seq, diff: stored_json(diff) }
             }

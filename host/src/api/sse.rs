@@ -221,7 +221,7 @@ fn plan_frames(plan: &Plan) -> Vec<Bytes> {
         Plan::Snapshot { reset, state, hash, seq } => {
             let mut frames = Vec::new();
             if let Some(reason) = reset {
-                frames.push(frame("reset", None, &serde_json::json!({"reason": reason}).to_string()));
+                frames.push(frame("reset", None, &serde_json::json!({"reason": reason.as_str()}).to_string()));
             }
             let data = SnapshotData { state: stored_json(state), hash: hash.to_string(), seq: *seq };
             let data = serde_json::to_string(&data).expect("serializable");
