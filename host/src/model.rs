@@ -170,6 +170,17 @@ impl From<&Applied> for DiffRecord {
     }
 }
 
+impl From<&Record> for DiffRecord {
+    fn from(record: &Record) -> DiffRecord {
+        DiffRecord {
+            offset: record.offset,
+            timestamp_ms: record.timestamp_ms,
+            headers: record.headers.clone(),
+            payload: record.value.to_vec(),
+        }
+    }
+}
+
 impl DiffRecord {
     /// A record with only an offset and a payload.
     pub fn new(offset: u64, payload: impl Into<Vec<u8>>) -> DiffRecord {

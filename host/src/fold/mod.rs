@@ -601,36 +601,11 @@ impl Engine {
                 folded.created.push(model.clone());
                 Head::new(&model, version, partition, generation)
             });
-            // The run of diffs up to the next create record, version change or offset that
-            // does not follow the one before it goes in one call. (A model's records on two
-            // partitions of a topic can go back in a batch: the record that does is
-            // checked against the head above, as the first of the next run, and rejected.)
-            let run_end = (i + 1..records.len())
-                .find(|&j| {
-                    let (r, v) = records[j];
-                    r.is_create() || v != version || r.offset <= records[j - 1].0.offset
-                })
-                .unwrap_or(records.len());
+            let run_end = run_end(records, i);
             let run = &records[i..run_end];
-            let diffs: Vec<DiffRecord> = run
-                .iter()
-                .map(|(r, _)| DiffRecord {
-                    offset: r.offset,
-                    timestamp_ms: r.timestamp_ms,
-                    headers: r.headers.clone(),
-                    payload: r.value.to_vec(),
-                })
-                .collect();
+            let diffs: Vec<DiffRecord> = run.iter().map(|(record, _)| DiffRecord::from(*record)).collect();
             let to = instance(state, versions, version)?;
-            // Resident under another version (its partition switched since): it moves,
-            // snapshot there and restore here, as `Versions` defines its state.
-            let mut moved = Ok(());
-            for from in 0..state.instances.len() {
-                if from != to {
-                    moved = moved.and_then(|()| move_model(&mut state.instances, &id, from, to));
-                    moved = moved.and_then(|()| state.instances[from].forget(&id));
-                }
-            }
+            let moved = move_to(&mut state.instances, &id, to);
             let mut overlay = Overlay {
                 model: &model,
                 head: current,
@@ -683,7 +658,6 @@ impl Engine {
     }
 }
 
-/// A record and the version its partition folds with at its offset.
 /// Whether a model's state is due for a checkpoint: `checkpoint_interval_diffs` applied since
 /// the latest one, and their bytes at least `checkpoint_tail_percent` of its size. A
 /// snapshot costs in proportion to the state, so a large state is snapshotted less
@@ -695,7 +669,36 @@ fn checkpoint_due(head: &Head, limits: &FoldLimits) -> bool {
     since >= limits.checkpoint_interval_diffs && head.tail_bytes >= share
 }
 
+/// A record and the version its partition folds with at its offset.
 type Versioned<'a> = (&'a Record, ModuleHash);
+
+/// The end of the run of diffs that starts at `start`: up to the next create record,
+/// version change, or offset that does not follow the one before it. A run goes to the
+/// reducer in one call. (A model's records on two partitions of a topic can go back in a
+/// batch: the record that does starts the next run, is checked against the head, and is
+/// rejected.)
+fn run_end(records: &[Versioned], start: usize) -> usize {
+    let version = records[start].1;
+    (start + 1..records.len())
+        .find(|&j| {
+            let (record, v) = records[j];
+            record.is_create() || v != version || record.offset <= records[j - 1].0.offset
+        })
+        .unwrap_or(records.len())
+}
+
+/// Moves model `id` into instance `to` from whichever other instance holds it (its
+/// partition switched versions since): snapshot there, restore here, as `Versions`
+/// defines its state.
+fn move_to(instances: &mut [Models], id: &str, to: usize) -> Result<(), ReducerError> {
+    for from in 0..instances.len() {
+        if from != to {
+            move_model(instances, id, from, to)?;
+            instances[from].forget(id)?;
+        }
+    }
+    Ok(())
+}
 
 /// The index of the kind's instance of `version`, created if there is none.
 fn instance(state: &mut KindState, versions: &mut Versions, version: ModuleHash) -> Result<usize, ReducerError> {
