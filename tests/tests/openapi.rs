@@ -59,9 +59,12 @@ async fn schemathesis_finds_no_server_error_and_no_response_off_the_document() {
     .map(String::from)
     .chain([report.path().display().to_string()])
     .collect();
+    let cwd = report.path().to_owned();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(&python)
             .args(&args)
+            // Its cache (`.schemathesis/`) goes to the temp dir, not the repository.
+            .current_dir(&cwd)
             .env("NO_COLOR", "1")
             .output()
             .unwrap_or_else(|e| panic!("cannot run {python}: {e}"))
