@@ -26,7 +26,7 @@ use crate::model::{
 use crate::reducer::ReducerError;
 use crate::source::attest::Replicas;
 use crate::source::{PartitionStatus, SourceStatus, WriteError, Writer};
-use crate::store::{HashAt, Reader, Store, StoreError, StoredRejection, Written};
+use crate::store::{HashAt, Reader, Store, StoreError, StoredRejection};
 
 /// Why a request failed, in domain terms (the API maps each to a status and code).
 #[derive(Debug, thiserror::Error)]
@@ -316,22 +316,11 @@ impl App {
         self.store.read().kind_versions(kind)
     }
 
-    /// What the fold's commits have written since the store was opened.
-    pub fn written(&self) -> &Written {
-        self.store.written()
-    }
-
     /// `/metrics`: every series, the state-describing gauges as they stand now.
     pub fn metrics_text(&self) -> String {
         let replicas = self.replicas().map(|r| (r.peers.iter().filter(|p| !p.agrees).count(), r.diverged.is_some()));
-        let partitions = self
-            .partitions()
-            .into_iter()
-            .map(|((topic, partition), p)| {
-                let lag = p.lag();
-                (topic, partition, p.next, lag)
-            })
-            .collect();
+        let partitions =
+            self.partitions().into_iter().map(|((topic, partition), p)| (topic, partition, p.next, p.lag())).collect();
         self.metrics.encode(Gauges {
             ready: self.ready(),
             sse_subscribers: self.hub.subscribers(),

@@ -16,6 +16,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::store::Committed;
+
 /// The `Content-Type` of what [`Metrics::encode`] writes.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
@@ -54,6 +56,7 @@ pub struct Metrics {
     pub records_rejected: Family<CodeLabels, Counter>,
     pub fold_batch_seconds: Histogram,
     pub store_commits: Counter,
+    pub store_commit_entries: Counter,
     pub store_commit_bytes: Counter,
     pub store_commit_seconds: Histogram,
     pub deploy_records_folded: Counter,
@@ -99,6 +102,7 @@ impl Metrics {
             records_rejected: Family::default(),
             fold_batch_seconds: latency(),
             store_commits: Counter::default(),
+            store_commit_entries: Counter::default(),
             store_commit_bytes: Counter::default(),
             store_commit_seconds: latency(),
             deploy_records_folded: Counter::default(),
@@ -131,6 +135,11 @@ impl Metrics {
             m.fold_batch_seconds.clone(),
         );
         registry.register("store_commits", "RocksDB WriteBatches committed by the fold", m.store_commits.clone());
+        registry.register(
+            "store_commit_entries",
+            "Puts and range deletes the fold's commits wrote",
+            m.store_commit_entries.clone(),
+        );
         registry.register(
             "store_commit_bytes",
             "Bytes of keys and values the fold's commits wrote",
@@ -199,10 +208,11 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// The fold committed a WriteBatch of `written` bytes in `took`.
-    pub fn committed(&self, written: u64, took: Duration) {
+    /// The fold committed a WriteBatch in `took`.
+    pub fn committed(&self, committed: Committed, took: Duration) {
         self.store_commits.inc();
-        self.store_commit_bytes.inc_by(written);
+        self.store_commit_entries.inc_by(committed.entries);
+        self.store_commit_bytes.inc_by(committed.bytes);
         self.store_commit_seconds.observe(took.as_secs_f64());
     }
 

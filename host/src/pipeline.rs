@@ -12,10 +12,10 @@ use tokio::sync::watch;
 
 use crate::app::App;
 use crate::fold::{Engine, FoldError, Replayed};
-use crate::model::{Folded, ModuleHash, ReplayJob};
+use crate::model::{Folded, ModuleHash, ReplayJob, VersionRecord};
 use crate::source::attest::{Attestor, Digests};
 use crate::source::{Source, positions};
-use crate::store::StoreError;
+use crate::store::{Position, StoreError};
 
 /// What the fold thread does besides folding.
 pub struct Control {
@@ -82,10 +82,8 @@ pub fn fold_loop(
                 Ok(versions) => versions,
                 Err(e) => return status.fatal(format!("recording deployed versions: {e}")),
             };
-            let committing = Instant::now();
-            match app.store.commit_with(&folded, &positions, &versions) {
-                Ok(written) => metrics.committed(written, committing.elapsed()),
-                Err(e) => return status.fatal(format!("commit: {e}")),
+            if let Err(e) = commit(app, &folded, &positions, &versions) {
+                return status.fatal(format!("commit: {e}"));
             }
             if let Some(attestor) = &control.attestor {
                 attestor.own(points);
@@ -124,6 +122,19 @@ pub fn fold_loop(
             tracing::info!("caught up with the log: ready");
         }
     }
+}
+
+/// Commits a batch (or a replay's page) in one WriteBatch, timed and counted.
+fn commit(
+    app: &App,
+    folded: &Folded,
+    positions: &[(String, Position)],
+    versions: &[VersionRecord],
+) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let committed = app.store.commit_with(folded, positions, versions)?;
+    app.metrics.committed(committed, started.elapsed());
+    Ok(())
 }
 
 /// Why a page of a replay could not be rebuilt and committed (fatal, as for a batch).
@@ -180,9 +191,7 @@ fn replay_page(
         tracing::info!(kind = %job.kind, done = job.done, failed = job.failed, "replay finished");
     }
     folded.replay = Some(job.clone());
-    let committing = Instant::now();
-    let written = app.store.commit(&folded, &[])?;
-    app.metrics.committed(written, committing.elapsed());
+    commit(app, &folded, &[], &[])?;
     app.hub.publish(&folded);
     committed.send_modify(|n| *n += 1);
     app.replay_progress(job);

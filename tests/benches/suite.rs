@@ -14,7 +14,6 @@
 //! store before a server starts (not measured).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use statefold::config::Limits;
@@ -152,8 +151,8 @@ async fn fold_all(dir: &std::path::Path, natives: Natives) -> (Duration, [u64; 3
     }
     let took = start.elapsed();
     eprintln!("  folded {} in {took:.2?}{}", dir.display(), if natives_used { " (native)" } else { "" });
-    let written = running.app.written();
-    let written = [&written.commits, &written.entries, &written.bytes].map(|n| n.load(Ordering::Relaxed));
+    let metrics = running.app.metrics();
+    let written = [&metrics.store_commits, &metrics.store_commit_entries, &metrics.store_commit_bytes].map(|n| n.get());
     running.stop().await.expect("stops");
     (took, written)
 }

@@ -96,6 +96,7 @@ async fn metrics_parse_as_prometheus_text_with_help_and_moving_histograms() {
         "statefold_sse_lagged",
         "statefold_ready",
         "statefold_store_commits",
+        "statefold_store_commit_entries",
         "statefold_store_commit_bytes",
         "statefold_deploy_records_folded",
         "statefold_deploy_batch_max_seconds",
@@ -120,6 +121,11 @@ async fn metrics_parse_as_prometheus_text_with_help_and_moving_histograms() {
     assert_eq!(status, 200);
     let (status, _) = server.post("/v1/models/counter/m/diffs?wait=applied", "not json").await;
     assert_eq!(status, 400);
+    // A method of the client's own making is counted, but under `other`: clients cannot
+    // grow the label set.
+    let fuzz = reqwest::Method::from_bytes(b"FUZZ").unwrap();
+    let response = server.client.request(fuzz, server.url("/healthz")).send().await.unwrap();
+    assert!(response.status().is_client_error(), "{}", response.status());
     server.create("counter", "big").await;
     server.apply("counter", "big", &format!(r#"{{"add":{}}}"#, i64::MAX)).await;
     let (status, body) = server.post("/v1/models/counter/big/diffs?wait=applied", r#"{"add":1}"#).await;
@@ -151,6 +157,8 @@ async fn metrics_parse_as_prometheus_text_with_help_and_moving_histograms() {
     assert!(routes.contains(&("/v1/models/{kind}/{id}/diffs", "200")), "{routes:?}");
     assert!(routes.contains(&("/v1/models/{kind}/{id}/diffs", "400")), "{routes:?}");
     assert!(routes.iter().all(|(route, _)| !route.contains("/m/")), "{routes:?}");
+    let methods: Vec<&str> = requests.iter().map(|s| s[1]["method"].as_str().unwrap()).collect();
+    assert!(methods.contains(&"other") && !methods.contains(&"FUZZ"), "{methods:?}");
     drop(stream);
     server.stop().await;
 }

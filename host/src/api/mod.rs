@@ -563,10 +563,23 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 /// Times every request to its response head, by method, route pattern and status
-/// (`statefold_http_request_seconds`). A request no route matched counts as `unmatched`.
+/// (`statefold_http_request_seconds`). A request no route matched counts as `unmatched`,
+/// a method outside the standard ones as `other`: a client cannot grow the label set.
 async fn timed(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    use axum::http::Method;
     let started = std::time::Instant::now();
-    let method = request.method().as_str().to_owned();
+    let standard = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::TRACE,
+        Method::CONNECT,
+    ];
+    let method = if standard.contains(request.method()) { request.method().as_str() } else { "other" }.to_owned();
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
     let response = next.run(request).await;
     let labels = RequestLabels { method, route, status: response.status().as_u16() };

@@ -4,9 +4,9 @@
 use super::*;
 
 impl Store {
-    /// Commits one folded batch and the source positions after it, atomically. Returns the
-    /// bytes written (the WriteBatch's size).
-    pub fn commit(&self, folded: &Folded, positions: &[(String, Position)]) -> Result<u64, StoreError> {
+    /// Commits one folded batch and the source positions after it, atomically. Returns what
+    /// the WriteBatch held.
+    pub fn commit(&self, folded: &Folded, positions: &[(String, Position)]) -> Result<Committed, StoreError> {
         self.commit_with(folded, positions, &[])
     }
 
@@ -16,7 +16,7 @@ impl Store {
         folded: &Folded,
         positions: &[(String, Position)],
         versions: &[VersionRecord],
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Committed, StoreError> {
         check_folded(folded)?;
         let mut batch = WriteBatch::default();
         for record in versions {
@@ -84,17 +84,9 @@ impl Store {
             }
             batch.put_cf(self.cf(PROGRESS), key, value.done());
         }
-        let (entries, bytes) = (batch.len() as u64, batch.size_in_bytes() as u64);
+        let committed = Committed { entries: batch.len() as u64, bytes: batch.size_in_bytes() as u64 };
         self.db.write_opt(batch, &self.write)?;
-        self.written.commits.fetch_add(1, Ordering::Relaxed);
-        self.written.entries.fetch_add(entries, Ordering::Relaxed);
-        self.written.bytes.fetch_add(bytes, Ordering::Relaxed);
-        Ok(bytes)
-    }
-
-    /// What the fold's commits have written since the store was opened.
-    pub fn written(&self) -> &Written {
-        &self.written
+        Ok(committed)
     }
 }
 

@@ -21,7 +21,6 @@ mod records;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions};
@@ -118,18 +117,16 @@ pub struct Store {
     write: WriteOptions,
     /// Next offset of each embedded-log partition; the lock also orders appends.
     log_ends: Mutex<HashMap<(String, u32), u64>>,
-    written: Written,
 }
 
-/// What the fold's commits wrote (for metrics, and for the benchmark that writes the same
-/// bytes to RocksDB directly).
-#[derive(Debug, Default)]
-pub struct Written {
-    pub commits: AtomicU64,
+/// What one commit wrote (for metrics, and for the benchmark that writes the same bytes
+/// to RocksDB directly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
     /// Puts and range deletes.
-    pub entries: AtomicU64,
-    /// RocksDB's size of the write batches.
-    pub bytes: AtomicU64,
+    pub entries: u64,
+    /// RocksDB's size of the write batch.
+    pub bytes: u64,
 }
 
 impl Store {
@@ -147,7 +144,7 @@ impl Store {
         let db = DB::open_cf_descriptors(&db_options, path, families)?;
         let mut write = WriteOptions::default();
         write.set_sync(options.fsync);
-        Ok(Store { db, write, log_ends: Mutex::new(HashMap::new()), written: Written::default() })
+        Ok(Store { db, write, log_ends: Mutex::new(HashMap::new()) })
     }
 
     /// Opens a store for reading only, beside the server that may be writing it (RocksDB
@@ -156,12 +153,7 @@ impl Store {
         let mut db_options = Options::default();
         db_options.create_if_missing(false);
         let db = DB::open_cf_for_read_only(&db_options, path, FAMILIES, false)?;
-        Ok(Store {
-            db,
-            write: WriteOptions::default(),
-            log_ends: Mutex::new(HashMap::new()),
-            written: Written::default(),
-        })
+        Ok(Store { db, write: WriteOptions::default(), log_ends: Mutex::new(HashMap::new()) })
     }
 
     /// Every stored position of a source: (topic, partition, next offset).
