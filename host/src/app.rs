@@ -65,6 +65,14 @@ pub enum AppError {
     ReadOnly,
     #[error("a replay of kind {} is running ({} of {} models)", .0.kind, .0.done, .0.total)]
     ReplayRunning(Box<ReplayJob>),
+    /// The store failed a write; it takes none until the process restarts.
+    #[error(
+        "the store cannot write ({0}); nothing was written: retry once the server has restarted with room on its disk"
+    )]
+    StoreUnwritable(String),
+    /// The kind's topic is not the log this store folded (see `SourceStatus::stop_topic`).
+    #[error("folding kind {kind} is stopped: {reason}; nothing was written (`statefold reset {kind}` refolds it)")]
+    KindStopped { kind: String, reason: String },
 }
 
 impl From<WriteError> for AppError {
@@ -106,10 +114,28 @@ impl Kind {
 pub struct Status {
     pub caught_up: AtomicBool,
     fatal: Mutex<Option<String>>,
+    /// Why the store stopped taking writes (disk full, an I/O error), once it has.
+    unwritable: Mutex<Option<String>>,
     pub stop: CancellationToken,
 }
 
 impl Status {
+    /// The store failed a write (ENOSPC, EIO): RocksDB takes no more writes until it is
+    /// reopened. Folding stops (nothing is acknowledged past what was committed), writes
+    /// answer 503 `store_unwritable`, reads go on, `/readyz` says why. A restart, once
+    /// the disk has room, continues from the last commit.
+    pub fn unwritable(&self, reason: String) {
+        let mut slot = self.unwritable.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            tracing::error!(%reason, "the store cannot write: folding stops, writes are refused; restart once the disk has room");
+            *slot = Some(reason);
+        }
+    }
+
+    pub fn unwritable_reason(&self) -> Option<String> {
+        self.unwritable.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Stops the process: a bug or corruption was found.
     pub fn fatal(&self, reason: String) {
         tracing::error!(%reason, "fatal: stopping");
@@ -321,8 +347,12 @@ impl App {
         let replicas = self.replicas().map(|r| (r.peers.iter().filter(|p| !p.agrees).count(), r.diverged.is_some()));
         let partitions =
             self.partitions().into_iter().map(|((topic, partition), p)| (topic, partition, p.next, p.lag())).collect();
+        let stopped = self.kinds_stopped();
+        let kinds_stopped =
+            self.kinds.keys().map(|kind| (kind.clone(), stopped.iter().any(|(k, _)| k == kind))).collect();
         self.metrics.encode(Gauges {
             ready: self.ready(),
+            kinds_stopped,
             sse_subscribers: self.hub.subscribers(),
             partitions,
             replicas,
@@ -333,9 +363,50 @@ impl App {
         self.kinds.get(kind).ok_or_else(|| AppError::UnknownKind(kind.to_owned()))
     }
 
-    /// `Err(ReadOnly)` on a read-only server.
+    /// `Err(ReadOnly)` on a read-only server, `Err(StoreUnwritable)` once the store
+    /// failed a write.
     pub fn writable(&self) -> Result<(), AppError> {
-        if self.read_only { Err(AppError::ReadOnly) } else { Ok(()) }
+        if self.read_only {
+            return Err(AppError::ReadOnly);
+        }
+        match self.status.unwritable_reason() {
+            Some(reason) => Err(AppError::StoreUnwritable(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// An append's outcome: a store that failed the write stops taking writes.
+    fn appended<T>(&self, result: Result<T, WriteError>) -> Result<T, AppError> {
+        match result {
+            Err(WriteError::Store(e)) if !e.is_fatal() => {
+                let reason = format!("appending to the embedded log: {e}");
+                self.status.unwritable(reason.clone());
+                Err(AppError::StoreUnwritable(reason))
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// A kind that takes writes: this server is writable and folds the kind.
+    fn writable_kind(&self, kind: &str) -> Result<&Kind, AppError> {
+        self.writable()?;
+        let kind = self.kind(kind)?;
+        if let Some(reason) = self.source.stopped().remove(&*kind.topic) {
+            return Err(AppError::KindStopped { kind: kind.name.to_string(), reason });
+        }
+        Ok(kind)
+    }
+
+    /// Kinds whose folding is stopped, and why (sorted by kind).
+    pub fn kinds_stopped(&self) -> Vec<(String, String)> {
+        let stopped = self.source.stopped();
+        let mut out: Vec<(String, String)> = self
+            .kinds
+            .values()
+            .filter_map(|kind| Some((kind.name.to_string(), stopped.get(&*kind.topic)?.clone())))
+            .collect();
+        out.sort();
+        out
     }
 
     /// Deploys a version of reducer `name`: checks it (off the async runtime), writes a
@@ -400,7 +471,7 @@ impl App {
         headers.push((DEPLOY_PARTITIONS_HEADER.to_owned(), count.to_string().into_bytes()));
         let mut written = Vec::new();
         for partition in 0..count {
-            written.push(self.writer.append_to(topic, Some(partition), key, value, &headers).await?);
+            written.push(self.appended(self.writer.append_to(topic, Some(partition), key, value, &headers).await)?);
         }
         let timeout = Duration::from_millis(self.limits.wait_applied_ms_max);
         for &(partition, offset) in &written {
@@ -411,8 +482,7 @@ impl App {
 
     /// Starts rebuilding a kind's states from the retained diffs with its active reducer.
     pub async fn start_replay(self: &Arc<App>, kind: &str) -> Result<ReplayJob, AppError> {
-        self.writable()?;
-        let topic = self.kind(kind)?.topic.clone();
+        let topic = self.writable_kind(kind)?.topic.clone();
         if let Some(job) = self.replays_running().into_iter().find(|job| job.kind == kind) {
             return Err(AppError::ReplayRunning(Box::new(job)));
         }
@@ -542,9 +612,17 @@ impl App {
             if self.store.position(self.source_name, topic, partition)?.unwrap_or(0) > offset {
                 return Ok(());
             }
+            let stopped = || match self.status.unwritable_reason() {
+                Some(reason) => AppError::StoreUnwritable(reason),
+                None => AppError::ShuttingDown,
+            };
+            if self.status.unwritable_reason().is_some() {
+                return Err(stopped());
+            }
             match tokio::time::timeout_at(deadline.into(), committed.changed()).await {
                 Err(_) => return Err(AppError::WaitTimeout(timeout, offset)),
-                Ok(Err(_)) => return Err(AppError::ShuttingDown),
+                // The fold thread ended: the process stops, or the store failed a write.
+                Ok(Err(_)) => return Err(stopped()),
                 Ok(Ok(())) => {}
             }
         }
@@ -621,8 +699,7 @@ impl App {
 
     /// Checks that a model can be created; returns its kind's topic.
     pub fn check_create(&self, kind: &str, id: &str) -> Result<Arc<str>, AppError> {
-        self.writable()?;
-        let kind = self.kind(kind)?;
+        let kind = self.writable_kind(kind)?;
         crate::model::validate_id(id.as_bytes()).map_err(AppError::InvalidId)?;
         let model = ModelKey { kind: kind.name.clone(), id: id.into() };
         if self.store.read().head(&model)?.is_some() {
@@ -633,8 +710,7 @@ impl App {
 
     /// Checks that a model exists; returns its kind's topic.
     pub fn check_append(&self, model: &ModelKey) -> Result<Arc<str>, AppError> {
-        self.writable()?;
-        let kind = self.kind(&model.kind)?;
+        let kind = self.writable_kind(&model.kind)?;
         self.store.read().head(model)?.ok_or_else(|| unknown(model))?;
         Ok(kind.topic.clone())
     }
@@ -646,7 +722,7 @@ impl App {
             None => vec![(CREATE_HEADER.to_owned(), Vec::new())],
             Some(_) => Vec::new(),
         };
-        Ok(self.writer.append(topic, id.as_bytes(), diff.unwrap_or_default(), &headers).await?)
+        self.appended(self.writer.append(topic, id.as_bytes(), diff.unwrap_or_default(), &headers).await)
     }
 
     /// Rejected records of a kind's topic, after (partition, offset).
@@ -686,8 +762,14 @@ impl App {
         if let Some(fatal) = self.status.fatal_reason() {
             return Some(fatal);
         }
+        if let Some(reason) = self.status.unwritable_reason() {
+            return Some(format!("the store cannot write ({reason}): folding stopped; restart once the disk has room"));
+        }
         if let Some(problem) = self.source.problem() {
             return Some(problem);
+        }
+        if let Some((kind, reason)) = self.kinds_stopped().into_iter().next() {
+            return Some(format!("folding kind {kind} is stopped: {reason}; `statefold reset {kind}` refolds it"));
         }
         if !self.status.caught_up.load(Ordering::Relaxed) {
             return Some("catching up with the log".into());

@@ -53,6 +53,18 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Forget everything the data dir's store folded for KIND (its models, rejections,
+    /// positions, versions), so that the next `serve` folds the kind's topic again from
+    /// its first record with the configured reducer. For a kind whose folding stopped
+    /// because its topic is no longer the log the store folded (deleted and recreated,
+    /// partitions added, records deleted before they were folded: /readyz says which).
+    /// Takes the same configuration as `serve`; stop the server first.
+    Reset {
+        /// The kind to refold.
+        kind: String,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,6 +136,11 @@ fn main() -> ExitCode {
         }
         Command::Replay { kind, url, interval_s } => replay(&kind, url.trim_end_matches('/'), interval_s),
         Command::Verify { serve, repair } => config_of(serve).and_then(|config| verify(&config, repair)),
+        Command::Reset { kind, serve } => config_of(serve).and_then(|config| {
+            let models = statefold::server::reset(&config, &kind)?;
+            println!("reset {kind}: {models} models forgotten; the next start refolds its topic from its first record");
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,6 +27,11 @@ pub struct CodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabels {
     pub topic: String,
     pub partition: String,
@@ -67,6 +72,7 @@ pub struct Metrics {
     pub sse_lagged: Counter,
     pub http_request_seconds: HistogramFamily<RequestLabels>,
     ready: Gauge,
+    kind_stopped: Family<KindLabels, Gauge>,
     sse_subscribers: Gauge,
     source_next_offset: Family<PartitionLabels, Gauge>,
     source_lag: Family<PartitionLabels, Gauge>,
@@ -79,6 +85,8 @@ pub struct Metrics {
 /// The state-describing values, read when `/metrics` is scraped.
 pub struct Gauges {
     pub ready: bool,
+    /// Each kind, and whether its folding is stopped.
+    pub kinds_stopped: Vec<(String, bool)>,
     pub sse_subscribers: usize,
     /// (topic, partition, next offset, lag when the end is known).
     pub partitions: Vec<(String, u32, u64, Option<u64>)>,
@@ -113,6 +121,7 @@ impl Metrics {
             sse_lagged: Counter::default(),
             http_request_seconds: Family::new_with_constructor(latency),
             ready: Gauge::default(),
+            kind_stopped: Family::default(),
             sse_subscribers: Gauge::default(),
             source_next_offset: Family::default(),
             source_lag: Family::default(),
@@ -187,6 +196,11 @@ impl Metrics {
             m.http_request_seconds.clone(),
         );
         registry.register("ready", "1 when ready (caught up, store writable, not diverged)", m.ready.clone());
+        registry.register(
+            "kind_stopped",
+            "1 when a kind's folding is stopped: its topic is not the log this store folded (see /readyz)",
+            m.kind_stopped.clone(),
+        );
         registry.register("sse_subscribers", "SSE streams open", m.sse_subscribers.clone());
         registry.register("source_next_offset", "Next offset to fold, per partition", m.source_next_offset.clone());
         registry.register("source_lag", "Records in the log not folded yet, per partition", m.source_lag.clone());
@@ -233,6 +247,9 @@ impl Metrics {
     /// The Prometheus text exposition (0.0.4) of every series, `gauges` as they stand.
     pub fn encode(&self, gauges: Gauges) -> String {
         self.ready.set(i64::from(gauges.ready));
+        for (kind, stopped) in gauges.kinds_stopped {
+            self.kind_stopped.get_or_create(&KindLabels { kind }).set(i64::from(stopped));
+        }
         self.sse_subscribers.set(gauges.sse_subscribers as i64);
         for (topic, partition, next, lag) in gauges.partitions {
             let labels = PartitionLabels { topic, partition: partition.to_string() };

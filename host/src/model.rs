@@ -56,6 +56,35 @@ impl Record {
     }
 }
 
+/// The last record folded from a partition, as stored with the partition's position: a
+/// restart reads that offset again and compares, so a topic deleted and recreated under
+/// the stored position (other records at the same offsets) is found, not folded on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Witness {
+    pub offset: u64,
+    /// blake3 of the record's key, value, timestamp and headers (first 16 bytes).
+    pub fingerprint: [u8; 16],
+}
+
+impl Witness {
+    pub fn of(record: &Record) -> Witness {
+        let mut hasher = blake3::Hasher::new();
+        let mut field = |bytes: &[u8]| {
+            hasher.update(&(bytes.len() as u64).to_be_bytes()).update(bytes);
+        };
+        field(record.key.as_deref().unwrap_or_default());
+        field(&record.value);
+        field(&record.timestamp_ms.unwrap_or(i64::MIN).to_be_bytes());
+        for (name, value) in &record.headers {
+            field(name.as_bytes());
+            field(value);
+        }
+        let mut fingerprint = [0; 16];
+        fingerprint.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+        Witness { offset: record.offset, fingerprint }
+    }
+}
+
 /// A model: its kind and its id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModelKey {
@@ -72,6 +101,14 @@ impl ModelKey {
     pub fn genesis(&self) -> Hash {
         Hash::genesis(&self.kind, &self.id)
     }
+}
+
+/// The partition of a topic with `partitions` partitions that a model's records belong to:
+/// the Java client's default partitioner of the key (murmur2, seed `0x9747b28c`, sign bit
+/// cleared, modulo the count), which librdkafka calls `murmur2_random`. Every replica and
+/// every conforming producer computes the same one.
+pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
+    (murmur2::murmur2(key, murmur2::KAFKA_SEED) & 0x7fff_ffff) % partitions.max(1)
 }
 
 /// Checks a model id: UTF-8, 1 to [`ID_BYTES_MAX`] bytes, no control characters (the
@@ -218,6 +255,9 @@ pub enum Rejection {
     TooLarge { bytes: u64 },
     /// A deploy record whose module cannot fold here (not a loadable reducer).
     InvalidDeploy(String),
+    /// The record is not on its model's partition ([`partition_of`] its key): a producer
+    /// with another partitioner. Folding it would order the model's diffs by fetch timing.
+    WrongPartition { expected: u32, partitions: u32 },
 }
 
 impl Rejection {
@@ -232,6 +272,7 @@ impl Rejection {
             Rejection::UnknownTopic => "unknown_topic",
             Rejection::TooLarge { .. } => "too_large",
             Rejection::InvalidDeploy(_) => "invalid_deploy",
+            Rejection::WrongPartition { .. } => "wrong_partition",
         }
     }
 
@@ -247,6 +288,9 @@ impl Rejection {
             Rejection::UnknownTopic => "no kind reads this topic".into(),
             Rejection::TooLarge { bytes } => format!("the diff is {bytes} bytes, more than diff_bytes_max"),
             Rejection::InvalidDeploy(reason) => reason.clone(),
+            Rejection::WrongPartition { expected, partitions } => format!(
+                "the model belongs to partition {expected} of {partitions} (the Java client's murmur2 partitioner of its key); produce with that partitioner"
+            ),
         }
     }
 
@@ -255,6 +299,9 @@ impl Rejection {
         match self {
             Rejection::OffsetRegressed { head_offset } => Some(*head_offset),
             Rejection::TooLarge { bytes } => Some(*bytes),
+            Rejection::WrongPartition { expected, partitions } => {
+                Some(u64::from(*partitions) << 32 | u64::from(*expected))
+            }
             _ => None,
         }
     }
@@ -270,6 +317,10 @@ impl Rejection {
             "unknown_topic" => Rejection::UnknownTopic,
             "too_large" => Rejection::TooLarge { bytes: detail? },
             "invalid_deploy" => Rejection::InvalidDeploy(message),
+            "wrong_partition" => {
+                let detail = detail?;
+                Rejection::WrongPartition { expected: detail as u32, partitions: (detail >> 32) as u32 }
+            }
             _ => return None,
         })
     }
@@ -560,4 +611,28 @@ pub struct VersionRecord {
     /// When this version was first seen, and when its status last changed (ms since epoch).
     pub first_ms: i64,
     pub changed_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_of_is_the_java_clients_partitioner() {
+        // Utils.murmur2 of the keys' UTF-8 bytes, as the Java client computes them.
+        let java = [
+            ("0", 971027396),
+            ("1", -1993445489),
+            ("128", -326012175),
+            ("2187", -1508407203),
+            ("16384", -325739742),
+            ("78125", -1654490814),
+        ];
+        for (key, hash) in java {
+            let positive = (hash as u32) & 0x7fff_ffff;
+            for partitions in [1, 3, 7, 12] {
+                assert_eq!(partition_of(key.as_bytes(), partitions), positive % partitions, "{key}");
+            }
+        }
+    }
 }

@@ -29,8 +29,9 @@ pub struct Control {
 
 /// Reads batches from the source, folds them, commits each in one WriteBatch with the
 /// source position, then publishes. Between batches: a step moving models off retired
-/// reducer versions, and a page of each running replay. Any error here is fatal: the
-/// process stops rather than fold past something it could not store.
+/// reducer versions, and a page of each running replay. Any error ends folding rather than
+/// fold past something it could not store: the process stops, except on a failed store
+/// write (see [`stop_on`]).
 pub fn fold_loop(
     mut source: Box<dyn Source>,
     mut engine: Engine,
@@ -46,8 +47,10 @@ pub fn fold_loop(
         // While models move or a replay runs, come back to it soon even when the log is idle.
         let busy = retiring || !replays.is_empty();
         for job in replays {
-            if let Err(e) = replay_page(&mut engine, app, job, control.replay_page_models, committed) {
-                return status.fatal(format!("replay: {e}"));
+            match replay_page(&mut engine, app, job, control.replay_page_models, committed) {
+                Ok(()) => {}
+                Err(ReplayError::Store(e)) => return stop_on(app, "replay", &e),
+                Err(e) => return status.fatal(format!("replay: {e}")),
             }
         }
         let wait = Duration::from_millis(if busy { 1 } else { 100 });
@@ -55,6 +58,9 @@ pub fn fold_loop(
             Ok(records) => records,
             Err(e) => return status.fatal(format!("source {}: {e}", source.name())),
         };
+        for (topic, partitions) in source.partitions() {
+            engine.set_partitions(&topic, partitions);
+        }
         // A replay record ends what one fold takes: the rest is folded after its commit.
         let mut rest = &records[..];
         while !rest.is_empty() {
@@ -83,7 +89,7 @@ pub fn fold_loop(
                 Err(e) => return status.fatal(format!("recording deployed versions: {e}")),
             };
             if let Err(e) = commit(app, &folded, &positions, &versions) {
-                return status.fatal(format!("commit: {e}"));
+                return stop_on(app, "commit", &e);
             }
             if let Some(attestor) = &control.attestor {
                 attestor.own(points);
@@ -121,6 +127,17 @@ pub fn fold_loop(
         if source.caught_up() && !status.caught_up.swap(true, Ordering::Relaxed) {
             tracing::info!("caught up with the log: ready");
         }
+    }
+}
+
+/// Ends the fold thread on a store error: the process stops on corruption or a broken
+/// invariant; on a failed write (disk full, I/O error) folding stops and the process
+/// serves reads, refuses writes and says why until it is restarted.
+fn stop_on(app: &App, what: &str, error: &StoreError) {
+    if error.is_fatal() {
+        app.status.fatal(format!("{what}: {error}"));
+    } else {
+        app.status.unwritable(format!("{what}: {error}"));
     }
 }
 

@@ -388,3 +388,23 @@ impl AsyncWrite for DeadlineIo {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+/// `statefold reset KIND`: forgets everything this data dir folded for `kind`
+/// ([`Store::reset_kind`]), so that its next start folds the kind's topic from its first
+/// record with the configured reducer. For a kind whose folding stopped because its topic
+/// is not the log the store folded. The server must be stopped (RocksDB's lock says so).
+/// Returns the models forgotten.
+pub fn reset(config: &Config, kind: &str) -> anyhow::Result<u64> {
+    let spec = config.kinds.iter().find(|k| k.name == kind).with_context(|| {
+        let names: Vec<&str> = config.kinds.iter().map(|k| k.name.as_str()).collect();
+        format!("no kind {kind:?} in the configuration (kinds: {})", names.join(", "))
+    })?;
+    let db = config.data_dir.join("db");
+    anyhow::ensure!(db.exists(), "no store in {}", config.data_dir.display());
+    let store = Store::open(&db, &StoreOptions { fsync: true })
+        .with_context(|| format!("cannot open the store in {} (stop its server first)", config.data_dir.display()))?;
+    let models = store.read().count(kind)?;
+    store.reset_kind(kind, spec.topic())?;
+    tracing::info!(kind, topic = spec.topic(), models, "kind reset: its next start refolds the topic from its start");
+    Ok(models)
+}

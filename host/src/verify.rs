@@ -180,6 +180,9 @@ fn refold_and_compare(
     };
     while remaining(&next) {
         let records = source.poll(limits.batch_records_max, Duration::from_millis(100))?;
+        for (topic, partitions) in source.partitions() {
+            engine.set_partitions(&topic, partitions);
+        }
         let records: Vec<_> = records
             .into_iter()
             .filter(|r| r.offset < targets.get(&(r.topic.to_string(), r.partition)).copied().unwrap_or(0))

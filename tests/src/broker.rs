@@ -125,6 +125,22 @@ impl Broker {
         std::fs::read_to_string(self.dir.path().join("tansu.log")).unwrap_or_default()
     }
 
+    /// Deletes a topic. Tansu 0.6 deletes every topic with it: recreate the others the test
+    /// needs.
+    pub fn delete_topic(&self, name: &str) {
+        let output = Command::new(tansu())
+            .env_clear()
+            .args(["topic", "delete", name, "--broker", &self.url()])
+            .output()
+            .expect("tansu topic delete runs");
+        assert!(
+            output.status.success(),
+            "cannot delete topic {name}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     pub fn create_topic(&self, name: &str, partitions: u32) {
         let output = Command::new(tansu())
             .env_clear()
@@ -133,9 +149,10 @@ impl Broker {
             .expect("tansu topic create runs");
         assert!(
             output.status.success(),
-            "cannot create topic {name}: {}{}",
+            "cannot create topic {name}: {}{}; broker log: {}",
             String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
         );
     }
 

@@ -44,13 +44,31 @@ impl Serve {
     /// `statefold serve ARGS` (which must make it listen on a port of its choosing), its
     /// stderr in a file under `dir`; returns once it has printed its address.
     pub fn spawn_args(dir: &Path, args: &[String]) -> Serve {
+        let mut command = Command::new(crate::statefold_binary());
+        command.arg("serve").args(args);
+        Serve::spawn_command(dir, command)
+    }
+
+    /// [`Serve::spawn`], where no file the process writes may grow past `bytes`
+    /// (RLIMIT_FSIZE, with SIGXFSZ ignored): its writes past that fail with EFBIG, as they
+    /// would with ENOSPC on a full disk.
+    pub fn spawn_with_file_limit(dir: &Path, args: &[String], bytes: u64) -> Serve {
+        let counter = crate::wasm("counter");
+        let reducers = counter.parent().expect("the reducers' directory");
+        let mut command = Command::new("bash");
+        command.args(["-c", r#"trap '' XFSZ; ulimit -f "$1"; shift; exec "$@""#, "bash"]);
+        command.arg((bytes / 1024).to_string()).arg(crate::statefold_binary()).arg("serve");
+        command.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.join("data"));
+        command.arg("--reducers-dir").arg(reducers).args(args);
+        Serve::spawn_command(dir, command)
+    }
+
+    fn spawn_command(dir: &Path, mut command: Command) -> Serve {
         let stderr = dir.join(format!(
             "stderr-{}.log",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
-        let mut child = Command::new(crate::statefold_binary())
-            .arg("serve")
-            .args(args)
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()

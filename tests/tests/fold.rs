@@ -92,7 +92,8 @@ fn random_batches_restarts_and_faults_fold_to_the_reference() {
             offset += 1;
         }
         let folded = fold.fold(&records, &store).unwrap();
-        let position = Position { topic: "trap".into(), partition: 0, next_offset: offset, digest: None };
+        let position =
+            Position { topic: "trap".into(), partition: 0, next_offset: offset, digest: None, witness: None };
         store.commit(&folded, &[("test".to_owned(), position)]).unwrap();
     }
     // A record replayed at an old offset is refused, never folded out of order.
@@ -147,7 +148,8 @@ fn a_large_state_is_checkpointed_once_its_diffs_add_up_to_a_share_of_it() {
         let folded = fold.fold(&[record], &store).unwrap();
         assert!(folded.rejected.is_empty(), "{:?}", folded.rejected);
         offset += 1;
-        let position = Position { topic: "document".into(), partition: 0, next_offset: offset, digest: None };
+        let position =
+            Position { topic: "document".into(), partition: 0, next_offset: offset, digest: None, witness: None };
         store.commit(&folded, &[("test".to_owned(), position)]).unwrap();
         (offset - 1, store.read().head(&ModelKey::new("document", id)).unwrap().expect("stored"))
     };

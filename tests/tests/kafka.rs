@@ -165,15 +165,19 @@ async fn appends_are_produced_to_kafka_and_answered_once_folded() {
     assert_eq!(partitions.len(), 6, "counter's 3, and 1 each for the other kinds: {ready}");
 }
 
-/// What another team's service does: produce diffs with its own Kafka client.
+/// What another team's service does: produce diffs with its own Kafka client, with the
+/// partitioner given (`murmur2_random`, as the README asks, or librdkafka's default).
 const PYTHON_PRODUCER: &str = r#"
 import json, sys
 from confluent_kafka import Producer
-brokers, count = sys.argv[1], int(sys.argv[2])
-p = Producer({"bootstrap.servers": brokers, "enable.idempotence": True, "acks": "all"})
+brokers, count, prefix, partitioner = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+settings = {"bootstrap.servers": brokers, "enable.idempotence": True, "acks": "all"}
+if partitioner != "default":
+    settings["partitioner"] = partitioner
+p = Producer(settings)
 failed = []
 for i in range(count):
-    model = "py%d" % (i % 10)
+    model = "%s%d" % (prefix, i % 10)
     p.produce("counter", key=model, value=json.dumps({"add": i}),
               on_delivery=lambda err, msg: err and failed.append(str(err)))
     p.poll(0)
@@ -182,16 +186,11 @@ if failed or left:
     sys.exit("not delivered: %r, %d left" % (failed[:3], left))
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn diffs_from_another_teams_python_producer_are_folded() {
-    let broker = Broker::with_example_topics();
-    let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &broker, limits());
-    let server = TestServer::start_config(dir, config).await;
-
+/// Runs [`PYTHON_PRODUCER`]: `count` diffs over ten models named `prefix0..9`.
+fn python_produce(brokers: &str, count: usize, prefix: &str, partitioner: &str) {
     let python = std::env::var("STATEFOLD_PYTHON").unwrap_or_else(|_| "python3".into());
     let output = std::process::Command::new(&python)
-        .args(["-c", PYTHON_PRODUCER, &broker.brokers(), "1000"])
+        .args(["-c", PYTHON_PRODUCER, brokers, &count.to_string(), prefix, partitioner])
         .output()
         .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
     assert!(
@@ -199,6 +198,16 @@ async fn diffs_from_another_teams_python_producer_are_folded() {
         "the Python producer failed (./dev.sh test installs confluent-kafka and sets STATEFOLD_PYTHON): {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diffs_from_another_teams_python_producer_are_folded() {
+    let broker = Broker::with_example_topics();
+    let dir = tempfile::tempdir().unwrap();
+    let config = kafka_config(dir.path(), &broker, limits());
+    let server = TestServer::start_config(dir, config).await;
+
+    python_produce(&broker.brokers(), 1000, "py", "murmur2_random");
 
     // The reference fold of what is in the topic.
     let mut reference: BTreeMap<String, (i64, Hash, u64)> = BTreeMap::new();
@@ -214,5 +223,83 @@ async fn diffs_from_another_teams_python_producer_are_folded() {
     for (id, (sum, hash, seq)) in &reference {
         let model = wait_for(&server, &format!("/v1/models/counter/{id}"), |b| b["seq"] == *seq).await;
         assert_eq!((&model["state"], &model["hash"]), (&json!(sum), &json!(hash.to_string())), "{id}");
+    }
+}
+
+/// Each model's (sum, hash, seq).
+type Reference = BTreeMap<String, (i64, Hash, u64)>;
+
+/// The reference fold of the `counter` topic: a record on its key's partition (the Java
+/// client's partitioner) is applied, any other is rejected `wrong_partition`.
+fn reference_with_partitions(broker: &Broker) -> (Reference, Vec<(u64, u64)>) {
+    let mut reference = Reference::new();
+    let mut rejected = Vec::new();
+    for (partition, offset, key, value) in broker.read_all("counter", 3) {
+        let id = String::from_utf8(key.unwrap()).unwrap();
+        if statefold::model::partition_of(id.as_bytes(), 3) != partition {
+            rejected.push((u64::from(partition), offset));
+            continue;
+        }
+        let entry = reference.entry(id.clone()).or_insert((0, Hash::genesis("counter", &id), 0));
+        if value.is_empty() {
+            continue; // the API's create record
+        }
+        entry.0 += serde_json::from_slice::<serde_json::Value>(&value).unwrap()["add"].as_i64().unwrap();
+        entry.1 = entry.1.next(&value);
+        entry.2 += 1;
+    }
+    rejected.sort();
+    (reference, rejected)
+}
+
+/// Issue 17's reproduction: two replicas on a 3-partition topic; half of 20 models written by
+/// a Python service with librdkafka's default partitioner (`consistent_random`), half through
+/// one server's API. Records off their model's partition are rejected `wrong_partition` on
+/// both replicas alike, whatever the fetch timing; no replica stops; both agree with the
+/// reference fold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_off_their_models_partition_are_rejected_alike_on_every_replica() {
+    let broker = Broker::with_example_topics();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let config_a = kafka_config(dir_a.path(), &broker, limits());
+    let config_b = kafka_config(dir_b.path(), &broker, limits());
+    let a = TestServer::start_config(dir_a, config_a).await;
+    let b = TestServer::start_config(dir_b, config_b).await;
+
+    // The same ids through both paths: the API's appends land on the key's partition, the
+    // Python producer's on crc32's, which for most keys is another.
+    for i in 0..10 {
+        a.create("counter", &format!("doc{i}")).await;
+    }
+    let brokers = broker.brokers();
+    let python = tokio::task::spawn_blocking(move || python_produce(&brokers, 200, "doc", "default"));
+    for round in 0..20 {
+        for i in 0..10 {
+            let (status, body) =
+                a.post(&format!("/v1/models/counter/doc{i}/diffs"), format!(r#"{{"add":{round}}}"#)).await;
+            assert_eq!(status, 202, "{body}");
+        }
+    }
+    python.await.unwrap();
+
+    let (reference, rejected) = reference_with_partitions(&broker);
+    assert!(!rejected.is_empty(), "crc32 put some records off their model's partition");
+    assert_eq!(reference.len(), 10);
+    for server in [&a, &b] {
+        for (id, (sum, hash, seq)) in &reference {
+            let model = wait_for(server, &format!("/v1/models/counter/{id}"), |m| m["seq"] == *seq).await;
+            assert_eq!((&model["state"], &model["hash"]), (&json!(sum), &json!(hash.to_string())), "{id}");
+        }
+        let (_, listed) = server.get("/v1/kinds/counter/rejections?limit=1000").await;
+        let listed = listed["rejections"].as_array().unwrap();
+        let mut got: Vec<(u64, u64)> =
+            listed.iter().map(|r| (r["partition"].as_u64().unwrap(), r["offset"].as_u64().unwrap())).collect();
+        got.sort();
+        assert_eq!(got, rejected, "the same records rejected on each replica");
+        assert!(listed.iter().all(|r| r["code"] == "wrong_partition"), "{listed:?}");
+        let message = listed[0]["message"].as_str().unwrap();
+        assert!(message.contains("murmur2"), "the rejection says which partitioner: {message}");
+        let (status, ready) = server.get("/readyz").await;
+        assert_eq!(status, 200, "producer input never stops a server: {ready}");
     }
 }

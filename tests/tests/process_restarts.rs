@@ -152,6 +152,75 @@ async fn corruption_stops_the_process_with_a_clear_message() {
     assert!(stderr.contains("store corrupted: head at key counter\\0m"), "{stderr}");
 }
 
+/// Issue 17, item 3: the disk fills up (every file the process writes is limited to 24 MB,
+/// so RocksDB's log file hits EFBIG, as a full disk gives ENOSPC). No failed write is
+/// acknowledged; writes answer 503 `store_unwritable`; reads go on; `/readyz` says why;
+/// after a restart with room, the model is the reference fold of what was acknowledged
+/// (plus, at most, the one append the log took before folding stopped), and folding goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_acknowledges_nothing_it_did_not_store_and_a_restart_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let args: Vec<String> = ["--kind", "document=document.wasm"].map(String::from).to_vec();
+    let server = Serve::spawn_with_file_limit(dir.path(), &args, 24 << 20);
+    server.wait_ready(&client).await;
+    let post = |path: &str, body: String| client.post(format!("{}{path}", server.url)).body(body).send();
+    let (status, _) = json_of(post("/v1/models/document", r#"{"id":"big"}"#.into()).await.unwrap()).await;
+    assert_eq!(status, 201);
+    // Each diff replaces one 512 KiB field: the state stays small, the log grows.
+    let diff =
+        |i: usize| format!(r#"{{"blob":"{}","n":{i}}}"#, format!("{i:x}").repeat(1 << 19).get(..1 << 19).unwrap());
+    let mut acknowledged = Vec::new();
+    let refused = loop {
+        let i = acknowledged.len();
+        assert!(i < 200, "24 MB never filled up");
+        let response = post("/v1/models/document/big/diffs?wait=applied", diff(i)).await.unwrap();
+        let (status, body) = json_of(response).await;
+        match status {
+            200 => acknowledged.push(diff(i)),
+            503 => break body,
+            other => panic!("append {i}: {other} {body}"),
+        }
+    };
+    assert_eq!(refused["error"]["code"], "store_unwritable", "{refused}");
+    assert!(acknowledged.len() >= 4, "some appends fit: {}", acknowledged.len());
+    let unacknowledged = diff(acknowledged.len());
+
+    // Once the store failed a write: every write is refused at once, reads go on.
+    let (status, body) = json_of(post("/v1/models/document/big/diffs", r#"{"n":-1}"#.into()).await.unwrap()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("store_unwritable")), "{body}");
+    let (status, body) = json_of(post("/v1/models/document", r#"{"id":"other"}"#.into()).await.unwrap()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("store_unwritable")), "{body}");
+    let (status, ready) = json_of(client.get(format!("{}/readyz", server.url)).send().await.unwrap()).await;
+    assert_eq!(status, 503, "{ready}");
+    assert!(ready["error"]["message"].as_str().unwrap().contains("the store cannot write"), "{ready}");
+    let (status, model) =
+        json_of(client.get(format!("{}/v1/models/document/big", server.url)).send().await.unwrap()).await;
+    assert_eq!(status, 200, "reads go on: {model}");
+    assert!(model["seq"].as_u64().unwrap() <= acknowledged.len() as u64 + 1, "{}", model["seq"]);
+    let mut server = server;
+    server.signal("KILL");
+    server.wait();
+
+    // Room again: a restart continues from the last commit.
+    let server = Serve::spawn(dir.path(), &args);
+    server.wait_ready(&client).await;
+    let (_, model) = json_of(client.get(format!("{}/v1/models/document/big", server.url)).send().await.unwrap()).await;
+    let chain = |diffs: &[String]| diffs.iter().fold(Hash::genesis("document", "big"), |h, d| h.next(d.as_bytes()));
+    let with_the_last = [acknowledged.clone(), vec![unacknowledged]].concat();
+    let expected = if model["seq"] == acknowledged.len() as u64 { &acknowledged } else { &with_the_last };
+    assert_eq!(model["seq"], expected.len() as u64, "every acknowledged diff, and at most the one in flight");
+    assert_eq!(model["hash"], chain(expected).to_string(), "the chain over exactly those diffs");
+    assert_eq!(model["state"]["n"], expected.len() as u64 - 1);
+    let response = client
+        .post(format!("{}/v1/models/document/big/diffs?wait=applied", server.url))
+        .body(r#"{"after":"restart"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "folding goes on");
+}
+
 /// A bad configuration is refused at start, with a message naming what is wrong.
 #[test]
 fn bad_configuration_is_refused_with_a_clear_message() {

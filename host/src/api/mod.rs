@@ -113,6 +113,8 @@ impl From<AppError> for ApiError {
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AppError::ReplayRunning(_) => (StatusCode::CONFLICT, "replay_running"),
             AppError::ReadOnly => (StatusCode::FORBIDDEN, "read_only"),
+            AppError::KindStopped { .. } => (StatusCode::SERVICE_UNAVAILABLE, "kind_stopped"),
+            AppError::StoreUnwritable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unwritable"),
             AppError::Deploy(_) => (StatusCode::INTERNAL_SERVER_ERROR, "deploy"), // returned above
         };
         let message = match &error {

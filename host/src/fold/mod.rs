@@ -20,7 +20,8 @@ use lru::LruCache;
 use crate::chain::Hash;
 use crate::model::{
     Applied, Became, CheckpointWrite, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, DeployFolded,
-    Folded, Head, KindVersions, ModelKey, ModuleHash, Prune, REPLAY_HEADER, Record, Rejected, Rejection, validate_id,
+    Folded, Head, KindVersions, ModelKey, ModuleHash, Prune, REPLAY_HEADER, Record, Rejected, Rejection, partition_of,
+    validate_id,
 };
 use crate::model::{Checkpoint, DiffRecord};
 use crate::reducer::{Checkpoints, Models, Outcome, Reducer, ReducerError};
@@ -115,6 +116,9 @@ struct KindState {
     /// partition's version is not the one holding it.
     instances: Vec<Models>,
     heads: LruCache<Arc<str>, Head>,
+    /// The partitions of the kind's topic, once the source has said: a model's records
+    /// belong to [`partition_of`] its key among them.
+    partitions: Option<u32>,
 }
 
 /// The fold engine: reducer instances per kind, and the heads of recently used models.
@@ -145,10 +149,20 @@ impl Engine {
                     versions: spec.versions,
                     instances: Vec::new(),
                     heads: LruCache::new(cache),
+                    partitions: None,
                 }
             })
             .collect();
         Engine { kinds, by_topic, limits, versions, replayer: None }
+    }
+
+    /// The number of partitions of `topic`, as the source reads it. From then on a record
+    /// of a model on another partition than its key's is rejected `wrong_partition`. The
+    /// source keeps the count fixed while it folds the topic, so every replica decides alike.
+    pub fn set_partitions(&mut self, topic: &str, partitions: u32) {
+        if let Some(&kind) = self.by_topic.get(topic) {
+            self.kinds[kind].partitions = Some(partitions);
+        }
     }
 
     /// Models resident per kind, over all its instances, and the number of instances.
@@ -459,6 +473,15 @@ impl Engine {
                     continue;
                 }
             };
+            if let Some(partitions) = self.kinds[kind].partitions {
+                let expected = partition_of(id.as_bytes(), partitions);
+                if expected != record.partition {
+                    let model = ModelKey { kind: self.kinds[kind].name.clone(), id: id.into() };
+                    let reason = Rejection::WrongPartition { expected, partitions };
+                    folded.reject(Rejected::new(record, Some(model), reason));
+                    continue;
+                }
+            }
             if record.value.len() > self.limits.diff_bytes_max {
                 let bytes = record.value.len() as u64;
                 let model = ModelKey { kind: self.kinds[kind].name.clone(), id: id.into() };

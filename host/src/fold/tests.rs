@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::*;
-use crate::model::{CREATE_HEADER, Checkpoint, DiffRecord, ModelKey};
+use crate::model::{CREATE_HEADER, Checkpoint, DiffRecord, ModelKey, partition_of};
 use crate::reducer::{Composed, Native, NativeModel, ReducerInfo};
 
 /// A counter: the state is an integer, a diff is an integer added to it; a diff that would
@@ -311,4 +311,28 @@ fn an_offset_going_back_within_a_batch_is_rejected_not_applied() {
     assert_eq!(applied, [15, 16]);
     view.commit(&folded);
     assert_eq!(view.heads[&ModelKey::new("counter", "a")].hash, chain("a", &["1", "2"]));
+}
+
+#[test]
+fn a_record_off_its_models_partition_is_rejected_wherever_it_is_folded() {
+    // Once the source has said how many partitions the topic has, a model's records belong
+    // to its key's partition; one on another (a producer with another partitioner) is
+    // rejected, whatever the order the partitions are fetched in.
+    let reducer = counter();
+    let home = partition_of(b"a", 3);
+    let away = (home + 1) % 3;
+    let at = |partition: u32, offset: u64, value: &str| Record { partition, ..record(offset, "a", value) };
+    let orders = [
+        [at(home, 5, "1"), at(away, 2, "10"), at(home, 6, "2")],
+        [at(away, 2, "10"), at(home, 5, "1"), at(home, 6, "2")],
+    ];
+    for records in orders {
+        let mut engine = engine(&reducer, FoldLimits::default());
+        engine.set_partitions("counter", 3);
+        let view = FakeView::default();
+        let folded = engine.fold(&records, &view).unwrap();
+        let rejected: Vec<_> = folded.rejected.iter().map(|r| (r.partition, r.offset, r.reason.code())).collect();
+        assert_eq!(rejected, [(away, 2, "wrong_partition")]);
+        assert_eq!(folded.heads[0].1.hash, chain("a", &["1", "2"]));
+    }
 }

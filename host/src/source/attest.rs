@@ -81,7 +81,7 @@ impl Digests {
                 let stored = store.progress(source, topic, partition)?;
                 let state = match stored {
                     None => (None, Some(Hash::from_bytes([0; 32]))),
-                    Some((next, digest)) => (next.checked_sub(1), digest),
+                    Some(position) => (position.next_offset.checked_sub(1), position.digest),
                 };
                 self.partitions.insert(key.clone(), state);
             }

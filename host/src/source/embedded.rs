@@ -97,6 +97,10 @@ impl Source for EmbeddedSource {
     fn caught_up(&self) -> bool {
         self.partitions.iter().all(|p| p.next >= p.end_at_start)
     }
+
+    fn partitions(&self) -> Vec<(Arc<str>, u32)> {
+        self.partitions.iter().map(|p| (Arc::from(p.topic.as_str()), PARTITION + 1)).collect()
+    }
 }
 
 impl EmbeddedSource {

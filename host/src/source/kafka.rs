@@ -27,7 +27,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::{Source, SourceError, SourceStatus, WriteError};
 use crate::config::{KafkaConfig, Limits};
-use crate::model::Record;
+use crate::model::{Record, Witness};
 use crate::store::{Position, Store};
 
 pub const SOURCE_NAME: &str = "kafka";
@@ -154,17 +154,29 @@ impl ConsumerContext for Context {
 
 type KafkaConsumer = BaseConsumer<Context>;
 
+/// How many looks, `kafka_check_interval_ms` apart, a partition must end before what this
+/// server folded before its topic is stopped: a new leader's high watermark can lag the
+/// old one's for a moment.
+const SHRUNK_LOOKS: u32 = 3;
+
 /// What the checker thread learned about the topics.
 #[derive(Default)]
 struct Seen {
     partitions: std::sync::Mutex<HashMap<String, u32>>,
     changed: AtomicBool,
+    /// Topics whose log now ends before what this server has folded (deleted and
+    /// recreated, or truncated, under it), and why: the fold thread stops them.
+    shrunk: std::sync::Mutex<Vec<(String, String)>>,
+    /// Consecutive looks each partition ended before what was folded.
+    short: std::sync::Mutex<HashMap<(String, u32), u32>>,
 }
 
 struct PartitionState {
     next: u64,
     /// The log's end when the partition was assigned: caught up once `next` reaches it.
     target: u64,
+    /// The last record folded, read again first: it must be the same record.
+    check: Option<Witness>,
 }
 
 /// The Kafka source.
@@ -177,6 +189,7 @@ pub struct KafkaSource {
     seen: Arc<Seen>,
     batch_bytes_max: usize,
     commit_interval: Duration,
+    check_interval: Duration,
     last_commit: Instant,
     to_commit: BTreeMap<(String, u32), u64>,
     stop: Arc<AtomicBool>,
@@ -220,6 +233,7 @@ impl KafkaSource {
             seen,
             batch_bytes_max: limits.batch_bytes_max,
             commit_interval: Duration::from_millis(limits.kafka_commit_interval_ms),
+            check_interval: Duration::from_millis(limits.kafka_check_interval_ms),
             last_commit: Instant::now(),
             to_commit: BTreeMap::new(),
             stop,
@@ -227,28 +241,57 @@ impl KafkaSource {
         })
     }
 
-    /// Assigns partitions the checker has seen and the consumer does not read yet, each from
-    /// its stored position.
+    /// Assigns the topics the checker has seen and the consumer does not read yet, each
+    /// partition from its stored position, once the topic is the one this store folded:
+    /// the same partition count, each stored position within the log, and the last record
+    /// folded still there (read again first, see [`PartitionState::check`]). Otherwise the
+    /// topic is stopped ([`SourceStatus::stop_topic`]).
     fn assign_new(&mut self) -> Result<(), SourceError> {
+        let shrunk = std::mem::take(&mut *self.seen.shrunk.lock().unwrap_or_else(|p| p.into_inner()));
+        for (topic, reason) in shrunk {
+            self.stop_topic(&topic, reason);
+        }
         if !self.seen.changed.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
         let counts = self.seen.partitions.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        // The checker records a partition's end before it reports the partition.
-        let ends: HashMap<(String, u32), u64> =
-            self.status.partitions().into_iter().filter_map(|(k, p)| Some((k, p.end?))).collect();
+        let stopped = self.status.stopped();
         let mut list = TopicPartitionList::new();
         let mut added = Vec::new();
-        for topic in &self.topics {
-            for partition in 0..counts.get(&**topic).copied().unwrap_or(0) {
-                if self.partitions.contains_key(&(topic.clone(), partition)) {
+        for topic in self.topics.clone() {
+            let Some(&count) = counts.get(&*topic) else { continue };
+            if stopped.contains_key(&*topic) {
+                continue;
+            }
+            let assigned = (0..count).filter(|p| self.partitions.contains_key(&(topic.clone(), *p))).count();
+            if assigned as u32 == count {
+                continue;
+            }
+            match self.store.topic_partitions(SOURCE_NAME, &topic)? {
+                None => self.store.put_topic_partitions(SOURCE_NAME, &topic, count)?,
+                Some(folded) if folded != count => {
+                    self.stop_topic(&topic, format!(
+                        "the topic has {count} partitions; this store folded it with {folded}: models' keys now map to other partitions (partitions added, or the topic deleted and recreated)"
+                    ));
                     continue;
                 }
-                let next = self.store.position(SOURCE_NAME, topic, partition)?.unwrap_or(0);
-                let target = ends.get(&(topic.to_string(), partition)).copied().unwrap_or(0);
-                list.add_partition_offset(topic, partition as i32, Offset::Offset(next as i64))
+                Some(_) => {}
+            }
+            let mut partitions = Vec::new();
+            for partition in (0..count).filter(|p| !self.partitions.contains_key(&(topic.clone(), *p))) {
+                match self.start_of(&topic, partition)? {
+                    Ok(start) => partitions.push((partition, start)),
+                    Err(reason) => {
+                        partitions.clear();
+                        self.stop_topic(&topic, reason);
+                        break;
+                    }
+                }
+            }
+            for (partition, (from, state)) in partitions {
+                list.add_partition_offset(&topic, partition as i32, Offset::Offset(from as i64))
                     .map_err(|e| SourceError::Client(format!("{topic}/{partition}: {e}")))?;
-                added.push((topic.clone(), partition, next, target));
+                added.push((topic.clone(), partition, state));
             }
         }
         if added.is_empty() {
@@ -257,12 +300,74 @@ impl KafkaSource {
         self.consumer
             .incremental_assign(&list)
             .map_err(|e| SourceError::Client(format!("cannot assign partitions: {e}")))?;
-        for (topic, partition, next, target) in added {
-            tracing::info!(%topic, partition, next, "partition assigned from its stored position");
-            self.status.set_next(&topic, partition, next);
-            self.partitions.insert((topic, partition), PartitionState { next, target });
+        for (topic, partition, state) in added {
+            let (next, checked) = (state.next, state.check.map(|w| w.offset));
+            tracing::info!(%topic, partition, next, ?checked, "partition assigned from its stored position");
+            self.status.set_next(&topic, partition, state.next);
+            self.partitions.insert((topic, partition), state);
         }
         Ok(())
+    }
+
+    /// Where to read (`topic`, `partition`) from, and its state; why it cannot be read
+    /// on, otherwise (the log no longer holds what the stored position stands on).
+    fn start_of(&self, topic: &str, partition: u32) -> Result<Result<(u64, PartitionState), String>, SourceError> {
+        let stored = self.store.progress(SOURCE_NAME, topic, partition)?;
+        let (next, witness) = stored.map_or((0, None), |p| (p.next_offset, p.witness));
+        // A log that ends before the stored position may be a leader change whose new
+        // leader has not caught up its high watermark yet: look again before deciding.
+        let mut looks = 0;
+        let (low, high) = loop {
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(topic, partition as i32, Duration::from_secs(10))
+                .map_err(|e| SourceError::Client(format!("cannot read the offsets of {topic}/{partition}: {e}")))?;
+            let (low, high) = (low.max(0) as u64, high.max(0) as u64);
+            looks += 1;
+            if high >= next || looks == SHRUNK_LOOKS {
+                break (low, high);
+            }
+            std::thread::sleep(self.check_interval);
+        };
+        self.status.set_end(topic, partition, high);
+        let state = |check| PartitionState { next, target: high, check };
+        if high < next {
+            return Ok(Err(format!(
+                "partition {partition} ends at offset {high}, before the stored position {next}: the topic was deleted and recreated, or truncated"
+            )));
+        }
+        if low > next {
+            return Ok(Err(format!(
+                "offsets {next} to {} of partition {partition} were deleted before they were folded (retention, or the topic deleted and recreated)",
+                low - 1
+            )));
+        }
+        Ok(Ok(match witness {
+            Some(witness) if witness.offset >= low && witness.offset < next => (witness.offset, state(Some(witness))),
+            Some(witness) => {
+                tracing::warn!(%topic, partition, offset = witness.offset, low, "the last record folded is gone (retention): the topic's identity is not checked");
+                (next, state(None))
+            }
+            None => (next, state(None)),
+        }))
+    }
+
+    /// Stops reading `topic` (see [`SourceStatus::stop_topic`]); records of it already
+    /// fetched are dropped.
+    fn stop_topic(&mut self, topic: &str, reason: String) {
+        let mut list = TopicPartitionList::new();
+        let mine: Vec<(Arc<str>, u32)> = self.partitions.keys().filter(|(t, _)| **t == *topic).cloned().collect();
+        for (t, partition) in &mine {
+            let _ = list.add_partition(t, *partition as i32);
+            self.partitions.remove(&(t.clone(), *partition));
+        }
+        if !mine.is_empty()
+            && let Err(e) = self.consumer.incremental_unassign(&list)
+        {
+            // Its records are dropped all the same (no partition state left).
+            tracing::warn!(%topic, error = %e, "cannot unassign the stopped topic's partitions");
+        }
+        self.status.stop_topic(topic, reason);
     }
 
     fn record(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> Option<Record> {
@@ -270,36 +375,52 @@ impl KafkaSource {
         let partition = u32::try_from(message.partition()).ok()?;
         let offset = u64::try_from(message.offset()).ok()?;
         let state = self.partitions.get_mut(&(topic.clone(), partition))?;
+        if let Some(witness) = state.check.take() {
+            // The first record read again: the last one this store folded, unless the
+            // topic under the stored position is another one.
+            if offset == witness.offset {
+                let record = to_record(&topic, partition, message);
+                if Witness::of(&record) != witness {
+                    let reason = format!(
+                        "the record at offset {offset} of partition {partition} is not the one this store folded there: the topic was deleted and recreated"
+                    );
+                    self.stop_topic(&topic, reason);
+                }
+                return None;
+            }
+            tracing::warn!(%topic, partition, offset, expected = witness.offset, "the last record folded was not read again (compacted away?): the topic's identity is not checked");
+        }
         if offset < state.next {
             // Already folded (the store's position is past it): never twice.
             tracing::warn!(%topic, partition, offset, next = state.next, "record before the stored position skipped");
             return None;
         }
         state.next = offset + 1;
-        let headers = message
-            .headers()
-            .map(|headers| {
-                headers.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()
-            })
-            .unwrap_or_default();
-        Some(Record {
-            topic,
-            partition,
-            offset,
-            key: message.key().map(<[u8]>::to_vec),
-            value: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
-            timestamp_ms: message.timestamp().to_millis(),
-            headers,
-        })
+        Some(to_record(&topic, partition, message))
     }
 
-    /// An error the consumer reported: fatal if records were lost, otherwise logged (the
-    /// consumer retries by itself; the checker reports reachability).
-    fn consumer_error(&self, error: KafkaError) -> Result<(), SourceError> {
+    /// An error the consumer reported. A position outside the log stops the topics whose
+    /// stored positions the log no longer holds (never skipped to another offset); other
+    /// errors are logged (the consumer retries by itself; the checker reports reachability).
+    fn consumer_error(&mut self, error: KafkaError) -> Result<(), SourceError> {
         match error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) => {
+                // The error does not say which partition: look at each one's offsets.
+                let mut stopped = false;
+                for (topic, partition) in self.partitions.keys().cloned().collect::<Vec<_>>() {
+                    if self.status.stopped().contains_key(&*topic) {
+                        continue;
+                    }
+                    if let Err(reason) = self.start_of(&topic, partition)? {
+                        self.stop_topic(&topic, reason);
+                        stopped = true;
+                    }
+                }
+                if stopped {
+                    return Ok(());
+                }
                 Err(SourceError::Client(format!(
-                    "a stored position is outside the log ({error}): records not folded yet are gone from Kafka (retention or a recreated topic); refusing to skip them"
+                    "a position is outside the log ({error}), and no partition's offsets say which: refusing to skip records"
                 )))
             }
             Some(RDKafkaErrorCode::PartitionEOF) => Ok(()),
@@ -308,6 +429,25 @@ impl KafkaSource {
                 Ok(())
             }
         }
+    }
+}
+
+/// A fetched message as a record.
+fn to_record(topic: &Arc<str>, partition: u32, message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    let headers = message
+        .headers()
+        .map(|headers| {
+            headers.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic: topic.clone(),
+        partition,
+        offset: message.offset().max(0) as u64,
+        key: message.key().map(<[u8]>::to_vec),
+        value: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
+        timestamp_ms: message.timestamp().to_millis(),
+        headers,
     }
 }
 
@@ -339,11 +479,22 @@ impl Source for KafkaSource {
             }
             wait = Duration::ZERO;
         }
+        // A topic stopped while this batch was read: none of its records are folded.
+        out.retain(|r| self.partitions.contains_key(&(r.topic.clone(), r.partition)));
         Ok(out)
     }
 
     fn caught_up(&self) -> bool {
         !self.partitions.is_empty() && self.partitions.values().all(|state| state.next >= state.target)
+    }
+
+    fn partitions(&self) -> Vec<(Arc<str>, u32)> {
+        let mut counts: BTreeMap<Arc<str>, u32> = BTreeMap::new();
+        for (topic, partition) in self.partitions.keys() {
+            let count = counts.entry(topic.clone()).or_default();
+            *count = (*count).max(partition + 1);
+        }
+        counts.into_iter().collect()
     }
 
     fn committed(&mut self, positions: &[(String, Position)]) {
@@ -423,13 +574,30 @@ fn check(
     status: &SourceStatus,
     timeout: Duration,
 ) -> Result<(), String> {
+    // Where folding stood before the ends are read: a healthy log ends at or after it.
+    let folded: HashMap<(String, u32), u64> = status.partitions().into_iter().map(|(k, p)| (k, p.next)).collect();
     for topic in topics {
         let count = partition_count(consumer.client(), topic, timeout)?;
         for partition in 0..count {
             let (_, high) = consumer
                 .fetch_watermarks(topic, partition as i32, timeout)
                 .map_err(|e| format!("cannot read the end of {topic}/{partition}: {e}"))?;
-            status.set_end(topic, partition, high.max(0) as u64);
+            let high = high.max(0) as u64;
+            status.set_end(topic, partition, high);
+            let next = folded.get(&(topic.clone(), partition)).copied().unwrap_or(0);
+            let looks = {
+                let mut short = seen.short.lock().unwrap_or_else(|p| p.into_inner());
+                let looks = short.entry((topic.clone(), partition)).or_default();
+                *looks = if high < next { *looks + 1 } else { 0 };
+                *looks
+            };
+            if looks == SHRUNK_LOOKS {
+                let reason = format!(
+                    "partition {partition} now ends at offset {high}, before what this server folded ({next}): the topic was deleted and recreated, or truncated"
+                );
+                seen.shrunk.lock().unwrap_or_else(|p| p.into_inner()).push((topic.clone(), reason));
+                seen.changed.store(true, Ordering::Release);
+            }
         }
         let mut partitions = seen.partitions.lock().unwrap_or_else(|p| p.into_inner());
         if partitions.get(topic.as_str()) != Some(&count) {

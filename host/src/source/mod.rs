@@ -14,7 +14,7 @@ use std::time::Duration;
 pub use embedded::{EmbeddedLog, EmbeddedSource};
 pub use kafka::{KafkaSource, KafkaWriter, SOURCE_NAME as KAFKA_SOURCE_NAME, kafka_settings};
 
-use crate::model::Record;
+use crate::model::{Record, Witness};
 use crate::store::Position;
 
 /// Why a source could not deliver.
@@ -40,6 +40,9 @@ pub trait Source: Send {
     fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>, SourceError>;
     /// Whether every partition has been read up to the end it had when the source started.
     fn caught_up(&self) -> bool;
+    /// The number of partitions of each topic it reads (once known): the fold rejects a
+    /// record that is not on its model's partition among them (`wrong_partition`).
+    fn partitions(&self) -> Vec<(Arc<str>, u32)>;
     /// The positions of a batch are committed to the store: tell the log (for monitoring).
     fn committed(&mut self, _positions: &[(String, Position)]) {}
 }
@@ -55,6 +58,8 @@ pub struct SourceStatus {
 struct StatusInner {
     partitions: BTreeMap<(String, u32), PartitionStatus>,
     problem: Option<String>,
+    /// Topics the source stopped reading, and why (see [`SourceStatus::stop_topic`]).
+    stopped: BTreeMap<String, String>,
 }
 
 /// One partition: the next offset to fold, and the log's end when last seen.
@@ -100,6 +105,20 @@ impl SourceStatus {
 
     pub fn problem(&self) -> Option<String> {
         self.lock().problem.clone()
+    }
+
+    /// The source stopped reading `topic`: what it would fold next is not the log this
+    /// store folded (a topic deleted and recreated, partitions added, records deleted
+    /// before they were folded). Only an operator decides what becomes of the kind
+    /// (`statefold reset`); the other topics go on.
+    pub fn stop_topic(&self, topic: &str, reason: String) {
+        tracing::error!(%topic, %reason, "stopped folding the topic; `statefold reset KIND` refolds its kind from the log");
+        self.lock().stopped.entry(topic.to_owned()).or_insert(reason);
+    }
+
+    /// Topics stopped, and why.
+    pub fn stopped(&self) -> BTreeMap<String, String> {
+        self.lock().stopped.clone()
     }
 
     /// Every partition, in (topic, partition) order.
@@ -180,16 +199,26 @@ impl Writer {
     }
 }
 
-/// The next offset of every partition a batch read from, as positions of `source`.
+/// The next offset of every partition a batch read from, as positions of `source`, each
+/// with its last record's witness.
 pub fn positions(source: &str, records: &[Record]) -> Vec<(String, Position)> {
-    let mut next: std::collections::HashMap<(&str, u32), u64> = std::collections::HashMap::new();
+    let mut last: std::collections::HashMap<(&str, u32), &Record> = std::collections::HashMap::new();
     for record in records {
-        let slot = next.entry((&*record.topic, record.partition)).or_default();
-        *slot = (*slot).max(record.offset + 1);
+        let slot = last.entry((&*record.topic, record.partition)).or_insert(record);
+        if record.offset > slot.offset {
+            *slot = record;
+        }
     }
-    next.into_iter()
-        .map(|((topic, partition), next_offset)| {
-            (source.to_owned(), Position { topic: topic.to_owned(), partition, next_offset, digest: None })
+    last.into_iter()
+        .map(|((topic, partition), record)| {
+            let position = Position {
+                topic: topic.to_owned(),
+                partition,
+                next_offset: record.offset + 1,
+                digest: None,
+                witness: Some(Witness::of(record)),
+            };
+            (source.to_owned(), position)
         })
         .collect()
 }

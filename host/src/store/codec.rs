@@ -45,6 +45,10 @@ impl Enc {
         self.0.extend_from_slice(&m.0);
         self
     }
+    pub fn raw(&mut self, b: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(b);
+        self
+    }
     pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
         self.u32(u32::try_from(b.len()).expect("values are bounded far below 4 GiB"));
         self.0.extend_from_slice(b);
@@ -138,6 +142,12 @@ impl<'a> Dec<'a> {
         }
         Ok(headers)
     }
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+    pub fn raw(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+        self.take(n)
+    }
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
@@ -186,6 +196,11 @@ pub(super) fn progress_key(source: &str, topic: &str, partition: u32) -> Vec<u8>
     key.push(0);
     key.extend_from_slice(&partition_prefix(topic, partition));
     key
+}
+
+/// The start of every position of (`source`, `topic`): source ‖ 0 ‖ topic ‖ 0.
+pub(super) fn progress_prefix(source: &str, topic: &str) -> Vec<u8> {
+    [source.as_bytes(), &[0], topic.as_bytes(), &[0]].concat()
 }
 
 /// The offset at the end of a key built by [`offset_key`].

@@ -77,12 +77,7 @@ impl Store {
         }
         for (source, position) in positions {
             let key = progress_key(source, &position.topic, position.partition);
-            let mut value = Enc::value();
-            value.u64(position.next_offset);
-            if let Some(digest) = &position.digest {
-                value.hash(digest);
-            }
-            batch.put_cf(self.cf(PROGRESS), key, value.done());
+            batch.put_cf(self.cf(PROGRESS), key, encode_progress(position));
         }
         let committed = Committed { entries: batch.len() as u64, bytes: batch.size_in_bytes() as u64 };
         self.db.write_opt(batch, &self.write)?;

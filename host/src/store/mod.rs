@@ -29,10 +29,13 @@ use crate::chain::Hash;
 use crate::fold::{History, View, ViewError};
 use crate::model::{
     Applied, Folded, Head, KindVersions, ModelKey, ModuleHash, Record, Rejected, Rejection, ReplayJob, VersionRecord,
-    VersionStatus,
+    VersionStatus, Witness,
 };
 use crate::model::{Checkpoint, DiffRecord};
-use codec::{Dec, Enc, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix, progress_key};
+use codec::{
+    Dec, Enc, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix, progress_key,
+    progress_prefix,
+};
 pub use reader::Reader;
 pub use records::StoredRejection;
 use records::*;
@@ -109,6 +112,9 @@ pub struct Position {
     /// The partition's digest after the records before `next_offset` (see
     /// [`crate::source::attest`]); `None` where none is kept.
     pub digest: Option<Hash>,
+    /// The last record folded from the partition (`None`: not known, e.g. stored before
+    /// witnesses were kept).
+    pub witness: Option<Witness>,
 }
 
 /// The RocksDB store.
@@ -171,8 +177,8 @@ impl Store {
             let Some(partition) = partition else {
                 return Err(StoreError::corrupt(PROGRESS, &key, "not source ‖ 0 ‖ topic ‖ 0 ‖ partition"));
             };
-            let (next_offset, digest) = decode(PROGRESS, &key, &value, decode_progress)?;
-            out.push(Position { topic, partition, next_offset, digest });
+            let (next_offset, digest, witness) = decode(PROGRESS, &key, &value, decode_progress)?;
+            out.push(Position { topic, partition, next_offset, digest, witness });
         }
         Ok(out)
     }
@@ -256,19 +262,53 @@ impl Store {
 
     /// The stored position of a source's partition: the next offset to read.
     pub fn position(&self, source: &str, topic: &str, partition: u32) -> Result<Option<u64>, StoreError> {
-        Ok(self.progress(source, topic, partition)?.map(|(next, _)| next))
+        Ok(self.progress(source, topic, partition)?.map(|p| p.next_offset))
     }
 
-    /// The stored position of a source's partition and its digest.
-    pub fn progress(
-        &self,
-        source: &str,
-        topic: &str,
-        partition: u32,
-    ) -> Result<Option<(u64, Option<Hash>)>, StoreError> {
+    /// The stored position of a source's partition, with its digest and witness.
+    pub fn progress(&self, source: &str, topic: &str, partition: u32) -> Result<Option<Position>, StoreError> {
         let key = progress_key(source, topic, partition);
         let Some(value) = self.db.get_cf(self.cf(PROGRESS), &key)? else { return Ok(None) };
-        decode(PROGRESS, &key, &value, decode_progress).map(Some)
+        let (next_offset, digest, witness) = decode(PROGRESS, &key, &value, decode_progress)?;
+        Ok(Some(Position { topic: topic.to_owned(), partition, next_offset, digest, witness }))
+    }
+
+    /// The number of partitions `topic` had when this store first folded it from `source`.
+    pub fn topic_partitions(&self, source: &str, topic: &str) -> Result<Option<u32>, StoreError> {
+        let key = topic_key(source, topic);
+        let Some(value) = self.db.get_cf(self.cf(REDUCERS), &key)? else { return Ok(None) };
+        decode(REDUCERS, &key, &value, |d| d.u32()).map(Some)
+    }
+
+    /// Records the partition count of a topic this store starts to fold.
+    pub fn put_topic_partitions(&self, source: &str, topic: &str, partitions: u32) -> Result<(), StoreError> {
+        let value = Enc::value().u32(partitions).done();
+        self.db.put_cf_opt(self.cf(REDUCERS), topic_key(source, topic), value, &self.write)?;
+        Ok(())
+    }
+
+    /// Forgets everything folded for `kind` (fed by `topic`): its models, the topic's
+    /// rejections, positions and partition count, the kind's versions and replay. Its next
+    /// start folds the topic from its first record with the configured reducer, as for a
+    /// new kind. In one WriteBatch. For an operator (`statefold reset`), with the server
+    /// stopped.
+    pub fn reset_kind(&self, kind: &str, topic: &str) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let models = [kind.as_bytes(), &[0]].concat();
+        for cf in [DIFFS, STATES, HEADS, HASHES] {
+            batch.delete_range_cf(self.cf(cf), &models, &prefix_end(&models));
+        }
+        let rejections = [topic.as_bytes(), &[0]].concat();
+        batch.delete_range_cf(self.cf(REJECTS), &rejections, &prefix_end(&rejections));
+        for source in self.sources()? {
+            let positions = progress_prefix(&source, topic);
+            batch.delete_range_cf(self.cf(PROGRESS), &positions, &prefix_end(&positions));
+            batch.delete_cf(self.cf(REDUCERS), topic_key(&source, topic));
+        }
+        batch.delete_cf(self.cf(REDUCERS), kind_versions_key(kind));
+        batch.delete_cf(self.cf(REDUCERS), replay_key(kind));
+        self.db.write_opt(batch, &self.write)?;
+        Ok(())
     }
 
     /// The sources positions are stored for.
@@ -297,6 +337,32 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_round_trip_and_read_those_stored_before_witnesses() {
+        let digest = Hash::genesis("k", "m");
+        let witness = Witness { offset: 41, fingerprint: [7; 16] };
+        for (digest, witness) in
+            [(None, None), (Some(digest), None), (None, Some(witness)), (Some(digest), Some(witness))]
+        {
+            let position = Position { topic: "t".into(), partition: 1, next_offset: 42, digest, witness };
+            let bytes = encode_progress(&position);
+            assert_eq!(decode(PROGRESS, b"k", &bytes, decode_progress).unwrap(), (42, digest, witness));
+        }
+        // The layouts before witnesses: the next offset, then the digest if kept.
+        let old = Enc::value().u64(42).done();
+        assert_eq!(decode(PROGRESS, b"k", &old, decode_progress).unwrap(), (42, None, None));
+        let old = Enc::value().u64(42).hash(&digest).done();
+        assert_eq!(decode(PROGRESS, b"k", &old, decode_progress).unwrap(), (42, Some(digest), None));
+        let truncated = &encode_progress(&Position {
+            topic: "t".into(),
+            partition: 1,
+            next_offset: 42,
+            digest: None,
+            witness: Some(witness),
+        })[..20];
+        assert!(matches!(decode(PROGRESS, b"k", truncated, decode_progress), Err(StoreError::Corrupt { .. })));
+    }
 
     #[test]
     fn head_round_trips_and_checks() {

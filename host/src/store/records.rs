@@ -31,11 +31,46 @@ pub(super) fn version_key(name: &str, id: &ModuleHash) -> Vec<u8> {
     [&b"v"[..], name.as_bytes(), &[0], &id.0].concat()
 }
 
-/// A position: the next offset, then the partition's digest if one is kept.
-pub(super) fn decode_progress(d: &mut Dec<'_>) -> Result<(u64, Option<Hash>), Malformed> {
+/// A position: the next offset, the partition's digest if one is kept, the last record
+/// folded if known.
+pub(super) fn encode_progress(position: &Position) -> Vec<u8> {
+    let mut enc = Enc::value();
+    enc.u64(position.next_offset);
+    match &position.digest {
+        Some(digest) => enc.u8(1).hash(digest),
+        None => enc.u8(0),
+    };
+    match &position.witness {
+        Some(witness) => enc.u8(1).u64(witness.offset).raw(&witness.fingerprint),
+        None => enc.u8(0),
+    };
+    enc.done()
+}
+
+/// (next offset, digest, witness). Positions stored before witnesses were kept hold the
+/// next offset and the digest alone (8 or 40 bytes after the format byte, lengths the
+/// tagged layout never has).
+pub(super) fn decode_progress(d: &mut Dec<'_>) -> Result<(u64, Option<Hash>, Option<Witness>), Malformed> {
     let next = d.u64()?;
-    let digest = if d.is_empty() { None } else { Some(d.hash()?) };
-    Ok((next, digest))
+    match d.len() {
+        0 => return Ok((next, None, None)),
+        32 => return Ok((next, Some(d.hash()?), None)),
+        _ => {}
+    }
+    let digest = if d.u8()? == 1 { Some(d.hash()?) } else { None };
+    let witness = if d.u8()? == 1 {
+        let offset = d.u64()?;
+        let fingerprint = d.raw(16)?.try_into().expect("16 bytes");
+        Some(Witness { offset, fingerprint })
+    } else {
+        None
+    };
+    Ok((next, digest, witness))
+}
+
+/// The partition count a topic was first folded with.
+pub(super) fn topic_key(source: &str, topic: &str) -> Vec<u8> {
+    [&b"t"[..], source.as_bytes(), &[0], topic.as_bytes()].concat()
 }
 
 pub(super) fn kind_versions_key(kind: &str) -> Vec<u8> {
