@@ -303,3 +303,57 @@ async fn records_off_their_models_partition_are_rejected_alike_on_every_replica(
         assert_eq!(status, 200, "producer input never stops a server: {ready}");
     }
 }
+
+/// The Kafka side of the documented errors, each asserted alone: `wait_timeout` (a record
+/// not folded within `wait_applied_ms_max`), `invalid_deploy` (a deploy record whose module
+/// cannot load), and with the broker down `unavailable` (an append the log did not take:
+/// nothing is stored) and `/readyz`'s `not_ready`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_errors_answer_alone_and_a_refused_append_stores_nothing() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::Producer;
+
+    let mut broker = Broker::with_example_topics();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits { wait_applied_ms_max: 300, kafka_produce_timeout_ms: 1000, ..limits() };
+    let config = kafka_config(dir.path(), &broker, limits);
+    let server = TestServer::start_config(dir, config).await;
+    server.create("counter", "m").await;
+    server.apply("counter", "m", r#"{"add":1}"#).await;
+
+    // A record this server will not have folded within wait_applied_ms_max.
+    let (status, body) = server.get("/v1/models/counter/m?folded=0:1000000").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (504, Some("wait_timeout")), "{body}");
+
+    // A deploy record carrying no reducer: rejected where it is folded, the partition goes on.
+    let producer = broker.producer();
+    let headers = OwnedHeaders::new().insert(Header { key: "statefold-deploy", value: Some("document") });
+    let record = BaseRecord::<[u8], [u8]>::to("document").key(b"x").payload(b"not a module").headers(headers);
+    producer.send(record).map_err(|(e, _)| e).unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let listed = wait_for(&server, "/v1/kinds/document/rejections", |b| b["rejections"][0].is_object()).await;
+    assert_eq!(listed["rejections"][0]["code"], "invalid_deploy", "{listed}");
+    server.create("document", "d").await;
+    server.apply("document", "d", r#"{"still":"folding"}"#).await;
+
+    let records_before = broker.read_all("counter", 3).len();
+    broker.stop();
+    let (status, body) = server.post("/v1/models/counter/m/diffs", r#"{"add":1000}"#).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("unavailable")), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, ready) = server.get("/readyz").await;
+        if status == 503 {
+            assert_eq!(ready["error"]["code"], "not_ready", "{ready}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready with the broker down: {ready}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.restart();
+    wait_for(&server, "/readyz", |b| b["ready"] == true).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(broker.read_all("counter", 3).len(), records_before, "the refused append is not in the log");
+    let model = wait_for(&server, "/v1/models/counter/m", |_| true).await;
+    assert_eq!(model["state"], 1, "{model}");
+}

@@ -201,3 +201,42 @@ fn readme_limits_tables_list_every_limit_with_its_default() {
         assert!(defaults.contains_key(name), "README documents {name}, which is not a limit");
     }
 }
+
+/// The codes of the README's error table: its first column, and the deploy refusals row's
+/// list.
+fn readme_error_codes(readme: &str) -> Vec<String> {
+    let table = readme
+        .lines()
+        .skip_while(|line| !line.starts_with("| code | status | when |"))
+        .skip(2)
+        .take_while(|line| line.starts_with('|'));
+    let mut codes = Vec::new();
+    for row in table {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let named = if cells[1] == "deploy refusals" { cells[3] } else { cells[1] };
+        codes.extend(named.split('`').skip(1).step_by(2).map(str::to_owned));
+    }
+    codes
+}
+
+/// Every error code the README documents is named (as a string literal) by at least one
+/// test: a code no test reaches is a documented promise nobody checks.
+#[test]
+fn every_error_code_in_the_readme_is_named_by_a_test() {
+    let root = statefold_tests::workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let codes = readme_error_codes(&readme);
+    assert!(codes.len() >= 40, "the README's error table: {codes:?}");
+    let mut tests = String::new();
+    for dir in ["tests/tests", "host/src/fold"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            if file.ends_with(".rs") && file != "readme.rs" && (dir == "tests/tests" || file == "tests.rs") {
+                tests.push_str(&std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    let unnamed: Vec<&String> = codes.iter().filter(|code| !tests.contains(&format!("\"{code}\""))).collect();
+    assert!(unnamed.is_empty(), "README error codes that no test names: {unnamed:?}");
+}

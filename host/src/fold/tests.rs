@@ -307,6 +307,7 @@ fn an_offset_going_back_within_a_batch_is_rejected_not_applied() {
     let folded = engine.fold(&records, &view).unwrap();
     let rejected: Vec<_> = folded.rejected.iter().map(|r| (r.partition, r.offset, r.reason.clone())).collect();
     assert_eq!(rejected, [(1, 10, Rejection::OffsetRegressed { head_offset: 15 })]);
+    assert_eq!(rejected[0].2.code(), "offset_regressed");
     let applied: Vec<u64> = folded.applied.iter().map(|a| a.offset).collect();
     assert_eq!(applied, [15, 16]);
     view.commit(&folded);
