@@ -1,7 +1,8 @@
 //! The served OpenAPI document against what the server answers: Schemathesis (a
 //! schema-driven fuzzer, from PyPI) generates requests from `/v1/openapi.json`, valid and
 //! invalid, and checks every response: no 5xx, a status the document lists for the
-//! operation, its content type, headers and body schema.
+//! operation, its content type, headers and body schema, and (our check,
+//! `tests/schemathesis/statefold_hooks.py`) that a refused write leaves the log as it was.
 //!
 //! Left out: the SSE stream (a response that never ends cannot be read whole; tests/sse.rs
 //! covers it) and `PUT /v1/reducers/{name}` (Schemathesis cannot make `application/wasm`
@@ -34,7 +35,7 @@ async fn schemathesis_finds_no_server_error_and_no_response_off_the_document() {
         "--url",
         &base,
         "--checks",
-        "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance",
+        "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,refused_writes_store_nothing",
         "--exclude-path",
         "/v1/models/{kind}/{id}/events",
         "--exclude-method",
@@ -45,8 +46,9 @@ async fn schemathesis_finds_no_server_error_and_no_response_off_the_document() {
         "40",
         "--seed",
         "7",
+        // One worker: `refused_writes_store_nothing` compares the log before and after.
         "--workers",
-        "2",
+        "1",
         "--request-timeout",
         "30",
         "--suppress-health-check",
@@ -60,12 +62,19 @@ async fn schemathesis_finds_no_server_error_and_no_response_off_the_document() {
     .chain([report.path().display().to_string()])
     .collect();
     let cwd = report.path().to_owned();
+    let hooks_dir = statefold_tests::workspace_root().join("tests/schemathesis");
+    let base_url = base.clone();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(&python)
             .args(&args)
             // Its cache (`.schemathesis/`) goes to the temp dir, not the repository.
             .current_dir(&cwd)
             .env("NO_COLOR", "1")
+            // tests/schemathesis/statefold_hooks.py: the check that a refused write
+            // stores nothing.
+            .env("PYTHONPATH", hooks_dir)
+            .env("SCHEMATHESIS_HOOKS", "statefold_hooks")
+            .env("STATEFOLD_URL", base_url)
             .output()
             .unwrap_or_else(|e| panic!("cannot run {python}: {e}"))
     })
