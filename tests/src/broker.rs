@@ -172,6 +172,16 @@ impl Broker {
     /// Every record of a topic as (partition, offset, key, value), read back from the
     /// broker (what a reference fold is computed from).
     pub fn read_all(&self, topic: &str, partitions: u32) -> Vec<ReadRecord> {
+        self.read_records(topic, partitions)
+            .into_iter()
+            .map(|r| (r.partition, r.offset, r.key, r.value.to_vec()))
+            .collect()
+    }
+
+    /// Every record of a topic, whole (timestamps and headers too), in (partition, offset)
+    /// order.
+    pub fn read_records(&self, topic: &str, partitions: u32) -> Vec<statefold::model::Record> {
+        use rdkafka::message::Headers;
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.brokers())
             .set("group.id", "statefold-tests-reader")
@@ -195,17 +205,23 @@ impl Broker {
         while (out.len() as u64) < total {
             assert!(Instant::now() < deadline, "read {} of {total} records of {topic}", out.len());
             match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => out.push((
-                    m.partition() as u32,
-                    m.offset() as u64,
-                    m.key().map(<[u8]>::to_vec),
-                    m.payload().unwrap_or_default().to_vec(),
-                )),
+                Some(Ok(m)) => out.push(statefold::model::Record {
+                    topic: topic.into(),
+                    partition: m.partition() as u32,
+                    offset: m.offset() as u64,
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                    timestamp_ms: m.timestamp().to_millis(),
+                    headers: m
+                        .headers()
+                        .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
+                        .unwrap_or_default(),
+                }),
                 Some(Err(e)) => panic!("reading {topic}: {e}"),
                 None => {}
             }
         }
-        out.sort_by_key(|(p, o, ..)| (*p, *o));
+        out.sort_by_key(|r| (r.partition, r.offset));
         out
     }
 }
