@@ -1,7 +1,9 @@
 //! Ids and sizes at their limits (issue 17, item 6), through the real router, fold and
 //! store: model ids with `/`, `%`, spaces, quotes and Unicode, one of exactly 256 bytes,
 //! through create, append, GET, SSE, the listing's cursor and rejections; a state of 50 MB
-//! against `state_cache_bytes_max`.
+//! against `state_cache_bytes_max`; 1,000,000 models listed page by page.
+
+mod common;
 
 use serde_json::{Value, json};
 use statefold::chain::Hash;
@@ -132,4 +134,69 @@ async fn a_50_mb_state_is_folded_served_and_streamed_past_the_state_cache() {
     let snapshot: Value = snapshot.json();
     assert_eq!(snapshot["state"].as_object().unwrap().len(), 50);
     assert_eq!(snapshot["hash"], model["hash"]);
+}
+
+/// 1,000,000 `counter` models, folded into the store by the engine from create records
+/// (the log's path, without the hours an HTTP create per model takes), then served: the
+/// list answers them all page by page, each once, in id order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_models_are_listed_page_by_page() {
+    use statefold::fold::{Engine, FoldLimits, KindSpec, Known, Versions};
+    use statefold::model::{CREATE_HEADER, Record};
+    use statefold::store::{Store, StoreOptions};
+
+    const MODELS: u64 = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    {
+        let runtime = common::runtime(statefold::reducer::ReducerLimits::default());
+        let reducer = common::load(&runtime, "counter");
+        let store = Store::open(&dir.path().join("db"), &StoreOptions { fsync: false }).unwrap();
+        let versions = Versions::new(std::sync::Arc::new(Known(vec![reducer.clone()])), 2);
+        let mut engine =
+            Engine::new(vec![KindSpec::new("counter", "counter", &reducer)], FoldLimits::default(), versions);
+        let id = |n: u64| format!("model-{n:07}");
+        for batch in 0..MODELS / 10_000 {
+            let records: Vec<Record> = (batch * 10_000..(batch + 1) * 10_000)
+                .map(|n| Record {
+                    topic: "counter".into(),
+                    partition: 0,
+                    offset: n,
+                    key: Some(id(n).into_bytes()),
+                    value: bytes::Bytes::new(),
+                    timestamp_ms: None,
+                    headers: vec![(CREATE_HEADER.to_owned(), Vec::new())],
+                })
+                .collect();
+            let folded = engine.fold(&records, &store).unwrap();
+            assert_eq!(folded.created.len(), 10_000);
+            store.commit(&folded, &[]).unwrap();
+        }
+    }
+    eprintln!("1,000,000 models folded into the store in {:?}", started.elapsed());
+    let server = TestServer::start_in(dir, Limits::default()).await;
+    let started = std::time::Instant::now();
+    let (mut count, mut pages, mut last) = (0u64, 0u64, String::new());
+    let mut after: Option<String> = None;
+    loop {
+        let query = after.as_deref().map(|a| format!("&after={}", encode(a))).unwrap_or_default();
+        let (status, page) = server.get(&format!("/v1/models/counter?limit=1000{query}")).await;
+        assert_eq!(status, 200, "{page}");
+        for model in page["models"].as_array().unwrap() {
+            let id = model["id"].as_str().unwrap();
+            assert!(id > last.as_str(), "{id} after {last}: in order, each once");
+            assert_eq!(model["seq"], 0);
+            last = id.to_owned();
+            count += 1;
+        }
+        pages += 1;
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    eprintln!("listed {count} models in {pages} pages in {:?}", started.elapsed());
+    assert_eq!(count, MODELS);
+    assert_eq!(last, "model-0999999");
+    assert!(pages <= MODELS / 1000 + 1, "{pages} pages");
 }
