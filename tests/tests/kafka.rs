@@ -316,7 +316,7 @@ async fn kafka_errors_answer_alone_and_a_refused_append_stores_nothing() {
     let mut broker = Broker::with_example_topics();
     let dir = tempfile::tempdir().unwrap();
     let limits = Limits { wait_applied_ms_max: 300, kafka_produce_timeout_ms: 1000, ..limits() };
-    let config = kafka_config(dir.path(), &broker, limits);
+    let config = kafka_config(dir.path(), &broker, limits.clone());
     let server = TestServer::start_config(dir, config).await;
     server.create("counter", "m").await;
     server.apply("counter", "m", r#"{"add":1}"#).await;
@@ -356,4 +356,17 @@ async fn kafka_errors_answer_alone_and_a_refused_append_stores_nothing() {
     assert_eq!(broker.read_all("counter", 3).len(), records_before, "the refused append is not in the log");
     let model = wait_for(&server, "/v1/models/counter/m", |_| true).await;
     assert_eq!(model["state"], 1, "{model}");
+
+    // A produce queue that cannot take the record (kafka_produce_queue_bytes_max): 503
+    // `unavailable` at once, nothing stored.
+    let dir = tempfile::tempdir().unwrap();
+    let config = kafka_config(dir.path(), &broker, Limits { kafka_produce_queue_bytes_max: 1024, ..limits.clone() });
+    let small = TestServer::start_config(dir, config).await;
+    wait_for(&small, "/v1/models/counter/m", |m| m["state"] == 1).await;
+    let big = format!(r#"{{"add":1,"pad":"{}"}}"#, "x".repeat(8 << 10));
+    let (status, body) = small.post("/v1/models/counter/m/diffs", big).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("unavailable")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("queue"), "{body}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(broker.read_all("counter", 3).len(), records_before, "the refused append is not in the log");
 }
