@@ -128,28 +128,26 @@ impl Broker {
     /// Deletes a topic. Tansu 0.6 deletes every topic with it: recreate the others the test
     /// needs.
     pub fn delete_topic(&self, name: &str) {
-        let output = Command::new(tansu())
-            .env_clear()
-            .args(["topic", "delete", name, "--broker", &self.url()])
-            .output()
-            .expect("tansu topic delete runs");
-        assert!(
-            output.status.success(),
-            "cannot delete topic {name}: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        self.topic(&["delete", name]);
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
+        self.topic(&["create", name, "--partitions", &partitions.to_string()]);
+    }
+
+    /// `tansu topic ARGS` against this broker.
+    fn topic(&self, args: &[&str]) {
         let output = Command::new(tansu())
             .env_clear()
-            .args(["topic", "create", name, "--broker", &self.url(), "--partitions", &partitions.to_string()])
+            .arg("topic")
+            .args(args)
+            .args(["--broker", &self.url()])
             .output()
-            .expect("tansu topic create runs");
+            .expect("tansu topic runs");
         assert!(
             output.status.success(),
-            "cannot create topic {name}: {}{}; broker log: {}",
+            "tansu topic {}: {}{}; broker log: {}",
+            args.join(" "),
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr),
             self.log()
