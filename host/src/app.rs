@@ -65,6 +65,9 @@ pub enum AppError {
     ReadOnly,
     #[error("a replay of kind {} is running ({} of {} models)", .0.kind, .0.done, .0.total)]
     ReplayRunning(Box<ReplayJob>),
+    /// The caller's token does not grant this.
+    #[error("{0}")]
+    Forbidden(String),
     /// The store failed a write; it takes none until the process restarts.
     #[error(
         "the store cannot write ({0}); nothing was written: retry once the server has restarted with room on its disk"
@@ -248,6 +251,8 @@ pub struct App {
     attestor: Option<Arc<crate::source::attest::Attestor>>,
     /// The latest replay of each kind, running or finished.
     replays: Mutex<BTreeMap<String, ReplayJob>>,
+    /// Bearer tokens (`None`: access control off).
+    auth: Option<crate::auth::Auth>,
 }
 
 impl App {
@@ -290,7 +295,27 @@ impl App {
             read_only,
             replays,
             attestor,
+            auth: None,
         })
+    }
+
+    /// Access control with `auth` (`None`: off).
+    pub fn with_auth(mut self, auth: Option<crate::auth::Auth>) -> App {
+        self.auth = auth;
+        self
+    }
+
+    /// The caller a request's `Authorization` header or cookies name; everyone without
+    /// access control.
+    pub fn caller(
+        &self,
+        authorization: Option<&str>,
+        cookies: Option<&str>,
+    ) -> Result<crate::auth::Caller, crate::auth::AuthError> {
+        match &self.auth {
+            None => Ok(crate::auth::Caller::Anyone),
+            Some(auth) => auth.caller(authorization, cookies),
+        }
     }
 
     pub fn limits(&self) -> &Limits {

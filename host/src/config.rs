@@ -266,8 +266,44 @@ pub struct Config {
     /// `read_only` (for deployments that keep ingestion on separate gateways).
     #[serde(default)]
     pub read_only: bool,
+    /// Bearer tokens: off unless configured (the loopback quickstart).
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// `[auth]`: who may do what. Every route but `/healthz`, `/readyz` and
+/// `/v1/openapi.json` takes a bearer JWT (the `Authorization` header, or the cookie
+/// `cookie`) whose `grants` claim lists actions over kind/model-id patterns.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A PEM public key (Ed25519, P-256 or RSA): tokens signed EdDSA, ES256 or RS256.
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    /// A shared secret for HS256 tokens: for development.
+    #[serde(default)]
+    pub hs256_secret: Option<String>,
+    /// The `aud` a token must carry.
+    pub audience: String,
+    /// The `iss` a token must carry, if set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// The cookie a browser's token may come in (so that a plain `EventSource` works).
+    #[serde(default = "default_auth_cookie")]
+    pub cookie: String,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    #[serde(default = "default_auth_leeway_s")]
+    pub leeway_s: u64,
+}
+
+pub fn default_auth_cookie() -> String {
+    "statefold_token".into()
+}
+
+pub fn default_auth_leeway_s() -> u64 {
+    30
 }
 
 /// `[kafka]`: the brokers, the consumer group, and librdkafka properties.
@@ -345,6 +381,7 @@ impl Default for Config {
             kinds: Vec::new(),
             kafka: None,
             read_only: false,
+            auth: None,
             limits: Limits::default(),
         }
     }
@@ -358,6 +395,9 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         config.data_dir = base.join(&config.data_dir);
         config.reducers_dir = base.join(&config.reducers_dir);
+        if let Some(key) = config.auth.as_mut().and_then(|a| a.public_key_file.as_mut()) {
+            *key = base.join(&*key);
+        }
         Ok(config)
     }
 
@@ -369,6 +409,17 @@ impl Config {
     /// Checks everything that can be checked without opening anything.
     pub fn validate(&self) -> Result<(), String> {
         self.limits.validate()?;
+        if let Some(auth) = &self.auth {
+            if auth.public_key_file.is_none() && auth.hs256_secret.is_none() {
+                return Err("[auth]: set public_key_file or hs256_secret".into());
+            }
+            if auth.hs256_secret.as_ref().is_some_and(|s| s.len() < 32) {
+                return Err("[auth] hs256_secret: at least 32 bytes".into());
+            }
+            if auth.audience.is_empty() {
+                return Err("[auth] audience: must not be empty".into());
+            }
+        }
         if self.kinds.is_empty() {
             return Err(
                 "no kinds configured: add [[kind]] sections (name, reducer, topic) or --kind NAME=FILE.wasm".into()

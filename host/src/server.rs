@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Sleep;
 
 use crate::app::{App, Kind, Log, Process, Status};
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::deploy::{Deployer, Registry};
 use crate::fold::{Engine, KindSpec, Resolve, Versions};
@@ -209,14 +210,19 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         read_only: config.read_only,
         attestor: attestor.clone(),
     };
-    let app = Arc::new(App::new(
-        limits.clone(),
-        store,
-        kinds,
-        log,
-        Process { committed: committed_rx, status, metrics },
-        deployer,
-    )?);
+    let auth = match &config.auth {
+        Some(auth) => Some(Auth::new(auth)?),
+        None => {
+            if !config.listen.ip().is_loopback() {
+                tracing::warn!(listen = %config.listen, "SERVING WITHOUT ACCESS CONTROL on a non-loopback address: anyone who reaches it can read, write, deploy and replay; configure [auth]");
+            }
+            None
+        }
+    };
+    let app = Arc::new(
+        App::new(limits.clone(), store, kinds, log, Process { committed: committed_rx, status, metrics }, deployer)?
+            .with_auth(auth),
+    );
 
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -71,7 +71,7 @@ fn layers_import_only_what_architecture_md_allows() {
         ("reducer", &["chain", "model"]),
         ("store", &["chain", "model", "fold"]),
         ("source", &["chain", "model", "store", "config"]),
-        ("api", &["app", "chain", "model", "metrics", "hub", "deploy"]),
+        ("api", &["app", "auth", "chain", "model", "metrics", "hub", "deploy"]),
     ];
     let mut wrong = Vec::new();
     for (module, may) in allowed {

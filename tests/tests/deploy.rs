@@ -52,6 +52,7 @@ fn config(data: &Path, reducers: &Path) -> Config {
         kinds: vec![kind("counter"), kind("document")],
         kafka: None,
         read_only: false,
+        auth: None,
         limits: Limits {
             reducer_watch_interval_ms: 100,
             reducer_resident_models_max: 100,

@@ -1,6 +1,7 @@
 //! The HTTP API (axum): the routes of the design's table, JSON errors, the SSE stream.
 //! Only this module speaks JSON; wire types live here.
 
+mod access;
 mod reducers;
 mod sse;
 
@@ -20,9 +21,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::app::{App, AppError, Plan, Reset};
+use crate::auth::{Action, Caller};
 use crate::chain::Hash;
 use crate::metrics::RequestLabels;
 use crate::model::{Applied, ModelKey, Rejection};
+use access::{allow, allow_admin, allow_kind};
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -60,11 +63,13 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// `WWW-Authenticate` of a 401.
+    challenge: Option<String>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+        ApiError { status, code, message: message.into(), challenge: None }
     }
 
     fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -75,7 +80,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(challenge) = self.challenge.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        response
     }
 }
 
@@ -114,6 +123,7 @@ impl From<AppError> for ApiError {
             AppError::ReplayRunning(_) => (StatusCode::CONFLICT, "replay_running"),
             AppError::ReadOnly => (StatusCode::FORBIDDEN, "read_only"),
             AppError::KindStopped { .. } => (StatusCode::SERVICE_UNAVAILABLE, "kind_stopped"),
+            AppError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             AppError::StoreUnwritable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unwritable"),
             AppError::Deploy(_) => (StatusCode::INTERNAL_SERVER_ERROR, "deploy"), // returned above
         };
@@ -228,6 +238,7 @@ struct VersionBody {
 
 async fn create(
     State(app): State<Arc<App>>,
+    caller: Caller,
     Path(kind): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -238,6 +249,7 @@ async fn create(
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("malformed_json", format!("body: {e}")))?
     };
     let id = request.id.unwrap_or_else(new_id);
+    allow(&caller, Action::Create, &kind, Some(&id))?;
     let topic = {
         let (kind, id) = (kind.clone(), id.clone());
         blocking(&app, move |app| app.check_create(&kind, &id)).await?
@@ -280,10 +292,12 @@ struct AppendQuery {
 
 async fn append(
     State(app): State<Arc<App>>,
+    caller: Caller,
     Path((kind, id)): Path<(String, String)>,
     query: Result<Query<AppendQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    allow(&caller, Action::Append, &kind, Some(&id))?;
     let Query(query) = query?;
     let wait = match query.wait.as_deref() {
         None | Some("accepted") => false,
@@ -335,10 +349,12 @@ struct StateBody {
 
 async fn state(
     State(app): State<Arc<App>>,
+    caller: Caller,
     Path((kind, id)): Path<(String, String)>,
     query: Result<Query<StateQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    allow(&caller, Action::Read, &kind, Some(&id))?;
     let Query(query) = query?;
     let at = query.at.as_deref().map(parse_hash).transpose()?;
     if let Some(position) = query.folded.as_deref() {
@@ -442,9 +458,11 @@ impl From<&Plan> for PlanBody {
 
 async fn missing(
     State(app): State<Arc<App>>,
+    caller: Caller,
     Path((kind, id)): Path<(String, String)>,
     query: Result<Query<MissingQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    allow(&caller, Action::Read, &kind, Some(&id))?;
     let Query(query) = query?;
     let since = query.since.as_deref().ok_or_else(|| ApiError::bad_request("bad_query", "since=<hash> is required"))?;
     let since = parse_hash(since)?;
@@ -462,18 +480,23 @@ struct ListQuery {
 
 async fn list(
     State(app): State<Arc<App>>,
+    caller: Caller,
     Path(kind): Path<String>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    allow_kind(&caller, Action::Read, &kind)?;
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(app.limits().list_page_max).clamp(1, app.limits().list_page_max);
     let page = {
         let after = query.after.clone();
+        let kind = kind.clone();
         blocking(&app, move |app| app.list(&kind, after.as_deref(), limit)).await?
     };
     let next = (page.len() == limit).then(|| page.last().map(|(id, _)| id.clone())).flatten();
+    // Only the models the token may read (a page may then hold fewer than `limit`).
     let models: Vec<VersionBody> = page
         .into_iter()
+        .filter(|(id, _)| caller.may(Action::Read, &kind, Some(id)))
         .map(|(id, head)| VersionBody { id, hash: head.hash.to_string(), seq: head.seq, offset: head.offset })
         .collect();
     Ok(Json(serde_json::json!({"models": models, "next": next})).into_response())
@@ -502,16 +525,24 @@ struct RejectionBody {
 
 async fn rejections(
     State(app): State<Arc<App>>,
+    caller: Caller,
     Path(kind): Path<String>,
     query: Result<Query<RejectionsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    allow_kind(&caller, Action::Read, &kind)?;
     let Query(query) = query?;
+    let readable = kind.clone();
     let after = query.after.as_deref().map(|cursor| parse_position(cursor, "after")).transpose()?;
     let limit = query.limit.unwrap_or(app.limits().list_page_max).clamp(1, app.limits().list_page_max);
     let page = blocking(&app, move |app| app.rejections(&kind, after, limit)).await?;
     let next = (page.len() == limit).then(|| page.last().map(|r| format!("{}:{}", r.partition, r.offset))).flatten();
+    // Only records of models the token may read (a keyless record: the whole kind's).
     let items: Vec<RejectionBody> = page
         .into_iter()
+        .filter(|r| {
+            let key = r.key.as_deref().map(String::from_utf8_lossy);
+            caller.may(Action::Read, &readable, key.as_deref())
+        })
         .map(|r| RejectionBody {
             partition: r.partition,
             offset: r.offset,
@@ -560,8 +591,9 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
-    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], app.metrics_text()).into_response()
+async fn metrics(State(app): State<Arc<App>>, caller: Caller) -> Result<Response, ApiError> {
+    allow_admin(&caller)?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], app.metrics_text()).into_response())
 }
 
 /// Times every request to its response head, by method, route pattern and status

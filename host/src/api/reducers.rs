@@ -10,8 +10,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::access::{allow, allow_kind};
 use super::{ApiError, blocking};
 use crate::app::{App, AppError, Module};
+use crate::auth::{Action, Caller};
 use crate::deploy::{DeployError, Deployed};
 use crate::model::ReplayJob;
 use crate::model::VersionRecord;
@@ -61,10 +63,14 @@ impl From<DeployError> for ApiError {
 }
 
 /// `GET /v1/reducers`: every reducer, its kinds and its active version.
-pub(super) async fn list(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
-    let reducers = blocking(&app, |app| {
+pub(super) async fn list(State(app): State<Arc<App>>, caller: Caller) -> Result<Response, ApiError> {
+    let reducers = blocking(&app, move |app| {
         let mut out = Vec::new();
-        for (name, kinds) in app.reducer_names() {
+        // Only the reducers of kinds the token may read or deploy to.
+        let visible = |kinds: &[Arc<str>]| {
+            kinds.iter().any(|k| caller.may_kind(Action::Read, k) || caller.may_kind(Action::Deploy, k))
+        };
+        for (name, kinds) in app.reducer_names().iter().filter(|(_, kinds)| visible(kinds.as_slice())) {
             let versions = app.reducer_versions(name).map_err(deploy_error)?;
             let active = versions.into_iter().next().map(VersionBody::from);
             out.push(serde_json::json!({"name": name, "kinds": kinds.iter().map(|k| &**k).collect::<Vec<_>>(), "active": active}));
@@ -76,9 +82,17 @@ pub(super) async fn list(State(app): State<Arc<App>>) -> Result<Response, ApiErr
 }
 
 /// `GET /v1/reducers/{name}`: its versions, the active one first, then by last change.
-pub(super) async fn show(State(app): State<Arc<App>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+pub(super) async fn show(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     let (kinds, versions) = blocking(&app, move |app| {
         let versions = app.reducer_versions(&name).map_err(deploy_error)?;
+        let kinds = &app.reducer_names()[&name];
+        if !kinds.iter().any(|k| caller.may_kind(Action::Read, k) || caller.may_kind(Action::Deploy, k)) {
+            return Err(AppError::Forbidden(format!("the token grants no `read` or `deploy` on the kinds of {name}")));
+        }
         let kinds: Vec<String> = app.reducer_names()[&name].iter().map(|k| k.to_string()).collect();
         Ok((kinds, versions))
     })
@@ -97,11 +111,17 @@ pub(super) struct DeployQuery {
 /// Answers once it folds (200), or why it was refused (422, the active version goes on).
 pub(super) async fn deploy(
     State(app): State<Arc<App>>,
+    caller: Caller,
     Path(name): Path<String>,
     query: Result<Query<DeployQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
+    if let Some(kinds) = app.reducer_names().get(&name) {
+        for kind in kinds {
+            allow(&caller, Action::Deploy, kind, None)?;
+        }
+    }
     app.writable()?;
     let max = app.limits().reducer_module_bytes_max;
     let body = match body {
@@ -154,13 +174,25 @@ fn replay_body(job: ReplayJob) -> serde_json::Value {
 }
 
 /// `POST /v1/kinds/{kind}/replay`: starts a replay (202), or 409 if one runs.
-pub(super) async fn start_replay(State(app): State<Arc<App>>, Path(kind): Path<String>) -> Result<Response, ApiError> {
+pub(super) async fn start_replay(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(kind): Path<String>,
+) -> Result<Response, ApiError> {
+    allow(&caller, Action::Replay, &kind, None)?;
     let job = app.start_replay(&kind).await?;
     Ok((StatusCode::ACCEPTED, Json(replay_body(job))).into_response())
 }
 
 /// `GET /v1/kinds/{kind}/replay`: the latest replay's progress.
-pub(super) async fn replay(State(app): State<Arc<App>>, Path(kind): Path<String>) -> Result<Response, ApiError> {
+pub(super) async fn replay(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(kind): Path<String>,
+) -> Result<Response, ApiError> {
+    if !caller.may_kind(Action::Replay, &kind) {
+        allow_kind(&caller, Action::Read, &kind)?;
+    }
     let job = blocking(&app, move |app| app.replay(&kind)).await?;
     match job {
         Some(job) => Ok(Json(replay_body(job)).into_response()),

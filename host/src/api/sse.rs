@@ -31,6 +31,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::{ApiError, DiffBody, parse_hash, stored_json};
 use crate::app::{App, Plan};
+use crate::auth::{Action, Caller};
 use crate::chain::Hash;
 use crate::hub::{Live, LiveDiff, Subscription};
 use crate::model::ModelKey;
@@ -43,10 +44,12 @@ pub(super) struct EventsQuery {
 
 pub(super) async fn events(
     State(app): State<Arc<App>>,
+    caller: Caller,
     Path((kind, id)): Path<(String, String)>,
     query: Result<Query<EventsQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    super::access::allow(&caller, Action::Subscribe, &kind, Some(&id))?;
     let Query(query) = query?;
     // `Last-Event-ID` (what a browser's EventSource sends on reconnect) overrides `since`.
     let last_event_id = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("<not text>").to_owned());
@@ -61,7 +64,10 @@ pub(super) async fn events(
     let subscription = app.subscribe(&model).map_err(|full| {
         ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "too_many_subscribers", full.to_string())
     })?;
-    let feed = Feed::new(app, model, since, subscription);
+    let mut feed = Feed::new(app, model, since, subscription);
+    if let Some(expires_s) = caller.expires_s() {
+        feed.expires = Some(Box::pin(tokio::time::sleep_until(deadline_of(expires_s))));
+    }
     let frames = futures_util::stream::unfold(feed, |mut feed| async move {
         let frame = feed.next().await?;
         Some((Ok::<_, Infallible>(frame), feed))
@@ -87,7 +93,23 @@ struct Feed {
     sent: Instant,
     idle: Pin<Box<Sleep>>,
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// When the caller's token expires: the stream then ends with an `expired` event.
+    expires: Option<Pin<Box<Sleep>>>,
     over: bool,
+}
+
+/// The instant a token that expires at `expires_s` (seconds since the epoch) runs out.
+fn deadline_of(expires_s: i64) -> Instant {
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    Instant::now() + Duration::from_secs_f64((expires_s as f64 - now_s).max(0.0))
+}
+
+/// Waits for the token to expire (forever without one).
+async fn expiry(expires: &mut Option<Pin<Box<Sleep>>>) {
+    match expires {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Feed {
@@ -107,6 +129,7 @@ impl Feed {
             sent: Instant::now(),
             idle: Box::pin(tokio::time::sleep(heartbeat)),
             stop,
+            expires: None,
             over: false,
         }
     }
@@ -147,6 +170,11 @@ impl Feed {
                     continue;
                 }
                 () = self.stop.as_mut() => return None,
+                () = expiry(&mut self.expires) => {
+                    self.over = true;
+                    let data = r#"{"reason":"the token expired: reconnect with a fresh one"}"#;
+                    return Some(frame("expired", None, data));
+                }
             };
             let next = next.as_deref().map(|live| match live {
                 Live::Diff(diff) => Some(diff),

@@ -1,0 +1,177 @@
+//! Access control (issue 18): every route × {no token, expired, wrong audience, wrong kind,
+//! wrong model pattern, enough}, with the status and code each gets and nothing written by
+//! a refusal; the cookie a browser's `EventSource` sends; a stream whose token expires.
+//! Tokens are HS256 JWTs minted here with `jsonwebtoken`, as an issuer would.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use statefold::config::{AuthConfig, Limits};
+use statefold_tests::http::{SseStream, TestServer, example_config, json_of};
+
+const SECRET: &str = "a development secret of 32+ bytes!";
+
+fn now_s() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn token(audience: &str, expires_in_s: i64, grants: Value) -> String {
+    let claims = json!({"sub": "tester", "aud": audience, "exp": now_s() + expires_in_s, "grants": grants});
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+}
+
+const ALL: [&str; 6] = ["read", "subscribe", "create", "append", "deploy", "replay"];
+
+async fn server() -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = example_config(dir.path(), Limits::default());
+    config.auth = Some(AuthConfig {
+        public_key_file: None,
+        hs256_secret: Some(SECRET.into()),
+        audience: "statefold".into(),
+        issuer: None,
+        cookie: "statefold_token".into(),
+        leeway_s: 0,
+    });
+    TestServer::start_config(dir, config).await
+}
+
+/// The embedded log's end, summed over its topics (what a write would move).
+async fn log_end(server: &TestServer) -> u64 {
+    let (_, ready) = server.get("/readyz").await;
+    ready["partitions"].as_array().unwrap().iter().filter_map(|p| p["end"].as_u64()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_checks_the_token_and_a_refusal_writes_nothing() {
+    let server = server().await;
+    let admin = token("statefold", 3600, json!([{"actions": ["admin"], "models": "*"}]));
+    let bearer = |t: &str| format!("Bearer {t}");
+    // A model and a version to ask about.
+    let post = |path: &str, body: &str, t: &str| {
+        server.client.post(server.url(path)).header("authorization", bearer(t)).body(body.to_owned()).send()
+    };
+    let (status, m1) = json_of(post("/v1/models/counter", r#"{"id":"m1"}"#, &admin).await.unwrap()).await;
+    assert_eq!(status, 201, "{m1}");
+    let hash = m1["hash"].as_str().unwrap().to_owned();
+    let counter = std::fs::read(statefold_tests::wasm("counter")).unwrap();
+
+    let cases: [(&str, Option<String>); 6] = [
+        ("no token", None),
+        ("expired", Some(token("statefold", -3600, json!([{"actions": ["admin"], "models": "*"}])))),
+        ("wrong audience", Some(token("someone-else", 3600, json!([{"actions": ["admin"], "models": "*"}])))),
+        ("wrong kind", Some(token("statefold", 3600, json!([{"actions": ALL, "models": "document/*"}])))),
+        ("wrong model", Some(token("statefold", 3600, json!([{"actions": ALL, "models": "counter/other-*"}])))),
+        ("enough", Some(admin.clone())),
+    ];
+    // (method, path, body, status for: wrong kind, wrong model, enough)
+    let routes: Vec<(&str, String, Vec<u8>, [u16; 3])> = vec![
+        ("POST", "/v1/models/counter".into(), br#"{"id":"m2"}"#.to_vec(), [403, 403, 201]),
+        ("POST", "/v1/models/counter/m1/diffs".into(), br#"{"add":1}"#.to_vec(), [403, 403, 202]),
+        ("GET", "/v1/models/counter/m1".into(), vec![], [403, 403, 200]),
+        ("GET", format!("/v1/models/counter/m1/diffs?since={hash}"), vec![], [403, 403, 200]),
+        ("GET", "/v1/models/counter/m1/events".into(), vec![], [403, 403, 200]),
+        ("GET", "/v1/models/counter".into(), vec![], [403, 200, 200]),
+        ("GET", "/v1/kinds/counter/rejections".into(), vec![], [403, 200, 200]),
+        ("POST", "/v1/kinds/counter/replay".into(), vec![], [403, 403, 202]),
+        ("GET", "/v1/kinds/counter/replay".into(), vec![], [403, 200, 200]),
+        ("GET", "/v1/reducers".into(), vec![], [200, 200, 200]),
+        ("GET", "/v1/reducers/counter".into(), vec![], [403, 200, 200]),
+        ("PUT", "/v1/reducers/counter".into(), counter, [403, 403, 200]),
+        ("GET", "/metrics".into(), vec![], [403, 403, 200]),
+    ];
+    for (method, path, body, expected) in &routes {
+        for (i, (case, token)) in cases.iter().enumerate() {
+            let before = log_end(&server).await;
+            let mut request = server
+                .client
+                .request(method.parse().unwrap(), server.url(path))
+                .body(body.clone())
+                .timeout(Duration::from_secs(30));
+            if let Some(token) = token {
+                request = request.header("authorization", bearer(token));
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let challenge = response.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_owned());
+            let want = if i < 3 { 401 } else { expected[i - 3] };
+            if path.ends_with("/events") && status == 200 {
+                drop(response); // a stream: its first bytes are enough
+            } else {
+                let text = response.text().await.unwrap();
+                assert_eq!(status, want, "{method} {path} with {case}: {text}");
+                let code = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|b| b["error"]["code"].as_str().map(String::from));
+                match want {
+                    401 => {
+                        assert_eq!(code.as_deref(), Some("unauthenticated"), "{method} {path} with {case}");
+                        let challenge = challenge.expect("a 401 says how to authenticate");
+                        assert!(challenge.starts_with("Bearer"), "{challenge}");
+                    }
+                    403 => {
+                        assert_eq!(code.as_deref(), Some("forbidden"), "{method} {path} with {case}: {text}");
+                        assert!(text.contains('`'), "it names the missing grant: {text}");
+                    }
+                    _ => {}
+                }
+                if status >= 400 {
+                    assert_eq!(log_end(&server).await, before, "{method} {path} with {case}: a refusal writes nothing");
+                }
+                // A token that may read other models only sees none of these.
+                if *case == "wrong model" && *method == "GET" && path == "/v1/models/counter" {
+                    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["models"], json!([]), "{text}");
+                }
+                if *case == "wrong kind" && path == "/v1/reducers" {
+                    let listed: Value = serde_json::from_str(&text).unwrap();
+                    let names: Vec<&str> =
+                        listed["reducers"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+                    assert_eq!(names, ["document"], "only the kinds it may read: {text}");
+                }
+            }
+            assert_eq!(status, want, "{method} {path} with {case}");
+        }
+    }
+    // The routes a load balancer and a client generator need stay open.
+    for path in ["/healthz", "/readyz", "/v1/openapi.json"] {
+        let response = server.client.get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cookie_authenticates_and_a_stream_ends_when_its_token_expires() {
+    let server = server().await;
+    let admin = token("statefold", 3600, json!([{"actions": ["admin"], "models": "*"}]));
+    let response = server
+        .client
+        .post(server.url("/v1/models/workflow"))
+        .header("cookie", format!("theme=dark; statefold_token={admin}"))
+        .body(r#"{"id":"run-1"}"#)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, 201, "{body}");
+    // A reader of run-* models, whose token runs out in two seconds.
+    let short = token("statefold", 2, json!([{"actions": ["subscribe"], "models": "workflow/run-*"}]));
+    let response = server
+        .client
+        .get(server.url("/v1/models/workflow/run-1/events"))
+        .header("cookie", format!("statefold_token={short}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut events = SseStream::new(response);
+    let mut names = Vec::new();
+    while let Some(event) = events.next_within(Duration::from_secs(10)).await {
+        names.push(event.event.clone());
+        if event.event == "expired" {
+            assert!(event.data.contains("expired"), "{}", event.data);
+        }
+    }
+    assert_eq!(names.last().map(String::as_str), Some("expired"), "the stream ends with `expired`: {names:?}");
+    assert!(names.contains(&"snapshot".to_owned()), "{names:?}");
+}
