@@ -269,6 +269,9 @@ pub struct Config {
     /// Bearer tokens: off unless configured (the loopback quickstart).
     #[serde(default)]
     pub auth: Option<AuthConfig>,
+    /// Cross-origin requests from web pages: off unless configured.
+    #[serde(default)]
+    pub cors: Option<CorsConfig>,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -296,6 +299,24 @@ pub struct AuthConfig {
     /// Clock skew allowed on `exp` and `nbf`, in seconds.
     #[serde(default = "default_auth_leeway_s")]
     pub leeway_s: u64,
+}
+
+/// `[cors]`: which web origins may call the API from a browser (tower-http's CORS layer).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins allowed, e.g. `https://app.example.com` (exactly as a browser sends them).
+    pub allowed_origins: Vec<String>,
+    /// Whether a page may send its cookies (the `[auth]` cookie) with its requests.
+    #[serde(default)]
+    pub allow_credentials: bool,
+    /// How long a browser may cache a preflight's answer, in seconds.
+    #[serde(default = "default_cors_max_age_s")]
+    pub max_age_s: u64,
+}
+
+pub fn default_cors_max_age_s() -> u64 {
+    600
 }
 
 pub fn default_auth_cookie() -> String {
@@ -382,6 +403,7 @@ impl Default for Config {
             kafka: None,
             read_only: false,
             auth: None,
+            cors: None,
             limits: Limits::default(),
         }
     }
@@ -409,6 +431,18 @@ impl Config {
     /// Checks everything that can be checked without opening anything.
     pub fn validate(&self) -> Result<(), String> {
         self.limits.validate()?;
+        if let Some(cors) = &self.cors {
+            if cors.allowed_origins.is_empty() {
+                return Err("[cors] allowed_origins: name at least one origin".into());
+            }
+            for origin in &cors.allowed_origins {
+                if origin == "*" || !origin.bytes().all(|b| b.is_ascii_graphic()) || !origin.contains("://") {
+                    return Err(format!(
+                        "[cors] allowed_origins: {origin:?} is not an origin like https://app.example.com"
+                    ));
+                }
+            }
+        }
         if let Some(auth) = &self.auth {
             if auth.public_key_file.is_none() && auth.hs256_secret.is_none() {
                 return Err("[auth]: set public_key_file or hs256_secret".into());

@@ -245,6 +245,10 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         reducer_watch::spawn(app.clone(), runtime, files.into_iter().collect(), interval, app.status.stop.clone())?;
     let listener = DeadlineListener { inner: listener, timeout: Duration::from_millis(limits.http_write_timeout_ms) };
     let router = crate::api::router(app.clone());
+    let router = match &config.cors {
+        Some(cors) => router.layer(cors_layer(cors)),
+        None => router,
+    };
     let stop = app.status.stop.clone();
     // `into_make_service`: each connection shares the one router (an `Arc`), where serving
     // a `Router` itself rebuilds its route table per connection (kilobytes each).
@@ -253,6 +257,27 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     tracing::info!(%addr, "serving");
     let threads = Threads { fold, watcher, attest: attest_thread };
     Ok(Running { addr, app, server, threads, writer })
+}
+
+/// The CORS layer `[cors]` configures (tower-http): its origins, the methods and headers
+/// the API takes, the headers a page may read (`ETag`, `WWW-Authenticate`), credentials if
+/// allowed, and how long a preflight may be cached.
+fn cors_layer(config: &crate::config::CorsConfig) -> tower_http::cors::CorsLayer {
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    let origins: Vec<HeaderValue> =
+        config.allowed_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::PUT])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_NONE_MATCH,
+            HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([header::ETAG, header::WWW_AUTHENTICATE])
+        .allow_credentials(config.allow_credentials)
+        .max_age(Duration::from_secs(config.max_age_s))
 }
 
 /// The version of reducer `name` to start with: the store's active one (whatever the

@@ -24,6 +24,7 @@ pub fn example_config(data_dir: &std::path::Path, limits: Limits) -> Config {
         kafka: None,
         read_only: false,
         auth: None,
+        cors: None,
         limits,
     }
 }

@@ -1,12 +1,13 @@
 //! Access control (issue 18): every route × {no token, expired, wrong audience, wrong kind,
 //! wrong model pattern, enough}, with the status and code each gets and nothing written by
-//! a refusal; the cookie a browser's `EventSource` sends; a stream whose token expires.
+//! a refusal; the cookie a browser's `EventSource` sends; a stream whose token expires;
+//! CORS for a page of another origin.
 //! Tokens are HS256 JWTs minted here with `jsonwebtoken`, as an issuer would.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
-use statefold::config::{AuthConfig, Limits};
+use statefold::config::{AuthConfig, CorsConfig, Limits};
 use statefold_tests::http::{SseStream, TestServer, example_config, json_of};
 
 const SECRET: &str = "a development secret of 32+ bytes!";
@@ -24,8 +25,13 @@ fn token(audience: &str, expires_in_s: i64, grants: Value) -> String {
 const ALL: [&str; 6] = ["read", "subscribe", "create", "append", "deploy", "replay"];
 
 async fn server() -> TestServer {
+    server_with(None).await
+}
+
+async fn server_with(cors: Option<CorsConfig>) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let mut config = example_config(dir.path(), Limits::default());
+    config.cors = cors;
     config.auth = Some(AuthConfig {
         public_key_file: None,
         hs256_secret: Some(SECRET.into()),
@@ -174,4 +180,57 @@ async fn a_cookie_authenticates_and_a_stream_ends_when_its_token_expires() {
     }
     assert_eq!(names.last().map(String::as_str), Some("expired"), "the stream ends with `expired`: {names:?}");
     assert!(names.contains(&"snapshot".to_owned()), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_an_allowed_origin_may_call_the_api_and_read_etag_others_may_not() {
+    let page = "https://app.example.com";
+    let cors = CorsConfig { allowed_origins: vec![page.into()], allow_credentials: true, max_age_s: 600 };
+    let server = server_with(Some(cors)).await;
+    let admin = token("statefold", 3600, json!([{"actions": ["admin"], "models": "*"}]));
+    let preflight = |origin: &str| {
+        server
+            .client
+            .request(reqwest::Method::OPTIONS, server.url("/v1/models/counter/m/diffs"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,content-type")
+            .send()
+    };
+    // A preflight carries no token: it is answered before access control.
+    let answer = preflight(page).await.unwrap();
+    assert!(answer.status().is_success(), "{}", answer.status());
+    let header = |name: &str| answer.headers().get(name).map(|v| v.to_str().unwrap().to_ascii_lowercase());
+    assert_eq!(header("access-control-allow-origin").as_deref(), Some(page));
+    assert_eq!(header("access-control-allow-credentials").as_deref(), Some("true"));
+    assert_eq!(header("access-control-max-age").as_deref(), Some("600"));
+    assert!(header("access-control-allow-headers").unwrap().contains("authorization"));
+    assert!(header("access-control-allow-methods").unwrap().contains("post"));
+    let other = preflight("https://evil.example.com").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none(), "another origin is not allowed");
+
+    // The actual request: the page may read the ETag (the hash) of what it gets.
+    let created = server
+        .client
+        .post(server.url("/v1/models/counter"))
+        .header("origin", page)
+        .header("authorization", format!("Bearer {admin}"))
+        .body(r#"{"id":"m"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let read = server
+        .client
+        .get(server.url("/v1/models/counter/m"))
+        .header("origin", page)
+        .header("authorization", format!("Bearer {admin}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    let header = |name: &str| read.headers().get(name).map(|v| v.to_str().unwrap().to_ascii_lowercase());
+    assert_eq!(header("access-control-allow-origin").as_deref(), Some(page));
+    assert!(header("access-control-expose-headers").unwrap().contains("etag"));
+    assert!(read.headers().get("etag").is_some());
 }

@@ -53,6 +53,7 @@ fn config(data: &Path, reducers: &Path) -> Config {
         kafka: None,
         read_only: false,
         auth: None,
+        cors: None,
         limits: Limits {
             reducer_watch_interval_ms: 100,
             reducer_resident_models_max: 100,
