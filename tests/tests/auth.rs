@@ -234,3 +234,73 @@ async fn a_page_of_an_allowed_origin_may_call_the_api_and_read_etag_others_may_n
     assert!(header("access-control-expose-headers").unwrap().contains("etag"));
     assert!(read.headers().get("etag").is_some());
 }
+
+/// Test-only key pairs (generated with openssl for this test; they sign nothing else).
+const ED25519_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIGpWAUHfAJ9l//4mvHc/oa+9ud2JqIgx5IvaWO61y/fk
+-----END PRIVATE KEY-----
+";
+const ED25519_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEA5Ay9SQp95uT4X5Z0Xv+V9afIILnr5eUoqKaNcAWd5Nc=
+-----END PUBLIC KEY-----
+";
+const P256_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgPXb3d2DsE9CqKtVO
+UiD7Um5LutshC6Nbr6B+8z0DSOuhRANCAAS9goyr3izhQg3XBrRiMUrojXN7YaSf
+aPEg8AdkbYLzTxM/fCUZzHlqgBncVg3ApJy7uk4M0FpKRfuJGiuALH1I
+-----END PRIVATE KEY-----
+";
+const P256_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEvYKMq94s4UIN1wa0YjFK6I1ze2Gk
+n2jxIPAHZG2C808TP3wlGcx5aoAZ3FYNwKScu7pODNBaSkX7iRorgCx9SA==
+-----END PUBLIC KEY-----
+";
+
+/// An issuer's public key from a PEM file (EdDSA, ES256): its tokens are taken, HS256
+/// tokens and tokens of another key are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_signed_by_the_configured_public_key_are_taken() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let claims = json!({"sub": "svc", "aud": "statefold", "iss": "issuer", "exp": now_s() + 600,
+        "grants": [{"actions": ["admin"], "models": "*"}]});
+    for (public, private, algorithm) in
+        [(ED25519_PUBLIC, ED25519_PRIVATE, Algorithm::EdDSA), (P256_PUBLIC, P256_PRIVATE, Algorithm::ES256)]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("issuer.pem");
+        std::fs::write(&key_file, public).unwrap();
+        let mut config = example_config(dir.path(), Limits::default());
+        config.auth = Some(AuthConfig {
+            public_key_file: Some(key_file),
+            hs256_secret: None,
+            audience: "statefold".into(),
+            issuer: Some("issuer".into()),
+            cookie: "statefold_token".into(),
+            leeway_s: 0,
+        });
+        let server = TestServer::start_config(dir, config).await;
+        let key = match algorithm {
+            Algorithm::EdDSA => EncodingKey::from_ed_pem(private.as_bytes()).unwrap(),
+            _ => EncodingKey::from_ec_pem(private.as_bytes()).unwrap(),
+        };
+        let signed = jsonwebtoken::encode(&Header::new(algorithm), &claims, &key).unwrap();
+        let hs256 = token("statefold", 600, json!([{"actions": ["admin"], "models": "*"}]));
+        let wrong_issuer = {
+            let mut claims = claims.clone();
+            claims["iss"] = json!("someone");
+            jsonwebtoken::encode(&Header::new(algorithm), &claims, &key).unwrap()
+        };
+        for (what, token, status) in
+            [("signed", &signed, 200), ("hs256", &hs256, 401), ("wrong issuer", &wrong_issuer, 401)]
+        {
+            let response = server
+                .client
+                .get(server.url("/v1/reducers"))
+                .header("authorization", format!("Bearer {token}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), status, "{algorithm:?} {what}: {:?}", response.text().await);
+        }
+    }
+}
