@@ -21,7 +21,7 @@ use crate::hub::{Full, Hub, Subscription};
 use crate::metrics::{Gauges, Metrics};
 use crate::model::{
     Applied, CREATE_HEADER, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, Head, KindVersions,
-    ModelKey, REPLAY_HEADER, Rejection, ReplayJob, VersionRecord,
+    ModelKey, REPLAY_HEADER, Rejection, ReplayJob, SUBJECT_HEADER, VersionRecord,
 };
 use crate::reducer::ReducerError;
 use crate::source::attest::Replicas;
@@ -438,18 +438,25 @@ impl App {
     /// deploy record carrying it to every partition of each of its kinds' topics, and
     /// answers once this server has folded them all. Every replica switches each
     /// partition at its record.
-    pub async fn deploy(self: &Arc<App>, name: &str, module: Module, origin: &str) -> Result<Deployed, DeployError> {
+    pub async fn deploy(
+        self: &Arc<App>,
+        name: &str,
+        module: Module,
+        origin: &str,
+        subject: Option<&str>,
+    ) -> Result<Deployed, DeployError> {
         if self.read_only {
             return Err(DeployError::ReadOnly);
         }
         let _serial = self.deployer.serial().await;
         let (app, name_owned, origin_owned) = (self.clone(), name.to_owned(), origin.to_owned());
+        let subject_owned = subject.map(str::to_owned);
         let prepared = tokio::task::spawn_blocking(move || {
             let module = match module {
                 Module::Bytes(bytes) => bytes,
                 Module::Stored(id) => app.deployer.stored(&name_owned, &id)?,
             };
-            app.deployer.prepare(&name_owned, module, &origin_owned)
+            app.deployer.prepare(&name_owned, module, &origin_owned, subject_owned.as_deref())
         })
         .await
         .map_err(|_| DeployError::Stopped)??;
@@ -463,10 +470,13 @@ impl App {
         let mut written = 0;
         for kind in &kinds {
             let topic = &self.kind(kind).map_err(|e| DeployError::Unavailable(e.to_string()))?.topic;
-            let headers = [
+            let mut headers = vec![
                 (DEPLOY_HEADER.to_owned(), name.as_bytes().to_vec()),
                 (DEPLOY_ORIGIN_HEADER.to_owned(), origin.as_bytes().to_vec()),
             ];
+            if let Some(subject) = subject {
+                headers.push((SUBJECT_HEADER.to_owned(), subject.as_bytes().to_vec()));
+            }
             written += self.in_every_partition(topic, name.as_bytes(), &module, &headers).await.map_err(|e| match e {
                 AppError::ShuttingDown => DeployError::Stopped,
                 AppError::WaitTimeout(..) => DeployError::Unavailable(format!(
@@ -506,14 +516,17 @@ impl App {
     }
 
     /// Starts rebuilding a kind's states from the retained diffs with its active reducer.
-    pub async fn start_replay(self: &Arc<App>, kind: &str) -> Result<ReplayJob, AppError> {
+    pub async fn start_replay(self: &Arc<App>, kind: &str, subject: Option<&str>) -> Result<ReplayJob, AppError> {
         let topic = self.writable_kind(kind)?.topic.clone();
         if let Some(job) = self.replays_running().into_iter().find(|job| job.kind == kind) {
             return Err(AppError::ReplayRunning(Box::new(job)));
         }
         // A replay record in every partition: each replica rebuilds each partition's models
         // for it, at the same place in the log.
-        let headers = [(REPLAY_HEADER.to_owned(), kind.as_bytes().to_vec())];
+        let mut headers = vec![(REPLAY_HEADER.to_owned(), kind.as_bytes().to_vec())];
+        if let Some(subject) = subject {
+            headers.push((SUBJECT_HEADER.to_owned(), subject.as_bytes().to_vec()));
+        }
         self.in_every_partition(&topic, kind.as_bytes(), b"", &headers).await?;
         let job = self.replays.lock().unwrap_or_else(|p| p.into_inner()).get(kind).cloned();
         job.ok_or_else(|| AppError::Unavailable("the replay records were folded but no replay started".into()))

@@ -28,6 +28,8 @@ pub const DEPLOY_HEADER: &str = "statefold-deploy";
 pub const REPLAY_HEADER: &str = "statefold-replay";
 /// On a deploy record: how the version arrived (`http`, `directory`).
 pub const DEPLOY_ORIGIN_HEADER: &str = "statefold-origin";
+/// On a deploy or replay record: the subject of the token that asked for it (with `[auth]`).
+pub const SUBJECT_HEADER: &str = "statefold-subject";
 /// On a deploy record: the number of partitions the deploy wrote to.
 pub const DEPLOY_PARTITIONS_HEADER: &str = "statefold-partitions";
 /// Longest model id, in bytes.
@@ -405,7 +407,8 @@ pub struct Folded {
     /// (the caller commits, then folds the rest).
     pub consumed: usize,
     /// Replay records this batch folded: the kind, and the version it rebuilds with.
-    pub replays: Vec<(Arc<str>, ModuleHash)>,
+    /// Replay records folded: (kind, the version that rebuilds, who asked for it).
+    pub replays: Vec<(Arc<str>, ModuleHash, Option<String>)>,
 }
 
 /// What became of one record, the same on every replica that folds it the same way:
@@ -479,6 +482,8 @@ pub struct DeployFolded {
     pub name: String,
     pub version: ModuleHash,
     pub origin: String,
+    /// Who deployed it ([`SUBJECT_HEADER`]).
+    pub subject: Option<String>,
     /// What the module declares: (name, version).
     pub declared: (String, String),
     pub partition: u32,
@@ -549,6 +554,8 @@ pub struct ReplayJob {
     pub first_error: Option<String>,
     /// The last model id handled; the next page starts after it.
     pub cursor: Option<String>,
+    /// The subject of the token that asked for it (with `[auth]`).
+    pub subject: Option<String>,
 }
 
 /// blake3 of a module's bytes: the identity of a reducer version.
@@ -605,6 +612,8 @@ pub struct VersionRecord {
     pub refusal: Option<(String, String)>,
     /// How it arrived: `startup`, `directory`, `http`.
     pub origin: String,
+    /// The subject of the token that deployed it (with `[auth]`).
+    pub subject: Option<String>,
     /// What the module declares (`describe`): (name, version).
     pub declared: Option<(String, String)>,
     pub bytes: u64,

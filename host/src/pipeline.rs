@@ -72,9 +72,9 @@ pub fn fold_loop(
             metrics.fold_batch_seconds.observe(started.elapsed().as_secs_f64());
             let (done, later) = rest.split_at(folded.consumed);
             rest = later;
-            if let Some((kind, reducer)) = folded.replays.first() {
+            if let Some((kind, reducer, subject)) = folded.replays.first() {
                 // The replay's progress is committed with its record, so a restart resumes it.
-                match replay_started(app, kind, *reducer) {
+                match replay_started(app, kind, *reducer, subject.clone()) {
                     Ok(job) => folded.replay = Some(job),
                     Err(e) => return status.fatal(format!("starting a replay: {e}")),
                 }
@@ -165,7 +165,12 @@ pub enum ReplayError {
 
 /// The job a replay record starts (or starts again: another partition's record of the same
 /// replay rescans the kind; models already rebuilt are skipped).
-fn replay_started(app: &App, kind: &str, reducer: ModuleHash) -> Result<ReplayJob, StoreError> {
+fn replay_started(
+    app: &App,
+    kind: &str,
+    reducer: ModuleHash,
+    subject: Option<String>,
+) -> Result<ReplayJob, StoreError> {
     let job = ReplayJob {
         kind: kind.to_owned(),
         reducer,
@@ -176,6 +181,7 @@ fn replay_started(app: &App, kind: &str, reducer: ModuleHash) -> Result<ReplayJo
         failed: 0,
         first_error: None,
         cursor: None,
+        subject,
     };
     tracing::info!(kind, reducer = %reducer, models = job.total, "replay started");
     Ok(job)

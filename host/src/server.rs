@@ -321,6 +321,7 @@ fn active_version(registry: &Registry, name: &str, path: &Path) -> anyhow::Resul
         status: VersionStatus::Active,
         refusal: None,
         origin: "startup".into(),
+        subject: None,
         declared: Some((info.name.clone(), info.version.clone())),
         bytes: bytes.len() as u64,
         first_ms: now,

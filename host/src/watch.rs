@@ -82,7 +82,7 @@ fn poll(app: &Arc<App>, runtime: &tokio::runtime::Handle, file: &mut Watched) {
     }
     file.content = Some(content);
     tracing::info!(reducer = %file.name, path = %file.path.display(), version = %content, "reducer file changed; deploying");
-    match runtime.block_on(app.deploy(&file.name, Module::Bytes(bytes), "directory")) {
+    match runtime.block_on(app.deploy(&file.name, Module::Bytes(bytes), "directory", None)) {
         Ok(deployed) if deployed.unchanged => tracing::info!(reducer = %file.name, "already the active version"),
         Ok(_) => {}
         Err(DeployError::Refused { .. }) => {} // logged and recorded by the deployer

@@ -78,6 +78,7 @@ fn main() {
             status: VersionStatus::Retired,
             refusal: None,
             origin: "bench".into(),
+            subject: None,
             declared: None,
             bytes: bytes.len() as u64,
             first_ms: 0,

@@ -139,6 +139,16 @@ async fn every_route_checks_the_token_and_a_refusal_writes_nothing() {
             assert_eq!(status, want, "{method} {path} with {case}");
         }
     }
+    // Deploys and replays record who asked for them.
+    let get = |path: &str| server.client.get(server.url(path)).header("authorization", bearer(&admin)).send();
+    let (_, replay) = json_of(get("/v1/kinds/counter/replay").await.unwrap()).await;
+    assert_eq!(replay["subject"], "tester", "{replay}");
+    let v2 = std::fs::read(statefold_tests::wasm("counter_v2")).unwrap();
+    let put = server.client.put(server.url("/v1/reducers/counter")).header("authorization", bearer(&admin)).body(v2);
+    let (status, deployed) = json_of(put.send().await.unwrap()).await;
+    assert_eq!(status, 200, "{deployed}");
+    let (_, versions) = json_of(get("/v1/reducers/counter").await.unwrap()).await;
+    assert_eq!(versions["versions"][0]["subject"], "tester", "{versions}");
     // The routes a load balancer and a client generator need stay open.
     for path in ["/healthz", "/readyz", "/v1/openapi.json"] {
         let response = server.client.get(server.url(path)).send().await.unwrap();

@@ -25,6 +25,9 @@ struct VersionBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<serde_json::Value>,
     origin: String,
+    /// Who deployed it (the token's subject, with `[auth]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     declared: Option<serde_json::Value>,
     bytes: u64,
@@ -39,6 +42,7 @@ impl From<VersionRecord> for VersionBody {
             status: v.status.as_str(),
             error: v.refusal.map(|(code, message)| serde_json::json!({"code": code, "message": message})),
             origin: v.origin,
+            subject: v.subject,
             declared: v.declared.map(|(name, version)| serde_json::json!({"name": name, "version": version})),
             bytes: v.bytes,
             first_seen_ms: v.first_ms,
@@ -141,7 +145,7 @@ pub(super) async fn deploy(
         }
         (None, _) => Module::Bytes(body.to_vec()),
     };
-    let deployed = app.deploy(&name, module, "http").await?;
+    let deployed = app.deploy(&name, module, "http", caller.subject()).await?;
     Ok(Json(deployed_body(deployed)).into_response())
 }
 
@@ -168,6 +172,7 @@ fn replay_body(job: ReplayJob) -> serde_json::Value {
         "models_done": job.done,
         "models_failed": job.failed,
         "first_error": job.first_error,
+        "subject": job.subject,
         "started_ms": job.started_ms,
         "finished_ms": job.finished_ms,
     })
@@ -180,7 +185,7 @@ pub(super) async fn start_replay(
     Path(kind): Path<String>,
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::Replay, &kind, None)?;
-    let job = app.start_replay(&kind).await?;
+    let job = app.start_replay(&kind, caller.subject()).await?;
     Ok((StatusCode::ACCEPTED, Json(replay_body(job))).into_response())
 }
 

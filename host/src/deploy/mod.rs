@@ -171,7 +171,13 @@ impl Deployer {
 
     /// Checks `module` as the next version of `name`, on the caller's thread (it compiles:
     /// never the fold thread). A refusal is recorded with its reason.
-    pub fn prepare(&self, name: &str, module: Vec<u8>, origin: &str) -> Result<Prepared, DeployError> {
+    pub fn prepare(
+        &self,
+        name: &str,
+        module: Vec<u8>,
+        origin: &str,
+        subject: Option<&str>,
+    ) -> Result<Prepared, DeployError> {
         let kinds = self.names.get(name).ok_or_else(|| DeployError::UnknownReducer(name.to_owned()))?.clone();
         let id = ModuleHash::of(&module);
         let now = now_ms();
@@ -192,6 +198,7 @@ impl Deployer {
             status: VersionStatus::Active,
             refusal: None,
             origin: origin.to_owned(),
+            subject: subject.map(str::to_owned),
             declared: None,
             bytes: module.len() as u64,
             first_ms,
@@ -249,6 +256,7 @@ impl Deployer {
                 status: VersionStatus::Active,
                 refusal: None,
                 origin: deploy.origin.clone(),
+                subject: deploy.subject.clone(),
                 declared: Some(deploy.declared.clone()),
                 bytes: deploy.module.len() as u64,
                 first_ms,

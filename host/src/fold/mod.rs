@@ -20,8 +20,8 @@ use lru::LruCache;
 use crate::chain::Hash;
 use crate::model::{
     Applied, Became, CheckpointWrite, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, DeployFolded,
-    Folded, Head, KindVersions, ModelKey, ModuleHash, Prune, REPLAY_HEADER, Record, Rejected, Rejection, partition_of,
-    validate_id,
+    Folded, Head, KindVersions, ModelKey, ModuleHash, Prune, REPLAY_HEADER, Record, Rejected, Rejection,
+    SUBJECT_HEADER, partition_of, validate_id,
 };
 use crate::model::{Checkpoint, DiffRecord};
 use crate::reducer::{Checkpoints, Models, Outcome, Reducer, ReducerError};
@@ -527,7 +527,8 @@ impl Engine {
             state.versions.replays.insert(record.partition, (generation, version));
             tracing::info!(kind = %state.name, partition = record.partition, offset = record.offset, generation, "replay record folded: the partition's models are rebuilt");
             folded.mark(record, Became::Replay, generation, version);
-            folded.replays.push((state.name.clone(), version));
+            let subject = record.header(SUBJECT_HEADER).map(|v| String::from_utf8_lossy(v).into_owned());
+            folded.replays.push((state.name.clone(), version, subject));
             folded.kind_versions.retain(|(k, _)| *k != state.name);
             folded.kind_versions.push((state.name.clone(), state.versions.clone()));
         }
@@ -559,6 +560,7 @@ impl Engine {
             name: String::from_utf8_lossy(name).into_owned(),
             version: reducer.id(),
             origin: text(DEPLOY_ORIGIN_HEADER).unwrap_or_else(|| "log".into()),
+            subject: text(SUBJECT_HEADER),
             declared: (info.name.clone(), info.version.clone()),
             partition: record.partition,
             offset: record.offset,

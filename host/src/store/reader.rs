@@ -129,6 +129,12 @@ impl Reader<'_> {
                 failed: d.u64()?,
                 first_error: d.opt_bytes()?.map(|b| String::from_utf8_lossy(b).into_owned()),
                 cursor: d.opt_bytes()?.map(|b| String::from_utf8_lossy(b).into_owned()),
+                // (Absent from jobs stored before subjects were recorded.)
+                subject: if d.is_empty() {
+                    None
+                } else {
+                    d.opt_bytes()?.map(|b| String::from_utf8_lossy(b).into_owned())
+                },
             })
         })
         .map(Some)

@@ -105,6 +105,7 @@ pub(super) fn encode_replay(job: &ReplayJob) -> Vec<u8> {
         .u64(job.failed)
         .opt_bytes(job.first_error.as_deref().map(str::as_bytes))
         .opt_bytes(job.cursor.as_deref().map(str::as_bytes))
+        .opt_bytes(job.subject.as_deref().map(str::as_bytes))
         .done()
 }
 
@@ -126,6 +127,7 @@ pub(super) fn encode_version(record: &VersionRecord) -> Vec<u8> {
         .u64(record.bytes)
         .u64(record.first_ms as u64)
         .u64(record.changed_ms as u64)
+        .opt_bytes(record.subject.as_deref().map(str::as_bytes))
         .done()
 }
 
@@ -158,6 +160,8 @@ pub(super) fn decode_version(name: &str, key: &[u8], value: &[u8]) -> Result<Ver
             bytes: d.u64()?,
             first_ms: d.u64()? as i64,
             changed_ms: d.u64()? as i64,
+            // (Absent from versions stored before subjects were recorded.)
+            subject: if d.is_empty() { None } else { text(d.opt_bytes()?) },
         })
     })
 }
