@@ -9,6 +9,9 @@
 //! means every model of it. `admin` grants every action.
 
 use std::path::Path;
+use std::str::FromStr;
+use std::sync::RwLock;
+use std::time::{Duration, Instant, SystemTime};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -146,34 +149,80 @@ pub enum AuthError {
 
 /// The configured verifier.
 pub struct Auth {
-    keys: Vec<(DecodingKey, Validation)>,
-    cookie: String,
+    config: AuthConfig,
+    /// The HS256 secret's key, if configured.
+    secret: Option<DecodingKey>,
+    /// The key file's keys (PEM or JWKS), read again when the file changes.
+    file: Option<RwLock<KeyFile>>,
+}
+
+/// Keys from `public_key_file`, and when that file was read.
+struct KeyFile {
+    modified: Option<SystemTime>,
+    /// When the file was last looked at (it is looked at once a second at most).
+    checked: Instant,
+    keys: Vec<FileKey>,
+}
+
+struct FileKey {
+    /// A JWK's `kid`: a token naming one is checked with that key alone.
+    kid: Option<String>,
+    key: DecodingKey,
+    algorithm: Algorithm,
 }
 
 impl Auth {
     pub fn new(config: &AuthConfig) -> Result<Auth, AuthError> {
-        let validation = |algorithm: Algorithm| {
-            let mut v = Validation::new(algorithm);
-            v.set_audience(&[&config.audience]);
-            if let Some(issuer) = &config.issuer {
-                v.set_issuer(&[issuer]);
-            }
-            v.set_required_spec_claims(&["exp", "aud"]);
-            v.validate_nbf = true;
-            v.leeway = config.leeway_s;
-            v
+        let secret = match &config.hs256_secret {
+            Some(secret) => Some(
+                DecodingKey::from_secret(secret.as_bytes())
+                    .map_err(|e| AuthError::Config(format!("hs256_secret: {e}")))?,
+            ),
+            None => None,
         };
-        let mut keys = Vec::new();
-        if let Some(secret) = &config.hs256_secret {
-            let key = DecodingKey::from_secret(secret.as_bytes())
-                .map_err(|e| AuthError::Config(format!("hs256_secret: {e}")))?;
-            keys.push((key, validation(Algorithm::HS256)));
+        let file = match &config.public_key_file {
+            Some(path) => {
+                let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                Some(RwLock::new(KeyFile { modified, checked: Instant::now(), keys: read_keys(path)? }))
+            }
+            None => None,
+        };
+        Ok(Auth { config: config.clone(), secret, file })
+    }
+
+    fn validation(&self, algorithm: Algorithm) -> Validation {
+        let mut v = Validation::new(algorithm);
+        v.set_audience(&[&self.config.audience]);
+        if let Some(issuer) = &self.config.issuer {
+            v.set_issuer(&[issuer]);
         }
-        if let Some(path) = &config.public_key_file {
-            let (key, algorithm) = public_key(path)?;
-            keys.push((key, validation(algorithm)));
+        v.set_required_spec_claims(&["exp", "aud"]);
+        v.validate_nbf = true;
+        v.leeway = self.config.leeway_s;
+        v
+    }
+
+    /// Reads the key file again if it changed (looked at once a second at most). A file
+    /// that no longer parses keeps the keys read before, loudly.
+    fn refresh(&self) {
+        let (Some(file), Some(path)) = (&self.file, &self.config.public_key_file) else { return };
+        if file.read().unwrap_or_else(|p| p.into_inner()).checked.elapsed() < Duration::from_secs(1) {
+            return;
         }
-        Ok(Auth { keys, cookie: config.cookie.clone() })
+        let mut file = file.write().unwrap_or_else(|p| p.into_inner());
+        file.checked = Instant::now();
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified == file.modified {
+            return;
+        }
+        match read_keys(path) {
+            Ok(keys) => {
+                tracing::info!(file = %path.display(), keys = keys.len(), "token keys read again");
+                file.keys = keys;
+                file.modified = modified;
+            }
+            Err(e) => tracing::error!(error = %e, "the changed key file cannot be read; the keys read before stay"),
+        }
     }
 
     /// The caller a request's `Authorization` header or cookie names.
@@ -188,34 +237,85 @@ impl Auth {
                 .into_iter()
                 .flat_map(|c| c.split(';'))
                 .filter_map(|pair| pair.trim().split_once('='))
-                .find(|(name, _)| *name == self.cookie)
+                .find(|(name, _)| *name == self.config.cookie)
                 .map(|(_, value)| value.to_owned())
-                .ok_or_else(|| AuthError::Missing(self.cookie.clone()))?,
+                .ok_or_else(|| AuthError::Missing(self.config.cookie.clone()))?,
         };
-        let mut last = None;
-        for (key, validation) in &self.keys {
-            match jsonwebtoken::decode::<Claims>(&token, key, validation) {
-                Ok(data) => {
-                    let claims = data.claims;
-                    return Ok(Caller::Token { subject: claims.sub, expires_s: claims.exp, grants: claims.grants });
-                }
-                Err(e) => last = Some(e),
+        let header = jsonwebtoken::decode_header(&token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        self.refresh();
+        let claims = match header.alg {
+            Algorithm::HS256 => {
+                let key =
+                    self.secret.as_ref().ok_or_else(|| AuthError::Invalid("HS256 tokens are not taken".into()))?;
+                jsonwebtoken::decode::<Claims>(&token, key, &self.validation(Algorithm::HS256))
+                    .map_err(|e| AuthError::Invalid(e.to_string()))?
+                    .claims
             }
-        }
-        Err(AuthError::Invalid(last.map_or_else(|| "no key configured".into(), |e| e.to_string())))
+            algorithm => {
+                let file = self
+                    .file
+                    .as_ref()
+                    .ok_or_else(|| AuthError::Invalid(format!("{algorithm:?} tokens are not taken")))?;
+                let file = file.read().unwrap_or_else(|p| p.into_inner());
+                let candidates = file.keys.iter().filter(|k| {
+                    k.algorithm == algorithm && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
+                });
+                let mut last = format!(
+                    "no {algorithm:?} key{}",
+                    header.kid.as_deref().map(|k| format!(" with kid {k:?}")).unwrap_or_default()
+                );
+                let mut found = None;
+                for key in candidates {
+                    match jsonwebtoken::decode::<Claims>(&token, &key.key, &self.validation(algorithm)) {
+                        Ok(data) => {
+                            found = Some(data.claims);
+                            break;
+                        }
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                found.ok_or(AuthError::Invalid(last))?
+            }
+        };
+        Ok(Caller::Token { subject: claims.sub, expires_s: claims.exp, grants: claims.grants })
     }
 }
 
+/// The keys of a key file: a JSON Web Key Set (`{"keys": [...]}`), or one PEM public key.
+fn read_keys(path: &Path) -> Result<Vec<FileKey>, AuthError> {
+    let bytes = std::fs::read(path).map_err(|e| AuthError::Config(format!("{}: {e}", path.display())))?;
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        let set: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&bytes)
+            .map_err(|e| AuthError::Config(format!("{}: not a JWKS: {e}", path.display())))?;
+        let mut keys = Vec::new();
+        for jwk in &set.keys {
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| AuthError::Config(format!("{}: {e}", path.display())))?;
+            let algorithm = match &jwk.common.key_algorithm {
+                Some(alg) => Algorithm::from_str(&alg.to_string())
+                    .map_err(|e| AuthError::Config(format!("{}: {e}", path.display())))?,
+                None => match &jwk.algorithm {
+                    jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+                    jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
+                    _ => Algorithm::RS256,
+                },
+            };
+            keys.push(FileKey { kid: jwk.common.key_id.clone(), key, algorithm });
+        }
+        return Ok(keys);
+    }
+    let (key, algorithm) = public_key(path, &bytes)?;
+    Ok(vec![FileKey { kid: None, key, algorithm }])
+}
+
 /// A PEM public key and the algorithm its tokens are signed with.
-fn public_key(path: &Path) -> Result<(DecodingKey, Algorithm), AuthError> {
-    let pem = std::fs::read(path).map_err(|e| AuthError::Config(format!("{}: {e}", path.display())))?;
-    if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
+fn public_key(path: &Path, pem: &[u8]) -> Result<(DecodingKey, Algorithm), AuthError> {
+    if let Ok(key) = DecodingKey::from_ed_pem(pem) {
         return Ok((key, Algorithm::EdDSA));
     }
-    if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+    if let Ok(key) = DecodingKey::from_ec_pem(pem) {
         return Ok((key, Algorithm::ES256));
     }
-    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+    if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
         return Ok((key, Algorithm::RS256));
     }
     Err(AuthError::Config(format!("{}: not an Ed25519, EC or RSA public key in PEM", path.display())))

@@ -282,7 +282,10 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    /// A PEM public key (Ed25519, P-256 or RSA): tokens signed EdDSA, ES256 or RS256.
+    /// The issuer's keys: one PEM public key (Ed25519, P-256 or RSA: tokens signed EdDSA,
+    /// ES256 or RS256), or a JSON Web Key Set (a token's `kid` picks its key). Read again
+    /// when the file changes (looked at once a second at most), so keys rotate without a
+    /// restart.
     #[serde(default)]
     pub public_key_file: Option<PathBuf>,
     /// A shared secret for HS256 tokens: for development.

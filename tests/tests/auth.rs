@@ -314,3 +314,48 @@ async fn tokens_signed_by_the_configured_public_key_are_taken() {
         }
     }
 }
+
+const P256_JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"p256-test","alg":"ES256","use":"sig","x":"vYKMq94s4UIN1wa0YjFK6I1ze2Gkn2jxIPAHZG2C808","y":"Ez98JRnMeWqAGdxWDcCknLu6TgzQWkpF-4kaK4AsfUg"}]}"#;
+
+/// The key file is read again when it changes: an issuer rotates from an Ed25519 PEM key to
+/// a JWKS with a P-256 key, and the server follows without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_file_is_read_again() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("issuer-keys");
+    std::fs::write(&key_file, ED25519_PUBLIC).unwrap();
+    let mut config = example_config(dir.path(), Limits::default());
+    config.auth = Some(AuthConfig {
+        public_key_file: Some(key_file.clone()),
+        hs256_secret: None,
+        audience: "statefold".into(),
+        issuer: None,
+        cookie: "statefold_token".into(),
+        leeway_s: 0,
+    });
+    let server = TestServer::start_config(dir, config).await;
+    let claims = json!({"sub": "svc", "aud": "statefold", "exp": now_s() + 600, "grants": [{"actions": ["admin"], "models": "*"}]});
+    let ed = jsonwebtoken::encode(
+        &Header::new(Algorithm::EdDSA),
+        &claims,
+        &EncodingKey::from_ed_pem(ED25519_PRIVATE.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let mut es_header = Header::new(Algorithm::ES256);
+    es_header.kid = Some("p256-test".into());
+    let es =
+        jsonwebtoken::encode(&es_header, &claims, &EncodingKey::from_ec_pem(P256_PRIVATE.as_bytes()).unwrap()).unwrap();
+    let status = |token: String| {
+        let request = server.client.get(server.url("/v1/reducers")).header("authorization", format!("Bearer {token}"));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!((status(ed.clone()).await, status(es.clone()).await), (200, 401));
+    std::fs::write(&key_file, P256_JWKS).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while status(es.clone()).await != 200 {
+        assert!(std::time::Instant::now() < deadline, "the rotated key file was never read again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status(ed).await, 401, "the old key is gone");
+}
