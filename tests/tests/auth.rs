@@ -24,6 +24,18 @@ fn token(audience: &str, expires_in_s: i64, grants: Value) -> String {
 
 const ALL: [&str; 6] = ["read", "subscribe", "create", "append", "deploy", "replay"];
 
+/// `[auth]` for the audience `statefold`, no clock skew allowed, keys from `key_file`.
+fn auth_config(key_file: Option<std::path::PathBuf>) -> AuthConfig {
+    AuthConfig {
+        public_key_file: key_file,
+        hs256_secret: None,
+        audience: "statefold".into(),
+        issuer: None,
+        cookie: "statefold_token".into(),
+        leeway_s: 0,
+    }
+}
+
 async fn server() -> TestServer {
     server_with(None).await
 }
@@ -32,14 +44,7 @@ async fn server_with(cors: Option<CorsConfig>) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let mut config = example_config(dir.path(), Limits::default());
     config.cors = cors;
-    config.auth = Some(AuthConfig {
-        public_key_file: None,
-        hs256_secret: Some(SECRET.into()),
-        audience: "statefold".into(),
-        issuer: None,
-        cookie: "statefold_token".into(),
-        leeway_s: 0,
-    });
+    config.auth = Some(AuthConfig { hs256_secret: Some(SECRET.into()), ..auth_config(None) });
     TestServer::start_config(dir, config).await
 }
 
@@ -280,14 +285,7 @@ async fn tokens_signed_by_the_configured_public_key_are_taken() {
         let key_file = dir.path().join("issuer.pem");
         std::fs::write(&key_file, public).unwrap();
         let mut config = example_config(dir.path(), Limits::default());
-        config.auth = Some(AuthConfig {
-            public_key_file: Some(key_file),
-            hs256_secret: None,
-            audience: "statefold".into(),
-            issuer: Some("issuer".into()),
-            cookie: "statefold_token".into(),
-            leeway_s: 0,
-        });
+        config.auth = Some(AuthConfig { issuer: Some("issuer".into()), ..auth_config(Some(key_file)) });
         let server = TestServer::start_config(dir, config).await;
         let key = match algorithm {
             Algorithm::EdDSA => EncodingKey::from_ed_pem(private.as_bytes()).unwrap(),
@@ -326,14 +324,7 @@ async fn a_rotated_key_file_is_read_again() {
     let key_file = dir.path().join("issuer-keys");
     std::fs::write(&key_file, ED25519_PUBLIC).unwrap();
     let mut config = example_config(dir.path(), Limits::default());
-    config.auth = Some(AuthConfig {
-        public_key_file: Some(key_file.clone()),
-        hs256_secret: None,
-        audience: "statefold".into(),
-        issuer: None,
-        cookie: "statefold_token".into(),
-        leeway_s: 0,
-    });
+    config.auth = Some(auth_config(Some(key_file.clone())));
     let server = TestServer::start_config(dir, config).await;
     let claims = json!({"sub": "svc", "aud": "statefold", "exp": now_s() + 600, "grants": [{"actions": ["admin"], "models": "*"}]});
     let ed = jsonwebtoken::encode(
