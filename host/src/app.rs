@@ -416,7 +416,7 @@ impl App {
     fn writable_kind(&self, kind: &str) -> Result<&Kind, AppError> {
         self.writable()?;
         let kind = self.kind(kind)?;
-        if let Some(reason) = self.source.stopped().remove(&*kind.topic) {
+        if let Some(reason) = self.source.stopped_reason(&kind.topic) {
             return Err(AppError::KindStopped { kind: kind.name.to_string(), reason });
         }
         Ok(kind)

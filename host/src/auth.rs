@@ -55,14 +55,17 @@ pub struct Grant {
 }
 
 impl Grant {
-    fn allows(&self, action: Action, kind: &str, id: Option<&str>) -> bool {
+    /// The id pattern this grant gives `action` over in `kind`, if it gives any.
+    fn ids_in(&self, action: Action, kind: &str) -> Option<&str> {
         if !self.actions.iter().any(|a| *a == action || *a == Action::Admin) {
-            return false;
+            return None;
         }
         let (kinds, ids) = self.models.split_once('/').unwrap_or((&self.models, "*"));
-        if !WildMatch::new(kinds).matches(kind) {
-            return false;
-        }
+        WildMatch::new(kinds).matches(kind).then_some(ids)
+    }
+
+    fn allows(&self, action: Action, kind: &str, id: Option<&str>) -> bool {
+        let Some(ids) = self.ids_in(action, kind) else { return false };
         match id {
             Some(id) => WildMatch::new(ids).matches(id),
             // A kind-wide action (deploy, replay, a kind's rejections) needs the whole kind.
@@ -104,10 +107,7 @@ impl Caller {
     pub fn may_kind(&self, action: Action, kind: &str) -> bool {
         match self {
             Caller::Anyone => true,
-            Caller::Token { grants, .. } => grants.iter().any(|g| {
-                let kinds = g.models.split_once('/').map_or(g.models.as_str(), |(k, _)| k);
-                g.actions.iter().any(|a| *a == action || *a == Action::Admin) && WildMatch::new(kinds).matches(kind)
-            }),
+            Caller::Token { grants, .. } => grants.iter().any(|g| g.ids_in(action, kind).is_some()),
         }
     }
 

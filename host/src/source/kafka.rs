@@ -408,7 +408,8 @@ impl KafkaSource {
                 // The error does not say which partition: look at each one's offsets.
                 let mut stopped = false;
                 for (topic, partition) in self.partitions.keys().cloned().collect::<Vec<_>>() {
-                    if self.status.stopped().contains_key(&*topic) {
+                    // (A topic stopped earlier in this loop has no partitions left.)
+                    if !self.partitions.contains_key(&(topic.clone(), partition)) {
                         continue;
                     }
                     if let Err(reason) = self.start_of(&topic, partition)? {

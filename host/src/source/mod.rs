@@ -121,6 +121,11 @@ impl SourceStatus {
         self.lock().stopped.clone()
     }
 
+    /// Why `topic` is stopped, if it is.
+    pub fn stopped_reason(&self, topic: &str) -> Option<String> {
+        self.lock().stopped.get(topic).cloned()
+    }
+
     /// Every partition, in (topic, partition) order.
     pub fn partitions(&self) -> Vec<((String, u32), PartitionStatus)> {
         self.lock().partitions.iter().map(|(k, v)| (k.clone(), *v)).collect()
