@@ -85,7 +85,7 @@ enum ReducerCommand {
 #[derive(Args)]
 struct ServeArgs {
     /// The config file (TOML): listen, data_dir, reducers_dir, [[kind]] sections, [kafka],
-    /// [limits].
+    /// [auth] (bearer tokens), [cors], [limits].
     #[arg(long, short, env = "STATEFOLD_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:8080 (port 0: any free port).
