@@ -20,8 +20,13 @@ setup() {
   # RocksDB and librdkafka are built from source: a C/C++ compiler, make, libclang for
   # the bindings, OpenSSL for Kafka's TLS/SASL; python3-venv for the test tools; curl for the
   # README's commands.
+  apt_install libclang-dev g++ make pkg-config libssl-dev python3-venv curl
+}
+
+# Installs the Debian packages named that are not installed yet.
+apt_install() {
   local missing=()
-  for pkg in libclang-dev g++ make pkg-config libssl-dev python3-venv curl; do
+  for pkg in "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -29,6 +34,19 @@ setup() {
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -q
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}"
+  fi
+}
+
+# The browser tests' tools: Debian's headless Chromium, Node, and playwright-core (pinned in
+# tests/browser/package-lock.json; it drives the system Chromium, no browser download).
+install_browser_tools() {
+  command -v node >/dev/null || apt_install nodejs npm
+  apt_install chromium
+  local lock
+  lock="$(sha256sum tests/browser/package-lock.json)"
+  if [ "$(cat tests/browser/node_modules/.installed 2>/dev/null)" != "$lock" ]; then
+    (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$lock" >tests/browser/node_modules/.installed
   fi
 }
 
@@ -85,6 +103,7 @@ case "$cmd" in
     install_tansu >"$TOOLS/install-tansu.log" 2>&1 &
     tansu_pid=$!
     install_python_tools
+    install_browser_tools
     build_reducers
     cargo fmt --all --check
     cargo clippy --release --workspace --all-targets -- -D warnings

@@ -68,8 +68,23 @@ limits! {
     sse_heartbeat_ms: u64 = 15_000;
     /// Reconnection delay sent to SSE clients (`retry:`), in milliseconds.
     sse_retry_ms: u64 = 1_000;
-    /// A connection whose socket accepts no bytes for this long is closed, in milliseconds.
+    /// A connection whose socket accepts no bytes for this long is closed, in milliseconds
+    /// (HTTP/1.1 and HTTP/2 alike: under HTTP/2 it closes the connection's every stream).
     http_write_timeout_ms: u64 = 30_000;
+    /// Streams (requests and SSE streams) one HTTP/2 connection may have open at once.
+    http2_max_concurrent_streams: u32 = 100;
+    /// Bytes of a response one HTTP/2 stream may have queued while the client's flow-control
+    /// window is closed (or the one event being sent, if larger); with
+    /// `http2_max_concurrent_streams` it bounds a connection's send buffers (a stream whose
+    /// window stays closed stops being polled, and its SSE client leaves its place in the
+    /// model's ring).
+    http2_stream_send_buffer_bytes: usize = 32 << 10;
+    /// Request-body bytes one HTTP/2 stream may receive before the server has read them
+    /// (its initial flow-control window; at least 65535).
+    http2_stream_window_bytes: u32 = 256 << 10;
+    /// Request-body bytes one HTTP/2 connection may receive, over all of its streams, before
+    /// the server has read them (at least 65535).
+    http2_connection_window_bytes: u32 = 1 << 20;
     /// Longest wait of `?wait=applied`, in milliseconds.
     wait_applied_ms_max: u64 = 10_000;
     /// Longest wait for a hash (or model) this server does not know yet before answering
@@ -189,6 +204,8 @@ impl Limits {
             ("sse_subscribers_max", self.sse_subscribers_max as u64),
             ("sse_heartbeat_ms", self.sse_heartbeat_ms),
             ("http_write_timeout_ms", self.http_write_timeout_ms),
+            ("http2_max_concurrent_streams", u64::from(self.http2_max_concurrent_streams)),
+            ("http2_stream_send_buffer_bytes", self.http2_stream_send_buffer_bytes as u64),
             ("wait_applied_ms_max", self.wait_applied_ms_max),
             ("list_page_max", self.list_page_max as u64),
             ("catchup_merge_diffs_max", self.catchup_merge_diffs_max as u64),
@@ -200,6 +217,14 @@ impl Limits {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("limits.{name} must be positive"));
+        }
+        for (name, window) in [
+            ("http2_stream_window_bytes", self.http2_stream_window_bytes),
+            ("http2_connection_window_bytes", self.http2_connection_window_bytes),
+        ] {
+            if !(65_535..=i32::MAX as u32).contains(&window) {
+                return Err(format!("limits.{name} must be between 65535 and 2^31-1 (HTTP/2's window sizes)"));
+            }
         }
         if self.diff_bytes_max > 64 << 20 {
             return Err("limits.diff_bytes_max must be at most 64 MiB".into());
@@ -272,8 +297,39 @@ pub struct Config {
     /// Cross-origin requests from web pages: off unless configured.
     #[serde(default)]
     pub cors: Option<CorsConfig>,
+    /// HTTPS (HTTP/2 and HTTP/1.1): off unless configured, when the port serves plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// `[tls]`: serve HTTPS, HTTP/2 or HTTP/1.1 as the client's ALPN asks (a browser follows
+/// many models' streams over one HTTP/2 connection; over HTTP/1.1 it opens at most six
+/// connections to an origin).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM, the server's own certificate first.
+    pub cert_file: PathBuf,
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// How often the two files are looked at; when either changed, both are read again and
+    /// new connections get the new certificate (a pair that does not load is logged and the
+    /// previous one kept), in milliseconds.
+    #[serde(default = "default_tls_reload_interval_ms")]
+    pub reload_interval_ms: u64,
+    /// Longest TLS handshake; a client slower than that is disconnected, in milliseconds.
+    #[serde(default = "default_tls_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+}
+
+pub fn default_tls_reload_interval_ms() -> u64 {
+    1_000
+}
+
+pub fn default_tls_handshake_timeout_ms() -> u64 {
+    10_000
 }
 
 /// `[auth]`: who may do what. Every route but `/healthz`, `/readyz` and
@@ -407,6 +463,7 @@ impl Default for Config {
             read_only: false,
             auth: None,
             cors: None,
+            tls: None,
             limits: Limits::default(),
         }
     }
@@ -422,6 +479,10 @@ impl Config {
         config.reducers_dir = base.join(&config.reducers_dir);
         if let Some(key) = config.auth.as_mut().and_then(|a| a.public_key_file.as_mut()) {
             *key = base.join(&*key);
+        }
+        if let Some(tls) = config.tls.as_mut() {
+            tls.cert_file = base.join(&tls.cert_file);
+            tls.key_file = base.join(&tls.key_file);
         }
         Ok(config)
     }
@@ -445,6 +506,11 @@ impl Config {
                     ));
                 }
             }
+        }
+        if let Some(tls) = &self.tls
+            && (tls.reload_interval_ms == 0 || tls.handshake_timeout_ms == 0)
+        {
+            return Err("[tls] reload_interval_ms and handshake_timeout_ms must be positive".into());
         }
         if let Some(auth) = &self.auth {
             if auth.public_key_file.is_none() && auth.hs256_secret.is_none() {

@@ -19,5 +19,6 @@ pub mod reducer;
 pub mod server;
 pub mod source;
 pub mod store;
+pub mod tls;
 pub mod verify;
 pub mod watch;

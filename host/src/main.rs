@@ -85,7 +85,7 @@ enum ReducerCommand {
 #[derive(Args)]
 struct ServeArgs {
     /// The config file (TOML): listen, data_dir, reducers_dir, [[kind]] sections, [kafka],
-    /// [auth] (bearer tokens), [cors], [limits].
+    /// [auth] (bearer tokens), [cors], [tls] (HTTPS with HTTP/2), [limits].
     #[arg(long, short, env = "STATEFOLD_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:8080 (port 0: any free port).
@@ -156,7 +156,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let running = statefold::server::start(config).await?;
-        println!("statefold listening on http://{}", running.addr);
+        println!("statefold listening on {}", running.url);
         let stop = running.app.stopping().clone();
         tokio::spawn(async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -2,7 +2,7 @@
 //! its own thread) and the HTTP server (a write deadline on every connection). The binary and the integration tests start it the same way.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -35,6 +35,8 @@ use crate::watch as reducer_watch;
 /// A running Statefold.
 pub struct Running {
     pub addr: SocketAddr,
+    /// `http://ADDR` or `https://ADDR`.
+    pub url: String,
     pub app: Arc<App>,
     server: tokio::task::JoinHandle<io::Result<()>>,
     threads: Threads,
@@ -115,6 +117,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// benchmark suite measures what the wasm sandbox costs in the whole pipeline.
 pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Running> {
     config.validate().map_err(anyhow::Error::msg)?;
+    // Read before anything is opened, so that a bad file fails the start alone.
+    let tls = config.tls.as_ref().map(crate::tls::load).transpose()?;
     let limits = config.limits.clone();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
@@ -227,6 +231,7 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let listener =
         TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let url = format!("{}://{addr}", if config.tls.is_some() { "https" } else { "http" });
     let fold = {
         let app = app.clone();
         let control = crate::pipeline::Control {
@@ -243,20 +248,61 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let runtime = tokio::runtime::Handle::current();
     let watcher =
         reducer_watch::spawn(app.clone(), runtime, files.into_iter().collect(), interval, app.status.stop.clone())?;
-    let listener = DeadlineListener { inner: listener, timeout: Duration::from_millis(limits.http_write_timeout_ms) };
     let router = crate::api::router(app.clone());
     let router = match &config.cors {
         Some(cors) => router.layer(cors_layer(cors)),
         None => router,
     };
     let stop = app.status.stop.clone();
+    let server = serve(listener, router, &config, tls, stop);
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, "serving");
+    let threads = Threads { fold, watcher, attest: attest_thread };
+    Ok(Running { addr, url, app, server, threads, writer })
+}
+
+/// Serves `router` on `listener` until `stop`: HTTP/1.1 and HTTP/2 (over TLS as ALPN picks;
+/// in the clear, HTTP/2 with prior knowledge), each connection's writes under the write
+/// deadline, TLS handshakes in the connection's own task (a slow one holds up no other
+/// accept), HTTP/2's streams and buffers bounded by `[limits]`. On `stop`, connections get
+/// `http_write_timeout_ms` to finish.
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    config: &Config,
+    tls: Option<rustls::ServerConfig>,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<io::Result<()>> {
+    let limits = &config.limits;
+    let write_timeout = Duration::from_millis(limits.http_write_timeout_ms);
+    let handle = axum_server::Handle::<SocketAddr>::new();
+    let mut server = axum_server::Server::from_listener(listener).handle(handle.clone());
+    server
+        .http_builder()
+        .http2()
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_send_buf_size(limits.http2_stream_send_buffer_bytes)
+        .initial_stream_window_size(limits.http2_stream_window_bytes)
+        .initial_connection_window_size(limits.http2_connection_window_bytes);
+    let deadline = DeadlineAcceptor { timeout: write_timeout };
     // `into_make_service`: each connection shares the one router (an `Arc`), where serving
     // a `Router` itself rebuilds its route table per connection (kilobytes each).
-    let serve = axum::serve(listener, router.into_make_service());
-    let server = tokio::spawn(serve.with_graceful_shutdown(stop.cancelled_owned()).into_future());
-    tracing::info!(%addr, "serving");
-    let threads = Threads { fold, watcher, attest: attest_thread };
-    Ok(Running { addr, app, server, threads, writer })
+    let make_service = router.into_make_service();
+    let serving = match config.tls.as_ref().zip(tls) {
+        Some((files, first)) => {
+            let rustls = crate::tls::reloading(files, first, stop.clone());
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(rustls)
+                .handshake_timeout(Duration::from_millis(files.handshake_timeout_ms))
+                .acceptor(deadline);
+            tokio::spawn(server.acceptor(acceptor).serve(make_service))
+        }
+        None => tokio::spawn(server.acceptor(deadline).serve(make_service)),
+    };
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        handle.graceful_shutdown(Some(write_timeout));
+    });
+    serving
 }
 
 /// The CORS layer `[cors]` configures (tower-http): its origins, the methods and headers
@@ -332,26 +378,23 @@ fn active_version(registry: &Registry, name: &str, path: &Path) -> anyhow::Resul
     Ok(reducer)
 }
 
-/// Accepts TCP connections whose writes have a deadline.
-struct DeadlineListener {
-    inner: TcpListener,
+/// Gives each accepted TCP connection a write deadline ([`DeadlineIo`]), under TLS where
+/// that is on.
+#[derive(Clone)]
+struct DeadlineAcceptor {
     timeout: Duration,
 }
 
-impl axum::serve::Listener for DeadlineListener {
-    type Io = DeadlineIo;
-    type Addr = SocketAddr;
+impl<S> axum_server::accept::Accept<TcpStream, S> for DeadlineAcceptor {
+    type Stream = DeadlineIo;
+    type Service = S;
+    type Future = std::future::Ready<io::Result<(DeadlineIo, S)>>;
 
-    async fn accept(&mut self) -> (DeadlineIo, SocketAddr) {
-        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+    fn accept(&self, io: TcpStream, service: S) -> Self::Future {
         if let Err(e) = io.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        (DeadlineIo { io, timeout: self.timeout, stalled: None }, addr)
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
+        std::future::ready(Ok((DeadlineIo { io, timeout: self.timeout, stalled: None }, service)))
     }
 }
 

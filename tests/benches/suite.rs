@@ -629,15 +629,87 @@ async fn latency(rows: &mut Vec<Row>) {
 
 /// Fan-out (6): 10,000 SSE clients on one `counter` model while 10 diffs/s are appended
 /// over HTTP: each diff's delay from its append being sent to its `diff` event reaching
-/// each client, and the server's resident memory. The server is a `statefold serve`
-/// process of its own, so that its memory is its own.
+/// each client, and the server's resident memory; then the same with `[auth]` on, every
+/// request carrying a JWT the server verifies. The server is a `statefold serve` process of
+/// its own, so that its memory is its own.
 async fn fan_out(rows: &mut Vec<Row>) {
-    use futures_util::StreamExt;
-
     let clients = if full() { 10_000 } else { 20 };
     let diffs = if full() { 100 } else { 5 };
+    let open = fan_out_run(clients, diffs, false).await;
+    let auth = fan_out_run(clients, diffs, true).await;
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    rows.push(Row {
+        name: format!("6. fan-out: {clients} SSE clients on one model, 10 diffs/s: p50"),
+        value: format!("{:.2?}", open.p50),
+        beside: format!("{} deliveries; all {clients} subscribed in {:.2?}", open.deliveries, open.connected),
+    });
+    rows.push(Row { name: "   same, p99".into(), value: format!("{:.2?}", open.p99), beside: "goal < 250 ms".into() });
+    rows.push(Row {
+        name: "   same, server resident memory (peak)".into(),
+        value: format!("{:.0} MiB", mib(open.peak)),
+        beside: format!(
+            "goal < 300 MiB; idle with the model {:.0} MiB, subscribed {:.0} MiB",
+            mib(open.idle),
+            mib(open.subscribed)
+        ),
+    });
+    rows.push(Row {
+        name: "   same with [auth] (a JWT per request): p50".into(),
+        value: format!("{:.2?}", auth.p50),
+        beside: format!(
+            "{:.2}x without; all {clients} subscribed in {:.2?} ({:.2}x)",
+            ratio(auth.p50, open.p50),
+            auth.connected,
+            ratio(auth.connected, open.connected)
+        ),
+    });
+    rows.push(Row {
+        name: "   same with [auth], p99".into(),
+        value: format!("{:.2?}", auth.p99),
+        beside: format!("{:.2}x without", ratio(auth.p99, open.p99)),
+    });
+    rows.push(Row {
+        name: "   same with [auth], resident memory (peak)".into(),
+        value: format!("{:.0} MiB", mib(auth.peak)),
+        beside: format!("{:.0} MiB without", mib(open.peak)),
+    });
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-9)
+}
+
+struct FanOut {
+    p50: Duration,
+    p99: Duration,
+    deliveries: usize,
+    connected: Duration,
+    idle: u64,
+    subscribed: u64,
+    peak: u64,
+}
+
+/// One fan-out run; with `auth`, `[auth]` (HS256) is on, each subscriber sends a token that
+/// grants `subscribe` on `counter/hot*`, and the appends and scrapes an admin's.
+async fn fan_out_run(clients: usize, diffs: usize, auth: bool) -> FanOut {
+    use futures_util::StreamExt;
+
+    const SECRET: &str = "the fan-out benchmark's HS256 secret";
+    let token = |grants: serde_json::Value| {
+        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("a clock").as_secs() + 3600;
+        let claims = serde_json::json!({"sub": "bench", "aud": "statefold", "exp": exp, "grants": grants});
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).expect("a key");
+        format!("Bearer {}", jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("a token"))
+    };
     let dir = tempfile::tempdir().expect("temp dir");
-    let serve = statefold_tests::process::Serve::spawn(dir.path(), &["--kind".into(), "counter=counter.wasm".into()]);
+    let mut args: Vec<String> = vec!["--kind".into(), "counter=counter.wasm".into()];
+    if auth {
+        let config = dir.path().join("auth.toml");
+        std::fs::write(&config, format!("[auth]\naudience = \"statefold\"\nhs256_secret = \"{SECRET}\"\n"))
+            .expect("config");
+        args.extend(["--config".into(), config.display().to_string()]);
+    }
+    let serve = statefold_tests::process::Serve::spawn(dir.path(), &args);
     let url = serve.url.clone();
     let rss = {
         let status = format!("/proc/{}/status", serve.child.id());
@@ -647,11 +719,19 @@ async fn fan_out(rows: &mut Vec<Row>) {
             kb.and_then(|kb| kb.parse::<u64>().ok()).unwrap_or(0) * 1024
         }
     };
+    let admin = token(serde_json::json!([{"actions": ["admin"], "models": "*"}]));
+    let reader = token(serde_json::json!([{"actions": ["subscribe"], "models": "counter/hot*"}]));
     let http = reqwest::Client::new();
     while !http.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let created = http.post(format!("{url}/v1/models/counter")).body(r#"{"id":"hot"}"#).send().await.expect("create");
+    let created = http
+        .post(format!("{url}/v1/models/counter"))
+        .header("authorization", &admin)
+        .body(r#"{"id":"hot"}"#)
+        .send()
+        .await
+        .expect("create");
     let (status, head) = statefold_tests::http::json_of(created).await;
     assert_eq!(status, 201, "{head}");
     let hash = head["hash"].as_str().expect("a hash").to_owned();
@@ -663,9 +743,11 @@ async fn fan_out(rows: &mut Vec<Row>) {
     let mut followers = Vec::with_capacity(clients);
     for _ in 0..clients {
         let (http, url, hash, connects) = (http.clone(), url.clone(), hash.clone(), connects.clone());
+        let reader = reader.clone();
         followers.push(tokio::spawn(async move {
             let permit = connects.acquire_owned().await.expect("open");
             let request = http.get(format!("{url}/v1/models/counter/hot/events")).header("Last-Event-ID", hash);
+            let request = if auth { request.header("authorization", reader) } else { request };
             let response = request.send().await.expect("subscribed");
             assert_eq!(response.status(), 200);
             drop(permit);
@@ -681,7 +763,8 @@ async fn fan_out(rows: &mut Vec<Row>) {
         }));
     }
     let subscribers = || async {
-        let metrics = http.get(format!("{url}/metrics")).send().await.expect("metrics").text().await.expect("text");
+        let request = http.get(format!("{url}/metrics")).header("authorization", &admin);
+        let metrics = request.send().await.expect("metrics").text().await.expect("text");
         let line = metrics.lines().find_map(|l| l.strip_prefix("statefold_sse_subscribers "));
         line.and_then(|n| n.trim().parse::<usize>().ok()).unwrap_or(0)
     };
@@ -700,7 +783,12 @@ async fn fan_out(rows: &mut Vec<Row>) {
         let due = start + Duration::from_millis(100 * n as u64);
         tokio::time::sleep_until(due.into()).await;
         sent.push(Instant::now());
-        let append = http.post(format!("{url}/v1/models/counter/hot/diffs")).body(r#"{"add":1}"#).send().await;
+        let append = http
+            .post(format!("{url}/v1/models/counter/hot/diffs"))
+            .header("authorization", &admin)
+            .body(r#"{"add":1}"#)
+            .send()
+            .await;
         assert!(append.expect("appended").status().is_success());
         peak = peak.max(rss());
     }
@@ -713,22 +801,7 @@ async fn fan_out(rows: &mut Vec<Row>) {
     drop(serve); // kills and reaps the server
     delays.sort();
     let (p50, p99) = (delays[delays.len() / 2], delays[delays.len() * 99 / 100]);
-    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
-    rows.push(Row {
-        name: format!("6. fan-out: {clients} SSE clients on one model, 10 diffs/s: p50"),
-        value: format!("{p50:.2?}"),
-        beside: format!("{} deliveries; all {clients} subscribed in {connected:.2?}", delays.len()),
-    });
-    rows.push(Row { name: "   same, p99".into(), value: format!("{p99:.2?}"), beside: "goal < 250 ms".into() });
-    rows.push(Row {
-        name: "   same, server resident memory (peak)".into(),
-        value: format!("{:.0} MiB", mib(peak)),
-        beside: format!(
-            "goal < 300 MiB; idle with the model {:.0} MiB, subscribed {:.0} MiB",
-            mib(idle),
-            mib(subscribed)
-        ),
-    });
+    FanOut { p50, p99, deliveries: delays.len(), connected, idle, subscribed, peak }
 }
 
 fn cores() -> usize {

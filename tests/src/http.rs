@@ -25,6 +25,7 @@ pub fn example_config(data_dir: &std::path::Path, limits: Limits) -> Config {
         read_only: false,
         auth: None,
         cors: None,
+        tls: None,
         limits,
     }
 }
@@ -50,9 +51,13 @@ impl TestServer {
 
     /// A server with this config (its data dir in `dir`), once ready.
     pub async fn start_config(dir: tempfile::TempDir, config: Config) -> TestServer {
+        let mut client = reqwest::Client::builder().pool_max_idle_per_host(64);
+        if let Some(tls) = &config.tls {
+            client = client.add_root_certificate(certificate(&tls.cert_file));
+        }
+        let client = client.build().expect("a client");
         let running = statefold::server::start(config).await.expect("server starts");
-        let url = format!("http://{}", running.addr);
-        let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("a client");
+        let url = running.url.clone();
         let server = TestServer { running: Some(running), url, dir: Some(dir), client };
         server.wait_ready().await;
         server
@@ -126,6 +131,34 @@ impl Drop for TestServer {
             eprintln!("a test server's threads did not stop within 10 s");
         }
     }
+}
+
+/// A fresh self-signed certificate for `localhost` and 127.0.0.1 (rcgen, as a CA would make
+/// one) written to `cert.pem` and `key.pem` in `dir`, and the `[tls]` that names them
+/// (reloaded every 100 ms).
+pub fn tls_in(dir: &std::path::Path) -> statefold::config::TlsConfig {
+    let (cert, key) = self_signed();
+    std::fs::write(dir.join("cert.pem"), cert).expect("cert.pem");
+    std::fs::write(dir.join("key.pem"), key).expect("key.pem");
+    statefold::config::TlsConfig {
+        cert_file: dir.join("cert.pem"),
+        key_file: dir.join("key.pem"),
+        reload_interval_ms: 100,
+        handshake_timeout_ms: 10_000,
+    }
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1: (certificate PEM, key PEM).
+pub fn self_signed() -> (String, String) {
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(names).expect("a certificate");
+    (cert.pem(), signing_key.serialize_pem())
+}
+
+/// The certificate in a PEM file, for a client to trust.
+pub fn certificate(pem: &std::path::Path) -> reqwest::Certificate {
+    let pem = std::fs::read(pem).expect("the certificate file");
+    reqwest::Certificate::from_pem(&pem).expect("a PEM certificate")
 }
 
 pub async fn json_of(response: reqwest::Response) -> (u16, serde_json::Value) {

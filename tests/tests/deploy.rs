@@ -54,6 +54,7 @@ fn config(data: &Path, reducers: &Path) -> Config {
         read_only: false,
         auth: None,
         cors: None,
+        tls: None,
         limits: Limits {
             reducer_watch_interval_ms: 100,
             reducer_resident_models_max: 100,

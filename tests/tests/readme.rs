@@ -172,6 +172,9 @@ fn readme_value(text: &str) -> serde_json::Value {
     if let Some(mib) = text.strip_suffix(" MiB") {
         return serde_json::json!(mib.parse::<u64>().expect("a number of MiB") << 20);
     }
+    if let Some(kib) = text.strip_suffix(" KiB") {
+        return serde_json::json!(kib.parse::<u64>().expect("a number of KiB") << 10);
+    }
     match text.as_str() {
         "true" => serde_json::json!(true),
         "false" => serde_json::json!(false),
@@ -239,4 +242,34 @@ fn every_error_code_in_the_readme_is_named_by_a_test() {
     }
     let unnamed: Vec<&String> = codes.iter().filter(|code| !tests.contains(&format!("\"{code}\""))).collect();
     assert!(unnamed.is_empty(), "README error codes that no test names: {unnamed:?}");
+}
+
+/// Every `toml` block of the README but a Cargo manifest's is a part of a configuration the
+/// server takes: each one, written to a file, is read by `Config::from_file` (unknown keys
+/// refused), so a renamed or removed setting cannot stay documented.
+#[test]
+fn readme_toml_blocks_are_settings_the_server_takes() {
+    let readme = std::fs::read_to_string(statefold_tests::workspace_root().join("README.md")).unwrap();
+    let mut blocks = Vec::new();
+    let mut block: Option<String> = None;
+    for line in readme.lines() {
+        match (line.trim(), block.as_mut()) {
+            ("```toml", None) => block = Some(String::new()),
+            ("```", Some(_)) => blocks.extend(block.take().filter(|b| !b.starts_with("[lib]"))),
+            (_, Some(text)) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            _ => {}
+        }
+    }
+    assert!(blocks.len() >= 3, "the README's toml blocks were not found");
+    let dir = tempfile::tempdir().unwrap();
+    for text in blocks {
+        let file = dir.path().join("block.toml");
+        std::fs::write(&file, &text).unwrap();
+        if let Err(error) = statefold::config::Config::from_file(&file) {
+            panic!("a README toml block is not a configuration the server takes: {error}\n{text}");
+        }
+    }
 }
