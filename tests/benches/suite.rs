@@ -6,7 +6,8 @@
 //! real Tansu broker (beside a consume-only rdkafka reader); 3. per-diff cost with a 1-MiB
 //! state (beside a 100-byte one); 4. catch-up 100,000 diffs behind (beside the whole state,
 //! and the same diffs received live); 5. produce → SSE latency (beside a consume-only
-//! reader); 6. fan-out to 10,000 SSE clients (a `statefold serve` process, its memory);
+//! reader); 6. fan-out to 10,000 SSE clients (a `statefold serve` process, its memory;
+//! beside the same with `[auth]` on);
 //! 7. recovery (beside opening RocksDB). Numbers given as arguments pick cases. Under
 //! `cargo test` it smoke-runs with 1/100 of the data.
 //!
