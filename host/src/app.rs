@@ -300,6 +300,11 @@ impl App {
     }
 
     /// Access control with `auth` (`None`: off).
+    /// Whether requests carry tokens (`[auth]`).
+    pub fn auth_on(&self) -> bool {
+        self.auth.is_some()
+    }
+
     pub fn with_auth(mut self, auth: Option<crate::auth::Auth>) -> App {
         self.auth = auth;
         self
@@ -359,6 +364,15 @@ impl App {
     /// Every recorded version of reducer `name`, active first.
     pub fn reducer_versions(&self, name: &str) -> Result<Vec<VersionRecord>, DeployError> {
         self.deployer.versions(name)
+    }
+
+    /// The module of version `id` of reducer `name` (a version recorded for that reducer
+    /// and stored: an active or a past one; a refused one has no module here).
+    pub fn reducer_module(&self, name: &str, id: &str) -> Result<Vec<u8>, DeployError> {
+        if !self.deployer.versions(name)?.iter().any(|v| v.id.to_string() == id) {
+            return Err(DeployError::UnknownVersion { name: name.to_owned(), id: id.to_owned() });
+        }
+        self.deployer.stored(name, id)
     }
 
     /// Which version folds each partition of `kind` (`None`: a kind this store has not

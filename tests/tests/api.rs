@@ -174,3 +174,34 @@ async fn bad_input_is_refused_and_stores_nothing() {
         assert!(metrics.contains(line), "two refusals and a trap: {line} in {metrics}");
     }
 }
+
+/// `GET /v1/reducers/{name}/versions/{version}/module`: the bytes the server folds with, for
+/// a client to fold with the same code; a version not recorded for that reducer is 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reducer_version_module_is_served_as_stored() {
+    let server = TestServer::start(Limits::default()).await;
+    let (status, shown) = server.get("/v1/reducers/workflow").await;
+    assert_eq!(status, 200, "{shown}");
+    let version = shown["versions"][0]["version"].as_str().unwrap().to_owned();
+    let response = server
+        .client
+        .get(server.url(&format!("/v1/reducers/workflow/versions/{version}/module")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/wasm");
+    assert!(response.headers()["cache-control"].to_str().unwrap().contains("immutable"));
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(&bytes[..], &std::fs::read(statefold_tests::wasm("workflow")).unwrap()[..]);
+    // The workflow module asked for under another reducer's name, and a made-up version.
+    for path in [
+        format!("/v1/reducers/counter/versions/{version}/module"),
+        format!("/v1/reducers/workflow/versions/{}/module", "0".repeat(64)),
+    ] {
+        let (status, body) = server.get(&path).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_version")), "{path}: {body}");
+    }
+    let (status, body) = server.get(&format!("/v1/reducers/nothing/versions/{version}/module")).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_reducer")), "{body}");
+}

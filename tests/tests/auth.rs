@@ -67,6 +67,7 @@ async fn every_route_checks_the_token_and_a_refusal_writes_nothing() {
     assert_eq!(status, 201, "{m1}");
     let hash = m1["hash"].as_str().unwrap().to_owned();
     let counter = std::fs::read(statefold_tests::wasm("counter")).unwrap();
+    let counter_version = blake3::hash(&counter).to_hex();
 
     let cases: [(&str, Option<String>); 6] = [
         ("no token", None),
@@ -89,6 +90,7 @@ async fn every_route_checks_the_token_and_a_refusal_writes_nothing() {
         ("GET", "/v1/kinds/counter/replay".into(), vec![], [403, 200, 200]),
         ("GET", "/v1/reducers".into(), vec![], [200, 200, 200]),
         ("GET", "/v1/reducers/counter".into(), vec![], [403, 200, 200]),
+        ("GET", format!("/v1/reducers/counter/versions/{counter_version}/module"), vec![], [403, 200, 200]),
         ("PUT", "/v1/reducers/counter".into(), counter, [403, 403, 200]),
         ("GET", "/metrics".into(), vec![], [403, 403, 200]),
     ];

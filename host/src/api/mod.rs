@@ -46,6 +46,7 @@ pub fn router(app: Arc<App>) -> Router {
                 .put(reducers::deploy)
                 .layer(DefaultBodyLimit::max(app.limits().reducer_module_bytes_max + 1)),
         )
+        .route("/v1/reducers/{name}/versions/{version}/module", get(reducers::module))
         .route("/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(ready))

@@ -105,6 +105,30 @@ pub(super) async fn show(
     Ok(Json(serde_json::json!({"kinds": kinds, "versions": versions})).into_response())
 }
 
+/// `GET /v1/reducers/{name}/versions/{version}/module`: the version's `.wasm`, so that a
+/// client folds with the server's own code. Content-addressed (the version is the module's
+/// blake3), so cacheable for good.
+pub(super) async fn module(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let bytes = blocking(&app, move |app| {
+        let kinds = app.reducer_names().get(&name).cloned().unwrap_or_default();
+        if !kinds.is_empty()
+            && !kinds.iter().any(|k| caller.may_kind(Action::Read, k) || caller.may_kind(Action::Deploy, k))
+        {
+            return Err(AppError::Forbidden(format!("the token grants no `read` or `deploy` on the kinds of {name}")));
+        }
+        app.reducer_module(&name, &version).map_err(deploy_error)
+    })
+    .await?;
+    let cache =
+        if app.auth_on() { "private, max-age=31536000, immutable" } else { "public, max-age=31536000, immutable" };
+    let headers = [(axum::http::header::CONTENT_TYPE, "application/wasm"), (axum::http::header::CACHE_CONTROL, cache)];
+    Ok((headers, bytes).into_response())
+}
+
 #[derive(Deserialize)]
 pub(super) struct DeployQuery {
     /// Deploy this stored version again (a rollback) instead of a module in the body.
