@@ -21,7 +21,7 @@ use crate::hub::{Full, Hub, Subscription};
 use crate::metrics::{Gauges, Metrics};
 use crate::model::{
     Applied, CREATE_HEADER, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, Head, KindVersions,
-    ModelKey, REPLAY_HEADER, Rejection, ReplayJob, SUBJECT_HEADER, VersionRecord,
+    ModelKey, ModuleHash, REPLAY_HEADER, Rejection, ReplayJob, SUBJECT_HEADER, VersionRecord,
 };
 use crate::reducer::ReducerError;
 use crate::source::attest::Replicas;
@@ -172,10 +172,11 @@ impl Reset {
 /// What a client at a version is sent to reach the head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
-    /// The whole state (no `since`, or `since` unknown or pruned: then `reset` says which).
-    Snapshot { reset: Option<Reset>, state: Arc<[u8]>, hash: Hash, seq: u64 },
-    /// One diff from `from` to the head.
-    Patch { from: Hash, to: Hash, seq: u64, diff: Bytes },
+    /// The whole state (no `since`, or `since` unknown or pruned: then `reset` says which);
+    /// `reducer`: the version that applied its last diff.
+    Snapshot { reset: Option<Reset>, state: Arc<[u8]>, hash: Hash, seq: u64, reducer: ModuleHash },
+    /// One diff from `from` to the head, composed by (and to be applied with) `reducer`.
+    Patch { from: Hash, to: Hash, seq: u64, diff: Bytes, reducer: ModuleHash },
     /// The missed diffs one by one (the reducer can neither merge nor delta them).
     Diffs(Vec<Applied>),
     /// Nothing missed.
@@ -694,7 +695,7 @@ impl App {
         let head = reader.head(model)?.ok_or_else(|| unknown(model))?;
         let snapshot = |reset| -> Result<Plan, AppError> {
             let state = self.materialize(&reader, model, &head, head.hash, head.offset)?;
-            Ok(Plan::Snapshot { reset, state, hash: head.hash, seq: head.seq })
+            Ok(Plan::Snapshot { reset, state, hash: head.hash, seq: head.seq, reducer: head.reducer })
         };
         let Some(since) = since else { return snapshot(None) };
         if since == head.hash {
@@ -737,7 +738,7 @@ impl App {
         Ok(match plan {
             CatchUp::Patch { diff, how } => {
                 tracing::debug!(kind = %model.kind, id = %model.id, missed = run.len, how, "catch-up patch");
-                Plan::Patch { from: since, to: head.hash, seq: head.seq, diff }
+                Plan::Patch { from: since, to: head.hash, seq: head.seq, diff, reducer: head.reducer }
             }
             CatchUp::Diffs => Plan::Diffs(missed()?),
         })

@@ -24,6 +24,8 @@ pub struct LiveDiff {
     pub prev: Hash,
     pub hash: Hash,
     pub payload: Bytes,
+    /// The reducer version that applied it.
+    pub reducer: crate::model::ModuleHash,
     /// When it was published (after its batch's commit): the start of its delay to a client.
     pub published: Instant,
     /// The event as the API renders it, rendered once for all subscribers.
@@ -109,6 +111,7 @@ impl Hub {
                 prev: applied.prev,
                 hash: applied.hash,
                 payload: applied.payload.clone(),
+                reducer: applied.reducer,
                 published,
                 rendered: std::sync::OnceLock::new(),
             };

@@ -51,9 +51,10 @@ async fn create_append_read_list() {
 
     // What a client at h1 / genesis misses: the diff itself / a merged diff.
     let (_, missing) = server.get(&format!("/v1/models/counter/c1/diffs?since={h1}")).await;
+    let counter = blake3::hash(&std::fs::read(statefold_tests::wasm("counter")).unwrap()).to_hex().to_string();
     assert_eq!(
         missing,
-        json!({"kind": "patch", "from": h1.to_string(), "to": h2.to_string(), "seq": 2, "diff": {"sub": 2}})
+        json!({"kind": "patch", "from": h1.to_string(), "to": h2.to_string(), "seq": 2, "diff": {"sub": 2}, "version": counter})
     );
     let (_, merged) = server.get(&format!("/v1/models/counter/c1/diffs?since={genesis}")).await;
     assert_eq!(merged["kind"], "patch");

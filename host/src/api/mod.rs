@@ -401,12 +401,14 @@ enum PlanBody {
         hash: String,
         seq: u64,
         state: Box<RawValue>,
+        version: String,
     },
     Patch {
         from: String,
         to: String,
         seq: u64,
         diff: Box<RawValue>,
+        version: String,
     },
     Diffs {
         diffs: Vec<DiffBody>,
@@ -417,7 +419,9 @@ enum PlanBody {
     },
 }
 
-/// One applied diff on the wire (SSE `diff` data, and in `GET .../diffs`).
+/// One applied diff on the wire (SSE `diff` data, and in `GET .../diffs`); `version`: the
+/// reducer version that applied it (a client folding with the reducer's own module switches
+/// at the same diff as the server).
 #[derive(Serialize)]
 struct DiffBody {
     prev: String,
@@ -425,6 +429,7 @@ struct DiffBody {
     seq: u64,
     offset: u64,
     diff: Box<RawValue>,
+    version: String,
 }
 
 impl DiffBody {
@@ -435,6 +440,7 @@ impl DiffBody {
             seq: d.seq,
             offset: d.offset,
             diff: stored_json(&d.payload),
+            version: d.reducer.to_string(),
         }
     }
 }
@@ -442,15 +448,20 @@ impl DiffBody {
 impl From<&Plan> for PlanBody {
     fn from(plan: &Plan) -> PlanBody {
         match plan {
-            Plan::Snapshot { reset, state, hash, seq } => PlanBody::Snapshot {
+            Plan::Snapshot { reset, state, hash, seq, reducer } => PlanBody::Snapshot {
                 reset: reset.map(Reset::as_str),
                 hash: hash.to_string(),
                 seq: *seq,
                 state: stored_json(state),
+                version: reducer.to_string(),
             },
-            Plan::Patch { from, to, seq, diff } => {
-                PlanBody::Patch { from: from.to_string(), to: to.to_string(), seq: *seq, diff: stored_json(diff) }
-            }
+            Plan::Patch { from, to, seq, diff, reducer } => PlanBody::Patch {
+                from: from.to_string(),
+                to: to.to_string(),
+                seq: *seq,
+                diff: stored_json(diff),
+                version: reducer.to_string(),
+            },
             Plan::Diffs(diffs) => PlanBody::Diffs { diffs: diffs.iter().map(DiffBody::from_stored).collect() },
             Plan::UpToDate { hash, seq } => PlanBody::UpToDate { hash: hash.to_string(), seq: *seq },
         }

@@ -232,6 +232,7 @@ struct SnapshotData {
     state: Box<RawValue>,
     hash: String,
     seq: u64,
+    version: String,
 }
 
 /// `patch` data.
@@ -241,23 +242,35 @@ struct PatchData {
     to: String,
     seq: u64,
     diff: Box<RawValue>,
+    version: String,
 }
 
 fn plan_frames(plan: &Plan) -> Vec<Bytes> {
     match plan {
         Plan::UpToDate { .. } => Vec::new(),
-        Plan::Snapshot { reset, state, hash, seq } => {
+        Plan::Snapshot { reset, state, hash, seq, reducer } => {
             let mut frames = Vec::new();
             if let Some(reason) = reset {
                 frames.push(frame("reset", None, &serde_json::json!({"reason": reason.as_str()}).to_string()));
             }
-            let data = SnapshotData { state: stored_json(state), hash: hash.to_string(), seq: *seq };
+            let data = SnapshotData {
+                state: stored_json(state),
+                hash: hash.to_string(),
+                seq: *seq,
+                version: reducer.to_string(),
+            };
             let data = serde_json::to_string(&data).expect("serializable");
             frames.push(frame("snapshot", Some(hash), &data));
             frames
         }
-        Plan::Patch { from, to, seq, diff } => {
-            let data = PatchData { from: from.to_string(), to: to.to_string(), seq: *seq, diff: stored_json(diff) };
+        Plan::Patch { from, to, seq, diff, reducer } => {
+            let data = PatchData {
+                from: from.to_string(),
+                to: to.to_string(),
+                seq: *seq,
+                diff: stored_json(diff),
+                version: reducer.to_string(),
+            };
             let data = serde_json::to_string(&data).expect("serializable");
             vec![frame("patch", Some(to), &data)]
         }
@@ -280,6 +293,7 @@ fn diff_frame(diff: &LiveDiff) -> Bytes {
                 seq: diff.seq,
                 offset: diff.offset,
                 diff: stored_json(&diff.payload),
+                version: diff.reducer.to_string(),
             };
             frame("diff", Some(&diff.hash), &serde_json::to_string(&body).expect("serializable"))
         })
