@@ -37,17 +37,31 @@ apt_install() {
   fi
 }
 
+# The TypeScript client (clients/typescript): its dev dependencies (pinned by its lock
+# file: TypeScript, jco's transpiler, the WASI shim) and its build, for its conformance
+# suite (tests/tests/client_typescript.rs).
+build_typescript_client() {
+  command -v node >/dev/null || apt_install nodejs npm
+  npm_ci clients/typescript
+  (cd clients/typescript && npm run --silent build)
+}
+
+# `npm ci` in $1 unless its node_modules already holds what its lock file pins.
+npm_ci() {
+  local lock
+  lock="$(sha256sum "$1/package-lock.json")"
+  if [ "$(cat "$1/node_modules/.installed" 2>/dev/null)" != "$lock" ]; then
+    (cd "$1" && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$lock" >"$1/node_modules/.installed"
+  fi
+}
+
 # The browser tests' tools: Debian's headless Chromium, Node, and playwright-core (pinned in
 # tests/browser/package-lock.json; it drives the system Chromium, no browser download).
 install_browser_tools() {
   command -v node >/dev/null || apt_install nodejs npm
   apt_install chromium
-  local lock
-  lock="$(sha256sum tests/browser/package-lock.json)"
-  if [ "$(cat tests/browser/node_modules/.installed 2>/dev/null)" != "$lock" ]; then
-    (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
-    echo "$lock" >tests/browser/node_modules/.installed
-  fi
+  npm_ci tests/browser
 }
 
 # Test tools, pinned, kept outside the clone (reused between runs).
@@ -104,6 +118,7 @@ case "$cmd" in
     tansu_pid=$!
     install_python_tools
     install_browser_tools
+    build_typescript_client
     build_reducers
     cargo fmt --all --check
     cargo clippy --release --workspace --all-targets -- -D warnings
