@@ -34,38 +34,54 @@ fn chromium() -> PathBuf {
     path
 }
 
-/// `follow.mjs`, started, and the page origin it serves.
+/// A script of `tests/browser` driving Chromium, by JSON lines on its stdin and stdout.
 struct Driver {
     child: Child,
     stdin: ChildStdin,
     stdout: Lines<BufReader<ChildStdout>>,
-    page: String,
 }
 
 impl Driver {
-    async fn start(tls: Option<&statefold::config::TlsConfig>) -> Driver {
+    /// Starts `script` with `args` (and `--chromium PATH`); returns it and its first line.
+    async fn start(script: &str, args: &[&std::ffi::OsStr]) -> (Driver, Value) {
         let dir = statefold_tests::workspace_root().join("tests/browser");
         assert!(
             dir.join("node_modules/playwright-core").exists(),
             "tests/browser has no node_modules: ./dev.sh test runs npm ci there"
         );
-        let mut command = Command::new("node");
-        command.arg(dir.join("follow.mjs")).arg("--chromium").arg(chromium());
-        if let Some(tls) = tls {
-            command.arg("--cert").arg(&tls.cert_file).arg("--key").arg(&tls.key_file);
-        }
-        let mut child = command
+        let mut child = Command::new("node")
+            .arg(dir.join(script))
+            .arg("--chromium")
+            .arg(chromium())
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
-            .expect("node runs follow.mjs");
+            .expect("node runs the driver");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut driver = Driver { child, stdin, stdout, page: String::new() };
-        driver.page = driver.read().await["page"].as_str().expect("the page origin").to_owned();
-        driver
+        let mut driver = Driver { child, stdin, stdout };
+        let first = driver.read().await;
+        (driver, first)
+    }
+
+    /// `follow.mjs`, and the page origin it serves (HTTPS with `tls`'s pair, else HTTP).
+    async fn follow(tls: Option<&statefold::config::TlsConfig>) -> (Driver, String) {
+        let mut args: Vec<&std::ffi::OsStr> = Vec::new();
+        if let Some(tls) = tls {
+            args.extend(["--cert".as_ref(), tls.cert_file.as_os_str(), "--key".as_ref(), tls.key_file.as_os_str()]);
+        }
+        let (driver, first) = Driver::start("follow.mjs", &args).await;
+        (driver, first["page"].as_str().expect("the page origin").to_owned())
+    }
+
+    /// The value of a JavaScript expression on the page (`page.mjs`).
+    async fn eval(&mut self, expression: &str) -> Value {
+        let answer = self.send(json!({"eval": expression})).await;
+        assert!(answer.get("error").is_none(), "{expression}: {answer}");
+        answer["value"].clone()
     }
 
     async fn read(&mut self) -> Value {
@@ -115,8 +131,8 @@ fn ids() -> Vec<String> {
 async fn chromium_follows_ten_models_over_http2_from_another_origin() {
     let dir = tempfile::tempdir().unwrap();
     let tls = tls_in(dir.path());
-    let mut driver = Driver::start(Some(&tls)).await;
-    let server = server(&driver.page, Some(tls), dir).await;
+    let (mut driver, page) = Driver::follow(Some(&tls)).await;
+    let server = server(&page, Some(tls), dir).await;
     let ids = ids();
     for id in &ids {
         server.create("document", id).await;
@@ -164,8 +180,8 @@ async fn chromium_follows_ten_models_over_http2_from_another_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http11_a_browser_holds_six_streams_and_the_rest_wait() {
     let dir = tempfile::tempdir().unwrap();
-    let mut driver = Driver::start(None).await;
-    let server = server(&driver.page, None, dir).await;
+    let (mut driver, page) = Driver::follow(None).await;
+    let server = server(&page, None, dir).await;
     let ids = ids();
     for id in &ids {
         server.create("document", id).await;
@@ -184,4 +200,83 @@ async fn over_http11_a_browser_holds_six_streams_and_the_rest_wait() {
     let subscribers = metrics.lines().find(|l| l.starts_with("statefold_sse_subscribers ")).expect("the gauge");
     assert_eq!(subscribers, "statefold_sse_subscribers 6", "{metrics}");
     drop(driver.send(json!({"expect": {}, "timeoutMs": 0})).await);
+}
+
+/// The inspector page the host serves, in Chromium: it follows a workflow run while diffs
+/// arrive and the server is SIGKILLed and started again on the same port; the state it
+/// shows ends equal to the server's. Its screenshot is kept in the target directory
+/// (`statefold-artifacts/inspector.png`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inspector_follows_a_model_across_a_server_restart() {
+    use statefold_tests::process::Serve;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let reducers = statefold_tests::wasm("workflow").parent().unwrap().display().to_string();
+    let data = dir.path().join("data").display().to_string();
+    let args: Vec<String> =
+        ["--listen", &format!("127.0.0.1:{port}"), "--data-dir", &data, "--reducers-dir", &reducers]
+            .into_iter()
+            .chain(["--kind", "workflow=workflow.wasm", "--kind", "document=document.wasm"])
+            .map(String::from)
+            .collect();
+    let mut serve = Serve::spawn_args(dir.path(), &args);
+    let http = reqwest::Client::new();
+    serve.wait_ready(&http).await;
+    let url = serve.url.clone();
+    let apply = |diff: Value| {
+        let request = http.post(format!("{url}/v1/models/workflow/run-7/diffs?wait=applied")).body(diff.to_string());
+        async move {
+            let response = request.send().await.expect("appended");
+            assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+        }
+    };
+    let created = http.post(format!("{url}/v1/models/workflow")).body(r#"{"id":"run-7"}"#).send().await.unwrap();
+    assert_eq!(created.status(), 201);
+    apply(json!({"op": "plan", "steps": ["fetch", "build", "test"]})).await;
+
+    let page_url = format!("{url}/inspector#kind=workflow&id=run-7");
+    let (mut page, _) = Driver::start("page.mjs", &["--url".as_ref(), page_url.as_ref()]).await;
+    /// Waits until the page holds the server's hash; the page's state and the server's model.
+    async fn caught_up(page: &mut Driver, http: &reqwest::Client, url: &str) -> (Value, Value) {
+        let server: Value =
+            http.get(format!("{url}/v1/models/workflow/run-7")).send().await.unwrap().json().await.unwrap();
+        for _ in 0..300 {
+            if page.eval("window.inspected?.hash ?? null").await == server["hash"] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (page.eval("window.inspected.state").await, server)
+    }
+    apply(json!({"op": "start", "step": "fetch", "at": 1000})).await;
+    let (shown, server) = caught_up(&mut page, &http, &url).await;
+    assert_eq!(shown, server["state"]);
+
+    // A crash and a restart on the same port: the page's stream resumes from its hash.
+    serve.signal("KILL");
+    serve.wait();
+    let mut serve = Serve::spawn_args(dir.path(), &args);
+    serve.wait_ready(&http).await;
+    apply(json!({"op": "output", "step": "fetch", "patch": {"progress": 0.5}})).await;
+    apply(json!({"op": "complete", "step": "fetch", "at": 1500, "output": {"bytes": 42}})).await;
+    apply(json!({"op": "start", "step": "build", "at": 1600})).await;
+    let (shown, server) = caught_up(&mut page, &http, &url).await;
+    assert_eq!(shown, server["state"], "the inspector's state is not the server's");
+    assert_eq!(page.eval("document.getElementById('hash').textContent").await, server["hash"]);
+    assert_eq!(page.eval("document.getElementById('seq').textContent").await, server["seq"].to_string());
+    assert_eq!(page.eval("document.getElementById('status').textContent").await, "live");
+    let shown_text = page.eval("document.getElementById('state').textContent").await;
+    assert!(shown_text.as_str().unwrap().contains("\"succeeded\""), "the tree shows the state: {shown_text}");
+
+    let artifacts = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| statefold_tests::workspace_root().join("target"), PathBuf::from)
+        .join("statefold-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("inspector.png");
+    page.send(json!({"screenshot": shot})).await;
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "a screenshot of the inspector");
+    eprintln!("the inspector's screenshot: {}", shot.display());
+    page.stdin.write_all(b"{\"close\":true}\n").await.unwrap();
+    serve.signal("TERM");
 }

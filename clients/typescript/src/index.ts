@@ -43,6 +43,28 @@ export const mergePatch: Fold = { apply: (state, diff) => applyMergePatch(state,
 /** Each diff is the whole new state. */
 export const replace: Fold = { apply: (_state, diff) => diff };
 
+/**
+ * Asks the server for the state at each new hash (`GET …?at=HASH`): exact for any reducer
+ * without its module, at one request per diff (for tools such as the inspector page).
+ */
+export function serverFold(options: {
+  baseUrl: string;
+  headers?: Headers | (() => Headers | Promise<Headers>);
+  fetch?: typeof fetch;
+}): Fold {
+  const fetchFn = options.fetch ?? globalThis.fetch.bind(globalThis);
+  const base = options.baseUrl.replace(/\/$/, "");
+  return {
+    async apply(_state, _diff, at) {
+      const headers = typeof options.headers === "function" ? await options.headers() : options.headers;
+      const path = `/v1/models/${encodeURIComponent(at.kind)}/${encodeURIComponent(at.id)}?at=${at.hash}`;
+      const response = await fetchFn(`${base}${path}`, { headers });
+      if (!response.ok) throw new Error(`GET ${path}: HTTP ${response.status}`);
+      return ((await response.json()) as { state: Json }).state;
+    },
+  };
+}
+
 /** What a stream is doing; see README.md. */
 export type Status = "connecting" | "catching-up" | "live" | "backoff" | "closed";
 

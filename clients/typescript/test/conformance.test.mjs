@@ -4,7 +4,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { ModelStream, componentFold, mergePatch } from "../dist/index.js";
+import { ModelStream, componentFold, mergePatch, serverFold } from "../dist/index.js";
 import { instantiateReducer } from "../dist/node.js";
 import { Server, reducers } from "./server.mjs";
 
@@ -38,7 +38,7 @@ const workflowRun = (i) => [
   { op: "start", step: "build", at: 3000 + i },
 ];
 
-test("document, counter and workflow models fold to the server's state, the last two with the reducer's own module", async () => {
+test("document, counter and workflow models fold to the server's state: by merge patch, by the reducer's own module, by the server's states", async () => {
   const server = await Server.start();
   try {
     const fold = (kind) => componentFold({ baseUrl: server.url, kind, instantiate: instantiateReducer });
@@ -46,6 +46,7 @@ test("document, counter and workflow models fold to the server's state, the last
       ["document", "d1", mergePatch],
       ["counter", "c1", fold("counter")],
       ["workflow", "w1", fold("workflow")],
+      ["workflow", "w2", serverFold({ baseUrl: server.url })],
     ];
     const opened = [];
     for (const [kind, id, f] of streams) {
@@ -58,6 +59,7 @@ test("document, counter and workflow models fold to the server's state, the last
       await server.apply("counter", "c1", i % 4 === 3 ? { sub: 1 } : { add: i });
     }
     for (const diff of workflowRun(1)) await server.apply("workflow", "w1", diff);
+    for (const diff of workflowRun(2)) await server.apply("workflow", "w2", diff);
     for (const [kind, id, stream] of opened) {
       await endsEqual(stream, server, kind, id);
       await stream.close();

@@ -30,6 +30,13 @@ use access::{allow, allow_admin, allow_kind};
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
+/// The inspector page and its scripts, built into the binary: no build step at run time.
+/// `client.js` is `@statefold/client`'s build (`clients/typescript`, `npm run build`;
+/// tests/tests/client_typescript.rs checks that this copy is the current one).
+const INSPECTOR_HTML: &str = include_str!("inspector/index.html");
+const INSPECTOR_JS: &str = include_str!("inspector/inspector.js");
+pub const INSPECTOR_CLIENT_JS: &str = include_str!("inspector/client.js");
+
 pub fn router(app: Arc<App>) -> Router {
     let body_max = app.limits().diff_bytes_max;
     Router::new()
@@ -47,6 +54,10 @@ pub fn router(app: Arc<App>) -> Router {
                 .layer(DefaultBodyLimit::max(app.limits().reducer_module_bytes_max + 1)),
         )
         .route("/v1/reducers/{name}/versions/{version}/module", get(reducers::module))
+        .route("/inspector", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INSPECTOR_HTML) }))
+        .route("/inspector/", get(|| async { axum::response::Redirect::permanent("../inspector") }))
+        .route("/inspector/inspector.js", get(|| async { javascript(INSPECTOR_JS) }))
+        .route("/inspector/client.js", get(|| async { javascript(INSPECTOR_CLIENT_JS) }))
         .route("/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
@@ -580,6 +591,11 @@ struct PartitionBody {
 
 /// Readiness, with where each partition stands: 200 when ready, 503 otherwise (same body,
 /// plus the reason).
+fn javascript(text: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], text)
+        .into_response()
+}
+
 async fn ready(State(app): State<Arc<App>>) -> Response {
     let partitions: Vec<PartitionBody> = app
         .partitions()
