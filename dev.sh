@@ -5,7 +5,7 @@
 #   ./dev.sh test           the whole test suite
 #   ./dev.sh run [ARGS...]  the statefold binary (no ARGS: serve the example kinds on the
 #                           embedded log, config statefold.toml, http://127.0.0.1:8080)
-#   ./dev.sh bench          the benchmarks (print tables)
+#   ./dev.sh bench          the benchmarks (print tables; the TypeScript client's too)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -161,6 +161,9 @@ case "$cmd" in
     setup
     build_reducers
     cargo bench -p statefold-tests --bench reducer --bench deploy --bench suite "$@"
+    # The TypeScript client's folding cost in Node (its own table).
+    build_typescript_client
+    (cd clients/typescript && STATEFOLD_REDUCERS="$(cd "$(wasm_dir)" && pwd)" npm run --silent bench)
     ;;
   *)
     echo "usage: ./dev.sh test|run [ARGS...]|bench" >&2
