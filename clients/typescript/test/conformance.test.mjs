@@ -182,3 +182,99 @@ test("a deploy mid-stream: the client folds each diff with the version the serve
     await server.stop();
   }
 });
+
+test("100 clients hopping between two replicas of one Kafka log end equal to both", { skip: !process.env.STATEFOLD_BROKERS && "needs STATEFOLD_BROKERS (a Kafka broker with the example topics)" }, async () => {
+  const kafka = ["--kafka-brokers", process.env.STATEFOLD_BROKERS, "--kafka-fetch-wait-ms", "10", "--kafka-check-interval-ms", "200"];
+  const replicas = [await Server.start({ args: kafka }), await Server.start({ args: kafka })];
+  try {
+    const run = Math.random().toString(36).slice(2, 8); // the broker may hold earlier runs' models
+    const models = [
+      ...["c0", "c1", "c2", "c3"].map((id) => ["counter", `${id}-${run}`]),
+      ...["d0", "d1", "d2"].map((id) => ["document", `${id}-${run}`]),
+      ...["w0", "w1", "w2"].map((id) => ["workflow", `${id}-${run}`]),
+    ];
+    for (const [kind, id] of models) await replicas[0].create(kind, id);
+    const folds = {
+      counter: componentFold({ baseUrl: replicas[0].url, kind: "counter", instantiate: instantiateReducer }),
+      workflow: componentFold({ baseUrl: replicas[1].url, kind: "workflow", instantiate: instantiateReducer }),
+      document: mergePatch,
+    };
+    // Each client's connections alternate between the replicas (from one picked at random),
+    // and each is cut after a few chunks: every client hops, resuming from its hash.
+    const hopping = () => {
+      let next = Math.floor(Math.random() * 2);
+      return async (url, init) => {
+        const replica = replicas[next];
+        next = 1 - next;
+        const response = await fetch(url.replace(replicas[0].url, replica.url), init);
+        if (!response.ok) return response;
+        const cut = 1 + Math.floor(Math.random() * 3);
+        let chunks = 0;
+        const reader = response.body.getReader();
+        const body = new ReadableStream({
+          async pull(controller) {
+            const { value, done } = await reader.read();
+            if (done || ++chunks > cut) {
+              reader.cancel().catch(() => {});
+              controller.close();
+            } else controller.enqueue(value);
+          },
+          cancel: () => reader.cancel(),
+        });
+        return new Response(body, { status: response.status, headers: response.headers });
+      };
+    };
+    const clients = Array.from({ length: 100 }, (_, i) => {
+      const [kind, id] = models[i % models.length];
+      const stream = new ModelStream({
+        baseUrl: replicas[0].url,
+        kind,
+        id,
+        fold: folds[kind],
+        fetch: hopping(),
+        backoff: { initialMs: 20, maxMs: 200 },
+        onError: () => {},
+      });
+      watch(stream);
+      return { kind, id, stream };
+    });
+    // Appends through either replica while the clients hop.
+    for (let round = 0; round < 10; round++) {
+      await new Promise((r) => setTimeout(r, 50));
+      const writes = [];
+      for (const [kind, id] of models) {
+        const replica = replicas[Math.floor(Math.random() * 2)];
+        const diffs =
+          kind === "counter" ? [{ add: round + 1 }, { sub: 1 }]
+          : kind === "document" ? [{ round, [`k${round % 3}`]: round % 2 ? null : { n: round } }]
+          : round === 0 ? workflowRun(3)
+          : [{ op: "output", step: "build", patch: { round } }];
+        writes.push((async () => { for (const diff of diffs) await replica.apply(kind, id, diff); })());
+      }
+      await Promise.all(writes);
+    }
+    for (const { kind, id, stream } of clients) {
+      // Both replicas fold the same log: wait until both are at one head, then the client.
+      let head;
+      for (let i = 0; ; i++) {
+        const [a, b] = await Promise.all(replicas.map((r) => r.model(kind, id)));
+        if (a.hash === b.hash) {
+          assert.deepEqual(a.state, b.state);
+          head = a;
+          break;
+        }
+        if (i > 300) throw new Error(`${kind}/${id}: the replicas did not meet`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await stream.synced((s) => s.hash === head.hash, 20000);
+      assert.equal(stream.hash, head.hash, `${kind}/${id}: the client is not at the head`);
+      assert.deepEqual(stream.state, head.state, `${kind}/${id}: the client's state is not the replicas'`);
+    }
+    for (const { kind, id, stream } of clients) {
+      assert.ok(stream.connections >= 3, `${kind}/${id}: a client that did not hop (${stream.connections} connections)`);
+    }
+    await Promise.all(clients.map((c) => c.stream.close()));
+  } finally {
+    for (const replica of replicas) await replica.stop();
+  }
+});
