@@ -75,6 +75,8 @@ export interface Change {
   hash: string | null;
   seq: number;
   version?: string;
+  /** The diff or patch just applied (as the server sent it). */
+  diff?: Json;
 }
 
 /** Why a connection ended, given to `onError`. */
@@ -187,8 +189,8 @@ export class ModelStream {
     for (const callback of this.statuses) callback(status);
   }
 
-  private changed(event: Change["event"]) {
-    const change = { event, state: this.state, hash: this.hash, seq: this.seq, version: this.version };
+  private changed(event: Change["event"], diff?: Json) {
+    const change = { event, state: this.state, hash: this.hash, seq: this.seq, version: this.version, diff };
     for (const callback of this.changes) callback(change);
   }
 
@@ -320,7 +322,7 @@ export class ModelStream {
         this.hash = body.to;
         this.seq = body.seq;
         this.version = body.version;
-        this.changed("patch");
+        this.changed("patch", body.diff);
         return "ok";
       case "diff":
         if (body.prev !== this.hash) return "resume";
@@ -336,7 +338,7 @@ export class ModelStream {
         this.hash = body.hash;
         this.seq = body.seq;
         this.version = body.version;
-        this.changed("diff");
+        this.changed("diff", body.diff);
         return "ok";
       case "synced":
         this.attempt = 0;

@@ -120,8 +120,8 @@ export class ModelStream {
         for (const callback of this.statuses)
             callback(status);
     }
-    changed(event) {
-        const change = { event, state: this.state, hash: this.hash, seq: this.seq, version: this.version };
+    changed(event, diff) {
+        const change = { event, state: this.state, hash: this.hash, seq: this.seq, version: this.version, diff };
         for (const callback of this.changes)
             callback(change);
     }
@@ -263,7 +263,7 @@ export class ModelStream {
                 this.hash = body.to;
                 this.seq = body.seq;
                 this.version = body.version;
-                this.changed("patch");
+                this.changed("patch", body.diff);
                 return "ok";
             case "diff":
                 if (body.prev !== this.hash)
@@ -280,7 +280,7 @@ export class ModelStream {
                 this.hash = body.hash;
                 this.seq = body.seq;
                 this.version = body.version;
-                this.changed("diff");
+                this.changed("diff", body.diff);
                 return "ok";
             case "synced":
                 this.attempt = 0;

@@ -141,7 +141,8 @@ async function follow(k, id) {
     $("version").textContent = change.version ? change.version.slice(0, 12) : "—";
     $("state").replaceChildren(change.state === undefined ? "—" : tree(change.state));
     $("state").className = "mono";
-    logLine(change.event, `seq ${change.seq} ${change.hash ? change.hash.slice(0, 12) : ""}`);
+    const diff = change.diff === undefined ? "" : ` ${JSON.stringify(change.diff).slice(0, 200)}`;
+    logLine(change.event, `seq ${change.seq} ${change.hash ? change.hash.slice(0, 12) : ""}${diff}`);
   });
 }
 
