@@ -202,9 +202,9 @@ async fn over_http11_a_browser_holds_six_streams_and_the_rest_wait() {
     drop(driver.send(json!({"expect": {}, "timeoutMs": 0})).await);
 }
 
-/// The inspector page the host serves, in Chromium: it follows a workflow run while diffs
-/// arrive and the server is SIGKILLed and started again on the same port; the state it
-/// shows ends equal to the server's. Its screenshot is kept in the target directory
+/// The inspector page the host serves, in Chromium: it follows a workflow run (through the
+/// client library's EventSource transport) while diffs arrive and the server is SIGKILLed
+/// and started again on the same port; the state it shows ends equal to the server's. Its screenshot is kept in the target directory
 /// (`statefold-artifacts/inspector.png`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inspector_follows_a_model_across_a_server_restart() {
@@ -266,6 +266,10 @@ async fn the_inspector_follows_a_model_across_a_server_restart() {
     assert_eq!(page.eval("document.getElementById('hash').textContent").await, server["hash"]);
     assert_eq!(page.eval("document.getElementById('seq').textContent").await, server["seq"].to_string());
     assert_eq!(page.eval("document.getElementById('status').textContent").await, "live");
+    // Without a token the page follows through the browser's EventSource, and it
+    // reconnected (from its hash) when the server came back.
+    assert_eq!(page.eval("window.inspected.options.transport").await, "eventsource");
+    assert!(page.eval("window.inspected.connections").await.as_u64().unwrap() >= 2);
     let shown_text = page.eval("document.getElementById('state').textContent").await;
     assert!(shown_text.as_str().unwrap().contains("\"succeeded\""), "the tree shows the state: {shown_text}");
 

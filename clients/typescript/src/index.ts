@@ -116,6 +116,12 @@ export interface ModelStreamOptions {
   onError?: (error: StreamError) => void | "stop" | Promise<void | "stop">;
   /** The fetch to use (default: the global one). */
   fetch?: typeof fetch;
+  /** `fetch` (the default; sends `headers`) or `eventsource`: the platform's EventSource,
+   * for browsers where the token travels in a cookie (no `headers`). Either way the stream
+   * reconnects itself, from the hash it holds. */
+  transport?: "fetch" | "eventsource";
+  /** With `eventsource`: send cookies to another origin (`withCredentials`). */
+  withCredentials?: boolean;
 }
 
 /**
@@ -145,6 +151,9 @@ export class ModelStream {
 
   constructor(private readonly options: ModelStreamOptions) {
     this.fold = options.fold ?? mergePatch;
+    if (options.transport === "eventsource" && options.headers) {
+      throw new Error("an EventSource sends no headers: use the fetch transport, or a cookie");
+    }
     this.fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
     if (options.since) {
       this.state = options.since.state;
@@ -205,7 +214,7 @@ export class ModelStream {
       this.setStatus("connecting");
       let error: StreamError | null;
       try {
-        error = await this.connect();
+        error = this.options.transport === "eventsource" ? await this.connectEventSource() : await this.connect();
       } catch (thrown) {
         error = thrown instanceof StreamError ? thrown : new StreamError("network", String(thrown));
       }
@@ -229,6 +238,44 @@ export class ModelStream {
     const { initialMs, maxMs = 30000, multiplier = 2 } = this.options.backoff ?? {};
     const base = Math.min(maxMs, (initialMs ?? this.retryMs ?? 1000) * multiplier ** this.attempt);
     return base * (0.5 + Math.random());
+  }
+
+  /** One connection through the platform's EventSource; as `connect`. */
+  private connectEventSource(): Promise<StreamError | null> {
+    return new Promise((resolve) => {
+      const source = new EventSource(this.url(), { withCredentials: this.options.withCredentials ?? false });
+      this.connections += 1;
+      this.abort = new AbortController();
+      let settled = false;
+      const finish = (outcome: StreamError | null) => {
+        if (settled) return;
+        settled = true;
+        source.close();
+        resolve(outcome);
+      };
+      this.abort.signal.addEventListener("abort", () => finish(null));
+      source.onopen = () => this.setStatus("catching-up");
+      // EventSource would reconnect by itself, from the last `id:`; the stream does, from
+      // the hash it holds (the same, unless a fold failed), with its own backoff.
+      source.onerror = () => finish(new StreamError("network", "the EventSource connection failed or ended"));
+      // Events are taken one at a time, in order (a fold may be asynchronous).
+      let queue = Promise.resolve();
+      for (const event of ["reset", "snapshot", "patch", "diff", "synced", "expired"]) {
+        source.addEventListener(event, (message) => {
+          const data = (message as MessageEvent<string>).data;
+          queue = queue.then(async () => {
+            if (settled) return;
+            const block = [`event: ${event}`, ...data.split("\n").map((line) => `data: ${line}`)].join("\n");
+            try {
+              const outcome = await this.take(block);
+              if (outcome !== "ok") finish(outcome === "resume" ? null : outcome);
+            } catch (thrown) {
+              finish(thrown instanceof StreamError ? thrown : new StreamError("network", String(thrown)));
+            }
+          });
+        });
+      }
+    });
   }
 
   /** One connection: null when it ended without an error (the server closed it, or the

@@ -132,7 +132,9 @@ async function follow(k, id) {
   $("model-name").textContent = `${k}/${id}`;
   $("log").replaceChildren();
   const fold = k === "document" ? mergePatch : serverFold({ baseUrl: base, headers });
-  stream = new ModelStream({ baseUrl: base, kind: k, id, headers, fold, onError: (e) => logLine("error", e.message) });
+  // Without a token, the browser's own EventSource; with one, fetch (it sends the header).
+  const transport = tokenInput.value ? { headers } : { transport: "eventsource" };
+  stream = new ModelStream({ baseUrl: base, kind: k, id, fold, ...transport, onError: (e) => logLine("error", e.message) });
   window.inspected = stream;
   stream.onStatus((status) => ($("status").textContent = status));
   stream.onChange((change) => {
