@@ -56,7 +56,7 @@ export function serverFold(options: {
   const base = options.baseUrl.replace(/\/$/, "");
   return {
     async apply(_state, _diff, at) {
-      const headers = typeof options.headers === "function" ? await options.headers() : options.headers;
+      const headers = await headersOf(options.headers);
       const path = `/v1/models/${encodeURIComponent(at.kind)}/${encodeURIComponent(at.id)}?at=${at.hash}`;
       const response = await fetchFn(`${base}${path}`, { headers });
       if (!response.ok) throw new Error(`GET ${path}: HTTP ${response.status}`);
@@ -281,7 +281,7 @@ export class ModelStream {
   /** One connection: null when it ended without an error (the server closed it, or the
    * chain broke and must resume from the held hash), else why it failed. */
   private async connect(): Promise<StreamError | null> {
-    const headers = typeof this.options.headers === "function" ? await this.options.headers() : this.options.headers;
+    const headers = await headersOf(this.options.headers);
     this.abort = new AbortController();
     this.connections += 1;
     const response = await this.fetch(this.url(), {
@@ -410,6 +410,11 @@ function blankLine(buffer: string): number {
   return match ? match.index : -1;
 }
 
+/** The headers a connection or request sends: given, or asked for now (a fresh token). */
+async function headersOf(headers: Headers | (() => Headers | Promise<Headers>) | undefined): Promise<Headers | undefined> {
+  return typeof headers === "function" ? headers() : headers;
+}
+
 function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
@@ -459,7 +464,7 @@ export function componentFold(options: ComponentFoldOptions): Fold {
   const resident = new Map<string, { version: string; hash: string; model: GuestModel }>();
   let reducerName: Promise<string> | undefined;
   const get = async (path: string) => {
-    const headers = typeof options.headers === "function" ? await options.headers() : options.headers;
+    const headers = await headersOf(options.headers);
     const response = await fetchFn(`${base}${path}`, { headers });
     if (!response.ok) throw new Error(`GET ${path}: HTTP ${response.status} ${await response.text()}`);
     return response;

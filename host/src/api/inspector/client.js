@@ -26,7 +26,7 @@ export function serverFold(options) {
     const base = options.baseUrl.replace(/\/$/, "");
     return {
         async apply(_state, _diff, at) {
-            const headers = typeof options.headers === "function" ? await options.headers() : options.headers;
+            const headers = await headersOf(options.headers);
             const path = `/v1/models/${encodeURIComponent(at.kind)}/${encodeURIComponent(at.id)}?at=${at.hash}`;
             const response = await fetchFn(`${base}${path}`, { headers });
             if (!response.ok)
@@ -209,7 +209,7 @@ export class ModelStream {
     /** One connection: null when it ended without an error (the server closed it, or the
      * chain broke and must resume from the held hash), else why it failed. */
     async connect() {
-        const headers = typeof this.options.headers === "function" ? await this.options.headers() : this.options.headers;
+        const headers = await headersOf(this.options.headers);
         this.abort = new AbortController();
         this.connections += 1;
         const response = await this.fetch(this.url(), {
@@ -348,6 +348,10 @@ function blankLine(buffer) {
     const match = /(\r\n|\n|\r)(\r\n|\n|\r)/.exec(buffer);
     return match ? match.index : -1;
 }
+/** The headers a connection or request sends: given, or asked for now (a fresh token). */
+async function headersOf(headers) {
+    return typeof headers === "function" ? headers() : headers;
+}
 function sleep(ms) {
     return new Promise((resolve) => setTimeout(resolve, ms));
 }
@@ -362,7 +366,7 @@ export function componentFold(options) {
     const resident = new Map();
     let reducerName;
     const get = async (path) => {
-        const headers = typeof options.headers === "function" ? await options.headers() : options.headers;
+        const headers = await headersOf(options.headers);
         const response = await fetchFn(`${base}${path}`, { headers });
         if (!response.ok)
             throw new Error(`GET ${path}: HTTP ${response.status} ${await response.text()}`);
