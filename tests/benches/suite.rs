@@ -699,8 +699,7 @@ async fn fan_out_run(clients: usize, diffs: usize, auth: bool) -> FanOut {
     let token = |grants: serde_json::Value| {
         let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("a clock").as_secs() + 3600;
         let claims = serde_json::json!({"sub": "bench", "aud": "statefold", "exp": exp, "grants": grants});
-        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).expect("a key");
-        format!("Bearer {}", jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("a token"))
+        format!("Bearer {}", statefold_tests::http::hs256_token(SECRET, &claims))
     };
     let dir = tempfile::tempdir().expect("temp dir");
     let mut args: Vec<String> = vec!["--kind".into(), "counter=counter.wasm".into()];

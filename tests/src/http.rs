@@ -155,6 +155,13 @@ pub fn self_signed() -> (String, String) {
     (cert.pem(), signing_key.serialize_pem())
 }
 
+/// An HS256 JWT over `claims`, signed with `secret`, as an issuer would mint it for a
+/// server whose `[auth]` has that `hs256_secret`.
+pub fn hs256_token(secret: &str, claims: &serde_json::Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).expect("an HS256 key");
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).expect("a token")
+}
+
 /// The certificate in a PEM file, for a client to trust.
 pub fn certificate(pem: &std::path::Path) -> reqwest::Certificate {
     let pem = std::fs::read(pem).expect("the certificate file");

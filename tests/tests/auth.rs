@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use statefold::config::{AuthConfig, CorsConfig, Limits};
-use statefold_tests::http::{SseStream, TestServer, example_config, json_of};
+use statefold_tests::http::{SseStream, TestServer, example_config, hs256_token, json_of};
 
 const SECRET: &str = "a development secret of 32+ bytes!";
 
@@ -17,9 +17,7 @@ fn now_s() -> i64 {
 }
 
 fn token(audience: &str, expires_in_s: i64, grants: Value) -> String {
-    let claims = json!({"sub": "tester", "aud": audience, "exp": now_s() + expires_in_s, "grants": grants});
-    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+    hs256_token(SECRET, &json!({"sub": "tester", "aud": audience, "exp": now_s() + expires_in_s, "grants": grants}))
 }
 
 const ALL: [&str; 6] = ["read", "subscribe", "create", "append", "deploy", "replay"];

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use statefold::config::{AuthConfig, CorsConfig, Limits};
-use statefold_tests::http::{TestServer, certificate, example_config, tls_in};
+use statefold_tests::http::{TestServer, certificate, example_config, hs256_token, tls_in};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
@@ -22,9 +22,7 @@ const SECRET: &str = "a development secret of 32+ bytes!";
 
 fn token(grants: Value) -> String {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-    let claims = json!({"sub": "browser-test", "aud": "statefold", "exp": now + 3600, "grants": grants});
-    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+    hs256_token(SECRET, &json!({"sub": "browser-test", "aud": "statefold", "exp": now + 3600, "grants": grants}))
 }
 
 /// The system Chromium (`apt-get install chromium`, which `./dev.sh test` does).
