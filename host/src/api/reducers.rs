@@ -71,10 +71,7 @@ pub(super) async fn list(State(app): State<Arc<App>>, caller: Caller) -> Result<
     let reducers = blocking(&app, move |app| {
         let mut out = Vec::new();
         // Only the reducers of kinds the token may read or deploy to.
-        let visible = |kinds: &[Arc<str>]| {
-            kinds.iter().any(|k| caller.may_kind(Action::Read, k) || caller.may_kind(Action::Deploy, k))
-        };
-        for (name, kinds) in app.reducer_names().iter().filter(|(_, kinds)| visible(kinds.as_slice())) {
+        for (name, kinds) in app.reducer_names().iter().filter(|(_, kinds)| sees(&caller, kinds)) {
             let versions = app.reducer_versions(name).map_err(deploy_error)?;
             let active = versions.into_iter().next().map(VersionBody::from);
             out.push(serde_json::json!({"name": name, "kinds": kinds.iter().map(|k| &**k).collect::<Vec<_>>(), "active": active}));
@@ -93,10 +90,7 @@ pub(super) async fn show(
 ) -> Result<Response, ApiError> {
     let (kinds, versions) = blocking(&app, move |app| {
         let versions = app.reducer_versions(&name).map_err(deploy_error)?;
-        let kinds = &app.reducer_names()[&name];
-        if !kinds.iter().any(|k| caller.may_kind(Action::Read, k) || caller.may_kind(Action::Deploy, k)) {
-            return Err(AppError::Forbidden(format!("the token grants no `read` or `deploy` on the kinds of {name}")));
-        }
+        allow_reducer(&caller, &name, &app.reducer_names()[&name])?;
         let kinds: Vec<String> = app.reducer_names()[&name].iter().map(|k| k.to_string()).collect();
         Ok((kinds, versions))
     })
@@ -114,11 +108,9 @@ pub(super) async fn module(
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let bytes = blocking(&app, move |app| {
-        let kinds = app.reducer_names().get(&name).cloned().unwrap_or_default();
-        if !kinds.is_empty()
-            && !kinds.iter().any(|k| caller.may_kind(Action::Read, k) || caller.may_kind(Action::Deploy, k))
-        {
-            return Err(AppError::Forbidden(format!("the token grants no `read` or `deploy` on the kinds of {name}")));
+        // An unknown reducer is answered 404 by the lookup.
+        if let Some(kinds) = app.reducer_names().get(&name) {
+            allow_reducer(&caller, &name, kinds)?;
         }
         app.reducer_module(&name, &version).map_err(deploy_error)
     })
@@ -127,6 +119,19 @@ pub(super) async fn module(
         if app.auth_on() { "private, max-age=31536000, immutable" } else { "public, max-age=31536000, immutable" };
     let headers = [(axum::http::header::CONTENT_TYPE, "application/wasm"), (axum::http::header::CACHE_CONTROL, cache)];
     Ok((headers, bytes).into_response())
+}
+
+/// Whether the token may see reducer versions of these kinds: `read` or `deploy` on one.
+fn sees(caller: &Caller, kinds: &[Arc<str>]) -> bool {
+    kinds.iter().any(|k| caller.may_kind(Action::Read, k) || caller.may_kind(Action::Deploy, k))
+}
+
+/// [`sees`], or 403 naming what is missing for reducer `name`.
+fn allow_reducer(caller: &Caller, name: &str, kinds: &[Arc<str>]) -> Result<(), AppError> {
+    if sees(caller, kinds) {
+        return Ok(());
+    }
+    Err(AppError::Forbidden(format!("the token grants no `read` or `deploy` on the kinds of {name}")))
 }
 
 #[derive(Deserialize)]
