@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chain::Hash;
 use crate::config::Limits;
+pub use crate::config::RouteMode;
 use crate::deploy::{DeployError, Deployed, Deployer, Prepared};
 use crate::fold::Versions;
 use crate::fold::{CatchUp, plan_catch_up};
@@ -21,10 +22,13 @@ use crate::hub::{Full, Hub, Subscription};
 use crate::metrics::{Gauges, Metrics};
 use crate::model::{
     Applied, CREATE_HEADER, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, Head, KindVersions,
-    ModelKey, ModuleHash, REPLAY_HEADER, Rejection, ReplayJob, SUBJECT_HEADER, VersionRecord,
+    ModelKey, ModuleHash, REPLAY_HEADER, Rejection, ReplayJob, SUBJECT_HEADER, VersionRecord, VersionStatus,
+    partition_of,
 };
 use crate::reducer::ReducerError;
 use crate::source::attest::Replicas;
+use crate::source::cluster::Cluster;
+pub use crate::source::cluster::{ClusterView, Route};
 use crate::source::{PartitionStatus, SourceStatus, WriteError, Writer};
 use crate::store::{HashAt, Reader, Store, StoreError, StoredRejection};
 
@@ -222,6 +226,8 @@ pub struct Log {
     pub read_only: bool,
     /// Compares this server's partition digests with the other replicas' (Kafka only).
     pub attestor: Option<Arc<crate::source::attest::Attestor>>,
+    /// Sharded mode: which server serves which partition.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// What the fold thread and the process share with the service.
@@ -250,6 +256,7 @@ pub struct App {
     /// Writes (creates, appends, deploys, replays) refused.
     read_only: bool,
     attestor: Option<Arc<crate::source::attest::Attestor>>,
+    cluster: Option<Arc<Cluster>>,
     /// The latest replay of each kind, running or finished.
     replays: Mutex<BTreeMap<String, ReplayJob>>,
     /// Bearer tokens (`None`: access control off).
@@ -265,7 +272,7 @@ impl App {
         process: Process,
         deployer: Arc<Deployer>,
     ) -> Result<App, StoreError> {
-        let Log { writer, source_name, source, read_only, attestor } = log;
+        let Log { writer, source_name, source, read_only, attestor, cluster } = log;
         let Process { committed, status, metrics } = process;
         let hub = Hub::new(limits.sse_queue_events_max, limits.sse_subscribers_max);
         let states = Mutex::new(StateCache::new(limits.state_cache_bytes_max));
@@ -296,8 +303,130 @@ impl App {
             read_only,
             replays,
             attestor,
+            cluster,
             auth: None,
         })
+    }
+
+    /// Where a request for `model` goes: here, unless sharded mode says another server
+    /// serves its partition (or none can yet).
+    pub fn route(&self, model: &ModelKey) -> Result<Route, AppError> {
+        let Some(cluster) = &self.cluster else { return Ok(Route::Local) };
+        let topic = &self.kind(&model.kind)?.topic;
+        match self.partition_count(topic) {
+            0 => Ok(Route::Unavailable(format!("the partitions of topic {topic:?} are not known yet"))),
+            count => Ok(cluster.route(topic, partition_of(model.id.as_bytes(), count))),
+        }
+    }
+
+    /// Whether the source reads (`topic`, `partition`) (every one, unless sharded).
+    fn folds(&self, topic: &str, partition: u32) -> bool {
+        self.source.partitions().iter().any(|((t, p), s)| t == topic && *p == partition && s.folding)
+    }
+
+    /// The partition count of `topic`, as the source last saw it (0: not yet).
+    fn partition_count(&self, topic: &str) -> u32 {
+        let partitions = self.source.partitions();
+        partitions.iter().filter(|((t, _), _)| t == topic).map(|((_, p), _)| p + 1).max().unwrap_or(0)
+    }
+
+    /// Sharded mode: whether a request for a model served elsewhere is redirected or
+    /// forwarded.
+    pub fn route_mode(&self) -> Option<RouteMode> {
+        self.cluster.as_ref().map(|c| c.mode())
+    }
+
+    /// Sharded mode: this server's name in the cluster.
+    pub fn member(&self) -> Option<&str> {
+        self.cluster.as_ref().map(|c| c.member())
+    }
+
+    /// Sharded mode: the cluster's map as this server sees it.
+    pub fn cluster(&self) -> Option<ClusterView> {
+        self.cluster.as_ref().map(|c| c.view())
+    }
+
+    /// Sharded mode: ticks when a route may have moved (`None`: not sharded).
+    pub fn route_changes(&self) -> Option<watch::Receiver<u64>> {
+        self.cluster.as_ref().map(|c| c.route_changes())
+    }
+
+    /// Sharded mode: writes a genesis deploy record (the kind's active version) to each
+    /// empty partition the group assigned to this server, so that every member folds a
+    /// partition from its first record with the same version, whatever file it was started
+    /// with. Waits for the first assignment; a partition that is not empty is left alone
+    /// (see the README).
+    pub async fn write_genesis(self: &Arc<App>) {
+        let Some(cluster) = &self.cluster else { return };
+        if self.read_only {
+            return;
+        }
+        let owned = loop {
+            if self.status.stop.is_cancelled() {
+                return;
+            }
+            let owned = cluster.owned();
+            if !owned.is_empty() {
+                break owned;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut kinds: Vec<&Kind> = self.kinds.values().collect();
+        kinds.sort_by(|a, b| a.name.cmp(&b.name));
+        for kind in kinds {
+            let count = loop {
+                if self.status.stop.is_cancelled() {
+                    return;
+                }
+                let ends: Vec<Option<u64>> = self
+                    .source
+                    .partitions()
+                    .into_iter()
+                    .filter(|((t, _), _)| *t == *kind.topic)
+                    .map(|(_, p)| p.end)
+                    .collect();
+                if !ends.is_empty() && ends.iter().all(Option::is_some) {
+                    break ends;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let app = self.clone();
+            let reducer = kind.reducer.clone();
+            let module = tokio::task::spawn_blocking(move || -> Result<Option<(ModuleHash, Vec<u8>)>, StoreError> {
+                let versions = app.store.read().versions(&reducer)?;
+                let Some(active) = versions.into_iter().find(|v| v.status == VersionStatus::Active) else {
+                    return Ok(None);
+                };
+                Ok(app.store.module(&active.id)?.map(|bytes| (active.id, bytes)))
+            })
+            .await;
+            let Ok(Ok(Some((version, module)))) = module else {
+                tracing::warn!(kind = %kind.name, "no active version to record as the genesis deploy");
+                continue;
+            };
+            let headers = vec![
+                (DEPLOY_HEADER.to_owned(), kind.reducer.as_bytes().to_vec()),
+                (DEPLOY_ORIGIN_HEADER.to_owned(), b"genesis".to_vec()),
+                (DEPLOY_PARTITIONS_HEADER.to_owned(), count.len().to_string().into_bytes()),
+            ];
+            for (partition, end) in count.iter().enumerate() {
+                if *end != Some(0) || !owned.contains(&(kind.topic.to_string(), partition as u32)) {
+                    continue;
+                }
+                let written = self
+                    .writer
+                    .append_to(&kind.topic, Some(partition as u32), kind.reducer.as_bytes(), &module, &headers)
+                    .await;
+                match written {
+                    Ok((_, offset)) => {
+                        tracing::info!(kind = %kind.name, partition, offset, %version, "genesis deploy record written")
+                    }
+                    Err(e) => {
+                        tracing::warn!(kind = %kind.name, partition, error = %e, "genesis deploy record not written")
+                    }
+                }
+            }
+        }
     }
 
     /// Access control with `auth` (`None`: off).
@@ -525,6 +654,10 @@ impl App {
         }
         let timeout = Duration::from_millis(self.limits.wait_applied_ms_max);
         for &(partition, offset) in &written {
+            // Sharded: the partitions folded here; the others' servers fold theirs.
+            if self.cluster.is_some() && !self.folds(topic, partition) {
+                continue;
+            }
             self.wait_stored(topic, partition, offset, timeout).await?;
         }
         Ok(written.len())
@@ -746,8 +879,29 @@ impl App {
 
     /// Models of a kind, after the id `after`.
     pub fn list(&self, kind: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, Head)>, AppError> {
-        self.kind(kind)?;
-        Ok(self.store.read().list(kind, after, limit.min(self.limits.list_page_max))?)
+        let topic = self.kind(kind)?.topic.clone();
+        let limit = limit.min(self.limits.list_page_max);
+        let Some(cluster) = &self.cluster else { return Ok(self.store.read().list(kind, after, limit)?) };
+        // Sharded: the models of the partitions served here (the store may also hold
+        // partitions folded here before, no longer up to date).
+        let count = self.partition_count(&topic);
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let served: Vec<bool> = (0..count).map(|p| cluster.route(&topic, p) == Route::Local).collect();
+        let reader = self.store.read();
+        let (mut out, mut cursor) = (Vec::new(), after.map(str::to_owned));
+        while out.len() < limit {
+            let page = reader.list(kind, cursor.as_deref(), limit)?;
+            let done = page.len() < limit;
+            cursor = page.last().map(|(id, _)| id.clone());
+            out.extend(page.into_iter().filter(|(id, _)| served[partition_of(id.as_bytes(), count) as usize]));
+            if done {
+                break;
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
     }
 
     /// Checks that a model can be created; returns its kind's topic.
@@ -764,7 +918,11 @@ impl App {
     /// Checks that a model exists; returns its kind's topic.
     pub fn check_append(&self, model: &ModelKey) -> Result<Arc<str>, AppError> {
         let kind = self.writable_kind(&model.kind)?;
-        self.store.read().head(model)?.ok_or_else(|| unknown(model))?;
+        // Sharded: a model served elsewhere is not in this store (or not up to date): the
+        // server that folds it checks it (an unknown model is a rejection there).
+        if self.route(model)? == Route::Local {
+            self.store.read().head(model)?.ok_or_else(|| unknown(model))?;
+        }
         Ok(kind.topic.clone())
     }
 

@@ -151,6 +151,17 @@ limits! {
     attest_interval_records: u64 = 1000;
     /// Digests kept per partition, this replica's and other replicas' not compared yet.
     attest_points_kept: usize = 1000;
+    /// Sharded mode: how often each server publishes what it folds to the cluster topic,
+    /// in milliseconds.
+    cluster_heartbeat_interval_ms: u64 = 500;
+    /// Sharded mode: a server not heard from for this long is taken for gone (its
+    /// partitions are served from a standby until the group reassigns them), in
+    /// milliseconds.
+    cluster_member_timeout_ms: u64 = 3000;
+    /// Sharded mode: the consumer group's session timeout (librdkafka `session.timeout.ms`):
+    /// how long after a server's last heartbeat the group reassigns its partitions, in
+    /// milliseconds.
+    cluster_session_timeout_ms: u64 = 10000;
 }
 
 impl Limits {
@@ -300,8 +311,61 @@ pub struct Config {
     /// HTTPS (HTTP/2 and HTTP/1.1): off unless configured, when the port serves plain HTTP.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Sharded mode (with `[kafka]`): fold only the partitions the group assigns, plus
+    /// standby copies; off unless configured, when every server folds every partition.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// `[cluster]`: sharded mode. The servers of one cluster share `[kafka] group_id`; the group
+/// assigns each partition to one of them (cooperative-sticky), `standbys` others fold it
+/// too, and a request for a model folded elsewhere is redirected (or proxied) there.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The base URL other servers send this server's clients to, e.g.
+    /// `https://statefold-1.internal:8443` (no path).
+    pub advertise_url: String,
+    /// How many servers besides the owner fold each partition (warm copies for failover).
+    #[serde(default = "default_standbys")]
+    pub standbys: usize,
+    /// The topic servers publish what they fold to, and read the others' from (create it
+    /// with one partition).
+    #[serde(default = "default_cluster_topic")]
+    pub topic: String,
+    /// What a server does with a read, a stream or a waiting write for a model folded
+    /// elsewhere: answer 307 to the owner, or forward the request there and relay the answer.
+    #[serde(default)]
+    pub route: RouteMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteMode {
+    #[default]
+    Redirect,
+    Proxy,
+}
+
+fn default_standbys() -> usize {
+    1
+}
+
+pub fn default_cluster_topic() -> String {
+    "statefold-cluster".into()
+}
+
+impl ClusterConfig {
+    pub fn new(advertise_url: &str) -> ClusterConfig {
+        ClusterConfig {
+            advertise_url: advertise_url.trim_end_matches('/').to_owned(),
+            standbys: default_standbys(),
+            topic: default_cluster_topic(),
+            route: RouteMode::default(),
+        }
+    }
 }
 
 /// `[tls]`: serve HTTPS, HTTP/2 or HTTP/1.1 as the client's ALPN asks (a browser follows
@@ -464,6 +528,7 @@ impl Default for Config {
             auth: None,
             cors: None,
             tls: None,
+            cluster: None,
             limits: Limits::default(),
         }
     }
@@ -534,6 +599,32 @@ impl Config {
             }
             if kafka.group_id.is_empty() {
                 return Err("kafka.group_id is empty".into());
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            if self.kafka.is_none() {
+                return Err("[cluster] needs [kafka]: servers share partitions of Kafka topics".into());
+            }
+            let url = &cluster.advertise_url;
+            let scheme = url.starts_with("http://") || url.starts_with("https://");
+            let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+            if !scheme
+                || rest.is_empty()
+                || rest.contains(['/', '?', '#'])
+                || !url.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(format!(
+                    "[cluster] advertise_url {url:?}: expected a base URL like https://statefold-1.internal:8443 (no path)"
+                ));
+            }
+            if cluster.topic.is_empty() {
+                return Err("[cluster] topic is empty".into());
+            }
+            let limits = &self.limits;
+            if limits.cluster_heartbeat_interval_ms == 0
+                || limits.cluster_member_timeout_ms <= limits.cluster_heartbeat_interval_ms
+            {
+                return Err("cluster_member_timeout_ms must be longer than cluster_heartbeat_interval_ms (> 0)".into());
             }
         }
         let mut names = std::collections::HashSet::new();

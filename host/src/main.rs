@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use statefold::config::{Config, KafkaConfig, KindConfig, LimitFlags};
+use statefold::config::{ClusterConfig, Config, KafkaConfig, KindConfig, LimitFlags};
 use statefold::reducer::{Checkpoints, MemoryCheckpoints, Runtime, WIT_VERSION};
 
 /// Statefold folds streams of diffs into live per-model state with reducers compiled to
@@ -117,6 +117,22 @@ struct ServeArgs {
     /// `read_only` (sets `read_only = true`).
     #[arg(long)]
     read_only: bool,
+    /// Sharded mode: the base URL other servers redirect this server's clients to, e.g.
+    /// https://statefold-1.internal:8443 (sets [cluster] advertise_url; needs Kafka).
+    #[arg(long, value_name = "URL")]
+    cluster_url: Option<String>,
+    /// Sharded mode: how many servers besides the owner fold each partition ([cluster]
+    /// standbys; default 1).
+    #[arg(long, value_name = "N")]
+    cluster_standbys: Option<usize>,
+    /// Sharded mode: answer a request for a model folded elsewhere with a 307 to its owner,
+    /// or forward it there ([cluster] route; default redirect).
+    #[arg(long, value_name = "MODE")]
+    cluster_route: Option<statefold::config::RouteMode>,
+    /// Sharded mode: the topic servers publish what they fold to ([cluster] topic; default
+    /// statefold-cluster).
+    #[arg(long, value_name = "TOPIC")]
+    cluster_topic: Option<String>,
     #[command(flatten)]
     limits: LimitFlags,
 }
@@ -240,6 +256,26 @@ fn config_of(args: ServeArgs) -> anyhow::Result<Config> {
         for flag in &args.kafka_properties {
             let (key, value) = KafkaConfig::parse_property(flag).map_err(anyhow::Error::msg)?;
             kafka.properties.insert(key, value);
+        }
+    }
+    if let Some(url) = args.cluster_url {
+        config.cluster.get_or_insert_with(|| ClusterConfig::new("")).advertise_url =
+            url.trim_end_matches('/').to_owned();
+    }
+    if args.cluster_standbys.is_some() || args.cluster_route.is_some() || args.cluster_topic.is_some() {
+        let cluster = config.cluster.as_mut().ok_or_else(|| {
+            anyhow::anyhow!(
+                "--cluster-standbys, --cluster-route and --cluster-topic need sharded mode ([cluster] or --cluster-url)"
+            )
+        })?;
+        if let Some(standbys) = args.cluster_standbys {
+            cluster.standbys = standbys;
+        }
+        if let Some(route) = args.cluster_route {
+            cluster.route = route;
+        }
+        if let Some(topic) = args.cluster_topic {
+            cluster.topic = topic;
         }
     }
     config.read_only |= args.read_only;

@@ -488,6 +488,9 @@ pub struct DeployFolded {
     pub declared: (String, String),
     pub partition: u32,
     pub offset: u64,
+    /// The record's timestamp: of two deploys folded out of order (a partition folded from
+    /// further back than the others), the later one stays active.
+    pub timestamp_ms: Option<i64>,
     /// The module (stored: later diffs name the version).
     pub module: Bytes,
 }

@@ -28,6 +28,7 @@ use crate::model::ModuleHash;
 use crate::model::{VersionRecord, VersionStatus};
 use crate::reducer::{Natives, Reducer, Runtime};
 use crate::source::attest::{Attestor, Digests};
+use crate::source::cluster::Cluster;
 use crate::source::{EmbeddedLog, KafkaSource, KafkaWriter, Source, SourceStatus, Writer};
 use crate::store::{Store, StoreOptions};
 use crate::watch as reducer_watch;
@@ -48,12 +49,13 @@ struct Threads {
     fold: std::thread::JoinHandle<()>,
     watcher: std::thread::JoinHandle<()>,
     attest: Option<std::thread::JoinHandle<()>>,
+    cluster: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Threads {
     /// Waits for all of them (a panic in any is already reported by the panic hook).
     fn join(self) {
-        let _ = (self.fold.join(), self.watcher.join(), self.attest.map(|a| a.join()));
+        let _ = (self.fold.join(), self.watcher.join(), self.attest.map(|a| a.join()), self.cluster.map(|c| c.join()));
     }
 }
 
@@ -176,10 +178,30 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
 
     let topics: Vec<String> = config.kinds.iter().map(|k| k.topic().to_owned()).collect();
     let source_status = Arc::new(SourceStatus::default());
+    let status = Arc::new(Status::default());
+    let stop = status.stop.clone();
+    let mut cluster = None;
     let (source, writer): (Box<dyn Source>, Writer) = match &config.kafka {
         Some(kafka) => {
             let writer = KafkaWriter::new(kafka, &limits, source_status.clone()).map_err(anyhow::Error::msg)?;
-            let source = KafkaSource::start(kafka, &limits, store.clone(), topics, source_status.clone())?;
+            let source = KafkaSource::start(kafka, &limits, store.clone(), topics.clone(), source_status.clone())?;
+            let source = match &config.cluster {
+                Some(cluster_config) => {
+                    let member = crate::source::attest::server_id(&config.data_dir)?;
+                    let (joined, thread) = Cluster::start(
+                        cluster_config,
+                        kafka,
+                        &limits,
+                        member,
+                        topics,
+                        source_status.clone(),
+                        stop.clone(),
+                    )?;
+                    cluster = Some((joined.clone(), thread));
+                    source.sharded(joined)
+                }
+                None => source,
+            };
             (Box::new(source), Writer::Kafka(Arc::new(writer)))
         }
         None => {
@@ -199,7 +221,7 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         Engine::new(specs, limits.fold(), Versions::new(registry.clone(), limits.reducer_versions_resident_max));
     let deployer = Arc::new(Deployer::new(registry, names, limits.deploy()));
     let (committed_tx, committed_rx) = watch::channel(0u64);
-    let status = Arc::new(Status::default());
+    let (cluster, cluster_thread) = cluster.unzip();
     let (attestor, attest_thread) = match &config.kafka {
         Some(kafka) => {
             let compared = metrics.replica_digests_compared.clone();
@@ -213,6 +235,7 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         source: source_status,
         read_only: config.read_only,
         attestor: attestor.clone(),
+        cluster,
     };
     let auth = match &config.auth {
         Some(auth) => Some(Auth::new(auth)?),
@@ -257,7 +280,11 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let server = serve(listener, router, &config, tls, stop);
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     tracing::info!(%addr, scheme, "serving");
-    let threads = Threads { fold, watcher, attest: attest_thread };
+    let threads = Threads { fold, watcher, attest: attest_thread, cluster: cluster_thread };
+    tokio::spawn({
+        let app = app.clone();
+        async move { app.write_genesis().await }
+    });
     Ok(Running { addr, url, app, server, threads, writer })
 }
 
@@ -366,7 +393,7 @@ fn active_version(registry: &Registry, name: &str, path: &Path) -> anyhow::Resul
         id: reducer.id(),
         status: VersionStatus::Active,
         refusal: None,
-        origin: "startup".into(),
+        origin: crate::deploy::STARTUP_ORIGIN.into(),
         subject: None,
         declared: Some((info.name.clone(), info.version.clone())),
         bytes: bytes.len() as u64,

@@ -8,10 +8,12 @@
 //! and the same diffs received live); 5. produce → SSE latency (beside a consume-only
 //! reader); 6. fan-out to 10,000 SSE clients (a `statefold serve` process, its memory;
 //! beside the same with `[auth]` on);
-//! 7. recovery (beside opening RocksDB). Numbers given as arguments pick cases. Under
+//! 7. recovery (beside opening RocksDB); 8. sharded mode: a partition's takeover from a
+//! standby and from nothing, and memory and disk per server with 1, 2 and 3 servers (`statefold
+//! serve` processes on Tansu). Numbers given as arguments pick cases. Under
 //! `cargo test` it smoke-runs with 1/100 of the data.
 //!
-//! Servers run in-process except for fan-out. Embedded logs are written straight into the
+//! Servers run in-process except for fan-out and sharded mode. Embedded logs are written straight into the
 //! store before a server starts (not measured).
 
 use std::sync::Arc;
@@ -72,6 +74,9 @@ async fn main() {
     }
     if wanted(7) {
         recovery(&mut rows).await;
+    }
+    if wanted(8) {
+        sharded(&mut rows).await;
     }
     println!();
     println!("statefold benchmark suite ({} cores, {} rounds per figure)", cores(), rounds(5));
@@ -711,14 +716,7 @@ async fn fan_out_run(clients: usize, diffs: usize, auth: bool) -> FanOut {
     }
     let serve = statefold_tests::process::Serve::spawn(dir.path(), &args);
     let url = serve.url.clone();
-    let rss = {
-        let status = format!("/proc/{}/status", serve.child.id());
-        move || -> u64 {
-            let text = std::fs::read_to_string(&status).unwrap_or_default();
-            let kb = text.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
-            kb.and_then(|kb| kb.parse::<u64>().ok()).unwrap_or(0) * 1024
-        }
-    };
+    let rss = || serve.rss_bytes();
     let admin = token(serde_json::json!([{"actions": ["admin"], "models": "*"}]));
     let reader = token(serde_json::json!([{"actions": ["subscribe"], "models": "counter/hot*"}]));
     let http = reqwest::Client::new();
@@ -806,4 +804,218 @@ async fn fan_out_run(clients: usize, diffs: usize, auth: bool) -> FanOut {
 
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Sharded mode (8): how long after its owner is SIGKILLed a partition holding `models`
+/// models is served again, from a warm standby and from nothing (no standbys: the next
+/// owner folds it from the log); then resident memory and disk per server with 1, 2 and 3
+/// servers (no standbys) folding the same 6 partitions.
+async fn sharded(rows: &mut Vec<Row>) {
+    use statefold::model::partition_of;
+    use statefold_tests::process::Serve;
+
+    let models = scaled(100_000);
+    let broker = statefold_tests::broker::Broker::start();
+    broker.create_topic("counter", 2);
+    broker.create_topic("statefold-cluster", 1);
+    broker.create_topic("statefold-attestations", 1);
+    // Every model on partition 0: the partition that moves.
+    let ids: Vec<String> =
+        (0..).map(|i| format!("m{i}")).filter(|id| partition_of(id.as_bytes(), 2) == 0).take(models).collect();
+    let start = Instant::now();
+    produce_creates(&broker, "counter", &ids);
+    eprintln!("  produced {models} creates in {:.2?}", start.elapsed());
+    let probe = ids.last().expect("a model").clone();
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("a client");
+    // Until `url` serves the probe itself (200: not a 307 elsewhere, not a 503).
+    let served_by = |url: String| {
+        let (http, probe) = (http.clone(), probe.clone());
+        async move {
+            loop {
+                let response = http.get(format!("{url}/v1/models/counter/{probe}")).send().await;
+                if response.is_ok_and(|r| r.status() == 200) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let owner_of_0 = |url: String| {
+        let http = http.clone();
+        async move {
+            loop {
+                let view: serde_json::Value = match http.get(format!("{url}/v1/cluster")).send().await {
+                    Ok(r) => r.json().await.unwrap_or_default(),
+                    Err(_) => serde_json::Value::Null,
+                };
+                let owner = view["partitions"][0]["owner"].as_str().map(str::to_owned);
+                let url_of = |m: &str| {
+                    view["members"].as_array()?.iter().find(|x| x["member"] == m)?["url"].as_str().map(str::to_owned)
+                };
+                let folders = view["partitions"][0]["folders"]
+                    .as_array()
+                    .map_or(0, |f| f.iter().filter(|f| f["ready"] == true).count());
+                if let Some(owner) = owner
+                    && view["partitions"][0]["serves"] == owner.as_str()
+                    && folders > view["standbys"].as_u64().unwrap_or(0) as usize
+                    && let Some(owner_url) = url_of(&owner)
+                {
+                    return owner_url;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    // From a standby: two servers, each folding both partitions (one owns, one stands by).
+    let (mut from_standby, mut from_nothing) = (Vec::new(), Vec::new());
+    for _ in 0..rounds(2) {
+        let dirs = [tempfile::tempdir().expect("a dir"), tempfile::tempdir().expect("a dir")];
+        let mut servers: Vec<Serve> =
+            dirs.iter().map(|d| Serve::sharded(d.path(), &broker.brokers(), 1, &[])).collect();
+        let owner =
+            tokio::time::timeout(Duration::from_secs(600), owner_of_0(servers[0].url.clone())).await.expect("settled");
+        let (dead, alive) = if servers[0].url == owner { (0, 1) } else { (1, 0) };
+        let before = http.get(format!("{}/v1/models/counter/{probe}", servers[alive].url)).send().await;
+        assert_eq!(before.expect("the standby answers").status(), 307, "the standby redirects while the owner lives");
+        let start = Instant::now();
+        servers[dead].signal("KILL");
+        tokio::time::timeout(Duration::from_secs(600), served_by(servers[alive].url.clone()))
+            .await
+            .expect("taken over");
+        from_standby.push(start.elapsed());
+        eprintln!("  from a standby: {:.2?}", start.elapsed());
+        drop(servers);
+    }
+    // From nothing: one server owns both partitions, no standby; it is SIGKILLed and a
+    // server with an empty store joins: the group gives it the partitions once the dead
+    // one's session times out, and it folds partition 0 from the log's start.
+    for _ in 0..rounds(2) {
+        let dirs = [tempfile::tempdir().expect("a dir"), tempfile::tempdir().expect("a dir")];
+        let mut first = Serve::sharded(dirs[0].path(), &broker.brokers(), 0, &[]);
+        tokio::time::timeout(Duration::from_secs(600), served_by(first.url.clone())).await.expect("served");
+        let start = Instant::now();
+        first.signal("KILL");
+        let second = Serve::sharded(dirs[1].path(), &broker.brokers(), 0, &[]);
+        tokio::time::timeout(Duration::from_secs(600), served_by(second.url.clone())).await.expect("taken over");
+        from_nothing.push(start.elapsed());
+        eprintln!("  from nothing: {:.2?}", start.elapsed());
+    }
+    rows.push(Row {
+        name: format!("8. sharded: takeover of a partition of {models} models, from a standby"),
+        value: format!("{:.2?}", median(from_standby)),
+        beside: "cluster_member_timeout_ms 1500 + heartbeat 200".into(),
+    });
+    rows.push(Row {
+        name: format!("8. sharded: takeover of a partition of {models} models, from nothing"),
+        value: format!("{:.2?}", median(from_nothing)),
+        beside: "cluster_session_timeout_ms 6000, then the fold of the partition from the log".into(),
+    });
+
+    drop(broker);
+
+    // Memory and disk: the same 6 partitions folded by 1, 2 and 3 servers, no standbys (a
+    // broker of their own: its `counter` topic has 6 partitions).
+    let spread = scaled(60_000);
+    let broker = statefold_tests::broker::Broker::start();
+    broker.create_topic("counter", 6);
+    broker.create_topic("statefold-cluster", 1);
+    broker.create_topic("statefold-attestations", 1);
+    let spread_ids: Vec<String> = (0..spread).map(|i| format!("s{i}")).collect();
+    produce_creates(&broker, "counter", &spread_ids);
+    let mut figures = Vec::new();
+    for n in 1..=3usize {
+        let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().expect("a dir")).collect();
+        let group = format!("statefold-{n}");
+        let extra = ["--kafka-group-id", &group];
+        let servers: Vec<Serve> = dirs.iter().map(|d| Serve::sharded(d.path(), &broker.brokers(), 0, &extra)).collect();
+        // Settled: every partition of `spread` owned, served, and folded by its owner only.
+        let deadline = Instant::now() + Duration::from_secs(1200);
+        loop {
+            let client = reqwest::Client::new();
+            let view: serde_json::Value = match client.get(format!("{}/v1/cluster", servers[0].url)).send().await {
+                Ok(r) => r.json().await.unwrap_or_default(),
+                Err(_) => serde_json::Value::Null,
+            };
+            let spread_parts: Vec<&serde_json::Value> =
+                view["partitions"].as_array().map(|p| p.iter().collect()).unwrap_or_default();
+            let done = view["members"].as_array().map(Vec::len) == Some(n)
+                && spread_parts.len() == 6
+                && spread_parts.iter().all(|p| {
+                    !p["owner"].is_null()
+                        && p["serves"] == p["owner"]
+                        && p["folders"].as_array().is_some_and(|f| f.len() == 1 && f[0]["lag"] == 0)
+                });
+            if done {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{n} servers never settled: {view}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rss: u64 = servers.iter().map(Serve::rss_bytes).sum::<u64>() / n as u64;
+        let disk: u64 = dirs.iter().map(|d| dir_bytes(&d.path().join("data/db"))).sum::<u64>() / n as u64;
+        eprintln!("  {n} server(s): {:.1} MiB resident, {:.1} MiB on disk, each", mib(rss), mib(disk));
+        figures.push((n, rss, disk));
+        drop(servers);
+    }
+    for (n, rss, disk) in &figures {
+        let (one_rss, one_disk) = (figures[0].1 as f64, figures[0].2 as f64);
+        rows.push(Row {
+            name: format!("8. sharded: {spread} models in 6 partitions, {n} server(s), each"),
+            value: format!("{:.1} MiB RSS", mib(*rss)),
+            beside: format!(
+                "disk {:.1} MiB; vs 1 server: memory {:.2}x, disk {:.2}x",
+                mib(*disk),
+                *rss as f64 / one_rss,
+                *disk as f64 / one_disk
+            ),
+        });
+    }
+}
+
+/// Produces a create record for each id to `topic` (the Java client's partitioner) and
+/// waits for every one.
+fn produce_creates(broker: &statefold_tests::broker::Broker, topic: &str, ids: &[String]) {
+    use rdkafka::producer::{BaseRecord, Producer};
+    let producer = broker.producer();
+    for (n, id) in ids.iter().enumerate() {
+        if n % 100_000 == 99_999 {
+            producer.flush(Duration::from_secs(600)).expect("delivered");
+        }
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header { key: CREATE_HEADER, value: Some(&[][..]) });
+        let mut record = BaseRecord::<[u8], [u8]>::to(topic).key(id.as_bytes()).payload(&[][..]).headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    r,
+                )) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => panic!("produce: {e}"),
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(600)).expect("delivered");
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+/// The bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    })
 }

@@ -26,6 +26,7 @@ pub fn example_config(data_dir: &std::path::Path, limits: Limits) -> Config {
         auth: None,
         cors: None,
         tls: None,
+        cluster: None,
         limits,
     }
 }
@@ -234,6 +235,8 @@ impl Follower {
                 self.seq += 1;
             }
             "synced" => assert_eq!(data["hash"].as_str(), self.hash.as_deref(), "{who}: synced at another hash"),
+            // Sharded mode: the model is served elsewhere now; the stream ends here.
+            "moved" => {}
             other => panic!("{who}: unexpected event {other}: {}", event.data),
         }
     }

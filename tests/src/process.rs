@@ -41,6 +41,48 @@ impl Serve {
         Serve::spawn_args(dir, &all)
     }
 
+    /// `statefold serve` in sharded mode on the counter kind (`--kind counter=counter.wasm`),
+    /// folding from `brokers` with `standbys`, advertising its own URL (on a port free when
+    /// it starts: it must know it before it listens), heartbeats every 200 ms, a member gone
+    /// after 1.5 s, the group's session 6 s; then `extra`.
+    pub fn sharded(dir: &Path, brokers: &str, standbys: usize, extra: &[&str]) -> Serve {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let reducers = crate::wasm("counter").parent().expect("the reducers' directory").to_owned();
+        let (listen, url) = (format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{port}"));
+        let (data, reducers, standbys) =
+            (dir.join("data").display().to_string(), reducers.display().to_string(), standbys.to_string());
+        let mut args: Vec<String> = [
+            "--listen",
+            &listen,
+            "--data-dir",
+            &data,
+            "--reducers-dir",
+            &reducers,
+            "--kind",
+            "counter=counter.wasm",
+            "--kafka-brokers",
+            brokers,
+            "--kafka-fetch-wait-ms",
+            "10",
+            "--kafka-check-interval-ms",
+            "200",
+            "--cluster-url",
+            &url,
+            "--cluster-standbys",
+            &standbys,
+            "--cluster-heartbeat-interval-ms",
+            "200",
+            "--cluster-member-timeout-ms",
+            "1500",
+            "--cluster-session-timeout-ms",
+            "6000",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Serve::spawn_args(dir, &args)
+    }
+
     /// `statefold serve ARGS` (which must make it listen on a port of its choosing), its
     /// stderr in a file under `dir`; returns once it has printed its address.
     pub fn spawn_args(dir: &Path, args: &[String]) -> Serve {
@@ -96,6 +138,13 @@ impl Serve {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("not ready in 10 s");
+    }
+
+    /// The process's resident memory (VmRSS), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let kb = text.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
+        kb.and_then(|kb| kb.parse::<u64>().ok()).unwrap_or(0) * 1024
     }
 
     pub fn signal(&mut self, signal: &str) {

@@ -55,6 +55,7 @@ fn config(data: &Path, reducers: &Path) -> Config {
         auth: None,
         cors: None,
         tls: None,
+        cluster: None,
         limits: Limits {
             reducer_watch_interval_ms: 100,
             reducer_resident_models_max: 100,

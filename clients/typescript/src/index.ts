@@ -260,7 +260,7 @@ export class ModelStream {
       source.onerror = () => finish(new StreamError("network", "the EventSource connection failed or ended"));
       // Events are taken one at a time, in order (a fold may be asynchronous).
       let queue = Promise.resolve();
-      for (const event of ["reset", "snapshot", "patch", "diff", "synced", "expired"]) {
+      for (const event of ["reset", "snapshot", "patch", "diff", "synced", "expired", "moved"]) {
         source.addEventListener(event, (message) => {
           const data = (message as MessageEvent<string>).data;
           queue = queue.then(async () => {
@@ -393,6 +393,10 @@ export class ModelStream {
         return "ok";
       case "expired":
         return new StreamError("expired", body.reason ?? "the token expired");
+      case "moved":
+        // Sharded servers: a rebalance moved the model; reconnect at once (the server
+        // redirects to where it is served now), from the hash held.
+        return "resume";
       default:
         return "ok";
     }

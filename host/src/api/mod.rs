@@ -3,6 +3,7 @@
 
 mod access;
 mod reducers;
+mod route;
 mod sse;
 
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -61,6 +62,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
+        .route("/v1/cluster", get(cluster))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // One more byte than a diff may have, so that the handler sees "too large" itself.
@@ -77,11 +79,13 @@ pub struct ApiError {
     message: String,
     /// `WWW-Authenticate` of a 401.
     challenge: Option<String>,
+    /// `Retry-After` of a 503 that passes soon, in seconds.
+    retry_after_s: Option<u64>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), challenge: None }
+        ApiError { status, code, message: message.into(), challenge: None, retry_after_s: None }
     }
 
     fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -95,6 +99,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, Json(body)).into_response();
         if let Some(challenge) = self.challenge.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        if let Some(seconds) = self.retry_after_s {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -252,6 +259,9 @@ async fn create(
     State(app): State<Arc<App>>,
     caller: Caller,
     Path(kind): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(&app, body)?;
@@ -260,8 +270,17 @@ async fn create(
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("malformed_json", format!("body: {e}")))?
     };
-    let id = request.id.unwrap_or_else(new_id);
+    let id = match request.id {
+        Some(id) => id,
+        None => local_id(&app, &kind)?,
+    };
     allow(&caller, Action::Create, &kind, Some(&id))?;
+    // Sharded: created where it is folded (the answer waits for the fold).
+    let model = ModelKey::new(&kind, &id);
+    let incoming = route::Incoming { method: &method, uri: &uri, headers: &headers, body: Some(body.clone()) };
+    if let Some(response) = route::elsewhere(&app, &model, incoming).await? {
+        return Ok(response);
+    }
     let topic = {
         let (kind, id) = (kind.clone(), id.clone());
         blocking(&app, move |app| app.check_create(&kind, &id)).await?
@@ -279,6 +298,22 @@ fn new_id() -> String {
     let bytes: [u8; 16] = rand::rng().random();
     hex::encode(bytes)
 }
+
+/// A new id; sharded, one on a partition this server serves when it serves any of `kind`'s
+/// (else any: the request then goes to a server that does, which picks its own).
+fn local_id(app: &App, kind: &str) -> Result<String, ApiError> {
+    for _ in 0..LOCAL_ID_TRIES {
+        let id = new_id();
+        if app.route(&ModelKey::new(kind, &id))? == crate::app::Route::Local {
+            return Ok(id);
+        }
+    }
+    Ok(new_id())
+}
+
+/// Ids drawn to find one served here: with 1 partition of 64 served, 1 - (63/64)^256 of
+/// creates land here (98%).
+const LOCAL_ID_TRIES: usize = 256;
 
 fn body_bytes(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     let too_large = || {
@@ -302,11 +337,15 @@ struct AppendQuery {
     wait: Option<String>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn append(
     State(app): State<Arc<App>>,
     caller: Caller,
     Path((kind, id)): Path<(String, String)>,
     query: Result<Query<AppendQuery>, QueryRejection>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::Append, &kind, Some(&id))?;
@@ -322,6 +361,14 @@ async fn append(
     let body = body_bytes(&app, body)?;
     raw_json(&body, "the diff")?;
     let model = ModelKey::new(&kind, &id);
+    if wait {
+        // Sharded: a waiting append goes where the model is folded; one that does not wait
+        // is written through any server.
+        let incoming = route::Incoming { method: &method, uri: &uri, headers: &headers, body: Some(body.clone()) };
+        if let Some(response) = route::elsewhere(&app, &model, incoming).await? {
+            return Ok(response);
+        }
+    }
     let topic = {
         // A model created through another replica may not be folded here yet.
         let model = model.clone();
@@ -364,10 +411,15 @@ async fn state(
     caller: Caller,
     Path((kind, id)): Path<(String, String)>,
     query: Result<Query<StateQuery>, QueryRejection>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::Read, &kind, Some(&id))?;
     let Query(query) = query?;
+    let incoming = route::Incoming { method: &Method::GET, uri: &uri, headers: &headers, body: None };
+    if let Some(response) = route::elsewhere(&app, &ModelKey::new(&kind, &id), incoming).await? {
+        return Ok(response);
+    }
     let at = query.at.as_deref().map(parse_hash).transpose()?;
     if let Some(position) = query.folded.as_deref() {
         let (partition, offset) = parse_position(position, "folded")?;
@@ -484,12 +536,18 @@ async fn missing(
     caller: Caller,
     Path((kind, id)): Path<(String, String)>,
     query: Result<Query<MissingQuery>, QueryRejection>,
+    uri: Uri,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::Read, &kind, Some(&id))?;
     let Query(query) = query?;
     let since = query.since.as_deref().ok_or_else(|| ApiError::bad_request("bad_query", "since=<hash> is required"))?;
     let since = parse_hash(since)?;
     let model = ModelKey::new(&kind, &id);
+    let incoming = route::Incoming { method: &Method::GET, uri: &uri, headers: &headers, body: None };
+    if let Some(response) = route::elsewhere(&app, &model, incoming).await? {
+        return Ok(response);
+    }
     let plan = plan_patiently(&app, model, Some(since)).await?;
     Ok(Json(PlanBody::from(&plan)).into_response())
 }
@@ -617,6 +675,20 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     body["ready"] = false.into();
     body["error"] = error;
     (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+/// `GET /v1/cluster`: sharded mode's map as this server sees it (404 `not_sharded`
+/// otherwise).
+async fn cluster(State(app): State<Arc<App>>, caller: Caller) -> Result<Response, ApiError> {
+    allow_admin(&caller)?;
+    match app.cluster() {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_sharded",
+            "this server folds every partition: there is no cluster map ([cluster] turns sharded mode on)",
+        )),
+    }
 }
 
 async fn metrics(State(app): State<Arc<App>>, caller: Caller) -> Result<Response, ApiError> {

@@ -30,11 +30,15 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::{ApiError, DiffBody, parse_hash, stored_json};
+use crate::app::Route;
 use crate::app::{App, Plan};
 use crate::auth::{Action, Caller};
 use crate::chain::Hash;
 use crate::hub::{Live, LiveDiff, Subscription};
 use crate::model::ModelKey;
+
+/// The reconnection delay a `moved` event asks for (its `retry:` field): at once, nearly.
+const MOVED_RETRY_MS: u64 = 100;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,10 +51,16 @@ pub(super) async fn events(
     caller: Caller,
     Path((kind, id)): Path<(String, String)>,
     query: Result<Query<EventsQuery>, QueryRejection>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     super::access::allow(&caller, Action::Subscribe, &kind, Some(&id))?;
     let Query(query) = query?;
+    let incoming =
+        super::route::Incoming { method: &axum::http::Method::GET, uri: &uri, headers: &headers, body: None };
+    if let Some(response) = super::route::elsewhere(&app, &ModelKey::new(&kind, &id), incoming).await? {
+        return Ok(response);
+    }
     // `Last-Event-ID` (what a browser's EventSource sends on reconnect) overrides `since`.
     let last_event_id = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("<not text>").to_owned());
     let since = last_event_id.or(query.since).filter(|s| !s.is_empty()).as_deref().map(parse_hash).transpose()?;
@@ -95,7 +105,22 @@ struct Feed {
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
     /// When the caller's token expires: the stream then ends with an `expired` event.
     expires: Option<Pin<Box<Sleep>>>,
+    /// Sharded mode: route changes; the stream ends with a `moved` event when its model is
+    /// no longer served here.
+    routes: Option<tokio::sync::watch::Receiver<u64>>,
     over: bool,
+}
+
+/// Waits for a route change (forever when not sharded).
+async fn route_change(routes: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match routes {
+        Some(routes) => {
+            if routes.changed().await.is_err() {
+                std::future::pending::<()>().await
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The instant a token that expires at `expires_s` (seconds since the epoch) runs out.
@@ -118,6 +143,7 @@ impl Feed {
         // A child token: polling it locks its own node, not the one all streams share.
         let stop = Box::pin(app.stopping().child_token().cancelled_owned());
         let retry = format!("retry: {}\n\n", app.limits().sse_retry_ms);
+        let routes = app.route_changes();
         Feed {
             app,
             model,
@@ -130,6 +156,7 @@ impl Feed {
             idle: Box::pin(tokio::time::sleep(heartbeat)),
             stop,
             expires: None,
+            routes,
             over: false,
         }
     }
@@ -170,6 +197,24 @@ impl Feed {
                     continue;
                 }
                 () = self.stop.as_mut() => return None,
+                () = route_change(&mut self.routes) => {
+                    match self.app.route(&self.model) {
+                        Ok(Route::Local) => continue,
+                        route => {
+                            // A rebalance moved the model: the client reconnects with its last
+                            // hash (here: a redirect to where it is served now).
+                            self.over = true;
+                            let to = match route {
+                                Ok(Route::Elsewhere { url, .. }) => Some(url),
+                                _ => None,
+                            };
+                            let data = serde_json::json!({"reason": "rebalance", "to": to}).to_string();
+                            let mut moved = BytesMut::from(format!("retry: {}\n", MOVED_RETRY_MS).as_bytes());
+                            moved.extend_from_slice(&frame("moved", None, &data));
+                            return Some(moved.freeze());
+                        }
+                    }
+                }
                 () = expiry(&mut self.expires) => {
                     self.over = true;
                     let data = r#"{"reason":"the token expired: reconnect with a fresh one"}"#;

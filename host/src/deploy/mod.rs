@@ -73,6 +73,9 @@ pub enum Prepared {
     },
 }
 
+/// The origin of the version a reducer file gave a kind at its first start.
+pub const STARTUP_ORIGIN: &str = "startup";
+
 /// Limits of the deploy path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeployLimits {
@@ -234,7 +237,10 @@ impl Deployer {
     }
 
     /// The version records deploy records make active (on every replica that folds them):
-    /// the new one active, the one before retired. Committed with the batch that folds them.
+    /// the new one active, the one before retired, both changed at the record's timestamp.
+    /// A record older than the one that made the active version active (sharded mode: a
+    /// partition newly folded from its start, behind the others) changes nothing; its
+    /// version, if new here, is recorded retired. Committed with the batch that folds them.
     pub fn records(&self, deploys: &[DeployFolded]) -> Result<Vec<VersionRecord>, DeployError> {
         let mut out = Vec::new();
         let mut seen: Vec<(&str, ModuleHash)> = Vec::new();
@@ -248,9 +254,10 @@ impl Deployer {
             if active.is_some_and(|a| a.id == deploy.version) {
                 continue;
             }
-            let now = now_ms();
-            let first_ms = versions.iter().find(|v| v.id == deploy.version).map_or(now, |v| v.first_ms);
-            let mut records = vec![VersionRecord {
+            let at = deploy.timestamp_ms.unwrap_or_else(now_ms);
+            let known = versions.iter().find(|v| v.id == deploy.version);
+            let first_ms = known.map_or(at, |v| v.first_ms);
+            let record = VersionRecord {
                 name: deploy.name.clone(),
                 id: deploy.version,
                 status: VersionStatus::Active,
@@ -260,10 +267,20 @@ impl Deployer {
                 declared: Some(deploy.declared.clone()),
                 bytes: deploy.module.len() as u64,
                 first_ms,
-                changed_ms: now,
-            }];
+                changed_ms: at,
+            };
+            // (The version recorded at first start, from the file, is not from the log: any
+            // deploy record supersedes it.)
+            if let Some(active) = active.filter(|a| a.origin != STARTUP_ORIGIN && at < a.changed_ms) {
+                tracing::info!(reducer = %deploy.name, version = %deploy.version, active = %active.id, "an older deploy record folded: the active version stays");
+                if known.is_none() {
+                    out.push(VersionRecord { status: VersionStatus::Retired, ..record });
+                }
+                continue;
+            }
+            let mut records = vec![record];
             if let Some(old) = active {
-                records.push(VersionRecord { status: VersionStatus::Retired, changed_ms: now, ..old.clone() });
+                records.push(VersionRecord { status: VersionStatus::Retired, changed_ms: at, ..old.clone() });
             }
             tracing::info!(reducer = %deploy.name, version = %deploy.version, origin = %deploy.origin, "deployed");
             out.extend(records);

@@ -564,6 +564,7 @@ impl Engine {
             declared: (info.name.clone(), info.version.clone()),
             partition: record.partition,
             offset: record.offset,
+            timestamp_ms: record.timestamp_ms,
             module: record.value.clone(),
         });
         folded.mark(record, Became::Deployed, 0, reducer.id());

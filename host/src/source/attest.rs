@@ -333,7 +333,7 @@ impl Attestor {
 }
 
 /// This server's name among the replicas: made once and kept in its data dir.
-fn server_id(data_dir: &Path) -> anyhow::Result<String> {
+pub fn server_id(data_dir: &Path) -> anyhow::Result<String> {
     let path = data_dir.join("server-id");
     if let Ok(id) = std::fs::read_to_string(&path)
         && !id.trim().is_empty()

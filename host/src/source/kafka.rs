@@ -25,6 +25,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::cluster::{Cluster, Partition};
 use super::{Source, SourceError, SourceStatus, WriteError};
 use crate::config::{KafkaConfig, Limits};
 use crate::model::{Record, Witness};
@@ -194,6 +195,11 @@ pub struct KafkaSource {
     to_commit: BTreeMap<(String, u32), u64>,
     stop: Arc<AtomicBool>,
     checker: Option<std::thread::JoinHandle<()>>,
+    /// Sharded mode: the cluster says which partitions to fold.
+    cluster: Option<Arc<Cluster>>,
+    /// The cluster's wanted partitions as last read (`None`: not yet), and its generation.
+    wanted: Option<std::collections::BTreeSet<Partition>>,
+    wanted_seen: u64,
 }
 
 impl KafkaSource {
@@ -238,7 +244,50 @@ impl KafkaSource {
             to_commit: BTreeMap::new(),
             stop,
             checker: Some(checker),
+            cluster: None,
+            wanted: None,
+            wanted_seen: 0,
         })
+    }
+
+    /// Sharded mode: folds only the partitions `cluster` wants, and leaves the group's
+    /// offsets to it.
+    pub fn sharded(mut self, cluster: Arc<Cluster>) -> KafkaSource {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Whether this server folds (`topic`, `partition`): all of them, unless sharded.
+    fn wants(&self, topic: &str, partition: u32) -> bool {
+        match (&self.cluster, &self.wanted) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(_), Some(wanted)) => wanted.contains(&(topic.to_owned(), partition)),
+        }
+    }
+
+    /// Sharded mode: takes the cluster's latest wanted set, and stops reading the partitions
+    /// no longer in it (what was folded of them stays in the store: a later assignment
+    /// resumes from there).
+    fn follow_cluster(&mut self) -> Result<bool, SourceError> {
+        let Some(cluster) = &self.cluster else { return Ok(false) };
+        let Some(wanted) = cluster.wanted_since(&mut self.wanted_seen) else { return Ok(false) };
+        let dropped: Vec<(Arc<str>, u32)> =
+            self.partitions.keys().filter(|(t, p)| !wanted.contains(&(t.to_string(), *p))).cloned().collect();
+        self.wanted = Some(wanted);
+        if !dropped.is_empty() {
+            let mut list = TopicPartitionList::new();
+            for (topic, partition) in &dropped {
+                let _ = list.add_partition(topic, *partition as i32);
+                self.partitions.remove(&(topic.clone(), *partition));
+                self.status.set_folding(topic, *partition, false);
+                tracing::info!(%topic, partition, "partition no longer folded here");
+            }
+            self.consumer
+                .incremental_unassign(&list)
+                .map_err(|e| SourceError::Client(format!("cannot unassign partitions: {e}")))?;
+        }
+        Ok(true)
     }
 
     /// Assigns the topics the checker has seen and the consumer does not read yet, each
@@ -251,7 +300,8 @@ impl KafkaSource {
         for (topic, reason) in shrunk {
             self.stop_topic(&topic, reason);
         }
-        if !self.seen.changed.swap(false, Ordering::AcqRel) {
+        let moved = self.follow_cluster()?;
+        if !self.seen.changed.swap(false, Ordering::AcqRel) && !moved {
             return Ok(());
         }
         let counts = self.seen.partitions.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -263,8 +313,10 @@ impl KafkaSource {
             if stopped.contains_key(&*topic) {
                 continue;
             }
-            let assigned = (0..count).filter(|p| self.partitions.contains_key(&(topic.clone(), *p))).count();
-            if assigned as u32 == count {
+            let missing = (0..count)
+                .filter(|p| !self.partitions.contains_key(&(topic.clone(), *p)) && self.wants(&topic, *p))
+                .count();
+            if missing == 0 {
                 continue;
             }
             match self.store.topic_partitions(SOURCE_NAME, &topic)? {
@@ -278,7 +330,10 @@ impl KafkaSource {
                 Some(_) => {}
             }
             let mut partitions = Vec::new();
-            for partition in (0..count).filter(|p| !self.partitions.contains_key(&(topic.clone(), *p))) {
+            let new: Vec<u32> = (0..count)
+                .filter(|p| !self.partitions.contains_key(&(topic.clone(), *p)) && self.wants(&topic, *p))
+                .collect();
+            for partition in new {
                 match self.start_of(&topic, partition)? {
                     Ok(start) => partitions.push((partition, start)),
                     Err(reason) => {
@@ -302,8 +357,12 @@ impl KafkaSource {
             .map_err(|e| SourceError::Client(format!("cannot assign partitions: {e}")))?;
         for (topic, partition, state) in added {
             let (next, checked) = (state.next, state.check.map(|w| w.offset));
-            tracing::info!(%topic, partition, next, ?checked, "partition assigned from its stored position");
+            tracing::info!(%topic, partition, next, ?checked, target = state.target, "partition assigned from its stored position");
             self.status.set_next(&topic, partition, state.next);
+            self.status.set_folding(&topic, partition, true);
+            if state.next >= state.target {
+                self.status.set_ready(&topic, partition);
+            }
             self.partitions.insert((topic, partition), state);
         }
         Ok(())
@@ -360,6 +419,7 @@ impl KafkaSource {
         for (t, partition) in &mine {
             let _ = list.add_partition(t, *partition as i32);
             self.partitions.remove(&(t.clone(), *partition));
+            self.status.set_folding(t, *partition, false);
         }
         if !mine.is_empty()
             && let Err(e) = self.consumer.incremental_unassign(&list)
@@ -486,19 +546,34 @@ impl Source for KafkaSource {
     }
 
     fn caught_up(&self) -> bool {
-        !self.partitions.is_empty() && self.partitions.values().all(|state| state.next >= state.target)
+        // Sharded: once the cluster has said what to fold (a server may fold nothing).
+        let started = if self.cluster.is_some() { self.wanted.is_some() } else { !self.partitions.is_empty() };
+        started && self.partitions.values().all(|state| state.next >= state.target)
     }
 
     fn partitions(&self) -> Vec<(Arc<str>, u32)> {
-        let mut counts: BTreeMap<Arc<str>, u32> = BTreeMap::new();
+        // The topic's partition count (as the checker saw it, and as the store folded it:
+        // a topic whose count changed is stopped), for every topic read.
+        let counts = self.seen.partitions.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out: BTreeMap<Arc<str>, u32> = BTreeMap::new();
         for (topic, partition) in self.partitions.keys() {
-            let count = counts.entry(topic.clone()).or_default();
-            *count = (*count).max(partition + 1);
+            let count = counts.get(&**topic).copied().unwrap_or(0).max(partition + 1);
+            out.insert(topic.clone(), count);
         }
-        counts.into_iter().collect()
+        out.into_iter().collect()
     }
 
     fn committed(&mut self, positions: &[(String, Position)]) {
+        for (_, position) in positions {
+            if let Some(state) = self.partitions.get(&(Arc::from(position.topic.as_str()), position.partition))
+                && position.next_offset >= state.target
+            {
+                self.status.set_ready(&position.topic, position.partition);
+            }
+        }
+        if self.cluster.is_some() {
+            return; // the cluster commits the owned partitions' positions to the group
+        }
         for (_, position) in positions {
             self.to_commit.insert((position.topic.clone(), position.partition), position.next_offset);
         }

@@ -4,6 +4,7 @@
 //! a Kafka topic (it builds its clients as the source does, inside this module).
 
 pub mod attest;
+pub mod cluster;
 mod embedded;
 mod kafka;
 
@@ -67,6 +68,10 @@ struct StatusInner {
 pub struct PartitionStatus {
     pub next: u64,
     pub end: Option<u64>,
+    /// The source reads it (in sharded mode, only some partitions are).
+    pub folding: bool,
+    /// It has been folded up to the end the log had when the source started reading it.
+    pub ready: bool,
 }
 
 impl PartitionStatus {
@@ -85,6 +90,30 @@ impl SourceStatus {
         let mut inner = self.lock();
         let slot = inner.partitions.entry((topic.to_owned(), partition)).or_default();
         slot.next = slot.next.max(next);
+    }
+
+    /// The source starts (`true`) or stops reading a partition; either way it is not ready
+    /// until it has caught up again.
+    pub fn set_folding(&self, topic: &str, partition: u32, folding: bool) {
+        let mut inner = self.lock();
+        let slot = inner.partitions.entry((topic.to_owned(), partition)).or_default();
+        slot.folding = folding;
+        slot.ready = false;
+    }
+
+    /// A partition read has been folded up to where the log ended when its reading started.
+    pub fn set_ready(&self, topic: &str, partition: u32) {
+        let mut inner = self.lock();
+        let slot = inner.partitions.entry((topic.to_owned(), partition)).or_default();
+        if slot.folding && !slot.ready {
+            slot.ready = true;
+            tracing::info!(%topic, partition, next = slot.next, "partition caught up: served from here");
+        }
+    }
+
+    /// A partition read and caught up.
+    pub fn is_ready(&self, topic: &str, partition: u32) -> bool {
+        self.lock().partitions.get(&(topic.to_owned(), partition)).is_some_and(|p| p.ready)
     }
 
     pub fn set_end(&self, topic: &str, partition: u32, end: u64) {

@@ -186,7 +186,7 @@ export class ModelStream {
             source.onerror = () => finish(new StreamError("network", "the EventSource connection failed or ended"));
             // Events are taken one at a time, in order (a fold may be asynchronous).
             let queue = Promise.resolve();
-            for (const event of ["reset", "snapshot", "patch", "diff", "synced", "expired"]) {
+            for (const event of ["reset", "snapshot", "patch", "diff", "synced", "expired", "moved"]) {
                 source.addEventListener(event, (message) => {
                     const data = message.data;
                     queue = queue.then(async () => {
@@ -333,6 +333,10 @@ export class ModelStream {
                 return "ok";
             case "expired":
                 return new StreamError("expired", body.reason ?? "the token expired");
+            case "moved":
+                // Sharded servers: a rebalance moved the model; reconnect at once (the server
+                // redirects to where it is served now), from the hash held.
+                return "resume";
             default:
                 return "ok";
         }

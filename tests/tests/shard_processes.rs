@@ -1,0 +1,474 @@
+//! Sharded mode: three `statefold serve` processes in one consumer group on a real Tansu,
+//! 12 partitions, 200 models, 100 SSE clients that follow redirects and hop to a random
+//! server on every reconnect. Mid-run a new reducer version is deployed, one server is
+//! SIGKILLed (its partitions move), and a fourth is started (a rebalance). At the end every
+//! client holds its model's head, reached with no gap or repeat; no two servers ever sent
+//! different hashes for one (model, seq); and every model is equal on its partition's owner
+//! and standbys (read from their stores) and to a reference fold of the log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::prelude::*;
+use serde_json::{Value, json};
+use statefold::model::{CREATE_HEADER, DEPLOY_HEADER, ModelKey, partition_of};
+use statefold::store::{Store, StoreOptions};
+use statefold_tests::broker::Broker;
+use statefold_tests::http::{Follower, SseEvent, SseStream, json_of};
+use statefold_tests::process::Serve;
+use tokio::sync::RwLock;
+
+const PARTITIONS: u32 = 12;
+const MODELS: usize = 200;
+const CLIENTS: usize = 100;
+const DIFFS: usize = 3000;
+
+/// `statefold serve` in sharded mode on `dir`, one standby per partition.
+fn start(dir: &Path, broker: &Broker) -> Serve {
+    Serve::sharded(dir, &broker.brokers(), 1, &["--checkpoint-interval-diffs", "50"])
+}
+
+/// The base URL of each server, `None` while it is down.
+type Urls = Arc<RwLock<Vec<Option<String>>>>;
+
+async fn pick(urls: &Urls, rng: &mut StdRng) -> String {
+    let urls = urls.read().await;
+    let up: Vec<&String> = urls.iter().flatten().collect();
+    up[rng.random_range(0..up.len())].clone()
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> (u16, Value) {
+    json_of(client.get(url).send().await.expect("server answers")).await
+}
+
+/// Waits until `url`'s map has `members` live members; every partition an owner that
+/// serves it and one standby that has caught up on it; and no server folding more (no
+/// partition held for an owner still catching up): each folds its share only.
+async fn settled(http: &reqwest::Client, url: &str, members: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, view) = get(http, &format!("{url}/v1/cluster")).await;
+        let partitions = view["partitions"].as_array().cloned().unwrap_or_default();
+        let warm = |p: &Value, member: &Value| {
+            p["folders"].as_array().is_some_and(|f| f.iter().any(|f| f["member"] == *member && f["ready"] == true))
+        };
+        let served = partitions.len() == PARTITIONS as usize
+            && partitions.iter().all(|p| {
+                !p["owner"].is_null()
+                    && p["serves"] == p["owner"]
+                    && p["standbys"].as_array().is_some_and(|s| s.iter().all(|s| warm(p, s)))
+            });
+        let folding: u64 =
+            view["members"].as_array().map_or(0, |m| m.iter().map(|m| m["folding"].as_u64().unwrap()).sum());
+        let shared = folding == 2 * PARTITIONS as u64;
+        if status == 200 && view["members"].as_array().map(Vec::len) == Some(members) && served && shared {
+            return view;
+        }
+        assert!(Instant::now() < deadline, "{url}: the cluster never settled on {members} members: {view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// (model, seq) → the hash some server sent for it: a second, different one fails the test.
+type Published = Arc<Mutex<HashMap<(String, u64), String>>>;
+
+fn publish(published: &Published, model: &str, event: &SseEvent) {
+    let data = match event.event.as_str() {
+        "snapshot" | "diff" | "synced" => event.json(),
+        "patch" => {
+            let data = event.json();
+            json!({"hash": data["to"], "seq": data["seq"]})
+        }
+        _ => return,
+    };
+    let (Some(hash), Some(seq)) = (data["hash"].as_str(), data["seq"].as_u64()) else { return };
+    let mut published = published.lock().unwrap();
+    let known = published.entry((model.to_owned(), seq)).or_insert_with(|| hash.to_owned());
+    assert_eq!(known, hash, "{model} seq {seq}: two hashes were published");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sharded_servers_a_sigkill_a_fourth_and_a_deploy_keep_every_client_exact() {
+    let broker = Broker::start();
+    broker.create_topic("counter", PARTITIONS);
+    broker.create_topic("statefold-cluster", 1);
+    broker.create_topic("statefold-attestations", 1);
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut servers: Vec<Option<Serve>> = (0..3).map(|i| Some(start(dirs[i].path(), &broker))).collect();
+    servers.push(None);
+    let http = reqwest::Client::new();
+    for server in servers.iter().flatten() {
+        server.wait_ready(&http).await;
+    }
+    let urls: Urls = Arc::new(RwLock::new(servers.iter().map(|s| s.as_ref().map(|s| s.url.clone())).collect()));
+    let view = settled(&http, &urls.read().await[0].clone().unwrap(), 3).await;
+    eprintln!("settled: {}", view["members"]);
+    let mut rng = StdRng::seed_from_u64(19);
+
+    // Creates through any server: a 307 to the model's owner, which creates and waits.
+    let mut redirected = 0;
+    for i in 0..MODELS {
+        let url = pick(&urls, &mut rng).await;
+        let request = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let first = request.post(format!("{url}/v1/models/counter")).body(format!(r#"{{"id":"m{i}"}}"#));
+        let first = first.send().await.unwrap();
+        if first.status() == 307 {
+            redirected += 1;
+        }
+        let response = http.post(format!("{url}/v1/models/counter")).body(format!(r#"{{"id":"m{i}"}}"#));
+        let (status, body) = json_of(response.send().await.unwrap()).await;
+        // The first request created it when it was not redirected.
+        assert!(status == 201 || (status == 409 && first.status() == 201), "m{i}: {status} {body}");
+    }
+    assert!(redirected > MODELS / 3, "most creates land on another server's partition: {redirected}");
+
+    // 100 clients, one per model of the first half, each hopping to a random server after
+    // a few events (or when its stream ends: a `moved`, a killed server).
+    let done = Arc::new(AtomicBool::new(false));
+    let published: Published = Arc::new(Mutex::new(HashMap::new()));
+    let final_heads: Arc<RwLock<BTreeMap<String, String>>> = Arc::new(RwLock::new(BTreeMap::new()));
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let (urls, done, final_heads, published) = (urls.clone(), done.clone(), final_heads.clone(), published.clone());
+        let model = format!("m{c}");
+        let mut rng = StdRng::seed_from_u64(c as u64);
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let who = format!("client {c} ({model})");
+            let (mut chain, mut hops, mut moved) = (Follower::default(), 0, 0);
+            loop {
+                let url = pick(&urls, &mut rng).await;
+                let mut request = http.get(format!("{url}/v1/models/counter/{model}/events"));
+                if let Some(hash) = &chain.hash {
+                    request = request.header("Last-Event-ID", hash);
+                }
+                let stream = match request.send().await {
+                    Ok(response) if response.status() == 200 => SseStream::new(response),
+                    _ => {
+                        // Down, or no server has caught up on the partition yet (503).
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let mut stream = stream;
+                hops += 1;
+                let budget = rng.random_range(3..12);
+                let mut seen = 0;
+                while seen < budget {
+                    let event = match tokio::time::timeout(Duration::from_millis(400), stream.next()).await {
+                        Ok(Some(event)) => event,
+                        Ok(None) | Err(_) => break,
+                    };
+                    chain.see(&who, &event);
+                    publish(&published, &model, &event);
+                    if event.event == "moved" {
+                        moved += 1;
+                        break;
+                    }
+                    seen += 1;
+                }
+                if done.load(Ordering::Relaxed) {
+                    let head = final_heads.read().await.get(&model).cloned();
+                    if head.is_some() && head == chain.hash {
+                        return (chain, hops, moved);
+                    }
+                }
+            }
+        }));
+    }
+
+    // Diffs through random servers (any server writes). At 1/4 a new version is deployed;
+    // at 1/2 server 2 is SIGKILLed; at 3/4 a fourth server starts.
+    let mut v2 = String::new();
+    let started = Instant::now();
+    for n in 0..DIFFS {
+        if n == DIFFS / 4 {
+            let url = pick(&urls, &mut rng).await;
+            let module = std::fs::read(statefold_tests::wasm("counter_v2")).unwrap();
+            let response = http.put(format!("{url}/v1/reducers/counter")).body(module).send().await.unwrap();
+            let (status, body) = json_of(response).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["partitions"], PARTITIONS, "a deploy record in every partition: {body}");
+            v2 = body["version"]["version"].as_str().unwrap().to_owned();
+        }
+        if n == DIFFS / 2 {
+            urls.write().await[2] = None;
+            let mut killed = servers[2].take().unwrap();
+            killed.signal("KILL");
+            killed.wait();
+        }
+        if n == 3 * DIFFS / 4 {
+            let fourth = start(dirs[3].path(), &broker);
+            fourth.wait_ready(&http).await;
+            urls.write().await[3] = Some(fourth.url.clone());
+            servers[3] = Some(fourth);
+        }
+        let url = pick(&urls, &mut rng).await;
+        let model = format!("m{}", rng.random_range(0..MODELS));
+        let add = rng.random_range(1..10);
+        let response =
+            http.post(format!("{url}/v1/models/counter/{model}/diffs")).body(json!({"add": add}).to_string());
+        let (status, body) = json_of(response.send().await.unwrap()).await;
+        assert_eq!(status, 202, "{body}");
+        if n % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!("{DIFFS} diffs written in {:?}", started.elapsed());
+
+    // The reference: the log folded by hand (a counter sums its diffs' `add`).
+    let mut reference: BTreeMap<String, (i64, u64)> = BTreeMap::new();
+    let records = broker.read_records("counter", PARTITIONS);
+    let mut ends = vec![0u64; PARTITIONS as usize];
+    for record in &records {
+        ends[record.partition as usize] = ends[record.partition as usize].max(record.offset + 1);
+        if record.header(DEPLOY_HEADER).is_some() || record.header(CREATE_HEADER).is_some() {
+            continue;
+        }
+        let id = String::from_utf8(record.key.clone().unwrap()).unwrap();
+        let diff: Value = serde_json::from_slice(&record.value).unwrap();
+        let slot = reference.entry(id).or_default();
+        slot.0 += diff["add"].as_i64().unwrap();
+        slot.1 += 1;
+    }
+
+    // Every model, read through any server (redirects followed), reaches the reference.
+    let mut heads = BTreeMap::new();
+    for i in 0..MODELS {
+        let model = format!("m{i}");
+        let (value, seq) = reference.get(&model).copied().unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let body = loop {
+            let url = pick(&urls, &mut rng).await;
+            let (status, body) = get(&http, &format!("{url}/v1/models/counter/{model}")).await;
+            if status == 200 && body["seq"] == seq {
+                break body;
+            }
+            assert!(Instant::now() < deadline, "{model}: {status} {body}, expected seq {seq}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let state = &body["state"];
+        assert_eq!(state["value"].as_i64().or(state.as_i64()), Some(value), "{model}: {body}");
+        if seq > 0 && reference.contains_key(&model) {
+            heads.insert(model, (body["hash"].as_str().unwrap().to_owned(), seq));
+        }
+    }
+    // Models untouched since the deploy still show v1's integer state; the rest are v2's.
+    assert!(heads.len() > MODELS / 2, "most models got diffs: {}", heads.len());
+    *final_heads.write().await = heads.iter().map(|(m, (h, _))| (m.clone(), h.clone())).collect();
+    for i in 0..CLIENTS {
+        let model = format!("m{i}");
+        if !heads.contains_key(&model) {
+            // No diff: its head is its genesis; read it once more.
+            let (_, body) = get(&http, &format!("{}/v1/models/counter/{model}", pick(&urls, &mut rng).await)).await;
+            final_heads.write().await.insert(model, body["hash"].as_str().unwrap().to_owned());
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+
+    let (mut hops, mut moved, mut resets) = (0, 0, 0);
+    for (c, task) in clients.into_iter().enumerate() {
+        let (chain, client_hops, client_moved) =
+            tokio::time::timeout(Duration::from_secs(90), task).await.expect("client finished").unwrap();
+        assert_eq!(chain.hash, final_heads.read().await.get(&format!("m{c}")).cloned(), "client {c}");
+        hops += client_hops;
+        moved += client_moved;
+        resets += chain.resets.len();
+    }
+    eprintln!("{CLIENTS} clients: {hops} connections, {moved} ended by a rebalance, {resets} resets");
+    assert!(hops >= 3 * CLIENTS, "clients hopped: {hops}");
+    assert_eq!(resets, 0, "a hash from one server always resumes on another");
+
+    // Each live server records v2 as active, whether or not it took the deploy.
+    for url in urls.read().await.iter().flatten() {
+        let (_, body) = get(&http, &format!("{url}/v1/reducers/counter")).await;
+        assert_eq!(body["versions"][0]["version"].as_str(), Some(&*v2), "{url}: {body}");
+    }
+
+    // The stores: stop the servers, then read each one's partitions. Every partition's
+    // owner and standbys folded it to the log's end, and hold the reference there.
+    let view = settled(&http, &pick(&urls, &mut rng).await, 3).await;
+    eprintln!("at the end: {}", view["members"]);
+    let live = urls.read().await.clone();
+    let members: HashMap<String, usize> = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let url = m["url"].as_str().unwrap();
+            let index =
+                live.iter().position(|u| u.as_deref() == Some(url)).unwrap_or_else(|| panic!("{url} is not live"));
+            (m["member"].as_str().unwrap().to_owned(), index)
+        })
+        .collect();
+    let mut holders: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for partition in view["partitions"].as_array().unwrap() {
+        let p = partition["partition"].as_u64().unwrap() as u32;
+        let owner = partition["owner"].as_str().expect("every partition has an owner");
+        let mut on = vec![members[owner]];
+        for standby in partition["standbys"].as_array().unwrap() {
+            on.push(members[standby.as_str().unwrap()]);
+        }
+        holders.insert(p, on);
+    }
+    for server in servers.iter_mut().flatten() {
+        server.signal("TERM");
+        assert!(server.wait().success());
+    }
+    let mut compared = 0;
+    for (partition, on) in &holders {
+        assert_eq!(on.len(), 2, "partition {partition}: an owner and one standby: {on:?}");
+        for &i in on {
+            let store = Store::open(&dirs[i].path().join("data/db"), &StoreOptions { fsync: true }).unwrap();
+            let position = store.progress("kafka", "counter", *partition).unwrap().map(|p| p.next_offset);
+            assert_eq!(
+                position,
+                Some(ends[*partition as usize]),
+                "server {i}, partition {partition}: folded to the end"
+            );
+            for (model, (hash, seq)) in &heads {
+                if partition_of(model.as_bytes(), PARTITIONS) != *partition {
+                    continue;
+                }
+                let head = store.read().head(&ModelKey::new("counter", model)).unwrap().expect("the model is there");
+                assert_eq!((head.hash.to_string(), head.seq), (hash.clone(), *seq), "server {i}: {model}");
+                compared += 1;
+            }
+        }
+    }
+    eprintln!("{compared} model heads compared in the owners' and standbys' stores");
+    assert!(compared >= heads.len() * 2);
+}
+
+/// `route = "proxy"` and no standbys: a read, a waiting append, a create and a stream for a
+/// model owned by the other server are forwarded there and answered as it answers. When
+/// that owner is SIGKILLed, requests first fail to reach it (502 `forward_failed`), then,
+/// once it is known gone, answer 503 `partition_unavailable` with `Retry-After` (no warm
+/// copy), until the group gives its partitions to the survivor, which folds them from the
+/// log and serves them, the stream resuming from the hash it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_requests_and_a_failover_without_standbys() {
+    let broker = Broker::start();
+    broker.create_topic("counter", 4);
+    broker.create_topic("statefold-cluster", 1);
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let proxy = ["--cluster-route", "proxy"];
+    let mut servers: Vec<Serve> = dirs.iter().map(|d| Serve::sharded(d.path(), &broker.brokers(), 0, &proxy)).collect();
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    for server in &servers {
+        server.wait_ready(&http).await;
+    }
+    // Both servers own partitions, and fold only those.
+    let view = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, view) = get(&http, &format!("{}/v1/cluster", servers[0].url)).await;
+            let members = view["members"].as_array().cloned().unwrap_or_default();
+            let split = members.len() == 2
+                && members.iter().all(|m| m["owned"].as_u64() > Some(0) && m["folding"] == m["owned"]);
+            let partitions = view["partitions"].as_array().cloned().unwrap_or_default();
+            let served =
+                partitions.len() == 4 && partitions.iter().all(|p| !p["owner"].is_null() && p["serves"] == p["owner"]);
+            if split && served {
+                break view;
+            }
+            assert!(Instant::now() < deadline, "the partitions were never split: {view}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let url_of = |member: &Value| {
+        view["members"].as_array().unwrap().iter().find(|m| m["member"] == *member).unwrap()["url"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    // A model owned by server 1, asked of server 0.
+    let owner_of = |id: &str| url_of(&view["partitions"][partition_of(id.as_bytes(), 4) as usize]["owner"]);
+    let id = (0..).map(|i| format!("p{i}")).find(|id| owner_of(id) == servers[1].url).unwrap();
+    let (front, back) = (servers[0].url.clone(), servers[1].url.clone());
+    let created =
+        http.post(format!("{front}/v1/models/counter")).body(format!(r#"{{"id":"{id}"}}"#)).send().await.unwrap();
+    assert_eq!(created.headers()["statefold-served-by"], back.as_str(), "forwarded to the owner");
+    let (status, body) = json_of(created).await;
+    assert_eq!(status, 201, "{body}");
+    let applied = http.post(format!("{front}/v1/models/counter/{id}/diffs?wait=applied")).body(r#"{"add":5}"#);
+    let (status, body) = json_of(applied.send().await.unwrap()).await;
+    assert_eq!((status, body["seq"].clone()), (200, json!(1)), "{body}");
+    let (status, body) = get(&http, &format!("{front}/v1/models/counter/{id}")).await;
+    assert_eq!((status, body["state"].clone()), (200, json!(5)), "{body}");
+    let (status, body) =
+        get(&http, &format!("{front}/v1/models/counter/{id}/diffs?since={}", body["hash"].as_str().unwrap())).await;
+    assert_eq!((status, body["kind"].clone()), (200, json!("up_to_date")), "{body}");
+
+    // A stream through server 0: live diffs come through the proxy.
+    let response = http.get(format!("{front}/v1/models/counter/{id}/events")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = SseStream::new(response);
+    let mut chain = Follower::default();
+    loop {
+        let event = stream.next_within(Duration::from_secs(10)).await.unwrap();
+        chain.see("proxied", &event);
+        if event.event == "synced" {
+            break;
+        }
+    }
+    for add in 1..=3 {
+        let append = http.post(format!("{front}/v1/models/counter/{id}/diffs")).body(format!(r#"{{"add":{add}}}"#));
+        assert_eq!(append.send().await.unwrap().status(), 202);
+        let event = stream.next_within(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(event.event, "diff", "{event:?}");
+        chain.see("proxied", &event);
+    }
+    assert_eq!(chain.seq, 4);
+
+    // The owner dies. Its partitions have no warm copy.
+    servers[1].signal("KILL");
+    servers[1].wait();
+    let (status, body) = get(&http, &format!("{front}/v1/models/counter/{id}")).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (502, Some("forward_failed")), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let unavailable = loop {
+        let response = http.get(format!("{front}/v1/models/counter/{id}")).send().await.unwrap();
+        let retry_after = response.headers().get("retry-after").cloned();
+        let (status, body) = json_of(response).await;
+        if status == 503 {
+            assert_eq!(body["error"]["code"], "partition_unavailable", "{body}");
+            break retry_after;
+        }
+        assert!(Instant::now() < deadline, "never known gone: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(unavailable.unwrap(), "1");
+    // The group gives the partitions to server 0 after the session timeout; it folds them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let (status, body) = get(&http, &format!("{front}/v1/models/counter/{id}")).await;
+        if status == 200 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "never taken over: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!((body["seq"].clone(), body["state"].clone()), (json!(4), json!(11)), "{body}");
+    // The stream resumes there from the hash it held.
+    let response =
+        http.get(format!("{front}/v1/models/counter/{id}/events")).header("Last-Event-ID", chain.hash.clone().unwrap());
+    let mut stream = SseStream::new(response.send().await.unwrap());
+    let event = stream.next_within(Duration::from_secs(10)).await.unwrap();
+    let event =
+        if event.event == "message" { stream.next_within(Duration::from_secs(10)).await.unwrap() } else { event };
+    chain.see("resumed", &event);
+    assert_eq!(event.event, "synced", "nothing was missed: {event:?}");
+    assert_eq!(body["hash"].as_str(), chain.hash.as_deref());
+}
+
+/// Without `[cluster]` there is no map: 404 `not_sharded`.
+#[tokio::test]
+async fn a_server_without_cluster_has_no_map() {
+    let server = statefold_tests::http::TestServer::start(statefold::config::Limits::default()).await;
+    let (status, body) = server.get("/v1/cluster").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_sharded")), "{body}");
+}
