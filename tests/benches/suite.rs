@@ -814,7 +814,11 @@ async fn sharded(rows: &mut Vec<Row>) {
     use statefold::model::partition_of;
     use statefold_tests::process::Serve;
 
-    let models = scaled(100_000);
+    // 5,000, not the 100,000 asked: Tansu on sqlite did not serve two servers a backlog of
+    // 100,000 (or 20,000) records in one partition here: its metadata requests timed out
+    // for minutes and it reset connections (BENCHMARKS.md). A standby's takeover does not
+    // depend on the size; from nothing, the refold's rate is case 2's.
+    let models = scaled(5_000);
     let broker = statefold_tests::broker::Broker::start();
     broker.create_topic("counter", 2);
     broker.create_topic("statefold-cluster", 1);
@@ -876,8 +880,16 @@ async fn sharded(rows: &mut Vec<Row>) {
         let owner =
             tokio::time::timeout(Duration::from_secs(600), owner_of_0(servers[0].url.clone())).await.expect("settled");
         let (dead, alive) = if servers[0].url == owner { (0, 1) } else { (1, 0) };
-        let before = http.get(format!("{}/v1/models/counter/{probe}", servers[alive].url)).send().await;
-        assert_eq!(before.expect("the standby answers").status(), 307, "the standby redirects while the owner lives");
+        // Until the standby's own map sends the probe's requests to the owner.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let before = http.get(format!("{}/v1/models/counter/{probe}", servers[alive].url)).send().await;
+            if before.is_ok_and(|r| r.status() == 307) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the standby never redirected to the owner");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let start = Instant::now();
         servers[dead].signal("KILL");
         tokio::time::timeout(Duration::from_secs(600), served_by(servers[alive].url.clone()))
@@ -915,8 +927,9 @@ async fn sharded(rows: &mut Vec<Row>) {
     drop(broker);
 
     // Memory and disk: the same 6 partitions folded by 1, 2 and 3 servers, no standbys (a
-    // broker of their own: its `counter` topic has 6 partitions).
-    let spread = scaled(60_000);
+    // broker of their own: its `counter` topic has 6 partitions). 12,000 models: with
+    // 30,000 Tansu stopped answering a single server's metadata requests here.
+    let spread = scaled(12_000);
     let broker = statefold_tests::broker::Broker::start();
     broker.create_topic("counter", 6);
     broker.create_topic("statefold-cluster", 1);
@@ -954,17 +967,26 @@ async fn sharded(rows: &mut Vec<Row>) {
         }
         let rss: u64 = servers.iter().map(Serve::rss_bytes).sum::<u64>() / n as u64;
         let disk: u64 = dirs.iter().map(|d| dir_bytes(&d.path().join("data/db"))).sum::<u64>() / n as u64;
-        eprintln!("  {n} server(s): {:.1} MiB resident, {:.1} MiB on disk, each", mib(rss), mib(disk));
-        figures.push((n, rss, disk));
         drop(servers);
+        // The models each store holds (read once its server is gone).
+        let held: usize = dirs
+            .iter()
+            .map(|d| {
+                let store = Store::open(&d.path().join("data/db"), &StoreOptions { fsync: false }).expect("store");
+                store.read().count("counter").expect("a count") as usize
+            })
+            .sum::<usize>()
+            / n;
+        eprintln!("  {n} server(s): {:.1} MiB resident, {:.1} MiB on disk, {held} models, each", mib(rss), mib(disk));
+        figures.push((n, rss, disk, held));
     }
-    for (n, rss, disk) in &figures {
+    for (n, rss, disk, held) in &figures {
         let (one_rss, one_disk) = (figures[0].1 as f64, figures[0].2 as f64);
         rows.push(Row {
             name: format!("8. sharded: {spread} models in 6 partitions, {n} server(s), each"),
             value: format!("{:.1} MiB RSS", mib(*rss)),
             beside: format!(
-                "disk {:.1} MiB; vs 1 server: memory {:.2}x, disk {:.2}x",
+                "{held} models held, disk {:.1} MiB; vs 1 server: memory {:.2}x, disk {:.2}x",
                 mib(*disk),
                 *rss as f64 / one_rss,
                 *disk as f64 / one_disk

@@ -403,6 +403,24 @@ async fn proxied_requests_and_a_failover_without_standbys() {
         get(&http, &format!("{front}/v1/models/counter/{id}/diffs?since={}", body["hash"].as_str().unwrap())).await;
     assert_eq!((status, body["kind"].clone()), (200, json!("up_to_date")), "{body}");
 
+    // A replay: a record in every partition; each server rebuilds the partitions it folds.
+    let (status, body) = json_of(http.post(format!("{front}/v1/kinds/counter/replay")).send().await.unwrap()).await;
+    assert_eq!(status, 202, "{body}");
+    for url in [&front, &back] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = get(&http, &format!("{url}/v1/kinds/counter/replay")).await;
+            if status == 200 && body["state"] == "finished" {
+                assert_eq!(body["models_failed"], 0, "{url}: {body}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{url}: the replay never finished: {status} {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let (status, body) = get(&http, &format!("{front}/v1/models/counter/{id}")).await;
+    assert_eq!((status, body["seq"].clone(), body["state"].clone()), (200, json!(1), json!(5)), "{body}");
+
     // A stream through server 0: live diffs come through the proxy.
     let response = http.get(format!("{front}/v1/models/counter/{id}/events")).send().await.unwrap();
     assert_eq!(response.status(), 200);

@@ -269,9 +269,9 @@ impl KafkaSource {
     /// Sharded mode: takes the cluster's latest wanted set, and stops reading the partitions
     /// no longer in it (what was folded of them stays in the store: a later assignment
     /// resumes from there).
-    fn follow_cluster(&mut self) -> Result<bool, SourceError> {
-        let Some(cluster) = &self.cluster else { return Ok(false) };
-        let Some(wanted) = cluster.wanted_since(&mut self.wanted_seen) else { return Ok(false) };
+    fn follow_cluster(&mut self) -> bool {
+        let Some(cluster) = &self.cluster else { return false };
+        let Some(wanted) = cluster.wanted_since(&mut self.wanted_seen) else { return false };
         let dropped: Vec<(Arc<str>, u32)> =
             self.partitions.keys().filter(|(t, p)| !wanted.contains(&(t.to_string(), *p))).cloned().collect();
         self.wanted = Some(wanted);
@@ -283,11 +283,12 @@ impl KafkaSource {
                 self.status.set_folding(topic, *partition, false);
                 tracing::info!(%topic, partition, "partition no longer folded here");
             }
-            self.consumer
-                .incremental_unassign(&list)
-                .map_err(|e| SourceError::Client(format!("cannot unassign partitions: {e}")))?;
+            if let Err(e) = self.consumer.incremental_unassign(&list) {
+                // Their records are dropped all the same (no partition state left).
+                tracing::warn!(error = %e, "cannot unassign partitions no longer folded");
+            }
         }
-        Ok(true)
+        true
     }
 
     /// Assigns the topics the checker has seen and the consumer does not read yet, each
@@ -300,7 +301,7 @@ impl KafkaSource {
         for (topic, reason) in shrunk {
             self.stop_topic(&topic, reason);
         }
-        let moved = self.follow_cluster()?;
+        let moved = self.follow_cluster();
         if !self.seen.changed.swap(false, Ordering::AcqRel) && !moved {
             return Ok(());
         }
@@ -334,13 +335,21 @@ impl KafkaSource {
                 .filter(|p| !self.partitions.contains_key(&(topic.clone(), *p)) && self.wants(&topic, *p))
                 .collect();
             for partition in new {
-                match self.start_of(&topic, partition)? {
-                    Ok(start) => partitions.push((partition, start)),
-                    Err(reason) => {
+                match self.start_of(&topic, partition) {
+                    Ok(Ok(start)) => partitions.push((partition, start)),
+                    Ok(Err(reason)) => {
                         partitions.clear();
                         self.stop_topic(&topic, reason);
                         break;
                     }
+                    // The broker did not answer (a timeout, a leader moving): folding goes
+                    // on with what is assigned; the rest is tried again at the next poll.
+                    Err(SourceError::Client(problem)) => {
+                        tracing::warn!(%topic, partition, %problem, "cannot assign the partition yet; trying again");
+                        self.status.set_problem(Some(problem));
+                        self.seen.changed.store(true, Ordering::Release);
+                    }
+                    Err(other) => return Err(other),
                 }
             }
             for (partition, (from, state)) in partitions {
@@ -352,9 +361,11 @@ impl KafkaSource {
         if added.is_empty() {
             return Ok(());
         }
-        self.consumer
-            .incremental_assign(&list)
-            .map_err(|e| SourceError::Client(format!("cannot assign partitions: {e}")))?;
+        if let Err(e) = self.consumer.incremental_assign(&list) {
+            tracing::warn!(error = %e, "cannot assign partitions yet; trying again");
+            self.seen.changed.store(true, Ordering::Release);
+            return Ok(());
+        }
         for (topic, partition, state) in added {
             let (next, checked) = (state.next, state.check.map(|w| w.offset));
             tracing::info!(%topic, partition, next, ?checked, target = state.target, "partition assigned from its stored position");
