@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod reducer;
+pub mod remote;
 pub mod server;
 pub mod source;
 pub mod store;

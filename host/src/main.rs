@@ -33,12 +33,49 @@ enum Command {
     Replay {
         /// The kind to replay.
         kind: String,
-        /// The server's base URL.
-        #[arg(long, env = "STATEFOLD_URL", default_value = "http://127.0.0.1:8080")]
-        url: String,
+        #[command(flatten)]
+        server: ServerArgs,
         /// Seconds between progress reports.
         #[arg(long, default_value_t = 1.0)]
         interval_s: f64,
+    },
+    /// Deploy a reducer to a running server (PUT /v1/reducers/NAME, NAME the file's name
+    /// without .wasm unless --name says otherwise), and print the version it answers: active
+    /// once the server has folded its deploy records, or why it was refused.
+    Deploy {
+        /// The reducer component, e.g. target/wasm32-wasip2/release/counter.wasm
+        file: PathBuf,
+        /// The reducer's name (default: the file's name without .wasm).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// A running server's versions of a reducer, active first: version, status, origin, who
+    /// deployed it, what it declares, when it last changed.
+    Versions {
+        /// The reducer's name.
+        name: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Follow a model of a running server in the terminal: each event that moves it, once
+    /// (a snapshot, then each diff; after a dropped connection, a patch from the last hash
+    /// printed). Resumes by itself until Ctrl-C; progress goes to stderr.
+    Tail {
+        /// KIND/ID
+        model: String,
+        /// Start from this hash (what you hold): only what came after is printed.
+        #[arg(long)]
+        since: Option<String>,
+        /// Print each event as the JSON the server sent (one line each, with `event`).
+        #[arg(long)]
+        json: bool,
+        /// After each event, print the model's state at the new hash.
+        #[arg(long)]
+        state: bool,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Refold the configured kinds from Kafka (the source of truth) into a scratch store,
     /// up to the positions the data dir's store has folded, and compare every model's head
@@ -81,11 +118,29 @@ enum ReducerCommand {
     },
 }
 
+/// How the CLI reaches a running server.
+#[derive(Args)]
+struct ServerArgs {
+    /// The server's base URL.
+    #[arg(long, visible_alias = "url", env = "STATEFOLD_URL", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// A bearer token (a server with [auth]).
+    #[arg(long, env = "STATEFOLD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl ServerArgs {
+    fn remote(self) -> anyhow::Result<statefold::remote::Remote> {
+        statefold::remote::Remote::new(&self.server, self.token)
+    }
+}
+
 /// `statefold serve`: a TOML file, and flags that override it.
 #[derive(Args)]
 struct ServeArgs {
     /// The config file (TOML): listen, data_dir, reducers_dir, [[kind]] sections, [kafka],
-    /// [auth] (bearer tokens), [cors], [tls] (HTTPS with HTTP/2), [limits].
+    /// [auth] (bearer tokens), [cors], [tls] (HTTPS with HTTP/2), [cluster] (sharded mode),
+    /// [limits].
     #[arg(long, short, env = "STATEFOLD_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:8080 (port 0: any free port).
@@ -150,7 +205,12 @@ fn main() -> ExitCode {
             limits.apply(&mut all);
             check(&file, all.reducer())
         }
-        Command::Replay { kind, url, interval_s } => replay(&kind, url.trim_end_matches('/'), interval_s),
+        Command::Replay { kind, server, interval_s } => server.remote().and_then(|r| replay(&kind, &r, interval_s)),
+        Command::Deploy { file, name, server } => server.remote().and_then(|r| deploy(&file, name, &r)),
+        Command::Versions { name, server } => server.remote().and_then(|r| versions(&name, &r)),
+        Command::Tail { model, since, json, state, server } => {
+            server.remote().and_then(|r| tail(&model, since, statefold::remote::TailOptions { json, state }, &r))
+        }
         Command::Verify { serve, repair } => config_of(serve).and_then(|config| verify(&config, repair)),
         Command::Reset { kind, serve } => config_of(serve).and_then(|config| {
             let models = statefold::server::reset(&config, &kind)?;
@@ -284,16 +344,12 @@ fn config_of(args: ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn replay(kind: &str, url: &str, interval_s: f64) -> anyhow::Result<()> {
+fn replay(kind: &str, remote: &statefold::remote::Remote, interval_s: f64) -> anyhow::Result<()> {
     let interval = std::time::Duration::try_from_secs_f64(interval_s.max(0.01))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let client = reqwest::Client::new();
-        let endpoint = format!("{url}/v1/kinds/{kind}/replay");
-        let answer = client.post(&endpoint).send().await?;
-        let status = answer.status();
-        let mut job: serde_json::Value = answer.json().await?;
-        anyhow::ensure!(status.is_success(), "{endpoint}: {status}: {}", job["error"]["message"]);
+        let endpoint = format!("/v1/kinds/{}/replay", statefold::remote::segment(kind));
+        let mut job = remote.post(&endpoint).await?;
         loop {
             println!(
                 "replay {kind}: {}/{} models rebuilt, {} failed ({})",
@@ -310,8 +366,102 @@ fn replay(kind: &str, url: &str, interval_s: f64) -> anyhow::Result<()> {
                 return Ok(());
             }
             tokio::time::sleep(interval).await;
-            job = client.get(&endpoint).send().await?.error_for_status()?.json().await?;
+            job = remote.get(&endpoint).await?;
         }
+    })
+}
+
+fn deploy(file: &std::path::Path, name: Option<String>, remote: &statefold::remote::Remote) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let module = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let name = match name {
+        Some(name) => name,
+        None => file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(str::to_owned)
+            .with_context(|| format!("{}: no file name to name the reducer after; give --name", file.display()))?,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let body = runtime.block_on(remote.deploy(&name, module))?;
+    let version = &body["version"];
+    let declared = &version["declared"];
+    let what = if body["unchanged"] == true { "already active" } else { "deployed" };
+    println!(
+        "{name}: {what}: version {} ({} {}), {} partition(s), {} ms, on {}",
+        version["version"].as_str().unwrap_or("?"),
+        declared["name"].as_str().unwrap_or("?"),
+        declared["version"].as_str().unwrap_or("?"),
+        body["partitions"],
+        body["took_ms"].as_f64().unwrap_or(0.0).round(),
+        remote.base
+    );
+    Ok(())
+}
+
+fn versions(name: &str, remote: &statefold::remote::Remote) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let body = runtime.block_on(remote.versions(name))?;
+    let kinds: Vec<&str> =
+        body["kinds"].as_array().map(|k| k.iter().filter_map(|k| k.as_str()).collect()).unwrap_or_default();
+    println!("reducer {name} (kinds: {})", kinds.join(", "));
+    println!("{:<16} {:<9} {:<10} {:<16} {:<24} changed", "version", "status", "origin", "subject", "declared");
+    for v in body["versions"].as_array().into_iter().flatten() {
+        let id = v["version"].as_str().unwrap_or("?");
+        let declared = format!(
+            "{} {}",
+            v["declared"]["name"].as_str().unwrap_or("?"),
+            v["declared"]["version"].as_str().unwrap_or("?")
+        );
+        let changed = v["changed_ms"].as_i64().map(format_ms).unwrap_or_default();
+        println!(
+            "{:<16} {:<9} {:<10} {:<16} {:<24} {}",
+            id.get(..16).unwrap_or(id),
+            v["status"].as_str().unwrap_or("?"),
+            v["origin"].as_str().unwrap_or("?"),
+            v["subject"].as_str().unwrap_or("-"),
+            declared,
+            changed
+        );
+        if let Some(error) = v["error"]["message"].as_str() {
+            println!("  refused: {error}");
+        }
+    }
+    Ok(())
+}
+
+/// Milliseconds since the epoch as a UTC time, to the second.
+fn format_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+fn tail(
+    model: &str,
+    since: Option<String>,
+    options: statefold::remote::TailOptions,
+    remote: &statefold::remote::Remote,
+) -> anyhow::Result<()> {
+    let (kind, id) = model.split_once('/').ok_or_else(|| anyhow::anyhow!("{model:?}: expected KIND/ID"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("tail: stopped");
+        };
+        let mut stdout = std::io::stdout();
+        statefold::remote::tail(remote, kind, id, since, options, &mut stdout, stop).await
     })
 }
 

@@ -73,3 +73,170 @@ async fn cli_replay_runs_a_replay_to_the_end() {
     serve.signal("TERM");
     assert!(serve.wait().success());
 }
+
+/// `statefold ARGS`, run to its end off the async threads: (exit code, stdout, stderr).
+async fn run(args: Vec<String>, envs: Vec<(&'static str, String)>) -> (Option<i32>, String, String) {
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(statefold_tests::statefold_binary()).args(&args).envs(envs).output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// `statefold deploy` and `statefold versions` against a server with `[auth]`: without a
+/// token, the server's 401; with one (`STATEFOLD_TOKEN`), the new version deployed and
+/// listed first; a file that is not a reducer, the server's refusal and exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_deploy_and_versions_speak_to_a_server_with_a_token() {
+    const SECRET: &str = "a-secret-of-at-least-thirty-two-bytes!";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("auth.toml");
+    std::fs::write(&config, format!("[auth]\naudience = \"statefold\"\nhs256_secret = \"{SECRET}\"\n")).unwrap();
+    let serve = Serve::start_with(dir.path(), &args(&["--config", config.to_str().unwrap()]));
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let claims = serde_json::json!({"sub": "ci", "aud": "statefold", "exp": exp,
+        "grants": [{"actions": ["deploy", "read"], "models": "counter/*"}]});
+    let token = statefold_tests::http::hs256_token(SECRET, &claims);
+    let url = serve.url.clone();
+
+    let (code, _, stderr) = run(args(&["versions", "counter", "--server", &url]), vec![]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("401") && stderr.contains("unauthenticated"), "{stderr}");
+
+    let v2 = statefold_tests::wasm("counter_v2").display().to_string();
+    let with = vec![("STATEFOLD_TOKEN", token.clone())];
+    let (code, stdout, stderr) = run(args(&["deploy", &v2, "--name", "counter", "--server", &url]), with.clone()).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with("counter: deployed: version ") && stdout.contains("(counter 2.0.0), 1 partition(s)"),
+        "{stdout}"
+    );
+    let id = stdout.split("version ").nth(1).unwrap().split(' ').next().unwrap().to_owned();
+    // Again: already active.
+    let (code, stdout, _) = run(args(&["deploy", &v2, "--name", "counter", "--server", &url]), with.clone()).await;
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("already active"), "{stdout}");
+
+    let (code, stdout, stderr) = run(args(&["versions", "counter", "--server", &url]), with.clone()).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "reducer counter (kinds: counter)", "{stdout}");
+    assert!(lines[2].starts_with(&id[..16]) && lines[2].contains("active") && lines[2].contains("ci"), "{stdout}");
+    assert!(lines[2].contains("counter 2.0.0") && lines[3].contains("retired"), "{stdout}");
+
+    let garbage = dir.path().join("counter.wasm");
+    std::fs::write(&garbage, b"not a component").unwrap();
+    let (code, _, stderr) = run(args(&["deploy", garbage.to_str().unwrap(), "--server", &url]), with).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("422") && stderr.contains("not_wasm"), "{stderr}");
+}
+
+/// `statefold tail` follows a model across a restart of its server (same port): every
+/// diff's seq is printed exactly once (or covered by the one patch after the resume),
+/// and Ctrl-C (SIGINT) ends it with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_tail_prints_every_event_once_across_a_server_restart() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let reducers = statefold_tests::wasm("counter").parent().unwrap().display().to_string();
+    let data = dir.path().join("data").display().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let serve_args = args(&[
+        "--listen",
+        &listen,
+        "--data-dir",
+        &data,
+        "--reducers-dir",
+        &reducers,
+        "--kind",
+        "counter=counter.wasm",
+    ]);
+    let mut serve = Serve::spawn_args(dir.path(), &serve_args);
+    let http = reqwest::Client::new();
+    serve.wait_ready(&http).await;
+    let url = serve.url.clone();
+    let create = http.post(format!("{url}/v1/models/counter")).body(r#"{"id":"t"}"#).send().await.unwrap();
+    assert_eq!(create.status(), 201);
+
+    let mut tail = std::process::Command::new(statefold_tests::statefold_binary())
+        .args(["tail", "counter/t", "--server", &url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = next_line(&mut lines).await;
+    assert!(first.starts_with("snapshot seq 0 "), "{first}");
+    let append = |n: i64| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let answer =
+                http.post(format!("{url}/v1/models/counter/t/diffs?wait=applied")).body(format!(r#"{{"add":{n}}}"#));
+            assert_eq!(answer.send().await.unwrap().status(), 200);
+        }
+    };
+    let mut printed = Vec::new();
+    for n in 1..=3 {
+        append(n).await;
+        printed.push(next_line(&mut lines).await);
+    }
+    // Restart the server on the same port; two diffs land while the tail is cut off.
+    serve.signal("TERM");
+    assert!(serve.wait().success());
+    let mut serve = Serve::spawn_args(dir.path(), &serve_args);
+    serve.wait_ready(&http).await;
+    append(4).await;
+    append(5).await;
+    // The resume: one patch from seq 3 to 5 (or, if the tail reconnected between the two, a
+    // patch and a diff); then live diffs.
+    let mut seen = 3;
+    while seen < 5 {
+        let line = next_line(&mut lines).await;
+        seen = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+        printed.push(line);
+    }
+    for n in 6..=7 {
+        append(n).await;
+        printed.push(next_line(&mut lines).await);
+    }
+    let seqs: Vec<u64> = printed.iter().map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "each seq once, in order: {printed:?}");
+    assert_eq!(seqs.last(), Some(&7), "{printed:?}");
+    assert!(printed.iter().any(|l| l.starts_with("patch ")), "the resume is a patch: {printed:?}");
+    assert!(printed[..3].iter().all(|l| l.starts_with("diff ")), "{printed:?}");
+
+    let status = std::process::Command::new("kill").args(["-INT", &tail.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let status = tail.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut tail.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("reconnecting") && stderr.contains("tail: stopped"), "{stderr}");
+    assert!(lines.recv().await.is_none(), "nothing more printed");
+    serve.signal("TERM");
+    assert!(serve.wait().success());
+}
+
+/// The tail's next line of output (within 20 s).
+async fn next_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    let line = tokio::time::timeout(std::time::Duration::from_secs(20), lines.recv()).await;
+    line.expect("a line within 20 s").expect("the tail runs")
+}
