@@ -208,7 +208,7 @@ async fn fold_embedded(rows: &mut Vec<Row>) {
 /// reader of the same topic (the server's fetch settings) in the same run.
 async fn fold_kafka(rows: &mut Vec<Row>) {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::producer::{BaseRecord, Producer};
+    use rdkafka::producer::Producer;
 
     // 50,000 of the million, over 1,000 models: Tansu on sqlite serves a backlog at 1,000
     // to 8,000 records/s here; with 200,000 stored a plain reader had not read them after
@@ -224,24 +224,7 @@ async fn fold_kafka(rows: &mut Vec<Row>) {
             producer.flush(Duration::from_secs(600)).expect("delivered");
             eprintln!("  produced {} records in {:.2?}", n + 1, start.elapsed());
         }
-        let mut headers = rdkafka::message::OwnedHeaders::new();
-        if create {
-            headers = headers.insert(rdkafka::message::Header { key: CREATE_HEADER, value: Some(&[][..]) });
-        }
-        let mut record = BaseRecord::to("counter").key(key.as_bytes()).payload(&value).headers(headers);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    r,
-                )) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => panic!("produce: {e}"),
-            }
-        }
+        send(&producer, "counter", key.as_bytes(), &value, create);
     }
     producer.flush(Duration::from_secs(600)).expect("delivered");
     let produced = start.elapsed();
@@ -998,30 +981,42 @@ async fn sharded(rows: &mut Vec<Row>) {
 /// Produces a create record for each id to `topic` (the Java client's partitioner) and
 /// waits for every one.
 fn produce_creates(broker: &statefold_tests::broker::Broker, topic: &str, ids: &[String]) {
-    use rdkafka::producer::{BaseRecord, Producer};
+    use rdkafka::producer::Producer;
     let producer = broker.producer();
     for (n, id) in ids.iter().enumerate() {
         if n % 100_000 == 99_999 {
             producer.flush(Duration::from_secs(600)).expect("delivered");
         }
-        let headers = rdkafka::message::OwnedHeaders::new()
-            .insert(rdkafka::message::Header { key: CREATE_HEADER, value: Some(&[][..]) });
-        let mut record = BaseRecord::<[u8], [u8]>::to(topic).key(id.as_bytes()).payload(&[][..]).headers(headers);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    r,
-                )) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => panic!("produce: {e}"),
-            }
-        }
+        send(&producer, topic, id.as_bytes(), &[], true);
     }
     producer.flush(Duration::from_secs(600)).expect("delivered");
+}
+
+/// Queues one record to `topic` (a create record when `create`; the key's partition),
+/// waiting while the producer's queue is full.
+fn send(
+    producer: &rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    topic: &str,
+    key: &[u8],
+    value: &[u8],
+    create: bool,
+) {
+    use rdkafka::producer::BaseRecord;
+    let mut headers = rdkafka::message::OwnedHeaders::new();
+    if create {
+        headers = headers.insert(rdkafka::message::Header { key: CREATE_HEADER, value: Some(&[][..]) });
+    }
+    let mut record = BaseRecord::<[u8], [u8]>::to(topic).key(key).payload(value).headers(headers);
+    loop {
+        match producer.send(record) {
+            Ok(()) => break,
+            Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => panic!("produce: {e}"),
+        }
+    }
 }
 
 fn mib(bytes: u64) -> f64 {

@@ -12,6 +12,11 @@ pub struct Serve {
     pub stderr: std::path::PathBuf,
 }
 
+/// A port free now, for a server that must know its address before it starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 impl Serve {
     /// `statefold serve` on the counter kind, with `extra` flags.
     pub fn start(dir: &Path) -> Serve {
@@ -46,41 +51,26 @@ impl Serve {
     /// it starts: it must know it before it listens), heartbeats every 200 ms, a member gone
     /// after 1.5 s, the group's session 6 s; then `extra`.
     pub fn sharded(dir: &Path, brokers: &str, standbys: usize, extra: &[&str]) -> Serve {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let reducers = crate::wasm("counter").parent().expect("the reducers' directory").to_owned();
-        let (listen, url) = (format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{port}"));
-        let (data, reducers, standbys) =
-            (dir.join("data").display().to_string(), reducers.display().to_string(), standbys.to_string());
-        let mut args: Vec<String> = [
-            "--listen",
-            &listen,
-            "--data-dir",
-            &data,
-            "--reducers-dir",
-            &reducers,
-            "--kind",
-            "counter=counter.wasm",
-            "--kafka-brokers",
-            brokers,
-            "--kafka-fetch-wait-ms",
-            "10",
-            "--kafka-check-interval-ms",
-            "200",
-            "--cluster-url",
-            &url,
-            "--cluster-standbys",
-            &standbys,
-            "--cluster-heartbeat-interval-ms",
-            "200",
-            "--cluster-member-timeout-ms",
-            "1500",
-            "--cluster-session-timeout-ms",
-            "6000",
-        ]
-        .map(String::from)
-        .to_vec();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Serve::spawn_args(dir, &args)
+        let port = free_port();
+        let (url, standbys) = (format!("http://127.0.0.1:{port}"), standbys.to_string());
+        let mut args =
+            vec!["--kafka-brokers", brokers, "--kafka-fetch-wait-ms", "10", "--kafka-check-interval-ms", "200"];
+        args.extend_from_slice(&["--cluster-url", &url, "--cluster-standbys", &standbys]);
+        args.extend_from_slice(&["--cluster-heartbeat-interval-ms", "200", "--cluster-member-timeout-ms", "1500"]);
+        args.extend_from_slice(&["--cluster-session-timeout-ms", "6000"]);
+        args.extend_from_slice(extra);
+        Serve::on_port(dir, port, &args)
+    }
+
+    /// `statefold serve` on the counter kind, listening on `port` (a restart keeps it), its
+    /// data under `dir`, then `extra`.
+    pub fn on_port(dir: &Path, port: u16, extra: &[&str]) -> Serve {
+        let reducers = crate::wasm("counter").parent().expect("the reducers' directory").display().to_string();
+        let (listen, data) = (format!("127.0.0.1:{port}"), dir.join("data").display().to_string());
+        let mut args = vec!["--listen", &listen, "--data-dir", &data, "--reducers-dir", &reducers];
+        args.extend_from_slice(&["--kind", "counter=counter.wasm"]);
+        args.extend_from_slice(extra);
+        Serve::spawn_args(dir, &args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
     }
 
     /// `statefold serve ARGS` (which must make it listen on a port of its choosing), its

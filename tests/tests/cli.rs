@@ -145,21 +145,8 @@ async fn cli_deploy_and_versions_speak_to_a_server_with_a_token() {
 async fn cli_tail_prints_every_event_once_across_a_server_restart() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let reducers = statefold_tests::wasm("counter").parent().unwrap().display().to_string();
-    let data = dir.path().join("data").display().to_string();
-    let listen = format!("127.0.0.1:{port}");
-    let serve_args = args(&[
-        "--listen",
-        &listen,
-        "--data-dir",
-        &data,
-        "--reducers-dir",
-        &reducers,
-        "--kind",
-        "counter=counter.wasm",
-    ]);
-    let mut serve = Serve::spawn_args(dir.path(), &serve_args);
+    let port = statefold_tests::process::free_port();
+    let mut serve = Serve::on_port(dir.path(), port, &[]);
     let http = reqwest::Client::new();
     serve.wait_ready(&http).await;
     let url = serve.url.clone();
@@ -201,7 +188,7 @@ async fn cli_tail_prints_every_event_once_across_a_server_restart() {
     // Restart the server on the same port; two diffs land while the tail is cut off.
     serve.signal("TERM");
     assert!(serve.wait().success());
-    let mut serve = Serve::spawn_args(dir.path(), &serve_args);
+    let mut serve = Serve::on_port(dir.path(), port, &[]);
     serve.wait_ready(&http).await;
     append(4).await;
     append(5).await;
