@@ -7,6 +7,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod cases;
 pub mod chain;
 pub mod config;
 pub mod deploy;
@@ -17,6 +18,7 @@ pub mod model;
 pub mod pipeline;
 pub mod reducer;
 pub mod remote;
+pub mod scaffold;
 pub mod server;
 pub mod source;
 pub mod store;

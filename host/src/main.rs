@@ -39,6 +39,48 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         interval_s: f64,
     },
+    /// Create a reducer project that builds as it is: the guest SDK, a sample reducer
+    /// (totals by key, with merge and delta), its cases (cases.jsonl) and a README with its
+    /// build, test and deploy commands.
+    New {
+        /// The reducer's name: a-z 0-9 _ (it names the .wasm file and the reducer).
+        name: String,
+        /// The project's language (Rust only so far).
+        #[arg(long, default_value = "rust", value_parser = ["rust"])]
+        lang: String,
+        /// Where to create it (default: ./NAME); it must not exist or be empty.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The guest SDK (statefold-guest) to depend on (default: the one of the source
+        /// tree this binary was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Fold JSON-lines cases through a reducer in the server's runtime, sandbox and limits,
+    /// and check what each line expects (state, hash, refusal); with --laws, also merge and
+    /// delta on the cases' runs and on runs generated from their diffs. Prints each failure
+    /// (the line, expected and actual, the paths that differ); exits 1 on any. A line:
+    /// {"model": "m1", "diff": {...}, "state": ..., "hash": "...", "refused": true | "text"}
+    /// (model defaults to "case"; the diff is hashed as written).
+    Test {
+        /// The reducer component, e.g. target/wasm32-wasip2/release/counter.wasm
+        file: PathBuf,
+        /// The case file (JSON lines).
+        cases: PathBuf,
+        /// Also check the merge and delta laws.
+        #[arg(long)]
+        laws: bool,
+        /// The seed of the runs --laws generates.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The kind the models belong to (their genesis hashes depend on it; default: the
+        /// reducer's declared name).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Sandbox limits (only the reducer_* ones apply here).
+        #[command(flatten)]
+        limits: LimitFlags,
+    },
     /// Deploy a reducer to a running server (PUT /v1/reducers/NAME, NAME the file's name
     /// without .wasm unless --name says otherwise), and print the version it answers: active
     /// once the server has folded its deploy records, or why it was refused.
@@ -206,6 +248,12 @@ fn main() -> ExitCode {
             check(&file, all.reducer())
         }
         Command::Replay { kind, server, interval_s } => server.remote().and_then(|r| replay(&kind, &r, interval_s)),
+        Command::New { name, lang: _, dir, sdk } => new(&name, dir, sdk),
+        Command::Test { file, cases, laws, seed, kind, limits } => {
+            let mut all = statefold::config::Limits::default();
+            limits.apply(&mut all);
+            test(&file, &cases, laws.then_some(seed), kind, all.reducer())
+        }
         Command::Deploy { file, name, server } => server.remote().and_then(|r| deploy(&file, name, &r)),
         Command::Versions { name, server } => server.remote().and_then(|r| versions(&name, &r)),
         Command::Tail { model, since, json, state, server } => {
@@ -463,6 +511,62 @@ fn tail(
         let mut stdout = std::io::stdout();
         statefold::remote::tail(remote, kind, id, since, options, &mut stdout, stop).await
     })
+}
+
+fn new(name: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> anyhow::Result<()> {
+    let sdk = match sdk.or_else(statefold::scaffold::default_sdk) {
+        Some(sdk) => std::path::absolute(&sdk)?,
+        None => anyhow::bail!(
+            "where is the guest SDK (statefold-guest)? give --sdk PATH (guest-sdk/ of a Statefold checkout)"
+        ),
+    };
+    let files = statefold::scaffold::rust(name, &sdk).map_err(anyhow::Error::msg)?;
+    let dir = dir.unwrap_or_else(|| PathBuf::from(name));
+    statefold::scaffold::create(&dir, &files).map_err(anyhow::Error::msg)?;
+    println!("created {} (reducer {name}, Rust, SDK {})", dir.display(), sdk.display());
+    println!("next: cd {} && cargo build --release --target wasm32-wasip2 (see its README.md)", dir.display());
+    Ok(())
+}
+
+fn test(
+    file: &std::path::Path,
+    cases: &std::path::Path,
+    laws: Option<u64>,
+    kind: Option<String>,
+    limits: statefold::reducer::ReducerLimits,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let runtime = Runtime::new(limits, None)?;
+    let reducer = runtime.load_file(file).with_context(|| format!("cannot load {}", file.display()))?;
+    let text = std::fs::read_to_string(cases).with_context(|| format!("cannot read {}", cases.display()))?;
+    let parsed = statefold::cases::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", cases.display()))?;
+    let kind = kind.unwrap_or_else(|| reducer.info().name.clone());
+    let report = statefold::cases::run(&reducer, &kind, &parsed, laws)?;
+    let info = reducer.info();
+    println!(
+        "{} {} on {}: {} lines, {} diffs applied, {} refused as expected",
+        info.name,
+        info.version,
+        cases.display(),
+        report.lines,
+        report.applied,
+        report.refused
+    );
+    if let Some(laws) = &report.laws {
+        let merge = if info.merge {
+            format!("{} merges checked ({} runs not composable)", laws.merges, laws.not_composable)
+        } else {
+            "no merge declared".into()
+        };
+        let delta = if info.delta { format!("{} deltas checked", laws.deltas) } else { "no delta declared".into() };
+        println!("laws: {merge}, {delta}, on the cases' runs and {} generated runs", laws.generated_runs);
+    }
+    for failure in &report.failures {
+        println!("FAIL {failure}");
+    }
+    anyhow::ensure!(report.failures.is_empty(), "{} of the checks failed", report.failures.len());
+    println!("ok");
+    Ok(())
 }
 
 fn check(file: &std::path::Path, limits: statefold::reducer::ReducerLimits) -> anyhow::Result<()> {

@@ -227,3 +227,174 @@ async fn next_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> 
     let line = tokio::time::timeout(std::time::Duration::from_secs(20), lines.recv()).await;
     line.expect("a line within 20 s").expect("the tail runs")
 }
+
+/// `statefold test`: cases that hold pass, with the hash a real server gives the same diff;
+/// a wrong expected state (with the paths that differ), a wrong hash, an unexpected
+/// refusal, and a merge that breaks its law (a deliberately broken reducer) each fail
+/// with a readable line, exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_test_folds_cases_and_checks_the_laws() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    // The hash a server gives `{"add": 2}` (as written) appended to counter/case.
+    let server = statefold_tests::http::TestServer::start(statefold::config::Limits::default()).await;
+    server.create("counter", "case").await;
+    let (status, body) = server.post("/v1/models/counter/case/diffs?wait=applied", r#"{"add": 2}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let hash = body["hash"].as_str().unwrap().to_owned();
+    server.stop().await;
+
+    let counter = statefold_tests::wasm("counter").display().to_string();
+    let good = write(
+        "good.jsonl",
+        &format!(
+            "# a counter\n{{\"diff\": {{\"add\": 2}}, \"state\": 2, \"hash\": \"{hash}\"}}\n{{\"diff\": {{\"sub\": 5}}, \"state\": -3}}\n\
+             {{\"diff\": {{\"sub\": 9223372036854775807}}, \"refused\": \"overflow\"}}\n{{\"model\": \"other\", \"diff\": {{\"add\": 1}}, \"state\": 1}}\n\
+             {{\"diff\": {{\"add\": 10}}, \"state\": 7}}\n"
+        ),
+    );
+    let (code, stdout, stderr) = run(args(&["test", &counter, &good, "--laws"]), vec![]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("5 lines, 4 diffs applied, 1 refused as expected"), "{stdout}");
+    assert!(
+        stdout.contains("merges checked") && stdout.contains("no delta declared") && stdout.ends_with("ok\n"),
+        "{stdout}"
+    );
+
+    let bad = write(
+        "bad.jsonl",
+        &format!(
+            "{{\"diff\": {{\"add\": 2}}, \"state\": 3, \"hash\": \"{}\"}}\n{{\"diff\": {{\"add\": \"x\"}}}}\n",
+            "0".repeat(64)
+        ),
+    );
+    let (code, stdout, _) = run(args(&["test", &counter, &bad]), vec![]).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "FAIL line 1 (model \"case\"): the state differs from the expected one:\n    /: expected 3, got 2"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("FAIL line 1 (model \"case\"): hash {hash}, expected {}", "0".repeat(64))),
+        "{stdout}"
+    );
+    assert!(stdout.contains("FAIL line 2 (model \"case\"): refused:"), "{stdout}");
+
+    // A nested state: the differing paths are named.
+    let document = statefold_tests::wasm("document").display().to_string();
+    let nested = write(
+        "nested.jsonl",
+        "{\"diff\": {\"a\": {\"b\": 1, \"c\": [1, 2]}}, \"state\": {\"a\": {\"b\": 2, \"c\": [1, 2]}}}\n{\"diff\": {\"d\": true}}\n",
+    );
+    let (code, stdout, _) = run(args(&["test", &document, &nested, "--laws"]), vec![]).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("    /a/b: expected 2, got 1"), "{stdout}");
+    assert!(stdout.contains("deltas checked"), "the document reducer's delta law ran: {stdout}");
+    assert_eq!(stdout.matches("FAIL").count(), 1, "only the wrong state: {stdout}");
+
+    // The broken merge: caught on the cases' run.
+    let badmerge = statefold_tests::wasm("badmerge").display().to_string();
+    let run_of_three = write(
+        "three.jsonl",
+        "{\"diff\": {\"add\": 1}}\n{\"diff\": {\"add\": 2}}\n{\"diff\": {\"add\": 4}, \"state\": 7}\n",
+    );
+    let (code, stdout, _) = run(args(&["test", &badmerge, &run_of_three, "--laws"]), vec![]).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAIL merge law, model \"case\", lines 1 to 2: their merge {\"add\":1} gives 1; applied one by one they give 3"),
+        "{stdout}"
+    );
+    // Without --laws the same cases pass: the states folded diff by diff are right.
+    let (code, stdout, _) = run(args(&["test", &badmerge, &run_of_three]), vec![]).await;
+    assert_eq!(code, Some(0), "{stdout}");
+}
+
+/// From an empty directory: `statefold new` → `cargo build` → `statefold test` → a server
+/// folding the new kind → a changed version rebuilt and `statefold deploy`ed to it → its
+/// models fold with the new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_new_builds_tests_and_deploys_a_rust_reducer() {
+    let work = tempfile::tempdir().unwrap();
+    let project = work.path().join("tally");
+    let (code, stdout, stderr) = run(args(&["new", "tally", "--dir", project.to_str().unwrap()]), vec![]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with(&format!("created {} (reducer tally, Rust", project.display())), "{stdout}");
+    // The workspace's lock pins the same dependency versions, so the build reuses what
+    // the test build compiled for wasm32-wasip2 (in the same target directory).
+    std::fs::copy(statefold_tests::workspace_root().join("Cargo.lock"), project.join("Cargo.lock")).unwrap();
+    let target = statefold_tests::target_dir();
+    let build = |project: std::path::PathBuf, target: std::path::PathBuf| async move {
+        tokio::task::spawn_blocking(move || {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            std::process::Command::new(cargo)
+                .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
+                .current_dir(&project)
+                .env("CARGO_TARGET_DIR", &target)
+                .status()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(build(project.clone(), target.clone()).await.success(), "the new project builds as it is");
+    let wasm = target.join("wasm32-wasip2/release/tally.wasm");
+    let cases = project.join("cases.jsonl").display().to_string();
+    let (code, stdout, stderr) = run(args(&["test", wasm.to_str().unwrap(), &cases, "--laws"]), vec![]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with("tally 0.1.0 on ") && stdout.contains("5 lines, 4 diffs applied, 1 refused as expected"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("deltas checked"), "{stdout}");
+
+    // A server with the kind `basket` folded by it.
+    let reducers = work.path().join("reducers");
+    std::fs::create_dir_all(&reducers).unwrap();
+    std::fs::copy(&wasm, reducers.join("tally.wasm")).unwrap();
+    let (data, port) = (work.path().join("data"), statefold_tests::process::free_port());
+    let listen = format!("127.0.0.1:{port}");
+    let serve_args = args(&[
+        "--listen",
+        &listen,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--reducers-dir",
+        reducers.to_str().unwrap(),
+    ]);
+    let mut serve_args = serve_args;
+    serve_args.extend(args(&["--kind", "basket=tally.wasm"]));
+    let mut serve = Serve::spawn_args(work.path(), &serve_args);
+    let http = reqwest::Client::new();
+    serve.wait_ready(&http).await;
+
+    // Version 0.2.0: rebuilt, deployed from the terminal.
+    let manifest = project.join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap().replacen("version = \"0.1.0\"", "version = \"0.2.0\"", 1);
+    std::fs::write(&manifest, text).unwrap();
+    assert!(build(project.clone(), target.clone()).await.success());
+    let url = serve.url.clone();
+    let (code, stdout, stderr) = run(args(&["deploy", wasm.to_str().unwrap(), "--server", &url]), vec![]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.starts_with("tally: deployed: version ") && stdout.contains("(tally 0.2.0)"), "{stdout}");
+
+    let created = http.post(format!("{url}/v1/models/basket")).body(r#"{"id":"b1"}"#).send().await.unwrap();
+    assert_eq!(created.status(), 201);
+    for diff in [r#"{"add": {"apples": 3}}"#, r#"{"add": {"apples": -1, "pears": 2}}"#] {
+        let answer =
+            http.post(format!("{url}/v1/models/basket/b1/diffs?wait=applied")).body(diff).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let state: serde_json::Value =
+        http.get(format!("{url}/v1/models/basket/b1")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(state["state"], serde_json::json!({"apples": 2, "pears": 2}), "{state}");
+    let (_, versions, _) = run(args(&["versions", "tally", "--server", &url]), vec![]).await;
+    assert!(versions.lines().nth(2).is_some_and(|l| l.contains("active") && l.contains("tally 0.2.0")), "{versions}");
+    serve.signal("TERM");
+    assert!(serve.wait().success());
+}
