@@ -477,8 +477,14 @@ impl App {
     }
 
     /// Where each partition of the kinds' topics stands: next offset to fold, log end.
+    /// The partitions this server reads (sharded: the ones it folds now), with where each
+    /// stands.
     pub fn partitions(&self) -> Vec<((String, u32), PartitionStatus)> {
-        self.source.partitions()
+        let all = self.source.partitions();
+        match &self.cluster {
+            None => all,
+            Some(_) => all.into_iter().filter(|(_, p)| p.folding).collect(),
+        }
     }
 
     /// How this replica compares with the others (Kafka with an attestation topic).
@@ -525,6 +531,15 @@ impl App {
             sse_subscribers: self.hub.subscribers(),
             partitions,
             replicas,
+            cluster: self.cluster.as_ref().map(|cluster| {
+                let view = cluster.view();
+                crate::metrics::ClusterGauges {
+                    members: view.members.len(),
+                    owned: cluster.owned().len(),
+                    folded: self.source.partitions().iter().filter(|(_, p)| p.folding).count(),
+                    served: view.partitions.iter().filter(|p| p.serves.as_deref() == Some(cluster.member())).count(),
+                }
+            }),
         })
     }
 

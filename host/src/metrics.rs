@@ -27,6 +27,11 @@ pub struct CodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -80,6 +85,8 @@ pub struct Metrics {
     pub replica_digests_compared: Counter,
     replica_peers_disagreeing: Gauge,
     replica_diverged: Gauge,
+    cluster_members: Gauge,
+    cluster_partitions: Family<RoleLabels, Gauge>,
 }
 
 /// The state-describing values, read when `/metrics` is scraped.
@@ -93,6 +100,16 @@ pub struct Gauges {
     /// With replicas compared (Kafka with an attestation topic): peers that disagree now,
     /// and whether this replica is the odd one out.
     pub replicas: Option<(usize, bool)>,
+    /// Sharded mode: live members, and this server's partitions owned, folded, served.
+    pub cluster: Option<ClusterGauges>,
+}
+
+/// Sharded mode's gauges.
+pub struct ClusterGauges {
+    pub members: usize,
+    pub owned: usize,
+    pub folded: usize,
+    pub served: usize,
 }
 
 impl Default for Metrics {
@@ -128,6 +145,8 @@ impl Metrics {
             replica_digests_compared: Counter::default(),
             replica_peers_disagreeing: Gauge::default(),
             replica_diverged: Gauge::default(),
+            cluster_members: Gauge::default(),
+            cluster_partitions: Family::default(),
             registry: Registry::default(),
         };
         registry.register("fold_batches", "Batches folded and committed", m.fold_batches.clone());
@@ -219,6 +238,16 @@ impl Metrics {
             "1 when this replica disagrees with at least as many replicas as agree with it",
             m.replica_diverged.clone(),
         );
+        registry.register(
+            "cluster_members",
+            "Sharded mode: servers heard from, this one included",
+            m.cluster_members.clone(),
+        );
+        registry.register(
+            "cluster_partitions",
+            "Sharded mode: this server's partitions, by role (owned: assigned by the group; folded: owned, standby or held; served: requests answered here)",
+            m.cluster_partitions.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -251,6 +280,9 @@ impl Metrics {
             self.kind_stopped.get_or_create(&KindLabels { kind }).set(i64::from(stopped));
         }
         self.sse_subscribers.set(gauges.sse_subscribers as i64);
+        // Only the partitions read now (sharded mode moves them).
+        self.source_next_offset.clear();
+        self.source_lag.clear();
         for (topic, partition, next, lag) in gauges.partitions {
             let labels = PartitionLabels { topic, partition: partition.to_string() };
             self.source_next_offset.get_or_create(&labels).set(next as i64);
@@ -261,6 +293,12 @@ impl Metrics {
                 None => {
                     self.source_lag.remove(&labels);
                 }
+            }
+        }
+        if let Some(cluster) = gauges.cluster {
+            self.cluster_members.set(cluster.members as i64);
+            for (role, n) in [("owned", cluster.owned), ("folded", cluster.folded), ("served", cluster.served)] {
+                self.cluster_partitions.get_or_create(&RoleLabels { role }).set(n as i64);
             }
         }
         if let Some((disagreeing, diverged)) = gauges.replicas {

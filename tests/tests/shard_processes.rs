@@ -379,6 +379,17 @@ async fn proxied_requests_and_a_failover_without_standbys() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
+    // /metrics: the cluster's gauges, and lag only for the partitions this server folds.
+    let metrics = http.get(format!("{}/metrics", servers[0].url)).send().await.unwrap().text().await.unwrap();
+    let gauge =
+        |line: &str| metrics.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(gauge("statefold_cluster_members "), Some(2), "{metrics}");
+    let owned = gauge("statefold_cluster_partitions{role=\"owned\"} ").expect("owned partitions");
+    assert!(owned > 0 && owned < 4, "{metrics}");
+    assert_eq!(gauge("statefold_cluster_partitions{role=\"folded\"} "), Some(owned), "{metrics}");
+    assert_eq!(gauge("statefold_cluster_partitions{role=\"served\"} "), Some(owned), "{metrics}");
+    let lags = metrics.lines().filter(|l| l.starts_with("statefold_source_lag{")).count();
+    assert_eq!(lags as u64, owned, "lag of the folded partitions only: {metrics}");
     let url_of = |member: &Value| {
         view["members"].as_array().unwrap().iter().find(|m| m["member"] == *member).unwrap()["url"]
             .as_str()
