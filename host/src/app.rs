@@ -994,6 +994,9 @@ impl App {
         if let Some(problem) = self.source.problem() {
             return Some(problem);
         }
+        if let Some(problem) = self.cluster.as_ref().and_then(|c| c.problem()) {
+            return Some(problem);
+        }
         if let Some((kind, reason)) = self.kinds_stopped().into_iter().next() {
             return Some(format!("folding kind {kind} is stopped: {reason}; `statefold reset {kind}` refolds it"));
         }

@@ -501,3 +501,27 @@ async fn a_server_without_cluster_has_no_map() {
     let (status, body) = server.get("/v1/cluster").await;
     assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_sharded")), "{body}");
 }
+
+/// A sharded server whose cluster topic does not exist is not ready, and says which topic
+/// to create; once it exists, the server is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_cluster_topic_a_sharded_server_is_unready_and_says_why() {
+    let broker = Broker::start();
+    broker.create_topic("counter", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Serve::sharded(dir.path(), &broker.brokers(), 0, &[]);
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = get(&http, &format!("{}/readyz", server.url)).await;
+        let message = body["error"]["message"].as_str().unwrap_or("").to_owned();
+        if status == 503 && message.contains("\"statefold-cluster\"") && message.contains("create it") {
+            break;
+        }
+        assert!(status == 503, "ready without the cluster topic: {body}");
+        assert!(Instant::now() < deadline, "never said which topic is missing: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    broker.create_topic("statefold-cluster", 1);
+    server.wait_ready(&http).await;
+}

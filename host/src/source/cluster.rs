@@ -169,6 +169,8 @@ pub struct Cluster {
     /// Bumped when a route may have changed (read by streams, which end when their model
     /// moves).
     routes: watch::Sender<u64>,
+    /// Why this server cannot see the cluster (the cluster topic unreadable).
+    problem: Mutex<Option<String>>,
 }
 
 impl Cluster {
@@ -192,6 +194,7 @@ impl Cluster {
             inner: Mutex::new(Inner::default()),
             wanted_generation: AtomicU64::new(0),
             routes: watch::Sender::new(0),
+            problem: Mutex::new(Some(format!("joining the cluster (topic {:?})", cluster.topic))),
         });
         let mut group = kafka_settings(kafka, limits, Role::Consumer);
         group.insert("partition.assignment.strategy".into(), "cooperative-sticky".into());
@@ -225,6 +228,11 @@ impl Cluster {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Why this server cannot see the other servers (`None`: all is well).
+    pub fn problem(&self) -> Option<String> {
+        self.problem.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn member(&self) -> &str {
@@ -459,7 +467,16 @@ impl Cluster {
                 tracing::debug!(error = %e, "cluster group consumer");
             }
             if !assigned {
-                assigned = assign_all(reader, topic);
+                let problem = assign_all(reader, topic).err();
+                assigned = problem.is_none();
+                let mut current = self.problem.lock().unwrap_or_else(|p| p.into_inner());
+                if *current != problem {
+                    match &problem {
+                        Some(problem) => tracing::warn!(%problem, "sharded mode: the cluster topic is not readable"),
+                        None => tracing::info!(%topic, "reading the cluster topic"),
+                    }
+                    *current = problem;
+                }
             }
             let deadline = Instant::now() + interval.min(Duration::from_millis(100));
             while assigned && Instant::now() < deadline {
@@ -497,21 +514,15 @@ impl Cluster {
     }
 }
 
-/// Reads the cluster topic, every partition, from a little before its end.
-fn assign_all(reader: &BaseConsumer, topic: &str) -> bool {
-    match partition_count(reader.client(), topic, Duration::from_secs(2)) {
-        Ok(count) => {
-            let mut list = TopicPartitionList::new();
-            for partition in 0..count as i32 {
-                let _ = list.add_partition_offset(topic, partition, Offset::OffsetTail(100));
-            }
-            reader.assign(&list).is_ok()
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "the cluster topic is not readable yet");
-            false
-        }
+/// Reads the cluster topic, every partition, from a little before its end; why not,
+/// otherwise.
+fn assign_all(reader: &BaseConsumer, topic: &str) -> Result<(), String> {
+    let count = partition_count(reader.client(), topic, Duration::from_secs(2))?;
+    let mut list = TopicPartitionList::new();
+    for partition in 0..count as i32 {
+        let _ = list.add_partition_offset(topic, partition, Offset::OffsetTail(100));
     }
+    reader.assign(&list).map_err(|e| format!("cannot read the cluster topic {topic:?}: {e}"))
 }
 
 /// Commits the owned partitions' folded positions to the group (for lag monitoring).
