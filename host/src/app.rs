@@ -312,22 +312,7 @@ impl App {
     /// serves its partition (or none can yet).
     pub fn route(&self, model: &ModelKey) -> Result<Route, AppError> {
         let Some(cluster) = &self.cluster else { return Ok(Route::Local) };
-        let topic = &self.kind(&model.kind)?.topic;
-        match self.partition_count(topic) {
-            0 => Ok(Route::Unavailable(format!("the partitions of topic {topic:?} are not known yet"))),
-            count => Ok(cluster.route(topic, partition_of(model.id.as_bytes(), count))),
-        }
-    }
-
-    /// Whether the source reads (`topic`, `partition`) (every one, unless sharded).
-    fn folds(&self, topic: &str, partition: u32) -> bool {
-        self.source.partitions().iter().any(|((t, p), s)| t == topic && *p == partition && s.folding)
-    }
-
-    /// The partition count of `topic`, as the source last saw it (0: not yet).
-    fn partition_count(&self, topic: &str) -> u32 {
-        let partitions = self.source.partitions();
-        partitions.iter().filter(|((t, _), _)| t == topic).map(|((_, p), _)| p + 1).max().unwrap_or(0)
+        Ok(cluster.route_of(&self.kind(&model.kind)?.topic, model.id.as_bytes()))
     }
 
     /// Sharded mode: whether a request for a model served elsewhere is redirected or
@@ -374,7 +359,7 @@ impl App {
         let mut kinds: Vec<&Kind> = self.kinds.values().collect();
         kinds.sort_by(|a, b| a.name.cmp(&b.name));
         for kind in kinds {
-            let count = loop {
+            let ends = loop {
                 if self.status.stop.is_cancelled() {
                     return;
                 }
@@ -390,26 +375,22 @@ impl App {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
-            let app = self.clone();
-            let reducer = kind.reducer.clone();
-            let module = tokio::task::spawn_blocking(move || -> Result<Option<(ModuleHash, Vec<u8>)>, StoreError> {
-                let versions = app.store.read().versions(&reducer)?;
+            let (app, reducer) = (self.clone(), kind.reducer.clone());
+            let module = tokio::task::spawn_blocking(move || -> Result<Option<(ModuleHash, Vec<u8>)>, DeployError> {
+                let versions = app.deployer.versions(&reducer)?;
                 let Some(active) = versions.into_iter().find(|v| v.status == VersionStatus::Active) else {
                     return Ok(None);
                 };
-                Ok(app.store.module(&active.id)?.map(|bytes| (active.id, bytes)))
+                Ok(Some((active.id, app.deployer.stored(&reducer, &active.id.to_string())?)))
             })
             .await;
             let Ok(Ok(Some((version, module)))) = module else {
                 tracing::warn!(kind = %kind.name, "no active version to record as the genesis deploy");
                 continue;
             };
-            let headers = vec![
-                (DEPLOY_HEADER.to_owned(), kind.reducer.as_bytes().to_vec()),
-                (DEPLOY_ORIGIN_HEADER.to_owned(), b"genesis".to_vec()),
-                (DEPLOY_PARTITIONS_HEADER.to_owned(), count.len().to_string().into_bytes()),
-            ];
-            for (partition, end) in count.iter().enumerate() {
+            let mut headers = deploy_headers(&kind.reducer, "genesis", None);
+            headers.push((DEPLOY_PARTITIONS_HEADER.to_owned(), ends.len().to_string().into_bytes()));
+            for (partition, end) in ends.iter().enumerate() {
                 if *end != Some(0) || !owned.contains(&(kind.topic.to_string(), partition as u32)) {
                     continue;
                 }
@@ -476,7 +457,6 @@ impl App {
         self.hub.subscribe(model)
     }
 
-    /// Where each partition of the kinds' topics stands: next offset to fold, log end.
     /// The partitions this server reads (sharded: the ones it folds now), with where each
     /// stands.
     pub fn partitions(&self) -> Vec<((String, u32), PartitionStatus)> {
@@ -532,13 +512,9 @@ impl App {
             partitions,
             replicas,
             cluster: self.cluster.as_ref().map(|cluster| {
-                let view = cluster.view();
-                crate::metrics::ClusterGauges {
-                    members: view.members.len(),
-                    owned: cluster.owned().len(),
-                    folded: self.source.partitions().iter().filter(|(_, p)| p.folding).count(),
-                    served: view.partitions.iter().filter(|p| p.serves.as_deref() == Some(cluster.member())).count(),
-                }
+                let (members, owned, served) = cluster.summary();
+                let folded = self.source.partitions().iter().filter(|(_, p)| p.folding).count();
+                crate::metrics::ClusterGauges { members, owned, folded, served }
             }),
         })
     }
@@ -629,13 +605,7 @@ impl App {
         let mut written = 0;
         for kind in &kinds {
             let topic = &self.kind(kind).map_err(|e| DeployError::Unavailable(e.to_string()))?.topic;
-            let mut headers = vec![
-                (DEPLOY_HEADER.to_owned(), name.as_bytes().to_vec()),
-                (DEPLOY_ORIGIN_HEADER.to_owned(), origin.as_bytes().to_vec()),
-            ];
-            if let Some(subject) = subject {
-                headers.push((SUBJECT_HEADER.to_owned(), subject.as_bytes().to_vec()));
-            }
+            let headers = deploy_headers(name, origin, subject);
             written += self.in_every_partition(topic, name.as_bytes(), &module, &headers).await.map_err(|e| match e {
                 AppError::ShuttingDown => DeployError::Stopped,
                 AppError::WaitTimeout(..) => DeployError::Unavailable(format!(
@@ -670,7 +640,7 @@ impl App {
         let timeout = Duration::from_millis(self.limits.wait_applied_ms_max);
         for &(partition, offset) in &written {
             // Sharded: the partitions folded here; the others' servers fold theirs.
-            if self.cluster.is_some() && !self.folds(topic, partition) {
+            if self.cluster.is_some() && !self.source.is_folding(topic, partition) {
                 continue;
             }
             self.wait_stored(topic, partition, offset, timeout).await?;
@@ -899,7 +869,7 @@ impl App {
         let Some(cluster) = &self.cluster else { return Ok(self.store.read().list(kind, after, limit)?) };
         // Sharded: the models of the partitions served here (the store may also hold
         // partitions folded here before, no longer up to date).
-        let count = self.partition_count(&topic);
+        let count = cluster.partition_count(&topic);
         if count == 0 {
             return Ok(Vec::new());
         }
@@ -1013,6 +983,19 @@ impl App {
         }
         self.unready_reason().is_none()
     }
+}
+
+/// The headers of a deploy record of reducer `name` (the partition count is added per
+/// write).
+fn deploy_headers(name: &str, origin: &str, subject: Option<&str>) -> Vec<(String, Vec<u8>)> {
+    let mut headers = vec![
+        (DEPLOY_HEADER.to_owned(), name.as_bytes().to_vec()),
+        (DEPLOY_ORIGIN_HEADER.to_owned(), origin.as_bytes().to_vec()),
+    ];
+    if let Some(subject) = subject {
+        headers.push((SUBJECT_HEADER.to_owned(), subject.as_bytes().to_vec()));
+    }
+    headers
 }
 
 fn unknown(model: &ModelKey) -> AppError {

@@ -149,6 +149,8 @@ struct Inner {
     wanted: BTreeSet<Partition>,
     /// Where each partition's requests go, as of the last [`Cluster::settle`].
     routes: BTreeMap<Partition, Route>,
+    /// The kinds' topics' partition counts, as of the last [`Cluster::settle`].
+    counts: BTreeMap<String, u32>,
     /// A settle has seen the topics: the fold thread then knows what to fold, even if
     /// that is nothing yet.
     settled: bool,
@@ -275,15 +277,15 @@ impl Cluster {
             .collect()
     }
 
-    fn announce(&self) -> Announce {
-        let inner = self.lock();
+    /// This server's announcement: what it owns and folds now.
+    fn own(&self, inner: &Inner, sent_ms: i64) -> Announce {
         Announce {
             member: self.member.clone(),
             url: self.url.clone(),
             owned: inner.owned.iter().cloned().collect(),
             claimed_ms: inner.claimed_ms,
             folding: self.folding().into_values().collect(),
-            sent_ms: super::now_ms(),
+            sent_ms,
         }
     }
 
@@ -291,14 +293,7 @@ impl Cluster {
     fn members(&self, inner: &Inner) -> Vec<Announce> {
         let mut all: Vec<Announce> =
             inner.members.values().filter(|h| h.at.elapsed() < self.timeout).map(|h| h.announce.clone()).collect();
-        all.push(Announce {
-            member: self.member.clone(),
-            url: self.url.clone(),
-            owned: inner.owned.iter().cloned().collect(),
-            claimed_ms: inner.claimed_ms,
-            folding: self.folding().into_values().collect(),
-            sent_ms: 0,
-        });
+        all.push(self.own(inner, 0));
         all.sort_by(|a, b| a.member.cmp(&b.member));
         all
     }
@@ -313,18 +308,48 @@ impl Cluster {
         counts
     }
 
-    /// Where a request for a model on (`topic`, `partition`) goes (as of the last look at
-    /// the cluster, at most `cluster_heartbeat_interval_ms` ago).
-    pub fn route(&self, topic: &str, partition: u32) -> Route {
+    /// Where a request for the model `key` of `topic` goes: the route of its partition
+    /// ([`crate::model::partition_of`] among the topic's partitions).
+    pub fn route_of(&self, topic: &str, key: &[u8]) -> Route {
         let inner = self.lock();
-        match inner.routes.get(&(topic.to_owned(), partition)) {
-            Some(route) => route.clone(),
-            None => Route::Unavailable(format!(
-                "this server has not yet heard where partition {partition} of topic {topic:?} is served; retry shortly"
-            )),
+        match inner.counts.get(topic) {
+            Some(&count) => route_in_table(&inner, topic, crate::model::partition_of(key, count)),
+            None => Route::Unavailable(format!("the partitions of topic {topic:?} are not known yet")),
         }
     }
 
+    /// The number of partitions of `topic`, as of the last look at the cluster (0: not
+    /// known yet).
+    pub fn partition_count(&self, topic: &str) -> u32 {
+        self.lock().counts.get(topic).copied().unwrap_or(0)
+    }
+
+    /// Where a request for a model on (`topic`, `partition`) goes (as of the last look at
+    /// the cluster, at most `cluster_heartbeat_interval_ms` ago).
+    pub fn route(&self, topic: &str, partition: u32) -> Route {
+        route_in_table(&self.lock(), topic, partition)
+    }
+
+    /// For `/metrics`: (live members, partitions owned, partitions served here).
+    pub fn summary(&self) -> (usize, usize, usize) {
+        let inner = self.lock();
+        let members = 1 + inner.members.values().filter(|h| h.at.elapsed() < self.timeout).count();
+        let served = inner.routes.values().filter(|r| **r == Route::Local).count();
+        (members, inner.owned.len(), served)
+    }
+}
+
+/// A partition's route in the table the last [`Cluster::settle`] made.
+fn route_in_table(inner: &Inner, topic: &str, partition: u32) -> Route {
+    match inner.routes.get(&(topic.to_owned(), partition)) {
+        Some(route) => route.clone(),
+        None => Route::Unavailable(format!(
+            "this server has not yet heard where partition {partition} of topic {topic:?} is served; retry shortly"
+        )),
+    }
+}
+
+impl Cluster {
     /// The whole map, for `GET /v1/cluster`.
     pub fn view(&self) -> ClusterView {
         let inner = self.lock();
@@ -367,25 +392,28 @@ impl Cluster {
     fn settle(&self) {
         let mut inner = self.lock();
         let members = self.members(&inner);
-        let folding = self.folding();
+        let me = members.iter().find(|a| a.member == self.member).expect("members() includes this server");
+        let counts = self.counts();
         let mut wanted = BTreeSet::new();
         let mut routes = BTreeMap::new();
-        for (topic, count) in self.counts() {
+        for (topic, &count) in &counts {
             for partition in 0..count {
                 let key = (topic.clone(), partition);
-                routes.insert(key.clone(), route_in(&members, &self.member, &topic, partition));
-                let owner = owner_of(&members, &topic, partition);
+                routes.insert(key.clone(), route_in(&members, &self.member, topic, partition));
+                let owner = owner_of(&members, topic, partition);
                 let mine = owner.is_some_and(|o| o.member == self.member)
-                    || standbys_of(&members, owner.map(|o| o.member.as_str()), self.standbys, &topic, partition)
+                    || standbys_of(&members, owner.map(|o| o.member.as_str()), self.standbys, topic, partition)
                         .contains(&self.member);
                 // A warm copy is kept until the owner has caught up.
-                let owner_ready = owner.is_some_and(|o| ready_in(o, &topic, partition));
-                let held = folding.contains_key(&key) && !owner_ready;
+                let owner_ready = owner.is_some_and(|o| ready_in(o, topic, partition));
+                let folded = me.folding.iter().any(|f| f.topic == *topic && f.partition == partition);
+                let held = folded && !owner_ready;
                 if mine || held {
                     wanted.insert(key);
                 }
             }
         }
+        inner.counts = counts;
         let first = !inner.settled && !routes.is_empty();
         inner.settled |= first;
         if wanted != inner.wanted || first {
@@ -404,12 +432,12 @@ impl Cluster {
         }
     }
 
-    /// The group assigned or revoked partitions.
     /// The partitions the group assigned to this server.
     pub fn owned(&self) -> BTreeSet<Partition> {
         self.lock().owned.clone()
     }
 
+    /// The group assigned or revoked partitions.
     fn rebalanced(&self, assigned: &[Partition], revoked: &[Partition]) {
         if assigned.is_empty() && revoked.is_empty() {
             return;
@@ -496,7 +524,7 @@ impl Cluster {
             }
             if last_sent.elapsed() >= interval {
                 last_sent = Instant::now();
-                let body = serde_json::to_vec(&self.announce()).expect("serializable");
+                let body = serde_json::to_vec(&self.own(&self.lock(), super::now_ms())).expect("serializable");
                 let record = BaseRecord::<[u8], [u8]>::to(topic).key(self.member.as_bytes()).payload(&body);
                 if let Err((e, _)) = producer.send(record) {
                     tracing::debug!(error = %e, "announcement not published");

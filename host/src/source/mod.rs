@@ -111,9 +111,9 @@ impl SourceStatus {
         }
     }
 
-    /// A partition read and caught up.
-    pub fn is_ready(&self, topic: &str, partition: u32) -> bool {
-        self.lock().partitions.get(&(topic.to_owned(), partition)).is_some_and(|p| p.ready)
+    /// Whether the source reads the partition now.
+    pub fn is_folding(&self, topic: &str, partition: u32) -> bool {
+        self.lock().partitions.get(&(topic.to_owned(), partition)).is_some_and(|p| p.folding)
     }
 
     pub fn set_end(&self, topic: &str, partition: u32, end: u64) {
