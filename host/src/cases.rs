@@ -131,25 +131,17 @@ pub fn run(reducer: &Arc<Reducer>, kind: &str, cases: &[Case], laws: Option<u64>
         }
         let at = format!("line {} (model {:?})", case.line, case.model);
         if let Some(diff) = &case.diff {
-            let record = DiffRecord {
-                offset: case.line as u64,
-                timestamp_ms: None,
-                headers: Vec::new(),
-                payload: diff.get().as_bytes().to_vec(),
-            };
-            let outcomes = models.apply(&case.model, head, std::slice::from_ref(&record), &mut checkpoints)?;
-            checkpoints.record(&case.model, head, std::slice::from_ref(&record), &outcomes);
-            match (&outcomes[0], &case.refused) {
-                (Outcome::Applied(hash), None) => {
-                    report.applied += 1;
+            let payload = diff.get().as_bytes().to_vec();
+            let outcome = apply_one(&mut models, &mut checkpoints, &case.model, head, case.line, &payload)?;
+            match (&outcome, &case.refused) {
+                (Outcome::Applied(hash), expected) => {
+                    if expected.is_some() {
+                        report.failures.push(format!("{at}: expected the diff refused; it was applied"));
+                    } else {
+                        report.applied += 1;
+                    }
                     heads.insert(case.model.clone(), *hash);
-                    run.diffs.push((case.line, record.payload));
-                    run.states.push(models.snapshot(&case.model, &mut checkpoints)?);
-                }
-                (Outcome::Applied(hash), Some(_)) => {
-                    report.failures.push(format!("{at}: expected the diff refused; it was applied"));
-                    heads.insert(case.model.clone(), *hash);
-                    run.diffs.push((case.line, record.payload));
+                    run.diffs.push((case.line, payload));
                     run.states.push(models.snapshot(&case.model, &mut checkpoints)?);
                 }
                 (Outcome::Refused(reason), Some(expected)) if reason.contains(expected.as_str()) => report.refused += 1,
@@ -191,13 +183,10 @@ pub fn run(reducer: &Arc<Reducer>, kind: &str, cases: &[Case], laws: Option<u64>
                 Run { diffs: Vec::new(), states: vec![scratch.models.snapshot(&model, &mut scratch.checkpoints)?] };
             let mut head = Hash::genesis(kind, &model);
             for (line, diff) in picked {
-                let record = DiffRecord { offset: line as u64, timestamp_ms: None, headers: Vec::new(), payload: diff };
-                let outcomes =
-                    scratch.models.apply(&model, head, std::slice::from_ref(&record), &mut scratch.checkpoints)?;
-                scratch.checkpoints.record(&model, head, std::slice::from_ref(&record), &outcomes);
-                if let Outcome::Applied(hash) = outcomes[0] {
+                let outcome = apply_one(&mut scratch.models, &mut scratch.checkpoints, &model, head, line, &diff)?;
+                if let Outcome::Applied(hash) = outcome {
                     head = hash;
-                    run.diffs.push((line, record.payload));
+                    run.diffs.push((line, diff));
                     run.states.push(scratch.models.snapshot(&model, &mut scratch.checkpoints)?);
                 }
             }
@@ -209,6 +198,23 @@ pub fn run(reducer: &Arc<Reducer>, kind: &str, cases: &[Case], laws: Option<u64>
         report.laws = Some(laws);
     }
     Ok(report)
+}
+
+/// Applies one diff (`offset`: its line) to `model` at `head`, and records it if applied.
+fn apply_one(
+    models: &mut Models,
+    checkpoints: &mut MemoryCheckpoints,
+    model: &str,
+    head: Hash,
+    offset: usize,
+    payload: &[u8],
+) -> Result<Outcome, ReducerError> {
+    let record =
+        DiffRecord { offset: offset as u64, timestamp_ms: None, headers: Vec::new(), payload: payload.to_vec() };
+    let records = std::slice::from_ref(&record);
+    let mut outcomes = models.apply(model, head, records, checkpoints)?;
+    checkpoints.record(model, head, records, &outcomes);
+    Ok(outcomes.remove(0))
 }
 
 /// xorshift64: the generated runs are the same for the same seed.
@@ -234,11 +240,8 @@ impl Scratch {
         self.checkpoints
             .save(&model, from.to_vec())
             .map_err(|source| ReducerError::Checkpoints { model: model.clone(), source })?;
-        let record = DiffRecord { offset: 0, timestamp_ms: None, headers: Vec::new(), payload: diff.to_vec() };
         let start = Hash::from_bytes([0; 32]);
-        let outcomes = self.models.apply(&model, start, std::slice::from_ref(&record), &mut self.checkpoints)?;
-        self.checkpoints.record(&model, start, std::slice::from_ref(&record), &outcomes);
-        let state = match &outcomes[0] {
+        let state = match apply_one(&mut self.models, &mut self.checkpoints, &model, start, 0, diff)? {
             Outcome::Applied(_) => Ok(self.models.snapshot(&model, &mut self.checkpoints)?),
             Outcome::Refused(reason) => Err(format!("refused: {reason}")),
             Outcome::Failed(reason) => Err(format!("failed: {reason}")),

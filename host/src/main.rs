@@ -392,10 +392,14 @@ fn config_of(args: ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// Runs a client command's requests on a runtime of its own.
+fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(future)
+}
+
 fn replay(kind: &str, remote: &statefold::remote::Remote, interval_s: f64) -> anyhow::Result<()> {
     let interval = std::time::Duration::try_from_secs_f64(interval_s.max(0.01))?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async move {
+    block_on(async move {
         let endpoint = format!("/v1/kinds/{}/replay", statefold::remote::segment(kind));
         let mut job = remote.post(&endpoint).await?;
         loop {
@@ -430,8 +434,7 @@ fn deploy(file: &std::path::Path, name: Option<String>, remote: &statefold::remo
             .map(str::to_owned)
             .with_context(|| format!("{}: no file name to name the reducer after; give --name", file.display()))?,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let body = runtime.block_on(remote.deploy(&name, module))?;
+    let body = block_on(remote.deploy(&name, module))?;
     let version = &body["version"];
     let declared = &version["declared"];
     let what = if body["unchanged"] == true { "already active" } else { "deployed" };
@@ -448,8 +451,7 @@ fn deploy(file: &std::path::Path, name: Option<String>, remote: &statefold::remo
 }
 
 fn versions(name: &str, remote: &statefold::remote::Remote) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let body = runtime.block_on(remote.versions(name))?;
+    let body = block_on(remote.versions(name))?;
     let kinds: Vec<&str> =
         body["kinds"].as_array().map(|k| k.iter().filter_map(|k| k.as_str()).collect()).unwrap_or_default();
     println!("reducer {name} (kinds: {})", kinds.join(", "));
@@ -502,8 +504,7 @@ fn tail(
     remote: &statefold::remote::Remote,
 ) -> anyhow::Result<()> {
     let (kind, id) = model.split_once('/').ok_or_else(|| anyhow::anyhow!("{model:?}: expected KIND/ID"))?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async move {
+    block_on(async move {
         let stop = async {
             let _ = tokio::signal::ctrl_c().await;
             eprintln!("tail: stopped");
