@@ -97,7 +97,7 @@ install_python_tools() {
 
 # Every workspace member but the host and the test crate is a reducer (or the SDK they
 # use): the workspace members are the one list of them. `run` builds the examples only;
-# `test` adds the faulty ones.
+# `test` adds the faulty and legacy ones.
 build_reducers() {
   cargo build --release --target wasm32-wasip2 --workspace --exclude statefold --exclude statefold-tests "$@"
 }
@@ -134,7 +134,7 @@ case "$cmd" in
     status=0
     {
       cargo test --release --workspace --all-targets "$@" &&
-        cargo test --release --workspace --doc --exclude 'statefold-faulty-*'
+        cargo test --release --workspace --doc --exclude 'statefold-faulty-*' --exclude 'statefold-legacy-*'
     } 2>&1 | tee "$log" || status=$?
     # One closing line over every test binary (the last one cargo prints is often a
     # crate with no doc tests).
@@ -148,7 +148,7 @@ case "$cmd" in
     ;;
   run)
     setup
-    build_reducers --exclude 'statefold-faulty-*'
+    build_reducers --exclude 'statefold-faulty-*' --exclude 'statefold-legacy-*'
     cargo build --release -p statefold
     bin="${CARGO_TARGET_DIR:-target}/release/statefold"
     if [ $# -eq 0 ]; then

@@ -135,6 +135,49 @@ pub struct Context<'a> {
     pub prev_hash: &'a [u8],
 }
 
+impl Context<'_> {
+    /// Emits a record to `topic` with `key` and `value` encoded as JSON, as a consequence of
+    /// this diff: a **reaction**. The host commits it with the diff and relays it to the
+    /// topic after, exactly once, in the order emitted (see [`Reaction`]).
+    ///
+    /// ```
+    /// # use statefold_guest::Context;
+    /// fn finished(ctx: &Context, total: u64) {
+    ///     ctx.emit("runs-finished", ctx.model, &serde_json::json!({ "run": ctx.model, "total": total }));
+    /// }
+    /// ```
+    pub fn emit(&self, topic: &str, key: &str, value: &impl Serialize) {
+        let value = serde_json::to_vec(value).expect("a reaction's value must serialize to JSON");
+        self.emit_record(Reaction { topic: topic.to_owned(), key: key.to_owned(), value, headers: Vec::new() });
+    }
+
+    /// Emits a reaction given as bytes, with headers of its own.
+    pub fn emit_record(&self, reaction: Reaction) {
+        __private::emit(reaction);
+    }
+}
+
+/// A record a reducer emits while applying a diff, for another topic: a reaction.
+///
+/// - Committed with the diff, relayed after: a downstream consumer reading committed records
+///   sees each once, in the order the model's diffs emitted them. The relay adds the headers
+///   `statefold-reaction-id` (`KIND/SEQ/INDEX/ID`: the model, the diff's place in its chain,
+///   the reaction's place among the diff's), `statefold-kind` and `statefold-model`.
+/// - A diff that is refused (or fails) emits nothing, even what it emitted before refusing.
+/// - Applying a diff again (rebuilding a model, a replay) emits nothing: a reaction follows
+///   from the first fold of its diff.
+/// - The host's limits: `reactions_per_diff_max` per diff, `reaction_bytes_max` each; past
+///   them, and for an invalid topic name or a header named `statefold-*`, the diff fails.
+/// - Where the topic is another kind's, that kind folds the reaction as a diff to model
+///   `key`: reducers can drive each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reaction {
+    pub topic: String,
+    pub key: String,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
 /// Why a reducer will not apply a diff. Reported to whoever sent the diff.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal(String);
@@ -218,8 +261,21 @@ pub mod native {
 
         /// Apply one encoded diff; `Err` is the refusal reason.
         pub fn apply(&mut self, payload: &[u8], offset: u64, prev_hash: &[u8]) -> Result<(), String> {
+            self.apply_emitting(payload, offset, prev_hash).map(drop)
+        }
+
+        /// [`Model::apply`], returning the reactions the diff emitted (none when refused).
+        pub fn apply_emitting(
+            &mut self,
+            payload: &[u8],
+            offset: u64,
+            prev_hash: &[u8],
+        ) -> Result<Vec<Reaction>, String> {
             let ctx = Context { model: &self.id, offset, timestamp_ms: None, headers: &[], prev_hash };
-            crate::__private::apply_one::<R, C>(&mut self.state, payload, &ctx)
+            crate::__private::EMITTED.with(|emitted| emitted.borrow_mut().clear());
+            let result = crate::__private::apply_one::<R, C>(&mut self.state, payload, &ctx);
+            let emitted = crate::__private::EMITTED.with(|emitted| std::mem::take(&mut *emitted.borrow_mut()));
+            result.map(|()| emitted)
         }
 
         pub fn snapshot(&self) -> Vec<u8> {
@@ -264,6 +320,27 @@ pub mod __private {
 
     use exports::statefold::reducer::reducer::{ApplyResult, Composed, Diff, Guest, GuestModel, Info, Model};
     use statefold::reducer::types::{Capabilities, Refusal as WitRefusal};
+
+    thread_local! {
+        /// Natively (tests, benchmarks), what `Context::emit` emitted during one apply.
+        pub(crate) static EMITTED: RefCell<Vec<Reaction>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// `Context::emit`: the host's `reactions.emit` in WebAssembly, a buffer natively.
+    pub(crate) fn emit(reaction: Reaction) {
+        #[cfg(target_family = "wasm")]
+        {
+            let Reaction { topic, key, value, headers } = reaction;
+            statefold::reducer::reactions::emit(&statefold::reducer::reactions::Reaction {
+                topic,
+                key,
+                value,
+                headers,
+            });
+        }
+        #[cfg(not(target_family = "wasm"))]
+        EMITTED.with(|emitted| emitted.borrow_mut().push(reaction));
+    }
 
     /// Decode and apply one diff; `Err` is the refusal reason.
     pub fn apply_one<R: Reducer, C: Codec>(state: &mut R::State, payload: &[u8], ctx: &Context) -> Result<(), String> {

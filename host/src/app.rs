@@ -29,6 +29,7 @@ use crate::reducer::ReducerError;
 use crate::source::attest::Replicas;
 use crate::source::cluster::Cluster;
 pub use crate::source::cluster::{ClusterView, Route};
+use crate::source::relay::Relay;
 use crate::source::{PartitionStatus, SourceStatus, WriteError, Writer};
 use crate::store::{HashAt, Reader, Store, StoreError, StoredRejection};
 
@@ -228,6 +229,8 @@ pub struct Log {
     pub attestor: Option<Arc<crate::source::attest::Attestor>>,
     /// Sharded mode: which server serves which partition.
     pub cluster: Option<Arc<Cluster>>,
+    /// The outbox's relay: what is pending, what keeps it.
+    pub relay: Arc<Relay>,
 }
 
 /// What the fold thread and the process share with the service.
@@ -257,6 +260,7 @@ pub struct App {
     read_only: bool,
     attestor: Option<Arc<crate::source::attest::Attestor>>,
     cluster: Option<Arc<Cluster>>,
+    pub(crate) relay: Arc<Relay>,
     /// The latest replay of each kind, running or finished.
     replays: Mutex<BTreeMap<String, ReplayJob>>,
     /// Bearer tokens (`None`: access control off).
@@ -272,7 +276,7 @@ impl App {
         process: Process,
         deployer: Arc<Deployer>,
     ) -> Result<App, StoreError> {
-        let Log { writer, source_name, source, read_only, attestor, cluster } = log;
+        let Log { writer, source_name, source, read_only, attestor, cluster, relay } = log;
         let Process { committed, status, metrics } = process;
         let hub = Hub::new(limits.sse_queue_events_max, limits.sse_subscribers_max);
         let states = Mutex::new(StateCache::new(limits.state_cache_bytes_max));
@@ -304,6 +308,7 @@ impl App {
             replays,
             attestor,
             cluster,
+            relay,
             auth: None,
         })
     }
@@ -516,6 +521,7 @@ impl App {
                 let folded = self.source.partitions().iter().filter(|(_, p)| p.folding).count();
                 crate::metrics::ClusterGauges { members, owned, folded, served }
             }),
+            outbox_pending: self.relay.pending(),
         })
     }
 
@@ -967,6 +973,13 @@ impl App {
         if let Some(problem) = self.cluster.as_ref().and_then(|c| c.problem()) {
             return Some(problem);
         }
+        if self.relay.full() {
+            return Some(format!(
+                "the outbox holds outbox_records_max ({}) reactions not relayed: folding waits for the relay{}",
+                self.limits.outbox_records_max,
+                self.relay.problem().map(|p| format!(" ({p})")).unwrap_or_default()
+            ));
+        }
         if let Some((kind, reason)) = self.kinds_stopped().into_iter().next() {
             return Some(format!("folding kind {kind} is stopped: {reason}; `statefold reset {kind}` refolds it"));
         }
@@ -974,6 +987,16 @@ impl App {
             return Some("catching up with the log".into());
         }
         None
+    }
+
+    /// The outbox as `/readyz` shows it: reactions not relayed yet, and what holds the relay
+    /// up.
+    pub fn outbox(&self) -> serde_json::Value {
+        let mut outbox = serde_json::json!({"pending": self.relay.pending()});
+        if let Some(problem) = self.relay.problem() {
+            outbox["problem"] = problem.into();
+        }
+        outbox
     }
 
     /// Ready to serve: caught up, and not diverged from the other replicas.

@@ -134,7 +134,7 @@ pub fn run(reducer: &Arc<Reducer>, kind: &str, cases: &[Case], laws: Option<u64>
             let payload = diff.get().as_bytes().to_vec();
             let outcome = apply_one(&mut models, &mut checkpoints, &case.model, head, case.line, &payload)?;
             match (&outcome, &case.refused) {
-                (Outcome::Applied(hash), expected) => {
+                (Outcome::Applied(hash, _), expected) => {
                     if expected.is_some() {
                         report.failures.push(format!("{at}: expected the diff refused; it was applied"));
                     } else {
@@ -184,7 +184,7 @@ pub fn run(reducer: &Arc<Reducer>, kind: &str, cases: &[Case], laws: Option<u64>
             let mut head = Hash::genesis(kind, &model);
             for (line, diff) in picked {
                 let outcome = apply_one(&mut scratch.models, &mut scratch.checkpoints, &model, head, line, &diff)?;
-                if let Outcome::Applied(hash) = outcome {
+                if let Outcome::Applied(hash, _) = outcome {
                     head = hash;
                     run.diffs.push((line, diff));
                     run.states.push(scratch.models.snapshot(&model, &mut scratch.checkpoints)?);
@@ -242,7 +242,7 @@ impl Scratch {
             .map_err(|source| ReducerError::Checkpoints { model: model.clone(), source })?;
         let start = Hash::from_bytes([0; 32]);
         let state = match apply_one(&mut self.models, &mut self.checkpoints, &model, start, 0, diff)? {
-            Outcome::Applied(_) => Ok(self.models.snapshot(&model, &mut self.checkpoints)?),
+            Outcome::Applied(..) => Ok(self.models.snapshot(&model, &mut self.checkpoints)?),
             Outcome::Refused(reason) => Err(format!("refused: {reason}")),
             Outcome::Failed(reason) => Err(format!("failed: {reason}")),
         };

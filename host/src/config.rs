@@ -162,6 +162,19 @@ limits! {
     /// how long after a server's last heartbeat the group reassigns its partitions, in
     /// milliseconds.
     cluster_session_timeout_ms: u64 = 10000;
+    /// Reactions one diff may emit; a diff that emits more fails (rejection `failed`).
+    reactions_per_diff_max: usize = crate::reducer::ReducerLimits::default().reactions_per_diff_max;
+    /// Bytes of one reaction (key, value and headers); a diff that emits a larger one fails.
+    reaction_bytes_max: usize = crate::reducer::ReducerLimits::default().reaction_bytes_max;
+    /// Reactions committed and not yet relayed; past it, folding pauses until the relay
+    /// catches up (the outbox is a queue on disk, and bounded like any other).
+    outbox_records_max: u64 = 1_000_000;
+    /// Reactions relayed in one Kafka transaction (or one embedded-log write); a diff's
+    /// reactions are never split across two.
+    relay_batch_records_max: usize = 1000;
+    /// Longest wait of the relay for a transaction's commit before it is retried, in
+    /// milliseconds.
+    relay_transaction_timeout_ms: u64 = 30_000;
 }
 
 impl Limits {
@@ -173,6 +186,8 @@ impl Limits {
             resident_bytes_max: self.reducer_resident_bytes_max,
             resident_models_max: self.reducer_resident_models_max,
             stderr_bytes_max: self.reducer_stderr_bytes_max,
+            reactions_per_diff_max: self.reactions_per_diff_max,
+            reaction_bytes_max: self.reaction_bytes_max,
         }
     }
 
@@ -223,6 +238,9 @@ impl Limits {
             ("kafka_fetch_queue_bytes_max", self.kafka_fetch_queue_bytes_max >> 10),
             ("kafka_produce_queue_bytes_max", self.kafka_produce_queue_bytes_max >> 10),
             ("kafka_produce_timeout_ms", self.kafka_produce_timeout_ms),
+            ("outbox_records_max", self.outbox_records_max),
+            ("relay_batch_records_max", self.relay_batch_records_max as u64),
+            ("relay_transaction_timeout_ms", self.relay_transaction_timeout_ms),
             ("kafka_check_interval_ms", self.kafka_check_interval_ms),
             ("kafka_commit_interval_ms", self.kafka_commit_interval_ms),
         ];
@@ -315,8 +333,37 @@ pub struct Config {
     /// standby copies; off unless configured, when every server folds every partition.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// How reducers' reactions are relayed from the outbox.
+    #[serde(default)]
+    pub reactions: ReactionsConfig,
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// `[reactions]`: the relay of what reducers emit (see ARCHITECTURE.md, "Reactions").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReactionsConfig {
+    /// This server relays the outbox of the partitions it folds (sharded: of those it owns).
+    /// Of unsharded replicas folding the same partitions, let one relay.
+    #[serde(default = "yes")]
+    pub relay: bool,
+    /// With Kafka: relay in transactions, each with the relay's position (exactly once for
+    /// consumers reading committed records). `false` for brokers without transactions:
+    /// acknowledged produces, at least once, de-duplicated by the `statefold-reaction-id`
+    /// header.
+    #[serde(default = "yes")]
+    pub transactional: bool,
+}
+
+impl Default for ReactionsConfig {
+    fn default() -> Self {
+        ReactionsConfig { relay: true, transactional: true }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `[cluster]`: sharded mode. The servers of one cluster share `[kafka] group_id`; the group
@@ -529,6 +576,7 @@ impl Default for Config {
             cors: None,
             tls: None,
             cluster: None,
+            reactions: ReactionsConfig::default(),
             limits: Limits::default(),
         }
     }

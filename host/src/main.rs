@@ -182,7 +182,7 @@ impl ServerArgs {
 struct ServeArgs {
     /// The config file (TOML): listen, data_dir, reducers_dir, [[kind]] sections, [kafka],
     /// [auth] (bearer tokens), [cors], [tls] (HTTPS with HTTP/2), [cluster] (sharded mode),
-    /// [limits].
+    /// [reactions] (their relay), [limits].
     #[arg(long, short, env = "STATEFOLD_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:8080 (port 0: any free port).
@@ -230,6 +230,14 @@ struct ServeArgs {
     /// statefold-cluster).
     #[arg(long, value_name = "TOPIC")]
     cluster_topic: Option<String>,
+    /// Do not relay reducers' reactions from this server's outbox (sets [reactions] relay =
+    /// false): for all but one of several unsharded replicas.
+    #[arg(long)]
+    no_relay: bool,
+    /// Relay reactions to Kafka without transactions, at least once (sets [reactions]
+    /// transactional = false): for brokers without transactions.
+    #[arg(long)]
+    relay_at_least_once: bool,
     #[command(flatten)]
     limits: LimitFlags,
 }
@@ -387,6 +395,8 @@ fn config_of(args: ServeArgs) -> anyhow::Result<Config> {
         }
     }
     config.read_only |= args.read_only;
+    config.reactions.relay &= !args.no_relay;
+    config.reactions.transactional &= !args.relay_at_least_once;
     args.limits.apply(&mut config.limits);
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     Ok(config)

@@ -87,6 +87,9 @@ pub struct Metrics {
     replica_diverged: Gauge,
     cluster_members: Gauge,
     cluster_partitions: Family<RoleLabels, Gauge>,
+    /// Counted by the relay.
+    pub reactions_relayed: Counter,
+    outbox_pending: Gauge,
 }
 
 /// The state-describing values, read when `/metrics` is scraped.
@@ -102,6 +105,8 @@ pub struct Gauges {
     pub replicas: Option<(usize, bool)>,
     /// Sharded mode: live members, and this server's partitions owned, folded, served.
     pub cluster: Option<ClusterGauges>,
+    /// Reactions committed to the outbox and not relayed yet.
+    pub outbox_pending: u64,
 }
 
 /// Sharded mode's gauges.
@@ -146,6 +151,8 @@ impl Metrics {
             replica_peers_disagreeing: Gauge::default(),
             replica_diverged: Gauge::default(),
             cluster_members: Gauge::default(),
+            reactions_relayed: Counter::default(),
+            outbox_pending: Gauge::default(),
             cluster_partitions: Family::default(),
             registry: Registry::default(),
         };
@@ -248,6 +255,16 @@ impl Metrics {
             "Sharded mode: this server's partitions, by role (owned: assigned by the group; folded: owned, standby or held; served: requests answered here)",
             m.cluster_partitions.clone(),
         );
+        registry.register(
+            "reactions_relayed",
+            "Reactions this server relayed from its outbox to their topics",
+            m.reactions_relayed.clone(),
+        );
+        registry.register(
+            "outbox_pending",
+            "Reactions committed with their diffs and not relayed yet (the outbox's lag)",
+            m.outbox_pending.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -280,6 +297,7 @@ impl Metrics {
             self.kind_stopped.get_or_create(&KindLabels { kind }).set(i64::from(stopped));
         }
         self.sse_subscribers.set(gauges.sse_subscribers as i64);
+        self.outbox_pending.set(gauges.outbox_pending as i64);
         // Only the partitions read now (sharded mode moves them).
         self.source_next_offset.clear();
         self.source_lag.clear();

@@ -113,6 +113,21 @@ pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
     (murmur2::murmur2(key, murmur2::KAFKA_SEED) & 0x7fff_ffff) % partitions.max(1)
 }
 
+/// Checks a topic name by Kafka's rules: 1 to 249 characters of `[a-zA-Z0-9._-]`, not `.`
+/// or `..`.
+pub fn validate_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > 249 {
+        return Err(format!("a topic name has 1 to 249 characters, not {}", topic.len()));
+    }
+    if topic == "." || topic == ".." {
+        return Err("a topic may not be named `.` or `..`".into());
+    }
+    match topic.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        Some(c) => Err(format!("{c:?} is not allowed in a topic name (only [a-zA-Z0-9._-])")),
+        None => Ok(()),
+    }
+}
+
 /// Checks a model id: UTF-8, 1 to [`ID_BYTES_MAX`] bytes, no control characters (the
 /// store separates kind, id and offset with NUL).
 pub fn validate_id(id: &[u8]) -> Result<&str, String> {
@@ -187,6 +202,53 @@ pub struct Applied {
     pub timestamp_ms: Option<i64>,
     pub headers: Vec<(String, Vec<u8>)>,
     pub payload: Bytes,
+}
+
+/// A record a reducer emitted while applying a diff (WIT `reactions.emit`), for another
+/// topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reaction {
+    pub topic: String,
+    pub key: String,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// A reaction in the outbox: committed with the diff that emitted it, relayed after. Its
+/// identity, the same on every replica and after every restart, is (model, seq, index).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Where the diff was read: the outbox is relayed per source partition, in offset order
+    /// (which keeps each model's order).
+    pub source: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    pub model: ModelKey,
+    pub seq: u64,
+    /// Its place among the diff's reactions.
+    pub index: u32,
+    pub reaction: Reaction,
+}
+
+/// Record headers the relay adds to a reaction: its identity, for consumers that de-duplicate.
+pub const HEADER_REACTION_ID: &str = "statefold-reaction-id";
+pub const HEADER_REACTION_KIND: &str = "statefold-kind";
+pub const HEADER_REACTION_MODEL: &str = "statefold-model";
+
+impl Outgoing {
+    /// `KIND/SEQ/INDEX/ID`: unique per reaction (the id last, so any id fits).
+    pub fn id(&self) -> String {
+        format!("{}/{}/{}/{}", self.model.kind, self.seq, self.index, self.model.id)
+    }
+
+    /// The reaction's headers followed by its identity's.
+    pub fn headers(&self) -> Vec<(String, Vec<u8>)> {
+        let mut headers = self.reaction.headers.clone();
+        headers.push((HEADER_REACTION_ID.into(), self.id().into_bytes()));
+        headers.push((HEADER_REACTION_KIND.into(), self.model.kind.as_bytes().to_vec()));
+        headers.push((HEADER_REACTION_MODEL.into(), self.model.id.as_bytes().to_vec()));
+        headers
+    }
 }
 
 /// One diff as the log holds it.
@@ -409,6 +471,8 @@ pub struct Folded {
     /// Replay records this batch folded: the kind, and the version it rebuilds with.
     /// Replay records folded: (kind, the version that rebuilds, who asked for it).
     pub replays: Vec<(Arc<str>, ModuleHash, Option<String>)>,
+    /// Reactions the applied diffs emitted, in record order: the outbox's new entries.
+    pub outbox: Vec<Outgoing>,
 }
 
 /// What became of one record, the same on every replica that folds it the same way:

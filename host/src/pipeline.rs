@@ -53,6 +53,12 @@ pub fn fold_loop(
                 Err(e) => return status.fatal(format!("replay: {e}")),
             }
         }
+        if app.relay.full() {
+            // The outbox is full: fold nothing more until the relay has caught up (the
+            // log keeps what is not folded; `/readyz` says why).
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
         let wait = Duration::from_millis(if busy { 1 } else { 100 });
         let records = match source.poll(batch_max, wait) {
             Ok(records) => records,
@@ -106,6 +112,7 @@ pub fn fold_loop(
                 app.source.set_next(&position.topic, position.partition, position.next_offset);
             }
             source.committed(&positions);
+            app.relay.added(folded.outbox.len());
             metrics.fold_batches.inc();
             metrics.diffs_applied.inc_by(folded.applied.len() as u64);
             for rejected in &folded.rejected {

@@ -29,6 +29,7 @@ use crate::model::{VersionRecord, VersionStatus};
 use crate::reducer::{Natives, Reducer, Runtime};
 use crate::source::attest::{Attestor, Digests};
 use crate::source::cluster::Cluster;
+use crate::source::relay::{Relay, Sink};
 use crate::source::{EmbeddedLog, KafkaSource, KafkaWriter, Source, SourceStatus, Writer};
 use crate::store::{Store, StoreOptions};
 use crate::watch as reducer_watch;
@@ -50,12 +51,14 @@ struct Threads {
     watcher: std::thread::JoinHandle<()>,
     attest: Option<std::thread::JoinHandle<()>>,
     cluster: Option<std::thread::JoinHandle<()>>,
+    relay: std::thread::JoinHandle<()>,
 }
 
 impl Threads {
     /// Waits for all of them (a panic in any is already reported by the panic hook).
     fn join(self) {
         let _ = (self.fold.join(), self.watcher.join(), self.attest.map(|a| a.join()), self.cluster.map(|c| c.join()));
+        let _ = self.relay.join();
     }
 }
 
@@ -229,7 +232,21 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         }
         None => (None, None),
     };
+    let relay = Relay::new(store.outbox_len()?, &limits, metrics.reactions_relayed.clone());
+    let relay_thread = {
+        let sink = match (&config.kafka, &writer) {
+            (Some(kafka), _) => Sink::Kafka { config: kafka.clone(), transactional: config.reactions.transactional },
+            (None, Writer::Embedded(log)) => Sink::Embedded(log.clone()),
+            (None, Writer::Kafka(_)) => unreachable!("a Kafka writer comes with [kafka]"),
+        };
+        let (relay, store, source, cluster) = (relay.clone(), store.clone(), source_status.clone(), cluster.clone());
+        let (relays, limits, stop) = (config.reactions.relay, limits.clone(), status.stop.clone());
+        std::thread::Builder::new().name("relay".into()).spawn(move || {
+            crate::source::relay::run(relay, store, sink, source, cluster, relays, limits, || stop.is_cancelled())
+        })?
+    };
     let log = Log {
+        relay,
         writer: writer.clone(),
         source_name: source.name(),
         source: source_status,
@@ -280,7 +297,7 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let server = serve(listener, router, &config, tls, stop);
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     tracing::info!(%addr, scheme, "serving");
-    let threads = Threads { fold, watcher, attest: attest_thread, cluster: cluster_thread };
+    let threads = Threads { fold, watcher, attest: attest_thread, cluster: cluster_thread, relay: relay_thread };
     tokio::spawn({
         let app = app.clone();
         async move { app.write_genesis().await }

@@ -27,6 +27,7 @@ pub fn example_config(data_dir: &std::path::Path, limits: Limits) -> Config {
         cors: None,
         tls: None,
         cluster: None,
+        reactions: Default::default(),
         limits,
     }
 }

@@ -28,7 +28,7 @@ fn cargo(args: &[&str]) {
 
 /// Path of the built `.wasm` of reducer `name`: `NAME.wasm` from crate
 /// `statefold-reducer-NAME` (an example, whose library is named after the reducer) or
-/// `statefold_faulty_NAME.wasm` (test-only). Every reducer in the workspace is built the
+/// `statefold_faulty_NAME.wasm` or `statefold_legacy_NAME.wasm` (test-only). Every reducer in the workspace is built the
 /// first time; the workspace members are the one list of them.
 pub fn wasm(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
@@ -47,7 +47,7 @@ pub fn wasm(name: &str) -> PathBuf {
         ])
     });
     let dir = target_dir().join("wasm32-wasip2/release");
-    ["", "statefold_faulty_"]
+    ["", "statefold_faulty_", "statefold_legacy_"]
         .iter()
         .map(|prefix| dir.join(format!("{prefix}{name}.wasm")))
         .find(|path| path.exists())
@@ -108,7 +108,7 @@ pub mod bench {
     use std::marker::PhantomData;
     use std::sync::Arc;
 
-    use statefold::model::ModuleHash;
+    use statefold::model::{ModuleHash, Reaction};
     use statefold::reducer::{Composed, Native, NativeModel};
     use statefold_guest::native::{self, Model};
     use statefold_guest::{Compose, Json};
@@ -145,8 +145,12 @@ pub mod bench {
     where
         R::State: Send,
     {
-        fn apply(&mut self, payload: &[u8], offset: u64, prev_hash: &[u8]) -> Result<(), String> {
-            self.0.apply(payload, offset, prev_hash)
+        fn apply(&mut self, payload: &[u8], offset: u64, prev_hash: &[u8]) -> Result<Vec<Reaction>, String> {
+            let emitted = self.0.apply_emitting(payload, offset, prev_hash)?;
+            Ok(emitted
+                .into_iter()
+                .map(|r| Reaction { topic: r.topic, key: r.key, value: r.value, headers: r.headers })
+                .collect())
         }
 
         fn snapshot(&self) -> Vec<u8> {

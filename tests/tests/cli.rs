@@ -14,7 +14,7 @@ fn cli_check_prints_what_a_reducer_declares() {
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     for line in [
         "reducer:       document 0.1.0",
-        "contract:      statefold:reducer@0.1.0",
+        "contract:      statefold:reducer@0.2.0",
         "capabilities:  merge, delta",
         "empty state:   {} (round-trips)",
     ] {

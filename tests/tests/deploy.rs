@@ -56,6 +56,7 @@ fn config(data: &Path, reducers: &Path) -> Config {
         cors: None,
         tls: None,
         cluster: None,
+        reactions: Default::default(),
         limits: Limits {
             reducer_watch_interval_ms: 100,
             reducer_resident_models_max: 100,
@@ -381,7 +382,7 @@ async fn bad_uploads_are_refused_each_with_its_reason_while_v1_folds() {
         ("text", b"#!/bin/sh\necho not a reducer\n".to_vec(), "not_wasm"),
         ("core module", wat::parse_str(r#"(module (func (export "apply")))"#).unwrap(), "core_module"),
         ("wrong world", component("acme:shop/cart@1.0.0"), "wrong_world"),
-        ("newer contract", component("statefold:reducer/reducer@0.2.0"), "incompatible_version"),
+        ("newer contract", component("statefold:reducer/reducer@0.3.0"), "incompatible_version"),
         ("hollow export", component("statefold:reducer/reducer@0.1.0"), "contract_mismatch"),
         ("truncated", module("counter_v2")[..5000].to_vec(), "truncated"),
         ("restore traps", module("restore"), "restore_failed"),

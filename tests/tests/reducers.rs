@@ -19,7 +19,7 @@ fn counter_folds_a_fixed_sequence() {
     // The chain covers applied diffs only.
     let want = chain("counter", "c1", &[r#"{"add":5}"#, r#"{"sub":2}"#, r#"{"add":10}"#, r#"{"sub":3}"#]);
     assert_eq!(fold.hash("c1"), want);
-    assert_eq!(outcomes[4], Outcome::Applied(want));
+    assert_eq!(outcomes[4], Outcome::Applied(want, vec![]));
 }
 
 #[test]
@@ -157,7 +157,7 @@ fn each_diff_sees_its_context() {
         chain("counter", "c", &[r#"{"add":1}"#, r#"{"add":2}"#]),
         chain("counter", "c", &[r#"{"add":1}"#, r#"{"add":2}"#, r#"{"add":3}"#]),
     ];
-    assert_eq!(outcomes[0], Outcome::Applied(want[0]));
-    assert_eq!(outcomes[2], Outcome::Applied(want[1]));
-    assert_eq!(outcomes[3], Outcome::Applied(want[2]));
+    assert_eq!(outcomes[0], Outcome::Applied(want[0], vec![]));
+    assert_eq!(outcomes[2], Outcome::Applied(want[1], vec![]));
+    assert_eq!(outcomes[3], Outcome::Applied(want[2], vec![]));
 }

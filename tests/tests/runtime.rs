@@ -98,7 +98,7 @@ fn bad_files_are_refused_with_a_specific_reason() {
         "{other_world}"
     );
 
-    for version in ["9.0.0", "0.2.0", "0.1.0-rc1"] {
+    for version in ["9.0.0", "0.3.0", "1.2.0", "0.2.0-rc1"] {
         let text = format!(r#"(component (instance $i) (export "statefold:reducer/reducer@{version}" (instance $i)))"#);
         let err = runtime.load(&wat::parse_str(text).unwrap()).unwrap_err();
         assert!(matches!(&err, LoadError::IncompatibleVersion { found, .. } if found.to_string() == version), "{err}");

@@ -662,7 +662,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
         .collect();
     let replicas = app.replicas();
     let diverged = replicas.as_ref().and_then(|r| r.diverged.clone());
-    let mut body = serde_json::json!({"ready": true, "partitions": partitions});
+    let mut body = serde_json::json!({"ready": true, "partitions": partitions, "outbox": app.outbox()});
     if let Some(replicas) = replicas {
         // Only with replicas compared (Kafka and an attestation topic).
         body["replicas"] = serde_json::json!(replicas);

@@ -23,7 +23,7 @@ use crate::model::{
     Folded, Head, KindVersions, ModelKey, ModuleHash, Prune, REPLAY_HEADER, Record, Rejected, Rejection,
     SUBJECT_HEADER, partition_of, validate_id,
 };
-use crate::model::{Checkpoint, DiffRecord};
+use crate::model::{Checkpoint, DiffRecord, Outgoing, Reaction};
 use crate::reducer::{Checkpoints, Models, Outcome, Reducer, ReducerError};
 
 pub use catchup::{CatchUp, plan_catch_up};
@@ -349,7 +349,7 @@ impl Engine {
             _ => {
                 let Some((genesis, first)) = tail.next() else { return Ok(Ok(head.clone())) };
                 match models.apply(id, genesis, std::slice::from_ref(&first), &mut memory)?.pop() {
-                    Some(Outcome::Applied(hash)) => (1, first.offset, hash),
+                    Some(Outcome::Applied(hash, _)) => (1, first.offset, hash),
                     other => {
                         return Ok(Err(NotReplayed(format!(
                             "the first diff (offset {}) no longer applies: {other:?}",
@@ -383,7 +383,8 @@ impl Engine {
         };
         let mut applied = Vec::with_capacity(diffs.len());
         for (diff, outcome) in diffs.into_iter().zip(outcomes) {
-            let Outcome::Applied(hash) = outcome else {
+            // A replay rebuilds history: its reactions went out when the diffs were first folded.
+            let Outcome::Applied(hash, _) = outcome else {
                 return Ok(Err(NotReplayed(format!(
                     "the diff at offset {} no longer applies: {outcome:?}",
                     diff.offset
@@ -658,7 +659,7 @@ impl Engine {
             };
             for (((record, _), diff), outcome) in run.iter().zip(diffs).zip(outcomes) {
                 match outcome {
-                    Outcome::Applied(hash) => overlay.applied(record, diff, hash, version),
+                    Outcome::Applied(hash, reactions) => overlay.applied(record, diff, hash, version, reactions),
                     Outcome::Refused(reason) => overlay.reject(record, Rejection::Refused(reason)),
                     Outcome::Failed(reason) => overlay.reject(record, Rejection::Failed(reason)),
                 }
@@ -770,7 +771,14 @@ struct Overlay<'a> {
 impl Overlay<'_> {
     /// Records a diff the reducer applied (`diff` is `record` as the reducer got it); the
     /// model's hash is now `hash`.
-    fn applied(&mut self, record: &Record, diff: DiffRecord, hash: Hash, reducer: ModuleHash) {
+    fn applied(
+        &mut self,
+        record: &Record,
+        diff: DiffRecord,
+        hash: Hash,
+        reducer: ModuleHash,
+        reactions: Vec<Reaction>,
+    ) {
         let applied = Applied {
             model: self.model.clone(),
             offset: record.offset,
@@ -790,6 +798,15 @@ impl Overlay<'_> {
         self.head.hash = hash;
         self.head.reducer = reducer;
         self.folded.mark(record, Became::Applied, applied.seq, reducer);
+        self.folded.outbox.extend(reactions.into_iter().enumerate().map(|(index, reaction)| Outgoing {
+            source: record.topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+            model: self.model.clone(),
+            seq: applied.seq,
+            index: index as u32,
+            reaction,
+        }));
         self.folded.applied.push(applied);
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::*;
-use crate::model::{CREATE_HEADER, Checkpoint, DiffRecord, ModelKey, partition_of};
+use crate::model::{CREATE_HEADER, Checkpoint, DiffRecord, ModelKey, Reaction, partition_of};
 use crate::reducer::{Composed, Native, NativeModel, ReducerInfo};
 
 /// A counter: the state is an integer, a diff is an integer added to it; a diff that would
@@ -41,13 +41,21 @@ impl Native for Counter {
 }
 
 impl NativeModel for CounterModel {
-    fn apply(&mut self, payload: &[u8], _offset: u64, _prev_hash: &[u8]) -> Result<(), String> {
+    /// Emits a reaction to `hundreds` each time the count passes a multiple of 100.
+    fn apply(&mut self, payload: &[u8], _offset: u64, _prev_hash: &[u8]) -> Result<Vec<Reaction>, String> {
         let next = self.0 + number(payload)?;
         if next < 0 {
             return Err(format!("{} would go below zero", self.0));
         }
+        let passed = (self.0.div_euclid(100) + 1..=next.div_euclid(100)).map(|h| Reaction {
+            topic: "hundreds".into(),
+            key: "counter".into(),
+            value: (h * 100).to_string().into_bytes(),
+            headers: Vec::new(),
+        });
+        let reactions = passed.collect();
         self.0 = next;
-        Ok(())
+        Ok(reactions)
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -196,6 +204,35 @@ fn a_refused_diff_is_rejected_leaves_the_chain_and_state_alone_and_the_rest_appl
     view.commit(&folded);
     assert_eq!(view.heads[&ModelKey::new("counter", "a")].hash, chain("a", &["5", "1"]));
     assert_eq!(state(&mut engine, &view, "a"), 6);
+}
+
+#[test]
+fn reactions_of_applied_diffs_go_to_the_outbox_with_their_identity_and_a_refused_diffs_do_not() {
+    let reducer = counter();
+    let mut engine = engine(&reducer, FoldLimits::default());
+    let mut view = FakeView::default();
+    // a: 0 -> 150 (passes 100) -> refused -> 250 (passes 200); b: 0 -> 300 (passes 100, 200, 300).
+    let records = [record(0, "a", "150"), record(1, "a", "-900"), record(2, "b", "300"), record(3, "a", "100")];
+    let folded = engine.fold(&records, &view).unwrap();
+    let outbox: Vec<(&str, u64, u64, u32, &[u8])> =
+        folded.outbox.iter().map(|o| (&*o.model.id, o.offset, o.seq, o.index, o.reaction.value.as_slice())).collect();
+    assert_eq!(
+        outbox,
+        [
+            ("a", 0, 1, 0, &b"100"[..]),
+            ("a", 3, 2, 0, b"200"),
+            ("b", 2, 1, 0, b"100"),
+            ("b", 2, 1, 1, b"200"),
+            ("b", 2, 1, 2, b"300")
+        ]
+    );
+    assert!(folded.outbox.iter().all(|o| &*o.source == "counter" && o.partition == 0));
+    assert_eq!(folded.outbox[3].id(), "counter/1/1/b");
+    view.commit(&folded);
+    // Rebuilding a model (here: reading its state) applies its diffs again and emits nothing.
+    assert_eq!(state(&mut engine, &view, "a"), 250);
+    let folded = engine.fold(&[record(4, "a", "1")], &view).unwrap();
+    assert!(folded.outbox.is_empty(), "{:?}", folded.outbox);
 }
 
 #[test]

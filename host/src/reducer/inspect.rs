@@ -7,7 +7,7 @@ use wasmtime::component::types::ComponentItem;
 
 use super::bindings::GuestPre;
 use super::sandbox::GuestData;
-use super::{LoadError, REDUCER_INTERFACE, ReducerInfo, ReducerLimits, WIT_VERSION};
+use super::{LoadError, REDUCER_INTERFACE, ReducerInfo, ReducerLimits, WIT_VERSION, WIT_VERSIONS};
 
 /// Rejects what is not wasm, and core modules, before compiling anything.
 pub(super) fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
@@ -61,9 +61,11 @@ pub(super) fn check_world(engine: &Engine, component: &Component) -> Result<(sem
     };
     let found =
         semver::Version::parse(found).map_err(|e| LoadError::Invalid(format!("export version {found:?}: {e}")))?;
-    let compatible = found.major == WIT_VERSION.major
-        && (WIT_VERSION.major != 0 || found.minor == WIT_VERSION.minor)
-        && found.pre.is_empty();
+    // Same major; while 0.x, a minor this host lists (0.x.y and 0.x.z are compatible).
+    let compatible = found.pre.is_empty()
+        && WIT_VERSIONS.iter().map(|v| semver::Version::parse(v).expect("a valid version")).any(|supported| {
+            found.major == supported.major && (supported.major != 0 || found.minor == supported.minor)
+        });
     if !compatible {
         return Err(LoadError::IncompatibleVersion { found, supported: WIT_VERSION });
     }
@@ -85,7 +87,7 @@ pub(super) fn describe(
     };
     store.set_fuel(limits.call_fuel_max).map_err(|e| LoadError::Describe(e.to_string()))?;
     let guest = pre.instantiate(&mut store).map_err(|e| fail(&store, e))?;
-    let info = guest.statefold_reducer_reducer().call_describe(&mut store).map_err(|e| fail(&store, e))?;
+    let info = guest.describe(&mut store).map_err(|e| fail(&store, e))?;
     if info.name.trim().is_empty() {
         return Err(LoadError::Describe("the reducer's name is empty".into()));
     }

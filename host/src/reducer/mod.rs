@@ -29,9 +29,10 @@ use sandbox::GuestData;
 use crate::model::ModuleHash;
 
 /// The version of the `statefold:reducer` WIT package this host speaks.
-pub const WIT_VERSION: semver::Version = semver::Version::new(0, 1, 0);
+pub const WIT_VERSION: semver::Version = semver::Version::new(0, 2, 0);
+/// Every version it loads reducers of: the current one and those before it.
+pub const WIT_VERSIONS: [&str; 2] = ["0.1.0", "0.2.0"];
 const REDUCER_INTERFACE: &str = "statefold:reducer/reducer";
-const METER_INTERFACE: &str = "statefold:reducer/meter@0.1.0";
 
 /// Limits on every reducer instance. Each has a default; all are configurable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +49,10 @@ pub struct ReducerLimits {
     pub resident_models_max: usize,
     /// How much of the guest's stderr is kept for error messages.
     pub stderr_bytes_max: usize,
+    /// Reactions one diff may emit; one more traps (fails) that diff.
+    pub reactions_per_diff_max: usize,
+    /// Bytes of one reaction (key, value, headers); more traps (fails) the diff.
+    pub reaction_bytes_max: usize,
 }
 
 impl Default for ReducerLimits {
@@ -59,6 +64,8 @@ impl Default for ReducerLimits {
             resident_bytes_max: 256 << 20,
             resident_models_max: 100_000,
             stderr_bytes_max: 4096,
+            reactions_per_diff_max: 64,
+            reaction_bytes_max: 1 << 20,
         }
     }
 }
@@ -119,7 +126,7 @@ pub enum LoadError {
     #[error("wrong world: the component does not export {REDUCER_INTERFACE} (it exports: {exports})")]
     WrongWorld { exports: String },
     #[error(
-        "incompatible version: the component was built against {REDUCER_INTERFACE}@{found}, this host speaks {supported} (compatible: same major version, and same minor while 0.x)"
+        "incompatible version: the component was built against {REDUCER_INTERFACE}@{found}, this host speaks {supported} and loads components built against 0.1.x or 0.2.x"
     )]
     IncompatibleVersion { found: semver::Version, supported: semver::Version },
     #[error("the component's {REDUCER_INTERFACE} export does not match the contract: {0}")]
@@ -258,7 +265,7 @@ impl Runtime {
         let component = self.compile(id, bytes)?;
         let (wit_version, imports) = inspect::check_world(&self.engine, &component)?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Imports(format!("{e:#}")))?;
-        let pre = bindings::GuestPre::new(pre).map_err(|e| LoadError::Contract(format!("{e:#}")))?;
+        let pre = bindings::GuestPre::new(wit_version.minor, pre).map_err(|e| LoadError::Contract(format!("{e:#}")))?;
         let info = inspect::describe(&pre, &self.limits, wit_version, imports)?;
         let native = self.natives.get(&id).cloned();
         if native.is_some() {

@@ -13,17 +13,18 @@ use lru::LruCache;
 use wasmtime::Store;
 use wasmtime::component::ResourceAny;
 
-use super::bindings::{self, ApplyResult, DiffContext};
+use super::bindings::{self, ApplyResult, on_guest};
 use super::sandbox::GuestData;
 use super::{Native, NativeModel, Reducer, ReducerError};
 use crate::chain::Hash;
+use crate::model::Reaction;
 use crate::model::{Checkpoint, DiffRecord};
 
 /// What happened to one diff of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Applied; the model's hash is now this.
-    Applied(Hash),
+    /// Applied; the model's hash is now this, and the diff emitted these reactions.
+    Applied(Hash, Vec<Reaction>),
     /// The reducer refused it; the state is as before it.
     Refused(String),
     /// The reducer failed on it alone, on a fresh instance (trap, CPU budget, memory cap,
@@ -53,7 +54,7 @@ impl MemoryCheckpoints {
     pub fn record(&mut self, model: &str, mut prev: Hash, diffs: &[DiffRecord], outcomes: &[Outcome]) {
         let entry = self.models.entry(model.to_owned()).or_default();
         for (diff, outcome) in diffs.iter().zip(outcomes) {
-            if let Outcome::Applied(hash) = outcome {
+            if let Outcome::Applied(hash, _) = outcome {
                 entry.tail.push((prev, diff.clone()));
                 prev = *hash;
             }
@@ -92,6 +93,12 @@ enum Instance {
     Native { native: Arc<dyn Native>, models: HashMap<u64, Box<dyn NativeModel>>, next: u64 },
 }
 
+/// Reactions emitted by one `model.apply` call, each with the index of its diff.
+type Emitted = Vec<(u32, Reaction)>;
+
+/// What `model.apply` answered, and the reactions emitted.
+type Applied = (ApplyResult, Emitted);
+
 /// A model held by an [`Instance`].
 #[derive(Debug, Clone, Copy)]
 enum Handle {
@@ -104,14 +111,14 @@ impl Instance {
     /// refusal of the snapshot.
     fn create(&mut self, model: &str, snapshot: Option<&[u8]>) -> wasmtime::Result<Result<Handle, String>> {
         match self {
-            Instance::Wasm { store, guest } => {
-                let api = guest.statefold_reducer_reducer().model();
+            Instance::Wasm { store, guest } => on_guest!(guest, g, _m => {
+                let api = g.statefold_reducer_reducer().model();
                 let created = match snapshot {
                     Some(snapshot) => api.call_restore(&mut **store, model, snapshot)?,
                     None => Ok(api.call_constructor(&mut **store, model)?),
                 };
                 Ok(created.map(Handle::Wasm))
-            }
+            }),
             Instance::Native { native, models, next } => Ok(native.create(model, snapshot).map(|created| {
                 *next += 1;
                 models.insert(*next, created);
@@ -120,34 +127,47 @@ impl Instance {
         }
     }
 
-    /// `model.apply` of `batch`; `prevs[i]` is the model's hash before `batch[i]`.
-    fn apply(&mut self, handle: Handle, prevs: &[Hash], batch: &[DiffRecord]) -> wasmtime::Result<ApplyResult> {
+    /// `model.apply` of `batch`; `prevs[i]` is the model's hash before `batch[i]`. Also
+    /// returns the reactions emitted, each with the index of the diff that emitted it.
+    fn apply(&mut self, handle: Handle, prevs: &[Hash], batch: &[DiffRecord]) -> wasmtime::Result<Applied> {
         match (self, handle) {
             (Instance::Wasm { store, guest }, Handle::Wasm(handle)) => {
-                let wit: Vec<bindings::Diff> = batch
-                    .iter()
-                    .zip(prevs)
-                    .map(|(d, prev)| bindings::Diff {
-                        context: DiffContext {
-                            offset: d.offset,
-                            timestamp_ms: d.timestamp_ms,
-                            headers: d.headers.clone(),
-                            prev_hash: prev.as_bytes().to_vec(),
-                        },
-                        payload: d.payload.clone(),
-                    })
-                    .collect();
-                guest.statefold_reducer_reducer().model().call_apply(&mut **store, handle, &wit)
+                store.data_mut().emitted.list.clear();
+                let result = on_guest!(guest, g, m => {
+                    let wit: Vec<m::Diff> = batch
+                        .iter()
+                        .zip(prevs)
+                        .map(|(d, prev)| m::Diff {
+                            context: m::DiffContext {
+                                offset: d.offset,
+                                timestamp_ms: d.timestamp_ms,
+                                headers: d.headers.clone(),
+                                prev_hash: prev.as_bytes().to_vec(),
+                            },
+                            payload: d.payload.clone(),
+                        })
+                        .collect();
+                    let result = g.statefold_reducer_reducer().model().call_apply(&mut **store, handle, &wit)?;
+                    ApplyResult {
+                        applied: result.applied,
+                        refusal: result.refusal.map(|r| bindings::Refusal { index: r.index, reason: r.reason }),
+                    }
+                });
+                Ok((result, std::mem::take(&mut store.data_mut().emitted.list)))
             }
             (Instance::Native { models, .. }, Handle::Native(handle)) => {
                 let model = models.get_mut(&handle).ok_or_else(|| wasmtime::format_err!("unknown native model"))?;
+                let mut emitted = Vec::new();
                 for (index, (d, prev)) in batch.iter().zip(prevs).enumerate() {
-                    if let Err(reason) = model.apply(&d.payload, d.offset, prev.as_bytes()) {
-                        let refusal = Some(bindings::Refusal { index: index as u32, reason });
-                        return Ok(ApplyResult { applied: index as u32, refusal });
+                    match model.apply(&d.payload, d.offset, prev.as_bytes()) {
+                        Ok(reactions) => emitted.extend(reactions.into_iter().map(|r| (index as u32, r))),
+                        Err(reason) => {
+                            let refusal = Some(bindings::Refusal { index: index as u32, reason });
+                            return Ok((ApplyResult { applied: index as u32, refusal }, emitted));
+                        }
                     }
                 }
-                Ok(ApplyResult { applied: batch.len() as u32, refusal: None })
+                Ok((ApplyResult { applied: batch.len() as u32, refusal: None }, emitted))
             }
             _ => Err(wasmtime::format_err!("a handle of another instance")),
         }
@@ -156,7 +176,7 @@ impl Instance {
     fn snapshot(&mut self, handle: Handle) -> wasmtime::Result<Vec<u8>> {
         match (self, handle) {
             (Instance::Wasm { store, guest }, Handle::Wasm(handle)) => {
-                guest.statefold_reducer_reducer().model().call_snapshot(&mut **store, handle)
+                on_guest!(guest, g, _m => g.statefold_reducer_reducer().model().call_snapshot(&mut **store, handle))
             }
             (Instance::Native { models, .. }, Handle::Native(handle)) => {
                 models.get(&handle).map(|m| m.snapshot()).ok_or_else(|| wasmtime::format_err!("unknown native model"))
@@ -186,7 +206,9 @@ impl Instance {
 
     fn heap_bytes(&mut self) -> wasmtime::Result<u64> {
         match self {
-            Instance::Wasm { store, guest } => guest.statefold_reducer_reducer().call_heap_bytes(&mut **store),
+            Instance::Wasm { store, guest } => {
+                on_guest!(guest, g, _m => g.statefold_reducer_reducer().call_heap_bytes(&mut **store))
+            }
             Instance::Native { .. } => Ok(0),
         }
     }
@@ -204,6 +226,7 @@ impl Instance {
         match self {
             Instance::Wasm { store, .. } => {
                 store.data_mut().meter.starts_left = starts;
+                store.data_mut().meter.started = 0;
                 store.set_fuel(fuel)
             }
             Instance::Native { .. } => Ok(()),
@@ -212,19 +235,21 @@ impl Instance {
 
     fn merge(&mut self, diffs: &[Vec<u8>]) -> wasmtime::Result<Result<Composed, String>> {
         match self {
-            Instance::Wasm { store, guest } => {
-                Ok(guest.statefold_reducer_reducer().call_merge(&mut **store, diffs)?.map(|composed| match composed {
-                    bindings::Composed::Diff(d) => Composed::Diff(d),
-                    bindings::Composed::NotComposable(reason) => Composed::NotComposable(reason),
+            Instance::Wasm { store, guest } => on_guest!(guest, g, m => {
+                Ok(g.statefold_reducer_reducer().call_merge(&mut **store, diffs)?.map(|composed| match composed {
+                    m::Composed::Diff(d) => Composed::Diff(d),
+                    m::Composed::NotComposable(reason) => Composed::NotComposable(reason),
                 }))
-            }
+            }),
             Instance::Native { native, .. } => Ok(native.merge(diffs)),
         }
     }
 
     fn delta(&mut self, from: &[u8], to: &[u8]) -> wasmtime::Result<Result<Vec<u8>, String>> {
         match self {
-            Instance::Wasm { store, guest } => guest.statefold_reducer_reducer().call_delta(&mut **store, from, to),
+            Instance::Wasm { store, guest } => {
+                on_guest!(guest, g, _m => g.statefold_reducer_reducer().call_delta(&mut **store, from, to))
+            }
             Instance::Native { native, .. } => Ok(native.delta(from, to)),
         }
     }
@@ -295,12 +320,18 @@ impl Models {
             let batch = &diffs[start..end];
             let handle = self.resident_handle(model, checkpoints, &applied_here)?;
             match self.call_apply(handle, head, batch) {
-                Ok((result, hashes)) => {
-                    for (diff, hash) in batch.iter().zip(hashes).take(result.applied as usize) {
+                Ok((result, hashes, emitted)) => {
+                    let mut emitted = emitted.into_iter().peekable();
+                    for (index, (diff, hash)) in batch.iter().zip(hashes).take(result.applied as usize).enumerate() {
                         applied_here.push((head, diff));
                         head = hash;
-                        outcomes.push(Outcome::Applied(head));
+                        let mut reactions = Vec::new();
+                        while let Some((_, reaction)) = emitted.next_if(|(at, _)| *at as usize == index) {
+                            reactions.push(reaction);
+                        }
+                        outcomes.push(Outcome::Applied(head, reactions));
                     }
+                    // What the refused diff emitted before refusing is dropped with it.
                     if let Some(refusal) = result.refusal {
                         outcomes.push(Outcome::Refused(refusal.reason));
                     }
@@ -529,7 +560,8 @@ impl Models {
             let end = if one_at_a_time { done + 1 } else { replay.len() };
             let batch: Vec<DiffRecord> = replay[done..end].iter().map(|(_, d)| (*d).clone()).collect();
             let offset = batch[0].offset;
-            let (result, _) = self.call_apply(handle, prev, &batch).map_err(|e| {
+            // Diffs applied again emit nothing: their reactions went out when first folded.
+            let (result, _, _) = self.call_apply(handle, prev, &batch).map_err(|e| {
                 self.discard();
                 let (CallError::Trap(reason) | CallError::Contract(reason)) = e;
                 ReducerError::Diverged { model: model.to_owned(), offset, reason }
@@ -558,7 +590,7 @@ impl Models {
         handle: Handle,
         prev: Hash,
         batch: &[DiffRecord],
-    ) -> Result<(ApplyResult, Vec<Hash>), CallError> {
+    ) -> Result<(ApplyResult, Vec<Hash>, Emitted), CallError> {
         // prevs[i] is the hash before batch[i]; hashes[i] the one after it.
         let (mut prevs, mut hash) = (Vec::with_capacity(batch.len()), prev);
         let hashes: Vec<Hash> = batch
@@ -574,7 +606,7 @@ impl Models {
         let started = std::time::Instant::now();
         let result = live.instance.apply(handle, &prevs, batch);
         self.reducer.call_seconds.observe(started.elapsed().as_secs_f64());
-        let result = result.map_err(|e| CallError::Trap(self.describe_trap(&e)))?;
+        let (result, emitted) = result.map_err(|e| CallError::Trap(self.describe_trap(&e)))?;
         let refused_index = result.refusal.as_ref().map(|r| r.index);
         let valid = match refused_index {
             None => result.applied == n,
@@ -586,7 +618,7 @@ impl Models {
                 result.applied
             )));
         }
-        Ok((result, hashes))
+        Ok((result, hashes, emitted))
     }
 
     /// Evicts least recently used models (never `keep`) while the instance is over its

@@ -8,6 +8,7 @@
 //! no trap isolation (a panic is the host's): never a way to run untrusted code.
 
 use super::Composed;
+use crate::model::Reaction;
 
 /// The stand-in for one reducer module.
 pub trait Native: Send + Sync {
@@ -21,7 +22,8 @@ pub trait Native: Send + Sync {
 
 /// One model held natively.
 pub trait NativeModel: Send {
-    /// Applies one diff; `Err` is the refusal reason (the state is unchanged).
-    fn apply(&mut self, payload: &[u8], offset: u64, prev_hash: &[u8]) -> Result<(), String>;
+    /// Applies one diff and returns the reactions it emitted; `Err` is the refusal reason
+    /// (the state is unchanged).
+    fn apply(&mut self, payload: &[u8], offset: u64, prev_hash: &[u8]) -> Result<Vec<Reaction>, String>;
     fn snapshot(&self) -> Vec<u8>;
 }

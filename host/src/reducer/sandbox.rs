@@ -18,6 +18,8 @@ use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::ReducerLimits;
+use super::bindings::WitReaction;
+use crate::model::Reaction;
 
 /// What a reducer instance's `Store` holds.
 pub(crate) struct GuestData {
@@ -26,6 +28,8 @@ pub(crate) struct GuestData {
     pub(crate) limiter: Limiter,
     pub(crate) meter: Meter,
     pub(crate) stderr: TailPipe,
+    /// What the guest emitted during the current `apply` call: (diff index, reaction).
+    pub(crate) emitted: Emitted,
 }
 
 impl GuestData {
@@ -46,8 +50,14 @@ impl GuestData {
             wasi,
             table: ResourceTable::new(),
             limiter: Limiter { memory_bytes_max: limits.memory_bytes_max, memory_bytes: 0 },
-            meter: Meter { diff_fuel: limits.diff_fuel_max, starts_left: 0 },
+            meter: Meter { diff_fuel: limits.diff_fuel_max, starts_left: 0, started: 0 },
             stderr,
+            emitted: Emitted {
+                per_diff_max: limits.reactions_per_diff_max,
+                bytes_max: limits.reaction_bytes_max,
+                this_diff: 0,
+                list: Vec::new(),
+            },
         }
     }
 }
@@ -78,26 +88,78 @@ pub(crate) fn link(linker: &mut Linker<GuestData>) -> wasmtime::Result<()> {
         )?;
     }
     linker.allow_shadowing(false);
-    linker.instance(super::METER_INTERFACE)?.func_wrap(
-        "start-diff",
-        |mut store: StoreContextMut<'_, GuestData>, (): ()| -> wasmtime::Result<()> {
-            let meter = &mut store.data_mut().meter;
-            if meter.starts_left == 0 {
-                wasmtime::bail!("reducer called meter.start-diff more often than there are diffs in the batch");
-            }
-            meter.starts_left -= 1;
-            let fuel = meter.diff_fuel;
-            store.set_fuel(fuel)
+    // Every supported version's `meter` is the same function; `reactions` is 0.2's.
+    for version in super::WIT_VERSIONS {
+        linker.instance(&format!("statefold:reducer/meter@{version}"))?.func_wrap(
+            "start-diff",
+            |mut store: StoreContextMut<'_, GuestData>, (): ()| -> wasmtime::Result<()> {
+                let data = store.data_mut();
+                let meter = &mut data.meter;
+                if meter.starts_left == 0 {
+                    wasmtime::bail!("reducer called meter.start-diff more often than there are diffs in the batch");
+                }
+                meter.starts_left -= 1;
+                meter.started += 1;
+                data.emitted.this_diff = 0;
+                let fuel = meter.diff_fuel;
+                store.set_fuel(fuel)
+            },
+        )?;
+    }
+    linker.instance(REACTIONS_INTERFACE)?.func_wrap(
+        "emit",
+        |mut store: StoreContextMut<'_, GuestData>, (reaction,): (WitReaction,)| -> wasmtime::Result<()> {
+            let data = store.data_mut();
+            let Some(index) = data.meter.started.checked_sub(1) else {
+                wasmtime::bail!("reactions.emit called outside of model.apply (a reaction belongs to a diff)");
+            };
+            data.emitted.push(index, reaction)
         },
     )?;
     Ok(())
 }
+
+const REACTIONS_INTERFACE: &str = "statefold:reducer/reactions@0.2.0";
 
 /// The per-diff CPU budget: `start-diff` resets the fuel to one diff's worth, at most once
 /// per diff passed in.
 pub(crate) struct Meter {
     pub(crate) diff_fuel: u64,
     pub(crate) starts_left: u32,
+    /// `start-diff` calls in this call: the diff being applied is `started - 1`.
+    pub(crate) started: u32,
+}
+
+/// Reactions emitted during one `apply` call, within the limits.
+pub(crate) struct Emitted {
+    per_diff_max: usize,
+    bytes_max: usize,
+    this_diff: usize,
+    pub(crate) list: Vec<(u32, Reaction)>,
+}
+
+impl Emitted {
+    fn push(&mut self, index: u32, reaction: WitReaction) -> wasmtime::Result<()> {
+        if self.this_diff >= self.per_diff_max {
+            wasmtime::bail!("the diff emitted more than reactions_per_diff_max ({}) reactions", self.per_diff_max);
+        }
+        let bytes = reaction.key.len()
+            + reaction.value.len()
+            + reaction.headers.iter().map(|(name, value)| name.len() + value.len()).sum::<usize>();
+        if bytes > self.bytes_max {
+            wasmtime::bail!("a reaction of {bytes} bytes is over reaction_bytes_max ({})", self.bytes_max);
+        }
+        if let Err(reason) = crate::model::validate_topic(&reaction.topic) {
+            wasmtime::bail!("a reaction to topic {:?}: {reason}", reaction.topic);
+        }
+        if let Some((name, _)) = reaction.headers.iter().find(|(name, _)| name.starts_with("statefold-")) {
+            wasmtime::bail!("a reaction's header {name:?}: names starting `statefold-` are the host's");
+        }
+        self.this_diff += 1;
+        let WitReaction { topic, key, value, headers } = reaction;
+        self.list.push((index, Reaction { topic, key, value, headers }));
+        Ok(())
+    }
 }
 
 /// Caps linear memory and tables; remembers the memory size (the guest's heap-bytes report

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::{Source, SourceError, SourceStatus};
 use crate::model::Record;
-use crate::store::{Store, StoreError};
+use crate::store::{LogAppend, Store, StoreError};
 
 /// Embedded topics have one partition.
 pub const PARTITION: u32 = 0;
@@ -39,6 +39,29 @@ impl EmbeddedLog {
         *count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         cvar.notify_all();
         Ok((PARTITION, offset))
+    }
+
+    /// The relay's write: `appends`, and the outbox of (`topic`, `partition`) relayed up to
+    /// source offset `next`, in one WriteBatch (see [`Store::relayed`]).
+    /// Returns how many entries left the outbox.
+    pub fn relayed(
+        &self,
+        topic: &str,
+        partition: u32,
+        next: u64,
+        appends: &[LogAppend<'_>],
+    ) -> Result<u64, StoreError> {
+        let (offsets, removed) = self.store.relayed(topic, partition, next, appends)?;
+        for (append, offset) in appends.iter().zip(offsets) {
+            // Only a topic the source reads (a kind's): others have no lag to report.
+            if self.status.knows(append.topic, append.partition) {
+                self.status.set_end(append.topic, append.partition, offset + 1);
+            }
+        }
+        let (count, cvar) = &*self.appended;
+        *count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        cvar.notify_all();
+        Ok(removed)
     }
 
     /// The offset the next record of (`topic`, `partition`) will get.

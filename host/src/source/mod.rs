@@ -7,6 +7,7 @@ pub mod attest;
 pub mod cluster;
 mod embedded;
 mod kafka;
+pub mod relay;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -109,6 +110,11 @@ impl SourceStatus {
             slot.ready = true;
             tracing::info!(%topic, partition, next = slot.next, "partition caught up: served from here");
         }
+    }
+
+    /// Whether the partition is one of the source's.
+    pub fn knows(&self, topic: &str, partition: u32) -> bool {
+        self.lock().partitions.contains_key(&(topic.to_owned(), partition))
     }
 
     /// Whether the source reads the partition now.

@@ -75,6 +75,13 @@ impl Store {
         for (kind, versions) in &folded.kind_versions {
             batch.put_cf(self.cf(REDUCERS), kind_versions_key(kind), encode_kind_versions(versions));
         }
+        for outgoing in &folded.outbox {
+            batch.put_cf(
+                self.cf(OUTBOX),
+                super::outbox::outbox_key(outgoing),
+                super::outbox::encode_outgoing(outgoing),
+            );
+        }
         for (source, position) in positions {
             let key = progress_key(source, &position.topic, position.partition);
             batch.put_cf(self.cf(PROGRESS), key, encode_progress(position));

@@ -1,6 +1,7 @@
 //! The embedded log's storage: records appended to the `log` column family, one
 //! partition per topic, offsets from 0 (see `source::embedded`).
 
+use super::outbox::LogAppend;
 use super::*;
 
 impl Store {
@@ -14,17 +15,35 @@ impl Store {
         timestamp_ms: i64,
         headers: &[(String, Vec<u8>)],
     ) -> Result<u64, StoreError> {
+        let record = LogAppend { topic, partition, key, value, timestamp_ms, headers };
+        Ok(self.append_with(&[record], WriteBatch::default())?[0])
+    }
+
+    /// Appends `records` to the embedded log with the writes already in `batch`, in one
+    /// WriteBatch; returns the offsets they got.
+    pub(super) fn append_with(&self, records: &[LogAppend<'_>], mut batch: WriteBatch) -> Result<Vec<u64>, StoreError> {
         let mut ends = self.log_ends.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = (topic.to_owned(), partition);
-        let offset = match ends.get(&slot) {
-            Some(end) => *end,
-            None => self.log_end_from_disk(topic, partition)?,
-        };
-        let record = Enc::value().opt_bytes(Some(key)).opt_i64(Some(timestamp_ms)).headers(headers).bytes(value).done();
-        let log_key = offset_key(&partition_prefix(topic, partition), offset);
-        self.db.put_cf_opt(self.cf(LOG), log_key, record, &self.write)?;
-        ends.insert(slot, offset + 1);
-        Ok(offset)
+        let mut next: HashMap<(String, u32), u64> = HashMap::new();
+        let mut offsets = Vec::with_capacity(records.len());
+        for r in records {
+            let slot = (r.topic.to_owned(), r.partition);
+            let offset = match next.get(&slot).or_else(|| ends.get(&slot)) {
+                Some(end) => *end,
+                None => self.log_end_from_disk(r.topic, r.partition)?,
+            };
+            let value = Enc::value()
+                .opt_bytes(Some(r.key))
+                .opt_i64(Some(r.timestamp_ms))
+                .headers(r.headers)
+                .bytes(r.value)
+                .done();
+            batch.put_cf(self.cf(LOG), offset_key(&partition_prefix(r.topic, r.partition), offset), value);
+            next.insert(slot, offset + 1);
+            offsets.push(offset);
+        }
+        self.db.write_opt(batch, &self.write)?;
+        ends.extend(next);
+        Ok(offsets)
     }
 
     /// The next offset the embedded log will assign in a partition.

@@ -15,6 +15,7 @@
 mod codec;
 mod commit;
 mod log;
+mod outbox;
 mod reader;
 mod records;
 
@@ -36,6 +37,7 @@ use codec::{
     Dec, Enc, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix, progress_key,
     progress_prefix,
 };
+pub use outbox::LogAppend;
 pub use reader::Reader;
 pub use records::StoredRejection;
 use records::*;
@@ -48,7 +50,8 @@ const PROGRESS: &str = "progress";
 const REDUCERS: &str = "reducers";
 const LOG: &str = "log";
 const REJECTS: &str = "rejects";
-const FAMILIES: [&str; 8] = [DIFFS, STATES, HEADS, HASHES, PROGRESS, REDUCERS, LOG, REJECTS];
+const OUTBOX: &str = "outbox";
+const FAMILIES: [&str; 9] = [DIFFS, STATES, HEADS, HASHES, PROGRESS, REDUCERS, LOG, REJECTS, OUTBOX];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -300,6 +303,7 @@ impl Store {
         }
         let rejections = [topic.as_bytes(), &[0]].concat();
         batch.delete_range_cf(self.cf(REJECTS), &rejections, &prefix_end(&rejections));
+        batch.delete_range_cf(self.cf(OUTBOX), &rejections, &prefix_end(&rejections));
         for source in self.sources()? {
             let positions = progress_prefix(&source, topic);
             batch.delete_range_cf(self.cf(PROGRESS), &positions, &prefix_end(&positions));
@@ -311,7 +315,8 @@ impl Store {
         Ok(())
     }
 
-    /// The sources positions are stored for.
+    /// The sources positions are stored for (not the relay's: it reads the outbox, not a
+    /// log, and a reset of a kind keeps it, so that refolding emits nothing twice).
     pub fn sources(&self) -> Result<Vec<String>, StoreError> {
         let mut out: Vec<String> = Vec::new();
         for item in self.db.iterator_cf(self.cf(PROGRESS), IteratorMode::Start) {
@@ -319,7 +324,7 @@ impl Store {
             let name = key.split(|b| *b == 0).next().unwrap_or_default();
             let name = String::from_utf8_lossy(name).into_owned();
             // Keys are sorted: a source's positions are adjacent.
-            if out.last() != Some(&name) {
+            if out.last() != Some(&name) && name != outbox::RELAY_SOURCE {
                 out.push(name);
             }
         }

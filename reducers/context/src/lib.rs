@@ -2,6 +2,10 @@
 //! state with its context (offset, timestamp, headers, the model's hash before it). The
 //! host's tests use it to show that a reducer is fed the same context on every replica and
 //! every path (live fold, rebuild after eviction, deploy, replay, `verify`'s refold).
+//!
+//! Reactions, for the relay's tests: a diff `{"emit": TOPIC, ...}` emits to TOPIC, keyed by
+//! the model, `{"n": N, "diff": DIFF}` (N: the diffs the model holds with this one). A diff
+//! with `"refuse": true` is refused, after emitting (what a refused diff emitted is dropped).
 
 use serde::{Deserialize, Serialize};
 use statefold_guest::{Context, Reducer, Refusal};
@@ -32,6 +36,12 @@ impl Reducer for Contexts {
     type Diff = serde_json::Value;
 
     fn apply(state: &mut Vec<Seen>, diff: serde_json::Value, ctx: &Context) -> Result<(), Refusal> {
+        if let Some(topic) = diff.get("emit").and_then(|t| t.as_str()) {
+            ctx.emit(topic, ctx.model, &serde_json::json!({ "n": state.len() + 1, "diff": diff }));
+        }
+        if diff.get("refuse") == Some(&serde_json::Value::Bool(true)) {
+            return Err(Refusal::new("asked to refuse"));
+        }
         state.push(Seen {
             offset: ctx.offset,
             timestamp_ms: ctx.timestamp_ms,

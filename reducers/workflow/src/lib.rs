@@ -15,6 +15,10 @@
 //! | `finish {status, at}` | no step `running`, final status | run `succeeded`/`failed`/`cancelled` |
 //! | `composite {steps, finish?}` | (produced by merge) | the effect of a run of the above |
 //!
+//! A `finish` (or a composite that finishes) emits a **reaction** to the topic
+//! `workflow-finished`, keyed by the run: `{run, status, finished_at, steps: {name: status}}`
+//! (see [`FINISHED_TOPIC`]).
+//!
 //! Every step transition is refused once the run has finished. Transitions do not commute
 //! (`complete` before `start` is refused), yet a run of them composes: a step the run
 //! (re)starts ends in a record that does not depend on the base, and a step it only
@@ -215,6 +219,23 @@ fn as_change(run: &Run, diff: Diff) -> Result<Result<(String, StepChange), Diff>
     }))
 }
 
+/// The topic a run's end is announced on (a reaction: see [`finished`]).
+pub const FINISHED_TOPIC: &str = "workflow-finished";
+
+/// Emits the reaction of a run that just finished, keyed by the run: its status, when, and
+/// each step's status. Downstream services (billing, notifications) read it from
+/// [`FINISHED_TOPIC`], exactly once per run.
+fn finished(run: &Run, ctx: &Context) {
+    let steps: BTreeMap<&str, StepStatus> = run.steps.iter().map(|(name, step)| (name.as_str(), step.status)).collect();
+    let announcement = serde_json::json!({
+        "run": ctx.model,
+        "status": run.status,
+        "finished_at": run.finished_at,
+        "steps": steps,
+    });
+    ctx.emit(FINISHED_TOPIC, ctx.model, &announcement);
+}
+
 fn check_finish(run: &Run, steps: &BTreeMap<&str, Step>, finish: &Finish) -> Result<(), Refusal> {
     if run.status != RunStatus::Running {
         return refuse("run already finished");
@@ -242,7 +263,7 @@ impl Reducer for Workflow {
     type State = Run;
     type Diff = Diff;
 
-    fn apply(run: &mut Run, diff: Diff, _ctx: &Context) -> Result<(), Refusal> {
+    fn apply(run: &mut Run, diff: Diff, ctx: &Context) -> Result<(), Refusal> {
         if run.status != RunStatus::Running {
             return refuse(format!("run already finished as {:?}; it takes no more diffs", run.status));
         }
@@ -275,6 +296,7 @@ impl Reducer for Workflow {
                 check_finish(run, &BTreeMap::new(), &finish)?;
                 run.status = status;
                 run.finished_at = Some(at);
+                finished(run, ctx);
                 Ok(())
             }
             Diff::Composite { steps, finish } => {
@@ -291,6 +313,7 @@ impl Reducer for Workflow {
                 if let Some(Finish { status, at }) = finish {
                     run.status = status;
                     run.finished_at = Some(at);
+                    finished(run, ctx);
                 }
                 Ok(())
             }

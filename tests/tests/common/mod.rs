@@ -58,7 +58,7 @@ impl Fold {
             .iter()
             .rev()
             .find_map(|o| match o {
-                Outcome::Applied(h) => Some(*h),
+                Outcome::Applied(h, _) => Some(*h),
                 _ => None,
             })
             .unwrap_or(hash);
@@ -70,7 +70,7 @@ impl Fold {
     pub fn apply_keep(&mut self, model: &str, diffs: &[String]) -> Vec<String> {
         let refs: Vec<&str> = diffs.iter().map(String::as_str).collect();
         let outcomes = self.apply(model, &refs);
-        diffs.iter().zip(&outcomes).filter(|(_, o)| matches!(o, Outcome::Applied(_))).map(|(d, _)| d.clone()).collect()
+        diffs.iter().zip(&outcomes).filter(|(_, o)| matches!(o, Outcome::Applied(..))).map(|(d, _)| d.clone()).collect()
     }
 
     pub fn snapshot(&mut self, model: &str) -> Vec<u8> {
@@ -84,7 +84,7 @@ impl Fold {
 }
 
 pub fn applied(outcomes: &[Outcome]) -> Vec<bool> {
-    outcomes.iter().map(|o| matches!(o, Outcome::Applied(_))).collect()
+    outcomes.iter().map(|o| matches!(o, Outcome::Applied(..))).collect()
 }
 
 /// The hash chain over `diffs`, computed independently of the runtime.
