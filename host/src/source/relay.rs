@@ -294,7 +294,13 @@ impl KafkaRelay {
             // A fenced or failed producer is dropped: the next attempt starts over from the
             // position in Kafka, with a new epoch.
             self.producers.remove(&slot);
-            return Err(e.to_string());
+            let hint = match self.transactional && e.to_string().contains("not supported by broker") {
+                true => {
+                    " (a broker without transactions: set [reactions] transactional = false, --relay-at-least-once)"
+                }
+                false => "",
+            };
+            return Err(format!("{e}{hint}"));
         }
         p.next = next;
         let (_, removed) = store.relayed(topic, partition, next, &[]).map_err(|e| e.to_string())?;
@@ -322,7 +328,15 @@ impl KafkaRelay {
             .create_with_context(Delivery::default())
             .map_err(|e| format!("cannot create a relay producer: {e}"))?;
         if self.transactional {
-            producer.init_transactions(self.timeout).map_err(|e| format!("init_transactions: {e}"))?;
+            producer.init_transactions(self.timeout).map_err(|e| {
+                let hint = match e.to_string().contains("not supported by broker") {
+                    true => {
+                        " (a broker without transactions: set [reactions] transactional = false, --relay-at-least-once)"
+                    }
+                    false => "",
+                };
+                format!("init_transactions: {e}{hint}")
+            })?;
         }
         Ok(producer)
     }
