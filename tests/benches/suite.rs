@@ -78,6 +78,9 @@ async fn main() {
     if wanted(8) {
         sharded(&mut rows).await;
     }
+    if wanted(9) {
+        reactions(&mut rows).await;
+    }
     println!();
     println!("statefold benchmark suite ({} cores, {} rounds per figure)", cores(), rounds(5));
     println!("{:<58} {:>14}  beside (same run)", "case", "figure");
@@ -1035,4 +1038,67 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
             })
             .sum()
     })
+}
+
+/// Reactions (9), on the embedded log: 50,000 `context` diffs over 1,000 models folded from a
+/// fresh start, each emitting one reaction to a topic another kind folds, against the same
+/// diffs emitting nothing; and the relay's rate: from the start until every reaction is
+/// relayed and folded by the other kind.
+async fn reactions(rows: &mut Vec<Row>) {
+    use statefold::config::KindConfig;
+    let (models, diffs) = (scaled(1_000), scaled(50_000));
+    let config = |dir: &std::path::Path| {
+        let kind = |name: &str, topic: &str| KindConfig {
+            name: name.into(),
+            reducer: statefold_tests::wasm("context"),
+            topic: Some(topic.into()),
+        };
+        let mut config = example_config(dir, limits());
+        config.kinds = vec![kind("ctx", "ctx"), kind("echo", "echoes")];
+        config
+    };
+    let log = |emit: bool| {
+        (0..diffs).map(move |i| {
+            let diff = if emit { format!(r#"{{"emit":"echoes","i":{i}}}"#) } else { format!(r#"{{"i":{i}}}"#) };
+            (format!("m{}", i % models), diff.into_bytes(), false)
+        })
+    };
+    let (mut quiet, mut emitting, mut relayed) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds(3) {
+        for emit in [false, true] {
+            let dir = prefilled("ctx", log(emit));
+            let start = Instant::now();
+            let running = statefold::server::start(config(dir.path())).await.expect("starts");
+            let app = running.app.clone();
+            while app.partitions().iter().find(|((t, _), _)| t == "ctx").is_none_or(|(_, p)| p.next < diffs as u64) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let folded = start.elapsed();
+            if !emit {
+                quiet.push(folded);
+            } else {
+                emitting.push(folded);
+                let echoed = |app: &statefold::app::App| {
+                    app.partitions().iter().any(|((t, _), p)| t == "echoes" && p.next >= diffs as u64)
+                };
+                while app.outbox()["pending"] != 0 || !echoed(&app) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                relayed.push(start.elapsed());
+            }
+            running.stop().await.expect("stops");
+        }
+    }
+    let (quiet, emitting, relayed) = (median(quiet), median(emitting), median(relayed));
+    let rate = |took: Duration| diffs as f64 / took.as_secs_f64();
+    rows.push(Row {
+        name: format!("9. fold, {diffs} diffs each emitting a reaction"),
+        value: format!("{:.0}/s", rate(emitting)),
+        beside: format!(
+            "the same diffs emitting nothing {:.0}/s (ratio {:.2}); reactions relayed and folded by another kind {:.0}/s",
+            rate(quiet),
+            quiet.as_secs_f64() / emitting.as_secs_f64(),
+            rate(relayed),
+        ),
+    });
 }
