@@ -7,7 +7,9 @@ type Shim = Record<string, Record<string, unknown>>;
 /**
  * Transpiles a reducer component (its `.wasm` bytes) with `@bytecodealliance/jco-transpile`
  * and instantiates it: WASI from `@bytecodealliance/preview2-shim`, and the host's meter
- * (`statefold:reducer/meter`) as a no-op, since the client sets no CPU budget.
+ * (`statefold:reducer/meter`) as a no-op, since the client sets no CPU budget. Reactions
+ * (`statefold:reducer/reactions`, since 0.2.0) are dropped: the server that folded the diff
+ * relayed them; a client folding it again only shows the state.
  */
 export async function instantiateReducer(module: Uint8Array): Promise<ReducerExports> {
   const { transpileBytes } = await import("@bytecodealliance/jco-transpile");
@@ -20,6 +22,10 @@ export async function instantiateReducer(module: Uint8Array): Promise<ReducerExp
   for (const name of needed) {
     if (name.startsWith("statefold:reducer/meter")) {
       imports[name] = { startDiff() {} };
+      continue;
+    }
+    if (name.startsWith("statefold:reducer/reactions")) {
+      imports[name] = { emit() {} };
       continue;
     }
     const match = /^wasi:([a-z-]+)\/([a-z-]+)/.exec(name);
