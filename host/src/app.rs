@@ -21,7 +21,7 @@ use crate::fold::{CatchUp, plan_catch_up};
 use crate::hub::{Full, Hub, Subscription};
 use crate::metrics::{Gauges, Metrics};
 use crate::model::{
-    Applied, CREATE_HEADER, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, Head, KindVersions,
+    Applied, CREATE_HEADER, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, Head, Keyed, KindVersions,
     ModelKey, ModuleHash, REPLAY_HEADER, Rejection, ReplayJob, SUBJECT_HEADER, VersionRecord, VersionStatus,
     partition_of,
 };
@@ -81,6 +81,56 @@ pub enum AppError {
     /// The kind's topic is not the log this store folded (see `SourceStatus::stop_topic`).
     #[error("folding kind {kind} is stopped: {reason}; nothing was written (`statefold reset {kind}` refolds it)")]
     KindStopped { kind: String, reason: String },
+}
+
+impl AppError {
+    /// The stable code of the error, the same over HTTP and over Kafka (request/reply).
+    pub fn code(&self) -> &'static str {
+        self.status_code().1
+    }
+
+    /// The HTTP status that goes with it.
+    pub fn status(&self) -> u16 {
+        self.status_code().0
+    }
+
+    /// The message a client sees: a rejection's own.
+    pub fn message(&self) -> String {
+        match self {
+            AppError::Rejected(rejection) => rejection.message(),
+            other => other.to_string(),
+        }
+    }
+
+    fn status_code(&self) -> (u16, &'static str) {
+        match self {
+            AppError::UnknownKind(_) => (404, "unknown_kind"),
+            AppError::UnknownModel { .. } => (404, "unknown_model"),
+            AppError::Exists { .. } => (409, "model_exists"),
+            AppError::UnknownHash(_) => (404, "unknown_hash"),
+            AppError::Pruned(_) => (410, "pruned"),
+            AppError::InvalidId(_) => (400, "invalid_id"),
+            AppError::BadPosition(_) => (400, "bad_query"),
+            AppError::Rejected(rejection) => match rejection {
+                Rejection::Refused(_) => (409, "refused"),
+                Rejection::Exists => (409, "model_exists"),
+                Rejection::HashMismatch(_) => (409, "hash_mismatch"),
+                Rejection::Failed(_) => (422, "reducer_failed"),
+                other => (422, other.code()),
+            },
+            AppError::WaitTimeout(..) => (504, "wait_timeout"),
+            AppError::Reducer(_) => (500, "reducer_failed"),
+            AppError::Store(_) => (500, "store"),
+            AppError::ShuttingDown => (503, "shutting_down"),
+            AppError::Unavailable(_) => (503, "unavailable"),
+            AppError::ReplayRunning(_) => (409, "replay_running"),
+            AppError::ReadOnly => (403, "read_only"),
+            AppError::KindStopped { .. } => (503, "kind_stopped"),
+            AppError::Forbidden(_) => (403, "forbidden"),
+            AppError::StoreUnwritable(_) => (503, "store_unwritable"),
+            AppError::Deploy(_) => (500, "deploy"),
+        }
+    }
 }
 
 impl From<WriteError> for AppError {
@@ -919,12 +969,24 @@ impl App {
 
     /// Appends a record for `id` to the log (a create record when `diff` is `None`); returns
     /// (partition, offset) once the log has it.
-    pub async fn write(&self, topic: &str, id: &str, diff: Option<&[u8]>) -> Result<(u32, u64), AppError> {
-        let headers = match diff {
+    pub async fn write(
+        &self,
+        topic: &str,
+        id: &str,
+        diff: Option<&[u8]>,
+        extra: &[(String, Vec<u8>)],
+    ) -> Result<(u32, u64), AppError> {
+        let mut headers = match diff {
             None => vec![(CREATE_HEADER.to_owned(), Vec::new())],
             Some(_) => Vec::new(),
         };
+        headers.extend_from_slice(extra);
         self.appended(self.writer.append(topic, id.as_bytes(), diff.unwrap_or_default(), &headers).await)
+    }
+
+    /// The diff applied to `model` under idempotency key `key`, if one was.
+    pub fn keyed(&self, model: &ModelKey, key: &str) -> Result<Option<Keyed>, AppError> {
+        Ok(self.store.read().keyed(model, key)?)
     }
 
     /// Rejected records of a kind's topic, after (partition, offset).

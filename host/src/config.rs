@@ -158,9 +158,9 @@ limits! {
     /// partitions are served from a standby until the group reassigns them), in
     /// milliseconds.
     cluster_member_timeout_ms: u64 = 3000;
-    /// Sharded mode: the consumer group's session timeout (librdkafka `session.timeout.ms`):
-    /// how long after a server's last heartbeat the group reassigns its partitions, in
-    /// milliseconds.
+    /// Sharded mode and request/reply: the consumer groups' session timeout (librdkafka
+    /// `session.timeout.ms`): how long after a server's last heartbeat its group reassigns
+    /// its partitions (of the folded topics; of the request topic), in milliseconds.
     cluster_session_timeout_ms: u64 = 10000;
     /// Reactions one diff may emit; a diff that emits more fails (rejection `failed`).
     reactions_per_diff_max: usize = crate::reducer::ReducerLimits::default().reactions_per_diff_max;
@@ -175,6 +175,8 @@ limits! {
     /// Longest wait of the relay for a transaction's commit before it is retried, in
     /// milliseconds.
     relay_transaction_timeout_ms: u64 = 30_000;
+    /// Requests over Kafka handled at once; the next waits for one to be answered.
+    requests_in_flight_max: usize = 256;
 }
 
 impl Limits {
@@ -241,6 +243,7 @@ impl Limits {
             ("outbox_records_max", self.outbox_records_max),
             ("relay_batch_records_max", self.relay_batch_records_max as u64),
             ("relay_transaction_timeout_ms", self.relay_transaction_timeout_ms),
+            ("requests_in_flight_max", self.requests_in_flight_max as u64),
             ("kafka_check_interval_ms", self.kafka_check_interval_ms),
             ("kafka_commit_interval_ms", self.kafka_commit_interval_ms),
         ];
@@ -336,6 +339,9 @@ pub struct Config {
     /// How reducers' reactions are relayed from the outbox.
     #[serde(default)]
     pub reactions: ReactionsConfig,
+    /// Request/reply over Kafka (with `[kafka]`): off unless configured.
+    #[serde(default)]
+    pub requests: Option<RequestsConfig>,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -354,6 +360,38 @@ pub struct ReactionsConfig {
     /// header.
     #[serde(default = "yes")]
     pub transactional: bool,
+}
+
+/// `[requests]`: request/reply over Kafka (the Resonate Kafka API): the servers sharing
+/// `group` consume `topic`, answer the requests addressed to `target` on each request's
+/// reply topic, and drop the others.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestsConfig {
+    /// The request topic.
+    #[serde(default = "default_requests_topic")]
+    pub topic: String,
+    /// The target this server answers for.
+    #[serde(default = "default_requests_target")]
+    pub target: String,
+    /// The consumer group the servers of this target share (default: `[kafka] group_id` +
+    /// `.requests.` + target: each target reads every request once, and drops the others').
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+pub fn default_requests_topic() -> String {
+    "statefold-requests".into()
+}
+
+pub fn default_requests_target() -> String {
+    "statefold".into()
+}
+
+impl Default for RequestsConfig {
+    fn default() -> Self {
+        RequestsConfig { topic: default_requests_topic(), target: default_requests_target(), group: None }
+    }
 }
 
 impl Default for ReactionsConfig {
@@ -577,6 +615,7 @@ impl Default for Config {
             tls: None,
             cluster: None,
             reactions: ReactionsConfig::default(),
+            requests: None,
             limits: Limits::default(),
         }
     }
@@ -647,6 +686,15 @@ impl Config {
             }
             if kafka.group_id.is_empty() {
                 return Err("kafka.group_id is empty".into());
+            }
+        }
+        if let Some(requests) = &self.requests {
+            if self.kafka.is_none() {
+                return Err("[requests] needs [kafka]: requests and replies are Kafka records".into());
+            }
+            crate::model::validate_topic(&requests.topic).map_err(|e| format!("requests.topic: {e}"))?;
+            if requests.target.is_empty() {
+                return Err("requests.target is empty".into());
             }
         }
         if let Some(cluster) = &self.cluster {

@@ -182,7 +182,7 @@ impl ServerArgs {
 struct ServeArgs {
     /// The config file (TOML): listen, data_dir, reducers_dir, [[kind]] sections, [kafka],
     /// [auth] (bearer tokens), [cors], [tls] (HTTPS with HTTP/2), [cluster] (sharded mode),
-    /// [reactions] (their relay), [limits].
+    /// [reactions] (their relay), [requests] (request/reply over Kafka), [limits].
     #[arg(long, short, env = "STATEFOLD_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 127.0.0.1:8080 (port 0: any free port).
@@ -238,6 +238,20 @@ struct ServeArgs {
     /// transactional = false): for brokers without transactions.
     #[arg(long)]
     relay_at_least_once: bool,
+    /// Serve request/reply over Kafka (turns [requests] on; needs Kafka).
+    #[arg(long)]
+    requests: bool,
+    /// Request/reply: the request topic ([requests] topic; default statefold-requests).
+    #[arg(long, value_name = "TOPIC")]
+    requests_topic: Option<String>,
+    /// Request/reply: the target this server answers for ([requests] target; default
+    /// statefold); requests for other targets are dropped.
+    #[arg(long, value_name = "NAME")]
+    requests_target: Option<String>,
+    /// Request/reply: the consumer group this target's servers share ([requests] group;
+    /// default the Kafka group id + .requests. + the target).
+    #[arg(long, value_name = "GROUP")]
+    requests_group: Option<String>,
     #[command(flatten)]
     limits: LimitFlags,
 }
@@ -395,6 +409,19 @@ fn config_of(args: ServeArgs) -> anyhow::Result<Config> {
         }
     }
     config.read_only |= args.read_only;
+    if args.requests || args.requests_topic.is_some() || args.requests_target.is_some() || args.requests_group.is_some()
+    {
+        let requests = config.requests.get_or_insert_with(Default::default);
+        if let Some(topic) = args.requests_topic {
+            requests.topic = topic;
+        }
+        if let Some(target) = args.requests_target {
+            requests.target = target;
+        }
+        if let Some(group) = args.requests_group {
+            requests.group = Some(group);
+        }
+    }
     config.reactions.relay &= !args.no_relay;
     config.reactions.transactional &= !args.relay_at_least_once;
     args.limits.apply(&mut config.limits);

@@ -27,6 +27,11 @@ pub struct CodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RoleLabels {
     pub role: &'static str,
 }
@@ -89,6 +94,9 @@ pub struct Metrics {
     cluster_partitions: Family<RoleLabels, Gauge>,
     /// Counted by the relay.
     pub reactions_relayed: Counter,
+    requests_answered: Family<CodeLabels, Counter>,
+    requests_dropped: Family<ReasonLabels, Counter>,
+    request_seconds: Histogram,
     outbox_pending: Gauge,
 }
 
@@ -152,6 +160,9 @@ impl Metrics {
             replica_diverged: Gauge::default(),
             cluster_members: Gauge::default(),
             reactions_relayed: Counter::default(),
+            requests_answered: Family::default(),
+            requests_dropped: Family::default(),
+            request_seconds: latency(),
             outbox_pending: Gauge::default(),
             cluster_partitions: Family::default(),
             registry: Registry::default(),
@@ -261,6 +272,21 @@ impl Metrics {
             m.reactions_relayed.clone(),
         );
         registry.register(
+            "requests_answered",
+            "Requests over Kafka answered, by code (ok, or the error's code)",
+            m.requests_answered.clone(),
+        );
+        registry.register(
+            "requests_dropped",
+            "Requests over Kafka dropped unanswered, by reason (other_target, malformed)",
+            m.requests_dropped.clone(),
+        );
+        registry.register(
+            "request_seconds",
+            "Requests over Kafka: from taking the request to the reply being sent",
+            m.request_seconds.clone(),
+        );
+        registry.register(
             "outbox_pending",
             "Reactions committed with their diffs and not relayed yet (the outbox's lag)",
             m.outbox_pending.clone(),
@@ -284,6 +310,18 @@ impl Metrics {
             // The fold thread is the only writer: no lost update.
             self.deploy_batch_max_seconds.set(seconds);
         }
+    }
+
+    /// A request over Kafka answered (`code`: the error's, `None` for success) in `took`.
+    pub fn request_answered(&self, code: Option<&str>, took: Duration) {
+        let code = code.unwrap_or("ok").to_owned();
+        self.requests_answered.get_or_create(&CodeLabels { code }).inc();
+        self.request_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A request over Kafka dropped: another target's, or not a request.
+    pub fn request_dropped(&self, reason: &'static str) {
+        self.requests_dropped.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn rejected(&self, code: &str) {

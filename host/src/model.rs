@@ -230,6 +230,23 @@ pub struct Outgoing {
     pub reaction: Reaction,
 }
 
+/// A diff's idempotency key: a second diff with the same key for the same model is not
+/// applied (rejection `duplicate`); request/reply's `idempotencyKey`.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "statefold-idempotency-key";
+/// The hash (hex) a diff expects its model at; elsewhere it is not applied (rejection
+/// `hash_mismatch`); request/reply's `expectedHash`.
+pub const EXPECTED_HASH_HEADER: &str = "statefold-expected-hash";
+
+/// A diff applied under an idempotency key: what answers the key's later uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyed {
+    pub model: ModelKey,
+    pub key: String,
+    pub seq: u64,
+    pub offset: u64,
+    pub hash: Hash,
+}
+
 /// Record headers the relay adds to a reaction: its identity, for consumers that de-duplicate.
 pub const HEADER_REACTION_ID: &str = "statefold-reaction-id";
 pub const HEADER_REACTION_KIND: &str = "statefold-kind";
@@ -322,6 +339,12 @@ pub enum Rejection {
     /// The record is not on its model's partition ([`partition_of`] its key): a producer
     /// with another partitioner. Folding it would order the model's diffs by fetch timing.
     WrongPartition { expected: u32, partitions: u32 },
+    /// The record expected the model at another hash ([`EXPECTED_HASH_HEADER`]): another
+    /// diff came first (optimistic concurrency). The message says which hash it is at.
+    HashMismatch(String),
+    /// A diff with the same idempotency key ([`IDEMPOTENCY_KEY_HEADER`]) was applied to the
+    /// model already, at this seq.
+    Duplicate { seq: u64 },
 }
 
 impl Rejection {
@@ -337,6 +360,8 @@ impl Rejection {
             Rejection::TooLarge { .. } => "too_large",
             Rejection::InvalidDeploy(_) => "invalid_deploy",
             Rejection::WrongPartition { .. } => "wrong_partition",
+            Rejection::HashMismatch(_) => "hash_mismatch",
+            Rejection::Duplicate { .. } => "duplicate",
         }
     }
 
@@ -355,6 +380,10 @@ impl Rejection {
             Rejection::WrongPartition { expected, partitions } => format!(
                 "the model belongs to partition {expected} of {partitions} (the Java client's murmur2 partitioner of its key); produce with that partitioner"
             ),
+            Rejection::HashMismatch(reason) => reason.clone(),
+            Rejection::Duplicate { seq } => {
+                format!("a diff with the same idempotency key was applied to the model at seq {seq}")
+            }
         }
     }
 
@@ -366,6 +395,7 @@ impl Rejection {
             Rejection::WrongPartition { expected, partitions } => {
                 Some(u64::from(*partitions) << 32 | u64::from(*expected))
             }
+            Rejection::Duplicate { seq } => Some(*seq),
             _ => None,
         }
     }
@@ -385,6 +415,8 @@ impl Rejection {
                 let detail = detail?;
                 Rejection::WrongPartition { expected: detail as u32, partitions: (detail >> 32) as u32 }
             }
+            "hash_mismatch" => Rejection::HashMismatch(message),
+            "duplicate" => Rejection::Duplicate { seq: detail? },
             _ => return None,
         })
     }
@@ -473,6 +505,8 @@ pub struct Folded {
     pub replays: Vec<(Arc<str>, ModuleHash, Option<String>)>,
     /// Reactions the applied diffs emitted, in record order: the outbox's new entries.
     pub outbox: Vec<Outgoing>,
+    /// Diffs applied under an idempotency key.
+    pub keyed: Vec<Keyed>,
 }
 
 /// What became of one record, the same on every replica that folds it the same way:

@@ -297,6 +297,19 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let server = serve(listener, router, &config, tls, stop);
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     tracing::info!(%addr, scheme, "serving");
+    if let (Some(requests), Some(kafka)) = (&config.requests, &config.kafka) {
+        let group =
+            requests.group.clone().unwrap_or_else(|| format!("{}.requests.{}", kafka.group_id, requests.target));
+        let (consumer, producer) =
+            crate::source::request_clients(kafka, &limits, &requests.topic, &group).map_err(anyhow::Error::msg)?;
+        let settings = crate::api::requests::Settings {
+            target: requests.target.clone(),
+            in_flight_max: limits.requests_in_flight_max,
+            produce_timeout: Duration::from_millis(limits.kafka_produce_timeout_ms),
+        };
+        tracing::info!(topic = %requests.topic, target = %requests.target, %group, "serving request/reply over Kafka");
+        tokio::spawn(crate::api::requests::serve(app.clone(), consumer, producer, settings, app.status.stop.clone()));
+    }
     let threads = Threads { fold, watcher, attest: attest_thread, cluster: cluster_thread, relay: relay_thread };
     tokio::spawn({
         let app = app.clone();

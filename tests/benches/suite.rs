@@ -447,7 +447,7 @@ async fn catch_up(rows: &mut Vec<Row>) {
     let start = Instant::now();
     let writer = tokio::spawn(async move {
         for i in 0..diffs {
-            app.write("document", "doc", Some(format!(r#"{{"k{}":{i}}}"#, i % 1000).as_bytes()))
+            app.write("document", "doc", Some(format!(r#"{{"k{}":{i}}}"#, i % 1000).as_bytes()), &[])
                 .await
                 .expect("written");
         }

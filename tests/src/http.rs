@@ -28,6 +28,7 @@ pub fn example_config(data_dir: &std::path::Path, limits: Limits) -> Config {
         tls: None,
         cluster: None,
         reactions: Default::default(),
+        requests: None,
         limits,
     }
 }

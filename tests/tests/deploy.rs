@@ -57,6 +57,7 @@ fn config(data: &Path, reducers: &Path) -> Config {
         tls: None,
         cluster: None,
         reactions: Default::default(),
+        requests: None,
         limits: Limits {
             reducer_watch_interval_ms: 100,
             reducer_resident_models_max: 100,

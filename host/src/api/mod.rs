@@ -3,6 +3,7 @@
 
 mod access;
 mod reducers;
+pub mod requests;
 mod route;
 mod sse;
 
@@ -25,7 +26,7 @@ use crate::app::{App, AppError, Plan, Reset};
 use crate::auth::{Action, Caller};
 use crate::chain::Hash;
 use crate::metrics::RequestLabels;
-use crate::model::{Applied, ModelKey, Rejection};
+use crate::model::{Applied, ModelKey};
 use access::{allow, allow_admin, allow_kind};
 
 /// The OpenAPI document of this API.
@@ -119,38 +120,8 @@ impl From<AppError> for ApiError {
             AppError::Deploy(error) => return (*error).into(),
             other => other,
         };
-        let message = error.to_string();
-        let (status, code) = match &error {
-            AppError::UnknownKind(_) => (StatusCode::NOT_FOUND, "unknown_kind"),
-            AppError::UnknownModel { .. } => (StatusCode::NOT_FOUND, "unknown_model"),
-            AppError::Exists { .. } => (StatusCode::CONFLICT, "model_exists"),
-            AppError::UnknownHash(_) => (StatusCode::NOT_FOUND, "unknown_hash"),
-            AppError::Pruned(_) => (StatusCode::GONE, "pruned"),
-            AppError::InvalidId(_) => (StatusCode::BAD_REQUEST, "invalid_id"),
-            AppError::BadPosition(_) => (StatusCode::BAD_REQUEST, "bad_query"),
-            AppError::Rejected(rejection) => match rejection {
-                Rejection::Refused(_) => (StatusCode::CONFLICT, "refused"),
-                Rejection::Exists => (StatusCode::CONFLICT, "model_exists"),
-                Rejection::Failed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "reducer_failed"),
-                other => (StatusCode::UNPROCESSABLE_ENTITY, other.code()),
-            },
-            AppError::WaitTimeout(..) => (StatusCode::GATEWAY_TIMEOUT, "wait_timeout"),
-            AppError::Reducer(_) => (StatusCode::INTERNAL_SERVER_ERROR, "reducer_failed"),
-            AppError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
-            AppError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
-            AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            AppError::ReplayRunning(_) => (StatusCode::CONFLICT, "replay_running"),
-            AppError::ReadOnly => (StatusCode::FORBIDDEN, "read_only"),
-            AppError::KindStopped { .. } => (StatusCode::SERVICE_UNAVAILABLE, "kind_stopped"),
-            AppError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
-            AppError::StoreUnwritable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unwritable"),
-            AppError::Deploy(_) => (StatusCode::INTERNAL_SERVER_ERROR, "deploy"), // returned above
-        };
-        let message = match &error {
-            AppError::Rejected(rejection) => rejection.message(),
-            _ => message,
-        };
-        ApiError::new(status, code, message)
+        let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError::new(status, error.code(), error.message())
     }
 }
 
@@ -285,7 +256,7 @@ async fn create(
         let (kind, id) = (kind.clone(), id.clone());
         blocking(&app, move |app| app.check_create(&kind, &id)).await?
     };
-    let (partition, offset) = app.write(&topic, &id, None).await?;
+    let (partition, offset) = app.write(&topic, &id, None, &[]).await?;
     let model = ModelKey::new(&kind, &id);
     let wait = Duration::from_millis(app.limits().wait_applied_ms_max);
     let version = app.wait_folded(&model, &topic, partition, offset, wait).await?;
@@ -293,7 +264,7 @@ async fn create(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-fn new_id() -> String {
+pub(super) fn new_id() -> String {
     use rand::RngExt;
     let bytes: [u8; 16] = rand::rng().random();
     hex::encode(bytes)
@@ -375,7 +346,7 @@ async fn append(
         let unknown = |result: &Result<Arc<str>, ApiError>| matches!(result, Err(e) if e.code == "unknown_model");
         patiently(&app, unknown, move |app| app.check_append(&model)).await?
     };
-    let (partition, offset) = app.write(&topic, &id, Some(&body)).await?;
+    let (partition, offset) = app.write(&topic, &id, Some(&body), &[]).await?;
     if !wait {
         let body = serde_json::json!({"partition": partition, "offset": offset});
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());

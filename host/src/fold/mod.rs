@@ -24,6 +24,7 @@ use crate::model::{
     SUBJECT_HEADER, partition_of, validate_id,
 };
 use crate::model::{Checkpoint, DiffRecord, Outgoing, Reaction};
+use crate::model::{EXPECTED_HASH_HEADER, IDEMPOTENCY_KEY_HEADER, Keyed};
 use crate::reducer::{Checkpoints, Models, Outcome, Reducer, ReducerError};
 
 pub use catchup::{CatchUp, plan_catch_up};
@@ -35,6 +36,8 @@ pub type ViewError = Box<dyn std::error::Error + Send + Sync>;
 /// What the engine reads from the store: committed heads and checkpoints.
 pub trait View {
     fn head(&self, model: &ModelKey) -> Result<Option<Head>, ViewError>;
+    /// The diff applied to `model` under idempotency key `key`, if one was.
+    fn keyed(&self, model: &ModelKey, key: &str) -> Result<Option<Keyed>, ViewError>;
     /// The model's latest checkpoint and the diffs after it, with the versions that wrote them.
     fn checkpoint(&self, model: &ModelKey, head: &Head) -> Result<History, ViewError>;
 }
@@ -624,6 +627,11 @@ impl Engine {
                 i += 1;
                 continue;
             }
+            if let Some(rejection) = precondition(record, head.as_ref(), &model, folded, view)? {
+                folded.reject(reject(rejection));
+                i += 1;
+                continue;
+            }
             let current = head.get_or_insert_with(|| {
                 folded.created.push(model.clone());
                 Head::new(&model, version, partition, generation)
@@ -709,9 +717,48 @@ fn run_end(records: &[Versioned], start: usize) -> usize {
     (start + 1..records.len())
         .find(|&j| {
             let (record, v) = records[j];
-            record.is_create() || v != version || record.offset <= records[j - 1].0.offset
+            record.is_create() || v != version || record.offset <= records[j - 1].0.offset || conditional(record)
         })
         .unwrap_or(records.len())
+}
+
+/// Whether a record carries a condition ([`precondition`]): it starts a run of its own,
+/// checked against the head the diffs before it left.
+fn conditional(record: &Record) -> bool {
+    record.header(IDEMPOTENCY_KEY_HEADER).is_some() || record.header(EXPECTED_HASH_HEADER).is_some()
+}
+
+/// Why a diff is not applied before the reducer sees it: its idempotency key was applied to
+/// the model already (in this batch or before), or the model is not at the hash it
+/// expects. Both follow from the log alone: every replica decides alike.
+fn precondition(
+    record: &Record,
+    head: Option<&Head>,
+    model: &ModelKey,
+    folded: &Folded,
+    view: &dyn View,
+) -> Result<Option<Rejection>, FoldError> {
+    if let Some(key) = record.header(IDEMPOTENCY_KEY_HEADER) {
+        let key = String::from_utf8_lossy(key);
+        let here = folded.keyed.iter().rev().find(|k| k.model == *model && k.key == key).map(|k| k.seq);
+        let seq = match here {
+            Some(seq) => Some(seq),
+            None => view.keyed(model, &key).map_err(FoldError::View)?.map(|k| k.seq),
+        };
+        if let Some(seq) = seq {
+            return Ok(Some(Rejection::Duplicate { seq }));
+        }
+    }
+    if let Some(expected) = record.header(EXPECTED_HASH_HEADER) {
+        let current = head.map_or_else(|| model.genesis(), |h| h.hash).to_string();
+        if !expected.eq_ignore_ascii_case(current.as_bytes()) {
+            let expected = String::from_utf8_lossy(expected);
+            return Ok(Some(Rejection::HashMismatch(format!(
+                "the model is at {current}, not at the expected {expected}: another diff came first"
+            ))));
+        }
+    }
+    Ok(None)
 }
 
 /// Moves model `id` into instance `to` from whichever other instance holds it (its
@@ -798,6 +845,15 @@ impl Overlay<'_> {
         self.head.hash = hash;
         self.head.reducer = reducer;
         self.folded.mark(record, Became::Applied, applied.seq, reducer);
+        if let Some(key) = record.header(IDEMPOTENCY_KEY_HEADER) {
+            self.folded.keyed.push(Keyed {
+                model: self.model.clone(),
+                key: String::from_utf8_lossy(key).into_owned(),
+                seq: applied.seq,
+                offset: applied.offset,
+                hash,
+            });
+        }
         self.folded.outbox.extend(reactions.into_iter().enumerate().map(|(index, reaction)| Outgoing {
             source: record.topic.clone(),
             partition: record.partition,

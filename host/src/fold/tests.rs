@@ -9,7 +9,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::*;
-use crate::model::{CREATE_HEADER, Checkpoint, DiffRecord, ModelKey, Reaction, partition_of};
+use crate::model::{
+    CREATE_HEADER, Checkpoint, DiffRecord, EXPECTED_HASH_HEADER, IDEMPOTENCY_KEY_HEADER, Keyed, ModelKey, Reaction,
+    partition_of,
+};
 use crate::reducer::{Composed, Native, NativeModel, ReducerInfo};
 
 /// A counter: the state is an integer, a diff is an integer added to it; a diff that would
@@ -86,6 +89,8 @@ struct FakeView {
     checkpoints: HashMap<ModelKey, Vec<(u64, Vec<u8>, ModuleHash)>>,
     /// Per model: (offset, hash before, diff, version) of each retained diff.
     diffs: HashMap<ModelKey, Vec<(u64, Hash, DiffRecord, ModuleHash)>>,
+    /// Diffs applied under idempotency keys.
+    keyed: Vec<Keyed>,
 }
 
 impl FakeView {
@@ -108,12 +113,17 @@ impl FakeView {
         for (model, head) in &folded.heads {
             self.heads.insert(model.clone(), head.clone());
         }
+        self.keyed.extend(folded.keyed.iter().cloned());
     }
 }
 
 impl View for FakeView {
     fn head(&self, model: &ModelKey) -> Result<Option<Head>, ViewError> {
         Ok(self.heads.get(model).cloned())
+    }
+
+    fn keyed(&self, model: &ModelKey, key: &str) -> Result<Option<Keyed>, ViewError> {
+        Ok(self.keyed.iter().find(|k| k.model == *model && k.key == key).cloned())
     }
 
     fn checkpoint(&self, model: &ModelKey, head: &Head) -> Result<History, ViewError> {
@@ -233,6 +243,47 @@ fn reactions_of_applied_diffs_go_to_the_outbox_with_their_identity_and_a_refused
     assert_eq!(state(&mut engine, &view, "a"), 250);
     let folded = engine.fold(&[record(4, "a", "1")], &view).unwrap();
     assert!(folded.outbox.is_empty(), "{:?}", folded.outbox);
+}
+
+fn with_header(mut record: Record, name: &str, value: &str) -> Record {
+    record.headers.push((name.to_owned(), value.as_bytes().to_vec()));
+    record
+}
+
+#[test]
+fn an_idempotency_key_applies_once_and_an_expected_hash_must_be_the_models() {
+    let reducer = counter();
+    let mut engine = engine(&reducer, FoldLimits::default());
+    let mut view = FakeView::default();
+    let keyed = |offset, value, key| with_header(record(offset, "a", value), IDEMPOTENCY_KEY_HEADER, key);
+    // The same key twice in one batch, and a keyed diff refused (not recorded: a retry may apply).
+    let records = [keyed(0, "5", "k1"), keyed(1, "5", "k1"), keyed(2, "-99", "k2"), keyed(3, "1", "k2")];
+    let folded = engine.fold(&records, &view).unwrap();
+    let codes: Vec<(u64, &str)> = folded.rejected.iter().map(|r| (r.offset, r.reason.code())).collect();
+    assert_eq!(codes, [(1, "duplicate"), (2, "refused")]);
+    assert_eq!(folded.rejected[0].reason, Rejection::Duplicate { seq: 1 });
+    let keys: Vec<(&str, u64)> = folded.keyed.iter().map(|k| (k.key.as_str(), k.seq)).collect();
+    assert_eq!(keys, [("k1", 1), ("k2", 2)]);
+    view.commit(&folded);
+    // In a later batch, from the view.
+    let folded = engine.fold(&[keyed(4, "7", "k1")], &view).unwrap();
+    assert_eq!(folded.rejected[0].reason, Rejection::Duplicate { seq: 1 });
+    view.commit(&folded);
+
+    let at = chain("a", &["5", "1"]);
+    let expecting =
+        |offset, value, hash: &Hash| with_header(record(offset, "a", value), EXPECTED_HASH_HEADER, &hash.to_string());
+    // Two writers expecting the same hash: the first applies, the second is told.
+    let folded = engine.fold(&[expecting(5, "10", &at), expecting(6, "20", &at)], &view).unwrap();
+    assert_eq!(folded.applied.len(), 1);
+    assert_eq!((folded.rejected[0].offset, folded.rejected[0].reason.code()), (6, "hash_mismatch"));
+    assert!(folded.rejected[0].reason.message().contains(&chain("a", &["5", "1", "10"]).to_string()));
+    view.commit(&folded);
+    assert_eq!(state(&mut engine, &view, "a"), 16);
+    // A new model is at its genesis hash.
+    let genesis = ModelKey::new("counter", "b").genesis();
+    let new = with_header(record(7, "b", "1"), EXPECTED_HASH_HEADER, &genesis.to_string());
+    assert!(engine.fold(&[new], &view).unwrap().rejected.is_empty());
 }
 
 #[test]

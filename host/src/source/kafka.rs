@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -94,6 +94,31 @@ pub fn kafka_settings(config: &KafkaConfig, limits: &Limits, role: Role) -> BTre
         settings.insert(k.clone(), v.clone());
     }
     settings
+}
+
+/// The request/reply clients: a consumer of `topic` in `group` that commits by hand (from
+/// the earliest request when the group has no position), and a producer for the replies.
+pub fn request_clients(
+    config: &KafkaConfig,
+    limits: &Limits,
+    topic: &str,
+    group: &str,
+) -> Result<(StreamConsumer, FutureProducer), String> {
+    let mut settings = kafka_settings(config, limits, Role::Consumer);
+    settings.insert("group.id".into(), group.to_owned());
+    settings.insert("auto.offset.reset".into(), "earliest".into());
+    // A server that died holds its partitions of the request topic this long.
+    settings.insert("session.timeout.ms".into(), limits.cluster_session_timeout_ms.to_string());
+    // A rebalance waits for members to rejoin at most this long (the consumer polls all
+    // the time: it never comes near it otherwise).
+    settings.insert("max.poll.interval.ms".into(), (limits.cluster_session_timeout_ms * 3).to_string());
+    let consumer: StreamConsumer =
+        client_config(&settings).create().map_err(|e| format!("cannot create the request consumer: {e}"))?;
+    consumer.subscribe(&[topic]).map_err(|e| format!("cannot subscribe to {topic}: {e}"))?;
+    let producer: FutureProducer = client_config(&kafka_settings(config, limits, Role::Producer))
+        .create()
+        .map_err(|e| format!("cannot create the reply producer: {e}"))?;
+    Ok((consumer, producer))
 }
 
 pub(super) fn client_config(settings: &BTreeMap<String, String>) -> ClientConfig {

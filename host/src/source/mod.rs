@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use embedded::{EmbeddedLog, EmbeddedSource};
-pub use kafka::{KafkaSource, KafkaWriter, SOURCE_NAME as KAFKA_SOURCE_NAME, kafka_settings};
+pub use kafka::{KafkaSource, KafkaWriter, SOURCE_NAME as KAFKA_SOURCE_NAME, kafka_settings, request_clients};
 
 use crate::model::{Record, Witness};
 use crate::store::Position;

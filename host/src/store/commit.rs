@@ -75,6 +75,11 @@ impl Store {
         for (kind, versions) in &folded.kind_versions {
             batch.put_cf(self.cf(REDUCERS), kind_versions_key(kind), encode_kind_versions(versions));
         }
+        for keyed in &folded.keyed {
+            let mut key = model_prefix(&keyed.model.kind, &keyed.model.id);
+            key.extend_from_slice(keyed.key.as_bytes());
+            batch.put_cf(self.cf(KEYS), key, Enc::value().u64(keyed.seq).u64(keyed.offset).hash(&keyed.hash).done());
+        }
         for outgoing in &folded.outbox {
             batch.put_cf(
                 self.cf(OUTBOX),

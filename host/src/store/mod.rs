@@ -29,8 +29,8 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, Read
 use crate::chain::Hash;
 use crate::fold::{History, View, ViewError};
 use crate::model::{
-    Applied, Folded, Head, KindVersions, ModelKey, ModuleHash, Record, Rejected, Rejection, ReplayJob, VersionRecord,
-    VersionStatus, Witness,
+    Applied, Folded, Head, Keyed, KindVersions, ModelKey, ModuleHash, Record, Rejected, Rejection, ReplayJob,
+    VersionRecord, VersionStatus, Witness,
 };
 use crate::model::{Checkpoint, DiffRecord};
 use codec::{
@@ -51,7 +51,8 @@ const REDUCERS: &str = "reducers";
 const LOG: &str = "log";
 const REJECTS: &str = "rejects";
 const OUTBOX: &str = "outbox";
-const FAMILIES: [&str; 9] = [DIFFS, STATES, HEADS, HASHES, PROGRESS, REDUCERS, LOG, REJECTS, OUTBOX];
+const KEYS: &str = "keys";
+const FAMILIES: [&str; 10] = [DIFFS, STATES, HEADS, HASHES, PROGRESS, REDUCERS, LOG, REJECTS, OUTBOX, KEYS];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -193,7 +194,7 @@ impl Store {
         for model in models {
             let prefix = model_prefix(&model.kind, &model.id);
             let end = prefix_end(&prefix);
-            for cf in [DIFFS, STATES, HASHES] {
+            for cf in [DIFFS, STATES, HASHES, KEYS] {
                 batch.delete_range_cf(self.cf(cf), &prefix, &end);
                 let iter = from.db.iterator_cf(from.cf(cf), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
                 for item in iter {
@@ -298,7 +299,7 @@ impl Store {
     pub fn reset_kind(&self, kind: &str, topic: &str) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         let models = [kind.as_bytes(), &[0]].concat();
-        for cf in [DIFFS, STATES, HEADS, HASHES] {
+        for cf in [DIFFS, STATES, HEADS, HASHES, KEYS] {
             batch.delete_range_cf(self.cf(cf), &models, &prefix_end(&models));
         }
         let rejections = [topic.as_bytes(), &[0]].concat();

@@ -11,6 +11,10 @@ impl View for Store {
     fn checkpoint(&self, model: &ModelKey, head: &Head) -> Result<History, ViewError> {
         Ok(self.read().checkpoint_before(model, head.checkpoint(), None)?)
     }
+
+    fn keyed(&self, model: &ModelKey, key: &str) -> Result<Option<Keyed>, ViewError> {
+        Ok(self.read().keyed(model, key)?)
+    }
 }
 
 /// Reads at one consistent point in time.
@@ -30,6 +34,15 @@ impl Reader<'_> {
         let key = head_key(&model.kind, &model.id);
         let Some(value) = self.snapshot.get_cf(self.store.cf(HEADS), &key)? else { return Ok(None) };
         decode_head(&key, &value).map(Some)
+    }
+
+    /// The diff applied to `model` under idempotency key `key`, if one was.
+    pub fn keyed(&self, model: &ModelKey, key: &str) -> Result<Option<Keyed>, StoreError> {
+        let mut db_key = model_prefix(&model.kind, &model.id);
+        db_key.extend_from_slice(key.as_bytes());
+        let Some(value) = self.snapshot.get_cf(self.store.cf(KEYS), &db_key)? else { return Ok(None) };
+        let (seq, offset, hash) = decode(KEYS, &db_key, &value, |d| Ok((d.u64()?, d.u64()?, d.hash()?)))?;
+        Ok(Some(Keyed { model: model.clone(), key: key.to_owned(), seq, offset, hash }))
     }
 
     /// Models of a kind, ordered by id, after `after`.
