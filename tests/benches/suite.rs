@@ -81,6 +81,9 @@ async fn main() {
     if wanted(9) {
         reactions(&mut rows).await;
     }
+    if wanted(10) {
+        request_reply(&mut rows).await;
+    }
     println!();
     println!("statefold benchmark suite ({} cores, {} rounds per figure)", cores(), rounds(5));
     println!("{:<58} {:>14}  beside (same run)", "case", "figure");
@@ -1100,5 +1103,92 @@ async fn reactions(rows: &mut Vec<Row>) {
             quiet.as_secs_f64() / emitting.as_secs_f64(),
             rate(relayed),
         ),
+    });
+}
+
+/// Request/reply (10): an append over Kafka (request topic -> fold -> reply topic) beside
+/// an HTTP append with `?wait=applied`, one at a time, alternating, on the same server and
+/// broker: p50 and p99 of each.
+async fn request_reply(rows: &mut Vec<Row>) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::producer::BaseRecord;
+
+    let n = if full() { 300 } else { 5 };
+    let broker = statefold_tests::broker::Broker::with_example_topics();
+    broker.create_topic("statefold-requests", 1);
+    broker.create_topic("bench-replies", 1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let limits = Limits { kafka_fetch_wait_ms: 5, ..limits() };
+    let mut config = example_config(dir.path(), limits);
+    config.kafka = Some(statefold::config::KafkaConfig::new(&broker.brokers()));
+    config.requests = Some(statefold::config::RequestsConfig::default());
+    let server = TestServer::start_config(dir, config).await;
+    for i in 0..10 {
+        server.create("counter", &format!("k{i}")).await;
+        server.create("counter", &format!("h{i}")).await;
+    }
+    // Sent at once (no linger), and not flushed: a flush waits on the producer thread's
+    // 100 ms poll, which would be the figure.
+    let producer: rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", broker.brokers())
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "0")
+            .create()
+            .expect("a producer");
+    let replies: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", "statefold-bench-replies")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.queue.backoff.ms", "1")
+        .create()
+        .expect("a consumer");
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    // A new topic: from its beginning, so that no reply is missed while the start resolves.
+    assignment.add_partition_offset("bench-replies", 0, rdkafka::Offset::Beginning).expect("assign");
+    replies.assign(&assignment).expect("assigned");
+    let (mut kafka, mut http) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let request = serde_json::json!({
+            "target": "statefold",
+            "replyTo": {"topic": "bench-replies", "target": "bench"},
+            "correlationId": i,
+            "operation": "models.append",
+            "payload": {"kind": "counter", "id": format!("k{}", i % 10), "diff": {"add": 1}},
+        })
+        .to_string();
+        let start = Instant::now();
+        producer.send(BaseRecord::<(), str>::to("statefold-requests").payload(&request)).expect("queued");
+        loop {
+            assert!(start.elapsed() < Duration::from_secs(30), "no reply to request {i}");
+            let Some(Ok(message)) = replies.poll(Duration::from_millis(100)) else { continue };
+            let reply: serde_json::Value = serde_json::from_slice(message.payload().unwrap_or_default()).expect("JSON");
+            if reply["correlationId"] == i {
+                assert_eq!(reply["success"], true, "{reply}");
+                break;
+            }
+        }
+        kafka.push(start.elapsed());
+        let start = Instant::now();
+        server.apply("counter", &format!("h{}", i % 10), r#"{"add":1}"#).await;
+        http.push(start.elapsed());
+    }
+    let percentile = |times: &mut Vec<Duration>, p: f64| {
+        times.sort();
+        times[((times.len() as f64 - 1.0) * p).round() as usize]
+    };
+    let (k50, k99) = (percentile(&mut kafka, 0.5), percentile(&mut kafka, 0.99));
+    let (h50, h99) = (percentile(&mut http, 0.5), percentile(&mut http, 0.99));
+    rows.push(Row {
+        name: format!("10. request->reply over Kafka, append, p50 ({n} one at a time)"),
+        value: format!("{k50:.2?}"),
+        beside: format!("HTTP append ?wait=applied p50 {h50:.2?} (ratio {:.2})", k50.as_secs_f64() / h50.as_secs_f64()),
+    });
+    rows.push(Row {
+        name: "   same, p99".into(),
+        value: format!("{k99:.2?}"),
+        beside: format!("HTTP append ?wait=applied p99 {h99:.2?} (ratio {:.2})", k99.as_secs_f64() / h99.as_secs_f64()),
     });
 }

@@ -179,12 +179,6 @@ impl Broker {
     /// Every record of a topic, whole (timestamps and headers too), in (partition, offset)
     /// order.
     pub fn read_records(&self, topic: &str, partitions: u32) -> Vec<statefold::model::Record> {
-        self.read_isolated(topic, partitions, "read_uncommitted")
-    }
-
-    /// [`Broker::read_records`] as a consumer with this `isolation.level` (`read_committed`:
-    /// only committed transactions' records; Tansu 0.6 does not filter aborted ones).
-    pub fn read_isolated(&self, topic: &str, partitions: u32, isolation: &str) -> Vec<statefold::model::Record> {
         use rdkafka::message::Headers;
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.brokers())
@@ -192,7 +186,6 @@ impl Broker {
             .set("enable.auto.commit", "false")
             .set("fetch.queue.backoff.ms", "1")
             .set("fetch.wait.max.ms", "10")
-            .set("isolation.level", isolation)
             .create()
             .expect("a consumer");
         let mut list = TopicPartitionList::new();

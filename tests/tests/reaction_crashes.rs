@@ -1,7 +1,7 @@
 //! Reactions relayed to Kafka while `statefold serve` is SIGKILLed 20 times during
-//! ingestion: a downstream consumer reading committed records sees every reaction of 20,000
-//! diffs, in per-model order, equal to a reference fold's reactions, once each after
-//! de-duplicating by the `statefold-reaction-id` header.
+//! ingestion: a downstream consumer sees every reaction of 20,000 diffs, in per-model order,
+//! equal to a reference fold's reactions, once each after de-duplicating by the
+//! `statefold-reaction-id` header.
 //!
 //! Tansu 0.6 has no EndTxn handler (its router serves InitProducerId, AddPartitionsToTxn,
 //! AddOffsetsToTxn and TxnOffsetCommit, not EndTxn: librdkafka reports "EndTxnRequest not
@@ -121,7 +121,10 @@ async fn twenty_sigkills_during_ingestion_relay_every_reaction_once_in_order() {
     }
     assert_eq!(reference.values().map(Vec::len).sum::<usize>(), DIFFS);
 
-    let relayed = broker.read_isolated("echoes", PARTITIONS, "read_committed");
+    // Read uncommitted: without transactions (above) every record is committed, so it is the
+    // same set; Tansu 0.6's read_committed path served this backlog at about 50 records/s
+    // in one CI run (the whole read took over 2 minutes).
+    let relayed = broker.read_records("echoes", PARTITIONS);
     let mut first: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     let mut ids = HashSet::new();
     let mut copies = 0;

@@ -377,6 +377,19 @@ struct StateBody {
     state: Box<RawValue>,
 }
 
+impl StateBody {
+    fn new(kind: String, id: String, state: &crate::app::StateAt) -> StateBody {
+        StateBody {
+            kind,
+            id,
+            hash: state.hash.to_string(),
+            seq: state.seq,
+            offset: state.offset,
+            state: stored_json(&state.state),
+        }
+    }
+}
+
 async fn state(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -408,15 +421,7 @@ async fn state(
     if matches {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    let body = StateBody {
-        kind,
-        id,
-        hash: state.hash.to_string(),
-        seq: state.seq,
-        offset: state.offset,
-        state: stored_json(&state.state),
-    };
-    Ok(([(header::ETAG, etag)], Json(body)).into_response())
+    Ok(([(header::ETAG, etag)], Json(StateBody::new(kind, id, &state))).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -27,10 +27,10 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{PlanBody, StateBody, VersionBody, stored_json};
+use super::{PlanBody, StateBody, VersionBody};
 use crate::app::{App, AppError, Route};
 use crate::chain::Hash;
-use crate::model::{EXPECTED_HASH_HEADER, IDEMPOTENCY_KEY_HEADER, ModelKey};
+use crate::model::{EXPECTED_HASH_HEADER, IDEMPOTENCY_KEY_HEADER, Keyed, ModelKey};
 
 /// Longest idempotency key, in bytes.
 const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
@@ -279,6 +279,11 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// The answer to an append whose idempotency key was applied before: that version.
+fn duplicate(id: &str, keyed: &Keyed) -> Value {
+    json!({"id": id, "hash": keyed.hash.to_string(), "seq": keyed.seq, "offset": keyed.offset, "duplicate": true})
+}
+
 /// Requests for a model are answered by a server that folds it (sharded mode).
 fn served_here(app: &App, model: &ModelKey) -> Result<(), Failure> {
     match app.route(model)? {
@@ -355,9 +360,7 @@ async fn perform(app: &Arc<App>, operation: &str, payload: &Value) -> Result<Val
             if let Some(key) = &key {
                 let (model, key) = (model.clone(), key.clone());
                 if let Some(keyed) = blocking(app, move |app| app.keyed(&model, &key)).await? {
-                    return Ok(
-                        json!({"id": id, "hash": keyed.hash.to_string(), "seq": keyed.seq, "offset": keyed.offset, "duplicate": true}),
-                    );
+                    return Ok(duplicate(&id, &keyed));
                 }
             }
             let (partition, offset) = app.write(&topic, &id, Some(diff.as_bytes()), &headers).await?;
@@ -372,9 +375,7 @@ async fn perform(app: &Arc<App>, operation: &str, payload: &Value) -> Result<Val
                         code: "internal",
                         message: "a duplicate whose key is not stored".into(),
                     })?;
-                    Ok(
-                        json!({"id": id, "hash": keyed.hash.to_string(), "seq": keyed.seq, "offset": keyed.offset, "duplicate": true}),
-                    )
+                    Ok(duplicate(&id, &keyed))
                 }
                 Err(e) => Err(e.into()),
             }
@@ -385,15 +386,7 @@ async fn perform(app: &Arc<App>, operation: &str, payload: &Value) -> Result<Val
             let model = ModelKey::new(&kind, &id);
             served_here(app, &model)?;
             let state = blocking(app, move |app| app.state(&model, at)).await?;
-            let body = StateBody {
-                kind,
-                id,
-                hash: state.hash.to_string(),
-                seq: state.seq,
-                offset: state.offset,
-                state: stored_json(&state.state),
-            };
-            Ok(serde_json::to_value(body).expect("serializes"))
+            Ok(serde_json::to_value(StateBody::new(kind, id, &state)).expect("serializes"))
         }
         "models.since" => {
             let id = text(payload, "id")?.to_owned();

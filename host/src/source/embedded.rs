@@ -35,9 +35,7 @@ impl EmbeddedLog {
     ) -> Result<(u32, u64), StoreError> {
         let offset = self.store.append(topic, PARTITION, key, value, timestamp_ms, headers)?;
         self.status.set_end(topic, PARTITION, offset + 1);
-        let (count, cvar) = &*self.appended;
-        *count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        cvar.notify_all();
+        self.wake();
         Ok((PARTITION, offset))
     }
 
@@ -58,10 +56,15 @@ impl EmbeddedLog {
                 self.status.set_end(append.topic, append.partition, offset + 1);
             }
         }
+        self.wake();
+        Ok(removed)
+    }
+
+    /// Wakes the source: something was appended.
+    fn wake(&self) {
         let (count, cvar) = &*self.appended;
         *count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         cvar.notify_all();
-        Ok(removed)
     }
 
     /// The offset the next record of (`topic`, `partition`) will get.
