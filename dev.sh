@@ -86,7 +86,9 @@ install_tansu() {
 # librdkafka 2.16), the reference Prometheus text parser (prometheus-client) and the
 # schema-driven API fuzzer (Schemathesis).
 install_python_tools() {
-  local stamp="confluent-kafka==$CONFLUENT_KAFKA_VERSION prometheus-client==$PROMETHEUS_CLIENT_VERSION schemathesis==$SCHEMATHESIS_VERSION"
+  # (and componentize-py, which builds the Python reducer: pinned by its requirements.txt)
+  local stamp
+  stamp="confluent-kafka==$CONFLUENT_KAFKA_VERSION prometheus-client==$PROMETHEUS_CLIENT_VERSION schemathesis==$SCHEMATHESIS_VERSION $(cat reducers/totals-py/requirements.txt)"
   if [ "$(cat "$TOOLS/venv/installed" 2>/dev/null)" != "$stamp" ]; then
     [ -x "$TOOLS/venv/bin/python" ] || python3 -m venv "$TOOLS/venv"
     # shellcheck disable=SC2086
@@ -106,6 +108,18 @@ wasm_dir() {
   echo "${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release"
 }
 
+# The reducers in JavaScript and Python (the same `totals` as reducers/totals), built by
+# their pinned toolchains into the same directory: componentize-js (npm, the reducer's lock
+# file) and componentize-py (PyPI, in the tools virtualenv).
+build_language_reducers() {
+  command -v node >/dev/null || apt_install nodejs npm
+  npm_ci reducers/totals-js
+  (cd reducers/totals-js && npm run --silent build)
+  mv reducers/totals-js/totals_js.wasm "$(wasm_dir)/"
+  "$TOOLS/venv/bin/componentize-py" -d wit/reducer.wit -w guest componentize reducer \
+    -p reducers/totals-py -o "$(wasm_dir)/totals_py.wasm" >/dev/null
+}
+
 cmd="${1:-}"
 shift || true
 case "$cmd" in
@@ -120,6 +134,7 @@ case "$cmd" in
     install_browser_tools
     build_typescript_client
     build_reducers
+    build_language_reducers
     cargo fmt --all --check
     cargo clippy --release --workspace --all-targets -- -D warnings
     # Build the tests while Tansu may still be building, then wait for it.
@@ -159,7 +174,10 @@ case "$cmd" in
     ;;
   bench)
     setup
+    mkdir -p "$TOOLS"
+    install_python_tools
     build_reducers
+    build_language_reducers
     cargo bench -p statefold-tests --bench reducer --bench deploy --bench suite "$@"
     # The TypeScript client's folding cost in Node (its own table).
     build_typescript_client

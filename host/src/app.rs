@@ -445,16 +445,13 @@ impl App {
             };
             let mut headers = deploy_headers(&kind.reducer, "genesis", None);
             headers.push((DEPLOY_PARTITIONS_HEADER.to_owned(), ends.len().to_string().into_bytes()));
+            let records = crate::deploy::records(&module, &headers, self.limits.deploy_record_bytes_max);
             for (partition, end) in ends.iter().enumerate() {
                 if *end != Some(0) || !owned.contains(&(kind.topic.to_string(), partition as u32)) {
                     continue;
                 }
-                let written = self
-                    .writer
-                    .append_to(&kind.topic, Some(partition as u32), kind.reducer.as_bytes(), &module, &headers)
-                    .await;
-                match written {
-                    Ok((_, offset)) => {
+                match self.append_all(&kind.topic, partition as u32, kind.reducer.as_bytes(), &records).await {
+                    Ok(offset) => {
                         tracing::info!(kind = %kind.name, partition, offset, %version, "genesis deploy record written")
                     }
                     Err(e) => {
@@ -662,7 +659,8 @@ impl App {
         for kind in &kinds {
             let topic = &self.kind(kind).map_err(|e| DeployError::Unavailable(e.to_string()))?.topic;
             let headers = deploy_headers(name, origin, subject);
-            written += self.in_every_partition(topic, name.as_bytes(), &module, &headers).await.map_err(|e| match e {
+            let records = crate::deploy::records(&module, &headers, self.limits.deploy_record_bytes_max);
+            written += self.in_every_partition(topic, name.as_bytes(), &records).await.map_err(|e| match e {
                 AppError::ShuttingDown => DeployError::Stopped,
                 AppError::WaitTimeout(..) => DeployError::Unavailable(format!(
                     "the deploy records are in the log and every replica will fold them, but this server did not within wait_applied_ms_max: {e}"
@@ -675,23 +673,25 @@ impl App {
         Ok(Deployed { version, unchanged: false, partitions: written, took: started.elapsed() })
     }
 
-    /// Writes one record (key, value, headers, plus [`DEPLOY_PARTITIONS_HEADER`]) to every
-    /// partition of `topic`, and waits until this server has folded them all: how deploy
-    /// and replay records reach every replica at one place in each partition. Returns the
-    /// number of partitions.
+    /// Writes records (each a value and headers; [`DEPLOY_PARTITIONS_HEADER`] is added) to
+    /// every partition of `topic`, in order, and waits until this server has folded them
+    /// all: how deploy and replay records reach every replica at one place in each
+    /// partition. Returns the number of partitions.
     async fn in_every_partition(
         &self,
         topic: &str,
         key: &[u8],
-        value: &[u8],
-        headers: &[(String, Vec<u8>)],
+        records: &[crate::deploy::Append<'_>],
     ) -> Result<usize, AppError> {
         let count = self.writer.partitions(topic).await?;
-        let mut headers = headers.to_vec();
-        headers.push((DEPLOY_PARTITIONS_HEADER.to_owned(), count.to_string().into_bytes()));
+        let partitions = (DEPLOY_PARTITIONS_HEADER.to_owned(), count.to_string().into_bytes());
+        let records: Vec<_> = records
+            .iter()
+            .map(|(value, headers)| (*value, headers.iter().cloned().chain([partitions.clone()]).collect()))
+            .collect();
         let mut written = Vec::new();
         for partition in 0..count {
-            written.push(self.appended(self.writer.append_to(topic, Some(partition), key, value, &headers).await)?);
+            written.push((partition, self.append_all(topic, partition, key, &records).await?));
         }
         let timeout = Duration::from_millis(self.limits.wait_applied_ms_max);
         for &(partition, offset) in &written {
@@ -702,6 +702,21 @@ impl App {
             self.wait_stored(topic, partition, offset, timeout).await?;
         }
         Ok(written.len())
+    }
+
+    /// Appends records to one partition in order; the offset of the last.
+    async fn append_all(
+        &self,
+        topic: &str,
+        partition: u32,
+        key: &[u8],
+        records: &[crate::deploy::Append<'_>],
+    ) -> Result<u64, AppError> {
+        let mut last = 0;
+        for (value, headers) in records {
+            (_, last) = self.appended(self.writer.append_to(topic, Some(partition), key, value, headers).await)?;
+        }
+        Ok(last)
     }
 
     /// Starts rebuilding a kind's states from the retained diffs with its active reducer.
@@ -716,7 +731,7 @@ impl App {
         if let Some(subject) = subject {
             headers.push((SUBJECT_HEADER.to_owned(), subject.as_bytes().to_vec()));
         }
-        self.in_every_partition(&topic, kind.as_bytes(), b"", &headers).await?;
+        self.in_every_partition(&topic, kind.as_bytes(), &[(&b""[..], headers)]).await?;
         let job = self.replays.lock().unwrap_or_else(|p| p.into_inner()).get(kind).cloned();
         job.ok_or_else(|| AppError::Unavailable("the replay records were folded but no replay started".into()))
     }

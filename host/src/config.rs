@@ -129,13 +129,14 @@ limits! {
     /// milliseconds. A file is read once it is unchanged (size and mtime) across a whole
     /// interval, so a copy in progress is not loaded.
     reducer_watch_interval_ms: u64 = 500;
-    /// Largest module accepted by `PUT /v1/reducers/{name}`, in bytes.
+    /// Largest module deployed (by `PUT /v1/reducers/{name}`, or a file), in bytes.
     reducer_module_bytes_max: usize = 64 << 20;
     /// Stored checkpoints restored into a new version (off the fold thread) before it is
     /// deployed; a version that cannot restore one is refused.
     deploy_check_models_max: usize = 10_000;
-    /// Largest module a deploy record may carry, in bytes: keep it within the log's message
-    /// size limit (Kafka's `message.max.bytes`, 1 MB by default). Larger modules are refused.
+    /// Largest deploy record value, in bytes: keep it within the log's message size limit
+    /// (Kafka's `message.max.bytes`, 1 MB by default). A larger module goes in chunks of
+    /// this size, reassembled and checked by blake3 on every replica.
     deploy_record_bytes_max: usize = 1_000_000;
     /// Resident models moved between two batches off a version no partition folds with any
     /// more (snapshot on the old version, restore on the new): bounds the pause folding sees.
@@ -208,6 +209,7 @@ impl Limits {
             check_models_max: self.deploy_check_models_max,
             refused_kept_max: self.reducer_refused_kept_max,
             record_bytes_max: self.deploy_record_bytes_max,
+            module_bytes_max: self.reducer_module_bytes_max,
         }
     }
 

@@ -39,20 +39,21 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         interval_s: f64,
     },
-    /// Create a reducer project that builds as it is: the guest SDK, a sample reducer
-    /// (totals by key, with merge and delta), its cases (cases.jsonl) and a README with its
-    /// build, test and deploy commands.
+    /// Create a reducer project that builds as it is: a sample reducer (totals by key, with
+    /// merge and delta) in Rust (the guest SDK), JavaScript (componentize-js) or Python
+    /// (componentize-py), its cases (cases.jsonl) and a README with its build, test and
+    /// deploy commands.
     New {
         /// The reducer's name: a-z 0-9 _ (it names the .wasm file and the reducer).
         name: String,
-        /// The project's language (Rust only so far).
-        #[arg(long, default_value = "rust", value_parser = ["rust"])]
+        /// The project's language.
+        #[arg(long, default_value = "rust", value_parser = statefold::scaffold::LANGUAGES)]
         lang: String,
         /// Where to create it (default: ./NAME); it must not exist or be empty.
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// The guest SDK (statefold-guest) to depend on (default: the one of the source
-        /// tree this binary was built from).
+        /// Rust: the guest SDK (statefold-guest) to depend on (default: the one of the
+        /// source tree this binary was built from).
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
@@ -270,7 +271,7 @@ fn main() -> ExitCode {
             check(&file, all.reducer())
         }
         Command::Replay { kind, server, interval_s } => server.remote().and_then(|r| replay(&kind, &r, interval_s)),
-        Command::New { name, lang: _, dir, sdk } => new(&name, dir, sdk),
+        Command::New { name, lang, dir, sdk } => new(&name, &lang, dir, sdk),
         Command::Test { file, cases, laws, seed, kind, limits } => {
             let mut all = statefold::config::Limits::default();
             limits.apply(&mut all);
@@ -551,18 +552,31 @@ fn tail(
     })
 }
 
-fn new(name: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> anyhow::Result<()> {
-    let sdk = match sdk.or_else(statefold::scaffold::default_sdk) {
-        Some(sdk) => std::path::absolute(&sdk)?,
-        None => anyhow::bail!(
-            "where is the guest SDK (statefold-guest)? give --sdk PATH (guest-sdk/ of a Statefold checkout)"
+fn new(name: &str, lang: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> anyhow::Result<()> {
+    use statefold::scaffold;
+    let (files, language, next) = match lang {
+        "js" => (scaffold::js(name), "JavaScript".to_owned(), "npm install && npm run build"),
+        "python" => (
+            scaffold::python(name),
+            "Python".to_owned(),
+            "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt, then build",
         ),
+        _ => {
+            let sdk = match sdk.or_else(scaffold::default_sdk) {
+                Some(sdk) => std::path::absolute(&sdk)?,
+                None => anyhow::bail!(
+                    "where is the guest SDK (statefold-guest)? give --sdk PATH (guest-sdk/ of a Statefold checkout)"
+                ),
+            };
+            let language = format!("Rust, SDK {}", sdk.display());
+            (scaffold::rust(name, &sdk), language, "cargo build --release --target wasm32-wasip2")
+        }
     };
-    let files = statefold::scaffold::rust(name, &sdk).map_err(anyhow::Error::msg)?;
+    let files = files.map_err(anyhow::Error::msg)?;
     let dir = dir.unwrap_or_else(|| PathBuf::from(name));
-    statefold::scaffold::create(&dir, &files).map_err(anyhow::Error::msg)?;
-    println!("created {} (reducer {name}, Rust, SDK {})", dir.display(), sdk.display());
-    println!("next: cd {} && cargo build --release --target wasm32-wasip2 (see its README.md)", dir.display());
+    scaffold::create(&dir, &files).map_err(anyhow::Error::msg)?;
+    println!("created {} (reducer {name}, {language})", dir.display());
+    println!("next: cd {} && {next} (see its README.md)", dir.display());
     Ok(())
 }
 

@@ -32,6 +32,16 @@ pub const DEPLOY_ORIGIN_HEADER: &str = "statefold-origin";
 pub const SUBJECT_HEADER: &str = "statefold-subject";
 /// On a deploy record: the number of partitions the deploy wrote to.
 pub const DEPLOY_PARTITIONS_HEADER: &str = "statefold-partitions";
+/// On a deploy record that carries one chunk of a module larger than a record (a deploy
+/// record's value is the module otherwise): `HASH INDEX COUNT`, the module's blake3 in hex,
+/// the chunk's index and how many there are. A partition's chunks come before the deploy
+/// record that names their module; every replica stores them with the position they are
+/// folded at, so a module assembles the same wherever the partition is folded from.
+pub const DEPLOY_CHUNK_HEADER: &str = "statefold-deploy-chunk";
+/// On a deploy record without the module in its value: `HASH COUNT`, the module it deploys,
+/// assembled from the chunks before it in its partition (see [`DEPLOY_CHUNK_HEADER`]) and
+/// checked against the hash.
+pub const DEPLOY_MODULE_HEADER: &str = "statefold-deploy-module";
 /// Longest model id, in bytes.
 pub const ID_BYTES_MAX: usize = 256;
 
@@ -507,6 +517,46 @@ pub struct Folded {
     pub outbox: Vec<Outgoing>,
     /// Diffs applied under an idempotency key.
     pub keyed: Vec<Keyed>,
+    /// Chunks of modules deploy records carry in parts, kept until their deploy record.
+    pub chunks: Vec<DeployChunk>,
+    /// Modules whose deploy record was folded: their chunks are deleted (after this
+    /// batch's own chunks are written).
+    pub chunks_done: Vec<ModuleHash>,
+}
+
+/// One chunk of a module too large for one record (see [`DEPLOY_CHUNK_HEADER`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployChunk {
+    pub module: ModuleHash,
+    pub index: u32,
+    pub bytes: Bytes,
+}
+
+impl DeployChunk {
+    /// Parses a [`DEPLOY_CHUNK_HEADER`] (`HASH INDEX COUNT`).
+    pub fn parse_header(header: &[u8]) -> Result<(ModuleHash, u32, u32), String> {
+        let text = std::str::from_utf8(header).unwrap_or("");
+        let mut words = text.split(' ');
+        let parsed = (|| {
+            let module = ModuleHash::parse(words.next()?)?;
+            let index: u32 = words.next()?.parse().ok()?;
+            let count: u32 = words.next()?.parse().ok()?;
+            (index < count && words.next().is_none()).then_some((module, index, count))
+        })();
+        parsed.ok_or_else(|| format!("{DEPLOY_CHUNK_HEADER} is {text:?}, not \"HASH INDEX COUNT\" (index below count)"))
+    }
+
+    /// Parses a [`DEPLOY_MODULE_HEADER`] (`HASH COUNT`).
+    pub fn parse_module_header(header: &[u8]) -> Result<(ModuleHash, u32), String> {
+        let text = std::str::from_utf8(header).unwrap_or("");
+        let mut words = text.split(' ');
+        let parsed = (|| {
+            let module = ModuleHash::parse(words.next()?)?;
+            let count: u32 = words.next()?.parse().ok()?;
+            (count > 0 && words.next().is_none()).then_some((module, count))
+        })();
+        parsed.ok_or_else(|| format!("{DEPLOY_MODULE_HEADER} is {text:?}, not \"HASH COUNT\""))
+    }
 }
 
 /// What became of one record, the same on every replica that folds it the same way:
@@ -528,6 +578,8 @@ pub enum Became {
     Applied,
     Created,
     Deployed,
+    /// A chunk of a module (see [`DEPLOY_CHUNK_HEADER`]): kept for its deploy record.
+    DeployChunk,
     Replay,
     /// Not applied: the rejection's code.
     Rejected(&'static str),
@@ -541,6 +593,7 @@ impl Became {
             Became::Applied => "applied",
             Became::Created => "created",
             Became::Deployed => "deployed",
+            Became::DeployChunk => "deploy_chunk",
             Became::Replay => "replay",
             Became::Rejected(code) => code,
         }
@@ -589,7 +642,8 @@ pub struct DeployFolded {
     /// The record's timestamp: of two deploys folded out of order (a partition folded from
     /// further back than the others), the later one stays active.
     pub timestamp_ms: Option<i64>,
-    /// The module (stored: later diffs name the version).
+    /// The module (stored: later diffs name the version), from the record or assembled
+    /// from its chunks.
     pub module: Bytes,
 }
 
@@ -666,6 +720,12 @@ pub struct ModuleHash(pub [u8; 32]);
 impl ModuleHash {
     pub fn of(bytes: &[u8]) -> ModuleHash {
         ModuleHash(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// A module hash from its hex form (as [`fmt::Display`] writes it).
+    pub fn parse(text: &str) -> Option<ModuleHash> {
+        let bytes = hex::decode(text).ok()?;
+        Some(ModuleHash(bytes.try_into().ok()?))
     }
 }
 

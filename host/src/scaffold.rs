@@ -1,13 +1,41 @@
-//! `statefold new`: a reducer project that builds as it is: the SDK, a sample reducer with
-//! merge and delta, its cases and its own test commands. Rust only so far.
+//! `statefold new`: a reducer project that builds as it is: a sample reducer with merge and
+//! delta (totals by key), its cases and its own build and test commands, in Rust (the guest
+//! SDK), JavaScript (componentize-js) or Python (componentize-py).
+//!
+//! The sample is the repository's own `reducers/totals*` (built and tested with the rest),
+//! renamed: one source for the example and the template.
 
 use std::path::{Path, PathBuf};
 
-const CARGO_TOML: &str = include_str!("scaffold/rust/Cargo.toml.txt");
-const LIB_RS: &str = include_str!("scaffold/rust/lib.rs.txt");
-const CASES: &str = include_str!("scaffold/rust/cases.jsonl");
-const README: &str = include_str!("scaffold/rust/README.md.txt");
-const GITIGNORE: &str = include_str!("scaffold/rust/gitignore.txt");
+/// The contract, for the JavaScript and Python builds (Rust's comes with the SDK).
+const WIT: &str = include_str!("../../wit/reducer.wit");
+const CASES: &str = include_str!("../../reducers/totals/cases.jsonl");
+
+mod rust {
+    pub const CARGO_TOML: &str = include_str!("scaffold/rust/Cargo.toml.txt");
+    pub const LIB_RS: &str = include_str!("../../reducers/totals/src/lib.rs");
+    pub const README: &str = include_str!("scaffold/rust/README.md.txt");
+    pub const GITIGNORE: &str = "target/\n";
+}
+
+mod js {
+    pub const PACKAGE: &str = include_str!("../../reducers/totals-js/package.json");
+    pub const REDUCER: &str = include_str!("../../reducers/totals-js/src/reducer.js");
+    pub const SDK: &str = include_str!("../../reducers/totals-js/src/statefold.js");
+    pub const README: &str = include_str!("scaffold/js/README.md.txt");
+    pub const GITIGNORE: &str = include_str!("../../reducers/totals-js/.gitignore");
+}
+
+mod python {
+    pub const REDUCER: &str = include_str!("../../reducers/totals-py/reducer.py");
+    pub const SDK: &str = include_str!("../../reducers/totals-py/statefold.py");
+    pub const REQUIREMENTS: &str = include_str!("../../reducers/totals-py/requirements.txt");
+    pub const README: &str = include_str!("scaffold/python/README.md.txt");
+    pub const GITIGNORE: &str = include_str!("../../reducers/totals-py/.gitignore");
+}
+
+/// The languages `statefold new` writes.
+pub const LANGUAGES: [&str; 3] = ["rust", "js", "python"];
 
 /// The guest SDK of the source tree this binary was built from, if it is still there.
 pub fn default_sdk() -> Option<PathBuf> {
@@ -27,17 +55,61 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `text` with `from` replaced by `to`, which must occur: a template that lost the text it
+/// is renamed by is a bug here, not a project that builds under the wrong name.
+fn renamed(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "the template has no {from:?}");
+    text.replace(from, to)
+}
+
 /// The files of a new Rust reducer project `name`, depending on the SDK at `sdk`.
 pub fn rust(name: &str, sdk: &Path) -> Result<Vec<(PathBuf, String)>, String> {
     validate_name(name)?;
     let sdk = sdk.display().to_string().replace('\\', "/");
     let fill = |template: &str| template.replace("{{name}}", name).replace("{{sdk}}", &sdk);
+    let lib = renamed(rust::LIB_RS, "\"totals\"", &format!("\"{name}\""));
+    let lib = renamed(&lib, "//! `totals`:", &format!("//! `{name}`:"));
     Ok(vec![
-        ("Cargo.toml".into(), fill(CARGO_TOML)),
-        ("src/lib.rs".into(), fill(LIB_RS)),
+        ("Cargo.toml".into(), fill(rust::CARGO_TOML)),
+        ("src/lib.rs".into(), lib),
         ("cases.jsonl".into(), CASES.to_owned()),
-        ("README.md".into(), fill(README)),
-        (".gitignore".into(), GITIGNORE.to_owned()),
+        ("README.md".into(), fill(rust::README)),
+        (".gitignore".into(), rust::GITIGNORE.to_owned()),
+    ])
+}
+
+/// The files of a new JavaScript reducer project `name` (built by componentize-js).
+pub fn js(name: &str) -> Result<Vec<(PathBuf, String)>, String> {
+    validate_name(name)?;
+    let package = renamed(js::PACKAGE, "\"totals-js\"", &format!("\"{}\"", name.replace('_', "-")));
+    let package = renamed(&package, "../../wit/reducer.wit", "wit/reducer.wit");
+    let package = renamed(&package, "totals_js.wasm", &format!("{name}.wasm"));
+    let reducer = renamed(js::REDUCER, "'totals_js'", &format!("'{name}'"));
+    let reducer = renamed(&reducer, "// totals_js:", &format!("// {name}:"));
+    Ok(vec![
+        ("package.json".into(), package),
+        ("src/reducer.js".into(), reducer),
+        ("src/statefold.js".into(), js::SDK.to_owned()),
+        ("wit/reducer.wit".into(), WIT.to_owned()),
+        ("cases.jsonl".into(), CASES.to_owned()),
+        ("README.md".into(), js::README.replace("{{name}}", name)),
+        (".gitignore".into(), js::GITIGNORE.to_owned()),
+    ])
+}
+
+/// The files of a new Python reducer project `name` (built by componentize-py).
+pub fn python(name: &str) -> Result<Vec<(PathBuf, String)>, String> {
+    validate_name(name)?;
+    let reducer = renamed(python::REDUCER, "\"totals_py\"", &format!("\"{name}\""));
+    let reducer = renamed(&reducer, "\"\"\"totals_py:", &format!("\"\"\"{name}:"));
+    Ok(vec![
+        ("reducer.py".into(), reducer),
+        ("statefold.py".into(), python::SDK.to_owned()),
+        ("requirements.txt".into(), python::REQUIREMENTS.to_owned()),
+        ("wit/reducer.wit".into(), WIT.to_owned()),
+        ("cases.jsonl".into(), CASES.to_owned()),
+        ("README.md".into(), python::README.replace("{{name}}", name)),
+        (".gitignore".into(), python::GITIGNORE.to_owned()),
     ])
 }
 
@@ -54,4 +126,28 @@ pub fn create(dir: &Path, files: &[(PathBuf, String)]) -> Result<(), String> {
         std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    #[test]
+    fn every_language_names_the_reducer_after_the_project() {
+        let rust = super::rust("tally", Path::new("/sdk")).unwrap();
+        let js = super::js("tally").unwrap();
+        let python = super::python("tally").unwrap();
+        let file = |files: &[(std::path::PathBuf, String)], path: &str| {
+            files.iter().find(|(p, _)| p == Path::new(path)).unwrap().1.clone()
+        };
+        assert!(file(&rust, "src/lib.rs").contains("const NAME: &'static str = \"tally\";"));
+        assert!(file(&rust, "Cargo.toml").contains("name = \"tally\""));
+        assert!(file(&js, "src/reducer.js").contains("name: 'tally',"));
+        assert!(file(&js, "package.json").contains("--out tally.wasm"));
+        assert!(file(&python, "reducer.py").contains("name = \"tally\""));
+        for files in [&js, &python] {
+            assert!(file(files, "wit/reducer.wit").contains("world guest"));
+        }
+        assert!(super::js("Tally").is_err());
+    }
 }

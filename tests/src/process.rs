@@ -121,13 +121,19 @@ impl Serve {
     }
 
     pub async fn wait_ready(&self, client: &reqwest::Client) {
-        for _ in 0..500 {
+        self.wait_ready_within(client, Duration::from_secs(10)).await;
+    }
+
+    /// [`Serve::wait_ready`], for a server that first compiles large modules.
+    pub async fn wait_ready_within(&self, client: &reqwest::Client, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
             if client.get(format!("{}/readyz", self.url)).send().await.is_ok_and(|r| r.status() == 200) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("not ready in 10 s");
+        panic!("not ready in {limit:?}");
     }
 
     /// The process's resident memory (VmRSS), in bytes.

@@ -1,5 +1,7 @@
 //! The `statefold` binary, as a user runs it, on a real reducer built from `reducers/`.
 
+use std::path::{Path, PathBuf};
+
 use statefold_tests::process::Serve;
 
 #[test]
@@ -315,40 +317,88 @@ async fn cli_test_folds_cases_and_checks_the_laws() {
     assert_eq!(code, Some(0), "{stdout}");
 }
 
-/// From an empty directory: `statefold new` → `cargo build` → `statefold test` → a server
-/// folding the new kind → a changed version rebuilt and `statefold deploy`ed to it → its
-/// models fold with the new version.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_new_builds_tests_and_deploys_a_rust_reducer() {
-    let work = tempfile::tempdir().unwrap();
-    let project = work.path().join("tally");
-    let (code, stdout, stderr) = run(args(&["new", "tally", "--dir", project.to_str().unwrap()]), vec![]).await;
-    assert_eq!(code, Some(0), "{stdout}{stderr}");
-    assert!(stdout.starts_with(&format!("created {} (reducer tally, Rust", project.display())), "{stdout}");
+/// The language test's steps for one language: build the project, and bump its version.
+struct Language {
+    lang: &'static str,
+    /// What `statefold new` says it created.
+    created: &'static str,
+    /// Builds the project; the path of its `.wasm`.
+    build: fn(&Path) -> PathBuf,
+    /// Where the project says its version.
+    manifest: &'static str,
+    version_0_1: &'static str,
+    version_0_2: &'static str,
+}
+
+/// A command run to its end in `dir`, which must succeed.
+fn command(dir: &Path, program: &str, list: &[&str], envs: &[(&str, &Path)]) {
+    let out = std::process::Command::new(program)
+        .args(list)
+        .current_dir(dir)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_os_str())))
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(out.status.success(), "{program} {list:?}: {}{}", text(&out.stdout), text(&out.stderr));
+}
+
+fn build_rust(project: &Path) -> PathBuf {
     // The workspace's lock pins the same dependency versions, so the build reuses what
     // the test build compiled for wasm32-wasip2 (in the same target directory).
     std::fs::copy(statefold_tests::workspace_root().join("Cargo.lock"), project.join("Cargo.lock")).unwrap();
     let target = statefold_tests::target_dir();
-    let build = |project: std::path::PathBuf, target: std::path::PathBuf| async move {
-        tokio::task::spawn_blocking(move || {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            std::process::Command::new(cargo)
-                .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
-                .current_dir(&project)
-                .env("CARGO_TARGET_DIR", &target)
-                .status()
-                .unwrap()
-        })
-        .await
-        .unwrap()
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    command(
+        project,
+        &cargo,
+        &["build", "--quiet", "--release", "--target", "wasm32-wasip2"],
+        &[("CARGO_TARGET_DIR", &target)],
+    );
+    target.join("wasm32-wasip2/release/tally.wasm")
+}
+
+/// The README's commands: `npm install` (from npm's cache, which `./dev.sh` filled with the
+/// same pinned packages for reducers/totals-js, when it can), `npm run build`.
+fn build_js(project: &Path) -> PathBuf {
+    if !project.join("node_modules").exists() {
+        command(project, "npm", &["install", "--prefer-offline", "--no-audit", "--no-fund", "--loglevel=error"], &[]);
+    }
+    command(project, "npm", &["run", "--silent", "build"], &[]);
+    project.join("tally.wasm")
+}
+
+/// The README's commands: a virtualenv with the pinned componentize-py, then its build.
+fn build_python(project: &Path) -> PathBuf {
+    if !project.join(".venv").exists() {
+        command(project, "python3", &["-m", "venv", ".venv"], &[]);
+        command(project, ".venv/bin/pip", &["install", "--quiet", "-r", "requirements.txt"], &[]);
+    }
+    let args = ["-d", "wit/reducer.wit", "-w", "guest", "componentize", "reducer", "-o", "tally.wasm"];
+    command(project, ".venv/bin/componentize-py", &args, &[]);
+    project.join("tally.wasm")
+}
+
+/// From an empty directory: `statefold new` → build → `statefold test` → a server folding
+/// the new kind → a changed version rebuilt and `statefold deploy`ed to it (a JavaScript or
+/// Python module in chunks: it is larger than a log record) → its models fold with the new
+/// version.
+async fn new_build_test_deploy(language: Language) {
+    let work = tempfile::tempdir().unwrap();
+    let project = work.path().join("tally");
+    let (code, stdout, stderr) =
+        run(args(&["new", "tally", "--lang", language.lang, "--dir", project.to_str().unwrap()]), vec![]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let created = format!("created {} (reducer tally, {}", project.display(), language.created);
+    assert!(stdout.starts_with(&created), "{stdout}");
+    let build = |project: PathBuf| async move {
+        tokio::task::spawn_blocking(move || (language.build)(&project)).await.unwrap()
     };
-    assert!(build(project.clone(), target.clone()).await.success(), "the new project builds as it is");
-    let wasm = target.join("wasm32-wasip2/release/tally.wasm");
+    let wasm = build(project.clone()).await;
     let cases = project.join("cases.jsonl").display().to_string();
     let (code, stdout, stderr) = run(args(&["test", wasm.to_str().unwrap(), &cases, "--laws"]), vec![]).await;
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.starts_with("tally 0.1.0 on ") && stdout.contains("5 lines, 4 diffs applied, 1 refused as expected"),
+        stdout.starts_with("tally 0.1.0 on ") && stdout.contains("6 lines, 4 diffs applied, 2 refused as expected"),
         "{stdout}"
     );
     assert!(stdout.contains("deltas checked"), "{stdout}");
@@ -359,7 +409,7 @@ async fn cli_new_builds_tests_and_deploys_a_rust_reducer() {
     std::fs::copy(&wasm, reducers.join("tally.wasm")).unwrap();
     let (data, port) = (work.path().join("data"), statefold_tests::process::free_port());
     let listen = format!("127.0.0.1:{port}");
-    let serve_args = args(&[
+    let mut serve_args = args(&[
         "--listen",
         &listen,
         "--data-dir",
@@ -367,17 +417,17 @@ async fn cli_new_builds_tests_and_deploys_a_rust_reducer() {
         "--reducers-dir",
         reducers.to_str().unwrap(),
     ]);
-    let mut serve_args = serve_args;
     serve_args.extend(args(&["--kind", "basket=tally.wasm"]));
     let mut serve = Serve::spawn_args(work.path(), &serve_args);
     let http = reqwest::Client::new();
-    serve.wait_ready(&http).await;
+    serve.wait_ready_within(&http, std::time::Duration::from_secs(120)).await;
 
     // Version 0.2.0: rebuilt, deployed from the terminal.
-    let manifest = project.join("Cargo.toml");
-    let text = std::fs::read_to_string(&manifest).unwrap().replacen("version = \"0.1.0\"", "version = \"0.2.0\"", 1);
-    std::fs::write(&manifest, text).unwrap();
-    assert!(build(project.clone(), target.clone()).await.success());
+    let manifest = project.join(language.manifest);
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains(language.version_0_1), "{text}");
+    std::fs::write(&manifest, text.replacen(language.version_0_1, language.version_0_2, 1)).unwrap();
+    let wasm = build(project.clone()).await;
     let url = serve.url.clone();
     let (code, stdout, stderr) = run(args(&["deploy", wasm.to_str().unwrap(), "--server", &url]), vec![]).await;
     assert_eq!(code, Some(0), "{stdout}{stderr}");
@@ -390,6 +440,9 @@ async fn cli_new_builds_tests_and_deploys_a_rust_reducer() {
             http.post(format!("{url}/v1/models/basket/b1/diffs?wait=applied")).body(diff).send().await.unwrap();
         assert_eq!(answer.status(), 200);
     }
+    let refused = http.post(format!("{url}/v1/models/basket/b1/diffs?wait=applied")).body(r#"{"add": 1}"#);
+    let refused = refused.send().await.unwrap();
+    assert_eq!(refused.status(), 409, "a diff the reducer refuses");
     let state: serde_json::Value =
         http.get(format!("{url}/v1/models/basket/b1")).send().await.unwrap().json().await.unwrap();
     assert_eq!(state["state"], serde_json::json!({"apples": 2, "pears": 2}), "{state}");
@@ -397,4 +450,43 @@ async fn cli_new_builds_tests_and_deploys_a_rust_reducer() {
     assert!(versions.lines().nth(2).is_some_and(|l| l.contains("active") && l.contains("tally 0.2.0")), "{versions}");
     serve.signal("TERM");
     assert!(serve.wait().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_new_builds_tests_and_deploys_a_rust_reducer() {
+    new_build_test_deploy(Language {
+        lang: "rust",
+        created: "Rust, SDK ",
+        build: build_rust,
+        manifest: "Cargo.toml",
+        version_0_1: "version = \"0.1.0\"",
+        version_0_2: "version = \"0.2.0\"",
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_new_builds_tests_and_deploys_a_javascript_reducer() {
+    new_build_test_deploy(Language {
+        lang: "js",
+        created: "JavaScript)",
+        build: build_js,
+        manifest: "src/reducer.js",
+        version_0_1: "version: '0.1.0'",
+        version_0_2: "version: '0.2.0'",
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_new_builds_tests_and_deploys_a_python_reducer() {
+    new_build_test_deploy(Language {
+        lang: "python",
+        created: "Python)",
+        build: build_python,
+        manifest: "reducer.py",
+        version_0_1: "version = \"0.1.0\"",
+        version_0_2: "version = \"0.2.0\"",
+    })
+    .await;
 }

@@ -190,8 +190,14 @@ where
         config.kafka = Some(KafkaConfig::new(&broker.brokers()));
         config.limits.kafka_fetch_wait_ms = 10;
         config.limits.kafka_check_interval_ms = 200;
+        // counter_v2.wasm (~210 KB) goes in chunks, as a JavaScript or Python module would.
+        config.limits.deploy_record_bytes_max = 64 << 10;
     }
+    let fresh_config = config.clone();
     let server = Arc::new(TestServer::start_config(dir, config).await);
+    if let Some(broker) = broker {
+        forged_deploys_are_refused(broker, &server).await;
+    }
     let v1 = ModuleHash::of(&module("counter"));
     let v2 = ModuleHash::of(&module("counter_v2"));
     // Every model exists before the load, and 20 of them have a follower from the start.
@@ -297,6 +303,75 @@ where
     }
     // (How many depends on the rate this machine sustains; printed by `stream_diffs`.)
     assert!(after_swap >= 100, "the load went on after the swap: {after_swap} diffs");
+    drop(reader);
+    drop(store);
+
+    // A replica started afterwards, on an empty store, with v1 as its file, folds the log
+    // from its start: it assembles v2 from each partition's chunks and reaches every state.
+    if broker.is_some() {
+        let (fresh_dir, fresh_reducers) = setup();
+        let config = Config { data_dir: fresh_dir.path().to_owned(), reducers_dir: fresh_reducers, ..fresh_config };
+        let fresh = TestServer::start_config(fresh_dir, config).await;
+        for (id, state) in states.iter().take(100) {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let (_, body) = fresh.get(&format!("/v1/models/counter/{id}")).await;
+                if body["hash"] == json!(heads[id]) {
+                    assert_eq!(&body["state"], state, "{id}");
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{id}: the fresh replica never reached the head: {body}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let (_, versions) = fresh.get("/v1/reducers/counter").await;
+        assert_eq!(versions["versions"][0]["version"], v2.to_string(), "{versions}");
+        assert_eq!(versions["versions"][0]["status"], "active", "{versions}");
+        assert_eq!(versions["versions"][0]["bytes"], module("counter_v2").len(), "{versions}");
+        fresh.stop().await;
+    }
+}
+
+/// Deploy records forged by a producer: a chunk header that does not parse, and chunks that
+/// do not hash to the module their deploy record names. Each is rejected `invalid_deploy`
+/// and the partition keeps its version.
+async fn forged_deploys_are_refused(broker: &Broker, server: &TestServer) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, Producer};
+    let producer = broker.producer();
+    let send = |headers: &[(&str, String)], value: &[u8]| {
+        let owned = headers
+            .iter()
+            .fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(value.as_bytes()) }));
+        let record = BaseRecord::to("counter").partition(0).key("counter").payload(value).headers(owned);
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+    };
+    let deploy = ("statefold-deploy", "counter".to_owned());
+    send(&[deploy.clone(), ("statefold-deploy-chunk", "not a chunk".into())], b"x");
+    let v2 = module("counter_v2");
+    let claimed = ModuleHash::of(b"another module");
+    let halves = v2.split_at(v2.len() / 2);
+    send(&[deploy.clone(), ("statefold-deploy-chunk", format!("{claimed} 0 2"))], halves.0);
+    send(&[deploy.clone(), ("statefold-deploy-chunk", format!("{claimed} 1 2"))], halves.1);
+    send(&[deploy, ("statefold-deploy-module", format!("{claimed} 2"))], b"");
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rejections = loop {
+        let (_, body) = server.get("/v1/kinds/counter/rejections").await;
+        let rejections = body["rejections"].as_array().unwrap().clone();
+        if rejections.len() >= 2 {
+            break rejections;
+        }
+        assert!(Instant::now() < deadline, "the forged deploy records were not rejected: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(rejections.len(), 2, "{rejections:?}");
+    assert!(rejections.iter().all(|r| r["code"] == "invalid_deploy"), "{rejections:?}");
+    assert!(rejections[0]["message"].as_str().unwrap().contains("not \"HASH INDEX COUNT\""), "{rejections:?}");
+    assert!(rejections[1]["message"].as_str().unwrap().contains("do not hash to it"), "{rejections:?}");
+    let v1 = ModuleHash::of(&module("counter"));
+    let versions = server.running.as_ref().expect("running").app.kind_versions("counter").unwrap().unwrap();
+    assert_eq!(versions.in_use(), [v1], "the partition keeps its version");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::fold::Resolve;
-use crate::model::{DeployFolded, ModuleHash, VersionRecord, VersionStatus};
+use crate::model::{DEPLOY_CHUNK_HEADER, DEPLOY_MODULE_HEADER, DeployFolded, ModuleHash, VersionRecord, VersionStatus};
 use crate::reducer::{LoadError, Reducer, Runtime};
 use crate::source::now_ms;
 use crate::store::{Store, StoreError};
@@ -83,8 +83,40 @@ pub struct DeployLimits {
     pub check_models_max: usize,
     /// Refused versions remembered per reducer (oldest forgotten first).
     pub refused_kept_max: usize,
-    /// Largest module a deploy record may carry (the log's message size limit).
+    /// Largest deploy record value (within the log's message size limit): a larger module
+    /// goes in chunks of this size ([`records`]).
     pub record_bytes_max: usize,
+    /// Largest module deployed.
+    pub module_bytes_max: usize,
+}
+
+/// A record to append: its value and headers.
+pub type Append<'a> = (&'a [u8], Vec<(String, Vec<u8>)>);
+
+/// The records that carry `module` to one partition as a deploy, in order: one deploy
+/// record with the module as its value when it fits `record_bytes_max`; else its chunks
+/// ([`DEPLOY_CHUNK_HEADER`]), then a deploy record naming the module
+/// ([`DEPLOY_MODULE_HEADER`]) that every replica folds from them. Each is (value, headers),
+/// every one with the deploy's `headers` ([`DEPLOY_HEADER`] among them: a server that does
+/// not know chunks refuses each as a module that does not load, and keeps its version).
+pub fn records<'a>(module: &'a [u8], headers: &[(String, Vec<u8>)], record_bytes_max: usize) -> Vec<Append<'a>> {
+    if module.len() <= record_bytes_max {
+        return vec![(module, headers.to_vec())];
+    }
+    let id = ModuleHash::of(module);
+    let count = module.len().div_ceil(record_bytes_max);
+    let with = |name: &str, value: String| {
+        let mut headers = headers.to_vec();
+        headers.push((name.to_owned(), value.into_bytes()));
+        headers
+    };
+    let mut records: Vec<_> = module
+        .chunks(record_bytes_max)
+        .enumerate()
+        .map(|(index, chunk)| (chunk, with(DEPLOY_CHUNK_HEADER, format!("{id} {index} {count}"))))
+        .collect();
+    records.push((&[][..], with(DEPLOY_MODULE_HEADER, format!("{id} {count}"))));
+    records
 }
 
 /// Finds versions by id: the process's compile cache, else the stored module.
@@ -168,8 +200,8 @@ impl Deployer {
     /// The module of a stored version (to deploy it again: a rollback).
     pub fn stored(&self, name: &str, id: &str) -> Result<Vec<u8>, DeployError> {
         let unknown = || DeployError::UnknownVersion { name: name.to_owned(), id: id.to_owned() };
-        let hash = hex::decode(id).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(unknown)?;
-        self.registry.store.module(&ModuleHash(hash))?.ok_or_else(unknown)
+        let hash = ModuleHash::parse(id).ok_or_else(unknown)?;
+        self.registry.store.module(&hash)?.ok_or_else(unknown)
     }
 
     /// Checks `module` as the next version of `name`, on the caller's thread (it compiles:
@@ -207,13 +239,13 @@ impl Deployer {
             first_ms,
             changed_ms: now,
         };
-        if module.len() > self.limits.record_bytes_max {
+        if module.len() > self.limits.module_bytes_max {
             let message = format!(
-                "the module is {} bytes; a deploy record carries at most deploy_record_bytes_max ({}) (raise it with the log's message size limit)",
+                "the module is {} bytes, over reducer_module_bytes_max ({})",
                 module.len(),
-                self.limits.record_bytes_max
+                self.limits.module_bytes_max
             );
-            return self.refuse(record, &versions, "too_large_for_log", message).map(|never| match never {});
+            return self.refuse(record, &versions, "too_large", message).map(|never| match never {});
         }
         let started = Instant::now();
         let reducer = match self.check(&kinds, &module) {

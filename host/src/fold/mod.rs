@@ -19,9 +19,9 @@ use lru::LruCache;
 
 use crate::chain::Hash;
 use crate::model::{
-    Applied, Became, CheckpointWrite, DEPLOY_HEADER, DEPLOY_ORIGIN_HEADER, DEPLOY_PARTITIONS_HEADER, DeployFolded,
-    Folded, Head, KindVersions, ModelKey, ModuleHash, Prune, REPLAY_HEADER, Record, Rejected, Rejection,
-    SUBJECT_HEADER, partition_of, validate_id,
+    Applied, Became, CheckpointWrite, DEPLOY_CHUNK_HEADER, DEPLOY_HEADER, DEPLOY_MODULE_HEADER, DEPLOY_ORIGIN_HEADER,
+    DEPLOY_PARTITIONS_HEADER, DeployChunk, DeployFolded, Folded, Head, KindVersions, ModelKey, ModuleHash, Prune,
+    REPLAY_HEADER, Record, Rejected, Rejection, SUBJECT_HEADER, partition_of, validate_id,
 };
 use crate::model::{Checkpoint, DiffRecord, Outgoing, Reaction};
 use crate::model::{EXPECTED_HASH_HEADER, IDEMPOTENCY_KEY_HEADER, Keyed};
@@ -40,6 +40,10 @@ pub trait View {
     fn keyed(&self, model: &ModelKey, key: &str) -> Result<Option<Keyed>, ViewError>;
     /// The model's latest checkpoint and the diffs after it, with the versions that wrote them.
     fn checkpoint(&self, model: &ModelKey, head: &Head) -> Result<History, ViewError>;
+    /// A stored chunk of a module a deploy record carries in parts.
+    fn deploy_chunk(&self, module: &ModuleHash, index: u32) -> Result<Option<Bytes>, ViewError>;
+    /// A stored module (of a version that was deployed).
+    fn module(&self, id: &ModuleHash) -> Result<Option<Bytes>, ViewError>;
 }
 
 /// Why a model could not be rebuilt for a replay (it keeps its history).
@@ -466,7 +470,7 @@ impl Engine {
                 continue;
             };
             if let Some(name) = record.header(DEPLOY_HEADER) {
-                self.deploy(kind, record, name, &mut folded);
+                self.deploy(kind, record, name, view, &mut folded)?;
                 continue;
             }
             let key = record.key.as_deref().ok_or_else(|| "record has no key".to_owned());
@@ -540,18 +544,45 @@ impl Engine {
     }
 
     /// A deploy record: its partition folds with the module it carries from the next
-    /// offset on. A module that cannot load here is rejected (`invalid_deploy`) and the
-    /// partition keeps its version.
-    fn deploy(&mut self, kind: usize, record: &Record, name: &[u8], folded: &mut Folded) {
-        let state = &mut self.kinds[kind];
+    /// offset on (in its value, or in chunks before it). A module that cannot load here is
+    /// rejected (`invalid_deploy`) and the partition keeps its version.
+    fn deploy(
+        &mut self,
+        kind: usize,
+        record: &Record,
+        name: &[u8],
+        view: &dyn View,
+        folded: &mut Folded,
+    ) -> Result<(), FoldError> {
         let reject = |reason: String| Rejected::new(record, None, Rejection::InvalidDeploy(reason));
-        let reducer = match self.versions.load(&record.value) {
+        let refused = |folded: &mut Folded, reason: String| {
+            let kind = &self.kinds[kind].name;
+            tracing::error!(%kind, partition = record.partition, offset = record.offset, %reason, "deploy record refused; the partition keeps its version");
+            folded.reject(reject(reason));
+        };
+        if let Some(header) = record.header(DEPLOY_CHUNK_HEADER) {
+            match DeployChunk::parse_header(header) {
+                Ok((module, index, _)) => {
+                    folded.chunks.push(DeployChunk { module, index, bytes: record.value.clone() });
+                    folded.mark(record, Became::DeployChunk, u64::from(index), module);
+                }
+                Err(reason) => refused(folded, reason),
+            }
+            return Ok(());
+        }
+        let module = match record.header(DEPLOY_MODULE_HEADER) {
+            None => Ok(record.value.clone()),
+            Some(header) => assemble(header, view, folded)?,
+        };
+        let reducer = match module.as_ref().map_err(String::clone).and_then(|m| self.versions.load(m)) {
             Ok(reducer) => reducer,
             Err(reason) => {
-                tracing::error!(kind = %state.name, partition = record.partition, offset = record.offset, %reason, "deploy record refused; the partition keeps its version");
-                return folded.reject(reject(reason));
+                refused(folded, reason);
+                return Ok(());
             }
         };
+        let module = module.expect("loaded");
+        let state = &mut self.kinds[kind];
         let text = |header| record.header(header).map(|v| String::from_utf8_lossy(v).into_owned());
         let count = text(DEPLOY_PARTITIONS_HEADER).and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
         let versions = &mut state.versions;
@@ -569,11 +600,12 @@ impl Engine {
             partition: record.partition,
             offset: record.offset,
             timestamp_ms: record.timestamp_ms,
-            module: record.value.clone(),
+            module,
         });
         folded.mark(record, Became::Deployed, 0, reducer.id());
         folded.kind_versions.retain(|(k, _)| *k != state.name);
         folded.kind_versions.push((state.name.clone(), state.versions.clone()));
+        Ok(())
     }
 
     fn fold_model(
@@ -932,4 +964,45 @@ impl Checkpoints for Overlay<'_> {
         }
         Ok(())
     }
+}
+
+/// The module a deploy record names in its [`DEPLOY_MODULE_HEADER`]: its chunks (this
+/// batch's, else stored ones) joined and checked against the hash; or, when they are gone
+/// (an earlier deploy record of the same module, in another partition, assembled them and
+/// they were deleted), the stored module. Either way the same bytes on every replica.
+/// The module's chunks are deleted with this batch.
+fn assemble(header: &[u8], view: &dyn View, folded: &mut Folded) -> Result<Result<Bytes, String>, FoldError> {
+    let (id, count) = match DeployChunk::parse_module_header(header) {
+        Ok(parsed) => parsed,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    if !folded.chunks_done.contains(&id) {
+        folded.chunks_done.push(id);
+    }
+    let mut parts = Vec::new();
+    for index in 0..count {
+        let part = match folded.chunks.iter().rev().find(|c| c.module == id && c.index == index) {
+            Some(chunk) => Some(chunk.bytes.clone()),
+            None => view.deploy_chunk(&id, index).map_err(FoldError::View)?,
+        };
+        match part {
+            Some(part) => parts.push(part),
+            None => break,
+        }
+    }
+    if parts.len() == count as usize {
+        let module = Bytes::from(parts.concat());
+        return Ok(if ModuleHash::of(&module) == id {
+            Ok(module)
+        } else {
+            Err(format!("the {count} chunks of module {id} do not hash to it"))
+        });
+    }
+    let missing = parts.len();
+    if let Some(deployed) = folded.deploys.iter().find(|d| d.version == id) {
+        return Ok(Ok(deployed.module.clone()));
+    }
+    Ok(view.module(&id).map_err(FoldError::View)?.ok_or_else(|| {
+        format!("module {id}: chunk {missing} of {count} is not in the partition before its deploy record")
+    }))
 }

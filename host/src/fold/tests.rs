@@ -122,6 +122,15 @@ impl View for FakeView {
         Ok(self.heads.get(model).cloned())
     }
 
+    // (Deploy records need modules that load: tests/tests/deploy.rs, with real `.wasm`.)
+    fn deploy_chunk(&self, _: &ModuleHash, _: u32) -> Result<Option<Bytes>, ViewError> {
+        Ok(None)
+    }
+
+    fn module(&self, _: &ModuleHash) -> Result<Option<Bytes>, ViewError> {
+        Ok(None)
+    }
+
     fn keyed(&self, model: &ModelKey, key: &str) -> Result<Option<Keyed>, ViewError> {
         Ok(self.keyed.iter().find(|k| k.model == *model && k.key == key).cloned())
     }

@@ -72,6 +72,12 @@ impl Store {
                 batch.put_cf(self.cf(REDUCERS), module_key(&deploy.version), &deploy.module);
             }
         }
+        for chunk in &folded.chunks {
+            batch.put_cf(self.cf(REDUCERS), chunk_key(&chunk.module, chunk.index), &chunk.bytes);
+        }
+        for id in &folded.chunks_done {
+            batch.delete_range_cf(self.cf(REDUCERS), chunk_key(id, 0), chunk_keys_end(id));
+        }
         for (kind, versions) in &folded.kind_versions {
             batch.put_cf(self.cf(REDUCERS), kind_versions_key(kind), encode_kind_versions(versions));
         }

@@ -15,6 +15,14 @@ impl View for Store {
     fn keyed(&self, model: &ModelKey, key: &str) -> Result<Option<Keyed>, ViewError> {
         Ok(self.read().keyed(model, key)?)
     }
+
+    fn deploy_chunk(&self, module: &ModuleHash, index: u32) -> Result<Option<Bytes>, ViewError> {
+        Ok(self.db.get_cf(self.cf(REDUCERS), chunk_key(module, index))?.map(Bytes::from))
+    }
+
+    fn module(&self, id: &ModuleHash) -> Result<Option<Bytes>, ViewError> {
+        Ok(Store::module(self, id)?.map(Bytes::from))
+    }
 }
 
 /// Reads at one consistent point in time.

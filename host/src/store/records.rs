@@ -27,6 +27,16 @@ pub(super) fn module_key(id: &ModuleHash) -> Vec<u8> {
     [&b"m"[..], &id.0].concat()
 }
 
+/// A chunk of a module a deploy record carries in parts, until its deploy record is folded.
+pub(super) fn chunk_key(id: &ModuleHash, index: u32) -> Vec<u8> {
+    [&b"c"[..], &id.0, &index.to_be_bytes()].concat()
+}
+
+/// After every chunk key of module `id`.
+pub(super) fn chunk_keys_end(id: &ModuleHash) -> Vec<u8> {
+    [&b"c"[..], &id.0, &[0xff; 5]].concat()
+}
+
 pub(super) fn version_key(name: &str, id: &ModuleHash) -> Vec<u8> {
     [&b"v"[..], name.as_bytes(), &[0], &id.0].concat()
 }

@@ -1,4 +1,4 @@
-//! `{{name}}`: totals by key, e.g. items in a basket.
+//! `totals`: totals by key, e.g. items in a basket.
 //!
 //! State: `{"apples": 5, "pears": 1}` (a key whose total comes back to 0 is dropped).
 //! Diff: `{"add": {"apples": 2, "pears": -1}}`. A diff that would overflow a total is
@@ -19,7 +19,7 @@ pub struct Diff {
 }
 
 impl Reducer for Totals {
-    const NAME: &'static str = "{{name}}";
+    const NAME: &'static str = "totals";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
     const MERGE: bool = true;
     const DELTA: bool = true;
