@@ -7,6 +7,10 @@
 //! - the same reducer logic natively vs as wasm (through the host runtime, which also
 //!   computes the hash chain and copies each diff across the boundary).
 //!
+//! And a second: one reducer (`totals`) in Rust, JavaScript (componentize-js) and Python
+//! (componentize-py): module size, cold compile, per-diff cost in batches of 200 and of 1,
+//! and the fuel one diff takes (the least `reducer_diff_fuel_max` that folds it).
+//!
 //! Figures are medians over rounds; ratios compare rows measured in the same process.
 
 use std::hint::black_box;
@@ -17,7 +21,7 @@ use document::Document;
 use serde_json::json;
 use statefold::chain::Hash;
 use statefold::model::DiffRecord;
-use statefold::reducer::{Checkpoints, MemoryCheckpoints, Models, ReducerLimits, Runtime};
+use statefold::reducer::{Checkpoints, MemoryCheckpoints, Models, Outcome, ReducerLimits, Runtime};
 use statefold_guest::native;
 use statefold_tests::bench::median;
 
@@ -174,6 +178,77 @@ fn main() {
             None => ("1.00x".into(), "baseline".into()),
         };
         println!("{:<66} {:>12} {:>8}  {}", row.name, format!("{:.2?}", row.per_diff), ratio, vs);
+    }
+    languages();
+}
+
+/// The least `reducer_diff_fuel_max` under which `module` folds `diff` (after a first diff
+/// on the same model), by bisection; compiled code comes from `cache`.
+fn fuel_per_diff(module: &std::path::Path, cache: &std::path::Path, diff: &str, steps: usize) -> u64 {
+    let folds = |fuel: u64| {
+        let limits = ReducerLimits { diff_fuel_max: fuel, ..ReducerLimits::default() };
+        let runtime = Runtime::new(limits, Some(cache.to_owned())).expect("runtime");
+        let mut models = runtime.load_file(module).expect("module").models();
+        let mut checkpoints = MemoryCheckpoints::default();
+        let hash = Hash::genesis("bench", "m");
+        let first = DiffRecord::new(0, diff.to_owned());
+        let second = DiffRecord::new(1, diff.to_owned());
+        let applied = |outcomes: Vec<Outcome>| match outcomes.as_slice() {
+            [Outcome::Applied(hash, _)] => Some(*hash),
+            _ => None,
+        };
+        let first = models.apply("m", hash, &[first], &mut checkpoints).ok().and_then(applied);
+        first.is_some_and(|hash| models.apply("m", hash, &[second], &mut checkpoints).ok().and_then(applied).is_some())
+    };
+    let (mut low, mut high) = (1u64, ReducerLimits::default().diff_fuel_max);
+    assert!(folds(high), "{}: a diff does not fold within the default budget", module.display());
+    for _ in 0..steps {
+        if high - low <= high / 100 {
+            break;
+        }
+        let mid = low + (high - low) / 2;
+        if folds(mid) { high = mid } else { low = mid }
+    }
+    high
+}
+
+/// `totals` in the three languages, side by side.
+fn languages() {
+    let cache = tempfile::tempdir().expect("temp dir");
+    let add = |i: usize| format!(r#"{{"add":{{"k{}":{}}}}}"#, i % 8, i % 7 + 1);
+    let steps = if rounds() > 1 { 30 } else { 3 };
+    let mut rows: Vec<(String, u64, Duration, Duration, Duration, u64)> = Vec::new();
+    for (language, name) in [("Rust", "totals"), ("JavaScript", "totals_js"), ("Python", "totals_py")] {
+        let path = statefold_tests::wasm(name);
+        let bytes = std::fs::metadata(&path).expect("module").len();
+        let runtime = Runtime::new(ReducerLimits::default(), Some(cache.path().to_owned())).expect("runtime");
+        let started = Instant::now();
+        let reducer = runtime.load_file(&path).expect("module");
+        let compile = started.elapsed();
+        let mut models = reducer.models();
+        let batch = wasm_rounds(&mut models, "m", BATCH, add);
+        let single = wasm_rounds(&mut models, "m1", 1, add);
+        let fuel = fuel_per_diff(&path, cache.path(), &add(3), steps);
+        rows.push((format!("{name} ({language})"), bytes, compile, batch, single, fuel));
+    }
+    println!();
+    println!("one reducer (totals) in three languages, {} rounds of {BATCH} diffs, median per diff", rounds());
+    println!(
+        "{:<26} {:>10} {:>14} {:>16} {:>8} {:>14} {:>14}",
+        "reducer", "module", "cold compile", "per diff, b 200", "ratio", "per diff, b 1", "fuel per diff"
+    );
+    let rust = rows[0].3;
+    for (name, bytes, compile, batch, single, fuel) in &rows {
+        println!(
+            "{:<26} {:>10} {:>14} {:>16} {:>8} {:>14} {:>14}",
+            name,
+            format!("{:.1} MB", *bytes as f64 / 1e6),
+            format!("{:.2?}", compile),
+            format!("{:.2?}", batch),
+            format!("{:.1}x", batch.as_secs_f64() / rust.as_secs_f64()),
+            format!("{:.2?}", single),
+            fuel,
+        );
     }
 }
 

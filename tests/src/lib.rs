@@ -51,7 +51,12 @@ pub fn wasm(name: &str) -> PathBuf {
         .iter()
         .map(|prefix| dir.join(format!("{prefix}{name}.wasm")))
         .find(|path| path.exists())
-        .unwrap_or_else(|| panic!("no reducer named {name} in {}", dir.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no reducer named {name} in {} (the JavaScript and Python ones, totals_js and totals_py, are built by ./dev.sh test)",
+                dir.display()
+            )
+        })
 }
 
 /// Path of the `statefold` binary, built first in the profile this test or benchmark

@@ -735,3 +735,54 @@ async fn a_replay_interrupted_by_a_restart_resumes_where_it_stood() {
         assert_eq!((body["state"].clone(), body["seq"].as_u64()), (json!(4), Some(1)), "{id}");
     }
 }
+
+/// A kind's reducer moves between languages through the reducers directory (hot reload):
+/// `totals` in Rust, then the JavaScript build, then the Python one, each 12 to 20 MB and so
+/// deployed in chunks. A model's state carries over each move (the next version restores
+/// the last one's JSON), and a restart folds on with the stored versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_moves_between_languages_through_the_reducers_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let reducers = dir.path().join("reducers");
+    std::fs::create_dir(&reducers).unwrap();
+    std::fs::write(reducers.join("totals.wasm"), module("totals")).unwrap();
+    let mut config = config(dir.path(), &reducers);
+    config.kinds = vec![KindConfig { name: "basket".into(), reducer: "totals.wasm".into(), topic: None }];
+    let server = TestServer::start_config(dir, config.clone()).await;
+    server.create("basket", "b").await;
+    server.apply("basket", "b", r#"{"add": {"apples": 1}}"#).await;
+    let mut expected = json!({"apples": 1});
+    for (step, name) in ["totals_js", "totals_py"].into_iter().enumerate() {
+        let bytes = module(name);
+        assert!(bytes.len() > config.limits.deploy_record_bytes_max, "{name} is deployed in chunks");
+        std::fs::write(reducers.join("totals.wasm.tmp"), &bytes).unwrap();
+        std::fs::rename(reducers.join("totals.wasm.tmp"), reducers.join("totals.wasm")).unwrap();
+        let id = ModuleHash::of(&bytes).to_string();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, body) = server.get("/v1/reducers/totals").await;
+            let first = &body["versions"][0];
+            if first["version"] == id.as_str() && first["status"] == "active" {
+                assert_eq!(first["declared"]["name"], name, "{body}");
+                assert_eq!(first["bytes"], bytes.len(), "{body}");
+                break;
+            }
+            assert_ne!(first["status"], "refused", "{body}");
+            assert!(Instant::now() < deadline, "{name} was never deployed: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let fruit = ["pears", "plums"][step];
+        server.apply("basket", "b", &format!(r#"{{"add": {{"apples": 1, "{fruit}": 2}}}}"#)).await;
+        expected["apples"] = json!(2 + step);
+        expected[fruit] = json!(2);
+        let (_, body) = server.get("/v1/models/basket/b").await;
+        assert_eq!(body["state"], expected, "{name}: the state carried over");
+    }
+    let dir = server.stop().await;
+    let server = TestServer::start_config(dir, config).await;
+    server.apply("basket", "b", r#"{"add": {"plums": -2}}"#).await;
+    let (_, body) = server.get("/v1/models/basket/b").await;
+    assert_eq!(body["state"], json!({"apples": 3, "pears": 2}), "{body}");
+    let (_, body) = server.get("/v1/reducers/totals").await;
+    assert_eq!(body["versions"][0]["declared"]["name"], "totals_py", "{body}");
+}

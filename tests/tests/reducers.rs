@@ -5,7 +5,7 @@ mod common;
 
 use common::{Fold, applied, chain, runtime};
 use serde_json::json;
-use statefold::reducer::{Outcome, ReducerLimits};
+use statefold::reducer::{Composed, Outcome, ReducerLimits};
 
 #[test]
 fn counter_folds_a_fixed_sequence() {
@@ -160,4 +160,43 @@ fn each_diff_sees_its_context() {
     assert_eq!(outcomes[0], Outcome::Applied(want[0], vec![]));
     assert_eq!(outcomes[2], Outcome::Applied(want[1], vec![]));
     assert_eq!(outcomes[3], Outcome::Applied(want[2], vec![]));
+}
+
+/// `totals` in Rust, JavaScript (componentize-js) and Python (componentize-py), loaded by
+/// the same runtime: the same diffs fold to the same states and hashes, the same ones are
+/// refused, and merge and delta agree.
+#[test]
+fn totals_folds_alike_in_rust_javascript_and_python() {
+    let runtime = runtime(ReducerLimits::default());
+    let diffs = [
+        r#"{"add": {"apples": 3}}"#,
+        r#"{"add": {"apples": 2, "pears": 1}}"#,
+        r#"{"add": ["apples"]}"#,
+        "not json",
+        r#"{"add": {"pears": -1}}"#,
+        r#"{"add": {"plums": 4}, "more": 1}"#,
+        r#"{"add": {"plums": 4}}"#,
+    ];
+    let mut seen = Vec::new();
+    for name in ["totals", "totals_js", "totals_py"] {
+        let mut fold = Fold::new(&runtime, name);
+        fold.kind = "baskets".into(); // (one kind for the three: the same genesis hash)
+        let outcomes = fold.apply("basket", &diffs);
+        assert_eq!(applied(&outcomes), [true, true, false, false, true, false, true], "{name}: {outcomes:?}");
+        let merged = fold.models.merge(&[br#"{"add":{"a":1}}"#.to_vec(), br#"{"add":{"a":2,"b":1}}"#.to_vec()]);
+        let merged: serde_json::Value = match merged.expect("merge") {
+            Composed::Diff(diff) => serde_json::from_slice(&diff).unwrap(),
+            other => panic!("{name}: {other:?}"),
+        };
+        let delta = fold.models.delta(br#"{"a":1}"#, br#"{"b":2}"#).expect("delta");
+        let delta: serde_json::Value = serde_json::from_slice(&delta).unwrap();
+        seen.push((name, fold.state("basket"), fold.hash("basket"), merged, delta));
+    }
+    assert_eq!(seen[0].1, json!({"apples": 5, "plums": 4}));
+    assert_eq!(seen[0].3, json!({"add": {"a": 3, "b": 1}}));
+    assert_eq!(seen[0].4, json!({"add": {"a": -1, "b": 2}}));
+    for other in &seen[1..] {
+        assert_eq!((&other.1, &other.2), (&seen[0].1, &seen[0].2), "{} folds like {}", other.0, seen[0].0);
+        assert_eq!((&other.3, &other.4), (&seen[0].3, &seen[0].4), "{}: merge and delta", other.0);
+    }
 }
