@@ -68,8 +68,30 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // One more byte than a diff may have, so that the handler sees "too large" itself.
         .layer(DefaultBodyLimit::max(body_max + 1))
+        .layer(middleware::from_fn(close_after_unread_body))
         .layer(middleware::from_fn_with_state(app.clone(), timed))
         .with_state(app)
+}
+
+/// An HTTP/1 request refused before its body is read (401, 403, 413, or no such route: an
+/// upload refused before its first byte) ends its connection, and the response says so
+/// (`Connection: close`). hyper closes a connection whose request body was left unread;
+/// without the header, a client could send its next request on it just as it closes.
+async fn close_after_unread_body(request: Request, next: Next) -> Response {
+    use axum::http::Version;
+    let headers = request.headers();
+    let length = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let body = length.is_some_and(|n| n > 0) || headers.contains_key(header::TRANSFER_ENCODING);
+    let http1 = request.version() < Version::HTTP_2;
+    let routed = request.extensions().get::<MatchedPath>().is_some();
+    let mut response = next.run(request).await;
+    let unread =
+        matches!(response.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::PAYLOAD_TOO_LARGE)
+            || !routed;
+    if http1 && body && unread && response.status().is_client_error() {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// An error response: `{"error": {"code", "message"}}` with a fitting status.
