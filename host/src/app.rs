@@ -900,25 +900,41 @@ impl App {
             HashAt::Diff { seq, offset } => (Some(offset), seq),
         };
         let through = head.offset.expect("a model past its genesis hash has applied a diff");
-        // Summed up first: a patch by `delta` needs only the two states, not the diffs.
-        let run = reader.run(model, after, through, since_seq)?;
-        if run.last != Some(head.hash) {
-            return Err(StoreError::Corrupt {
-                what: "diffs",
-                key: format!("{model:?}"),
-                detail: format!("the diffs after {since} do not lead to the head {}", head.hash),
+        // Summed up first: a patch by `delta` needs only the two states, not the diffs. The
+        // head says how many there are and whether one version applied them all; a head
+        // stored before it recorded that has them counted from the store (a scan).
+        let (len, one_version) = match head.run_since {
+            Some(_) if since_seq >= head.seq => {
+                return Err(StoreError::Corrupt {
+                    what: "hashes",
+                    key: format!("{model:?}"),
+                    detail: format!("{since} is at seq {since_seq}, not before the head's {}", head.seq),
+                }
+                .into());
             }
-            .into());
-        }
+            Some(run_since) => ((head.seq - since_seq) as usize, since_seq + 1 >= run_since),
+            None => {
+                let run = reader.run(model, after, through, since_seq)?;
+                if run.last != Some(head.hash) {
+                    return Err(StoreError::Corrupt {
+                        what: "diffs",
+                        key: format!("{model:?}"),
+                        detail: format!("the diffs after {since} do not lead to the head {}", head.hash),
+                    }
+                    .into());
+                }
+                (run.len, run.reducers == [head.reducer])
+            }
+        };
         let missed = || reader.diffs(model, after, through, since, since_seq);
-        let plan = if run.reducers != [head.reducer] {
+        let plan = if !one_version {
             // Missed diffs span a deploy: composition is one version's, so one by one.
             CatchUp::Diffs
         } else {
             let mut versions = kind.readers.lock().unwrap_or_else(|p| p.into_inner());
             let max = self.limits.catchup_merge_diffs_max;
             let payloads = || Ok::<_, AppError>(missed()?.into_iter().map(|d| d.payload).collect());
-            plan_catch_up(&mut versions, head.reducer, run.len, max, payloads, |versions| {
+            plan_catch_up(&mut versions, head.reducer, len, max, payloads, |versions| {
                 let from = self.materialize_with(versions, &reader, model, &head, since, after)?;
                 let to = self.materialize_with(versions, &reader, model, &head, head.hash, head.offset)?;
                 Ok::<_, AppError>((from, to))
@@ -926,7 +942,7 @@ impl App {
         };
         Ok(match plan {
             CatchUp::Patch { diff, how } => {
-                tracing::debug!(kind = %model.kind, id = %model.id, missed = run.len, how, "catch-up patch");
+                tracing::debug!(kind = %model.kind, id = %model.id, missed = len, how, "catch-up patch");
                 Plan::Patch { from: since, to: head.hash, seq: head.seq, diff, reducer: head.reducer }
             }
             CatchUp::Diffs => Plan::Diffs(missed()?),

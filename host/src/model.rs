@@ -175,6 +175,11 @@ pub struct Head {
     pub checkpoint_bytes: u64,
     /// Bytes of the diffs applied since the latest checkpoint.
     pub tail_bytes: u64,
+    /// The seq of the first diff of the run that `reducer` applied up to the head: every
+    /// diff from it on is that version's. So a catch-up knows whether the diffs a client
+    /// missed span a deploy without reading them. `None`: not known (a head stored before it
+    /// was recorded; the diffs are read instead).
+    pub run_since: Option<u64>,
 }
 
 impl Head {
@@ -191,6 +196,7 @@ impl Head {
             replayed,
             checkpoint_bytes: 0,
             tail_bytes: 0,
+            run_since: Some(1),
         }
     }
 

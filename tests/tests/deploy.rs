@@ -786,3 +786,49 @@ async fn a_kind_moves_between_languages_through_the_reducers_directory() {
     let (_, body) = server.get("/v1/reducers/totals").await;
     assert_eq!(body["versions"][0]["declared"]["name"], "totals_py", "{body}");
 }
+
+/// A client's catch-up over diffs that span a deploy comes one diff at a time (composition
+/// is one version's); over diffs one version applied, one patch. The head records where
+/// its version's run began, so this is known without reading the missed diffs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_across_a_deploy_sends_the_diffs_one_by_one() {
+    let (dir, reducers) = setup();
+    let server = start(dir, &reducers).await;
+    server.create("document", "d").await;
+    let mut hashes = Vec::new();
+    let apply = |n: usize| format!(r#"{{"k{}": {n}}}"#, n % 2);
+    for n in 1..=3 {
+        hashes.push(server.apply("document", "d", &apply(n)).await["hash"].as_str().unwrap().to_owned());
+    }
+    // The same logic under another version id.
+    let next = with_custom_section(module("document"), "next");
+    let (status, body) = put_module(&server, "/v1/reducers/document", next).await;
+    assert_eq!(status, 200, "{body}");
+    for n in 4..=6 {
+        hashes.push(server.apply("document", "d", &apply(n)).await["hash"].as_str().unwrap().to_owned());
+    }
+    // What a client holding the hash after diff `from` is sent before it is at seq 6.
+    let events = |from: usize| {
+        let since = hashes[from - 1].clone();
+        let server = &server;
+        async move {
+            let mut stream = server.events("document", "d", Some(&since)).await;
+            let mut names = Vec::new();
+            loop {
+                let event = stream.next_within(Duration::from_secs(10)).await.expect("an event");
+                if event.event != "diff" && event.event != "patch" {
+                    assert!(!["snapshot", "reset"].contains(&event.event.as_str()), "{event:?}");
+                    continue;
+                }
+                names.push(event.event.clone());
+                if event.json()["seq"] == 6 {
+                    return names;
+                }
+            }
+        }
+    };
+    assert_eq!(events(1).await, ["diff"; 5], "diffs 2 and 3 by the first version, 4 to 6 by the next");
+    assert_eq!(events(2).await, ["diff"; 4], "3 by the first version, 4 to 6 by the next");
+    assert_eq!(events(3).await, ["patch"], "4 to 6, all the next version's: one patch");
+    assert_eq!(events(4).await, ["patch"], "5 and 6: one patch");
+}

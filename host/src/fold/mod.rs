@@ -387,6 +387,8 @@ impl Engine {
             replayed: head.replayed,
             checkpoint_bytes: base_state.len() as u64,
             tail_bytes: 0,
+            // The base and every diff after it: the replay's version.
+            run_since: Some(base_seq + 1),
         };
         let mut applied = Vec::with_capacity(diffs.len());
         for (diff, outcome) in diffs.into_iter().zip(outcomes) {
@@ -875,6 +877,9 @@ impl Overlay<'_> {
         self.head.tail_bytes += record.value.len() as u64;
         self.head.offset = Some(applied.offset);
         self.head.hash = hash;
+        if reducer != self.head.reducer {
+            self.head.run_since = Some(applied.seq);
+        }
         self.head.reducer = reducer;
         self.folded.mark(record, Became::Applied, applied.seq, reducer);
         if let Some(key) = record.header(IDEMPOTENCY_KEY_HEADER) {

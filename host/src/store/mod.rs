@@ -384,12 +384,16 @@ mod tests {
             replayed: 1,
             checkpoint_bytes: 300,
             tail_bytes: 42,
+            run_since: Some(3),
         };
         let bytes = encode_head(&head);
         assert_eq!(decode_head(b"k", &bytes).unwrap(), head);
-        // A head stored before checkpoint sizes were recorded: sizes not known (0).
-        let old = decode_head(b"k", &bytes[..bytes.len() - 16]).unwrap();
-        assert_eq!(old, Head { checkpoint_bytes: 0, tail_bytes: 0, ..head.clone() });
+        // A head stored before runs were recorded: not known.
+        let old = decode_head(b"k", &bytes[..bytes.len() - 9]).unwrap();
+        assert_eq!(old, Head { run_since: None, ..head.clone() });
+        // ... nor checkpoint sizes: sizes not known (0).
+        let old = decode_head(b"k", &bytes[..bytes.len() - 9 - 16]).unwrap();
+        assert_eq!(old, Head { checkpoint_bytes: 0, tail_bytes: 0, run_since: None, ..head.clone() });
         // Truncated, trailing bytes, unknown format: corruption, never a default.
         for bad in [&bytes[..bytes.len() - 1], &[bytes.as_slice(), &[0]].concat()[..], &[9u8, 1, 2][..]] {
             assert!(matches!(decode_head(b"k", bad), Err(StoreError::Corrupt { .. })));

@@ -184,7 +184,7 @@ pub(super) fn encode_head(head: &Head) -> Vec<u8> {
         enc.u64(*seq).u64(*offset);
     }
     enc.opt_u64(head.pruned_through).opt_u64(head.partition.map(u64::from)).u64(head.replayed);
-    enc.u64(head.checkpoint_bytes).u64(head.tail_bytes).done()
+    enc.u64(head.checkpoint_bytes).u64(head.tail_bytes).opt_u64(head.run_since).done()
 }
 
 pub(super) fn decode_head(key: &[u8], value: &[u8]) -> Result<Head, StoreError> {
@@ -216,6 +216,8 @@ pub(super) fn read_head(dec: &mut Dec<'_>) -> Result<Head, Malformed> {
     // Heads written before checkpoint sizes were recorded end here: 0 is "not known", and
     // the next checkpoint is due by the diff count alone.
     let (checkpoint_bytes, tail_bytes) = if dec.is_empty() { (0, 0) } else { (dec.u64()?, dec.u64()?) };
+    // Heads written before runs were recorded end here: not known.
+    let run_since = if dec.is_empty() { None } else { dec.opt_u64()? };
     Ok(Head {
         seq,
         offset,
@@ -227,6 +229,7 @@ pub(super) fn read_head(dec: &mut Dec<'_>) -> Result<Head, Malformed> {
         replayed,
         checkpoint_bytes,
         tail_bytes,
+        run_since,
     })
 }
 
