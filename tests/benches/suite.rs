@@ -5,7 +5,7 @@
 //! compiled natively into the host, and RocksDB writing what the fold wrote); 2. from a
 //! real Tansu broker (beside a consume-only rdkafka reader); 3. per-diff cost with a 1-MiB
 //! state (beside a 100-byte one); 4. catch-up 100,000 diffs behind (beside the whole state,
-//! and the same diffs received live); 5. produce → SSE latency (beside a consume-only
+//! and the same diffs received live), and 1,000,000 behind (beside 1,000 behind); 5. produce → SSE latency (beside a consume-only
 //! reader); 6. fan-out to 10,000 SSE clients (a `statefold serve` process, its memory;
 //! beside the same with `[auth]` on);
 //! 7. recovery (beside opening RocksDB); 8. sharded mode: a partition's takeover from a
@@ -65,6 +65,7 @@ async fn main() {
     }
     if wanted(4) {
         catch_up(&mut rows).await;
+        catch_up_gap(&mut rows).await;
     }
     if wanted(5) {
         latency(&mut rows).await;
@@ -486,6 +487,47 @@ async fn catch_up(rows: &mut Vec<Row>) {
     });
 }
 
+/// Catch-up planning independent of the gap (4, second part): one `document` model of
+/// 1,000,000 diffs; a client 1,000 diffs behind and one 1,000,000 behind (at the model's
+/// genesis), alternating round by round, each timed from its request to its `patch` event.
+async fn catch_up_gap(rows: &mut Vec<Row>) {
+    let diffs = scaled(1_000_000);
+    let near = 1000.min(diffs / 10);
+    let payload = |i: usize| format!(r#"{{"k{}":{i}}}"#, i % 1000);
+    let records = std::iter::once(("doc".to_owned(), Vec::new(), true))
+        .chain((0..diffs).map(move |i| ("doc".to_owned(), payload(i).into_bytes(), false)));
+    let retain = Limits { retain_checkpoints: diffs / 1000 + 2, ..limits() };
+    let server = started(prefilled("document", records), retain).await;
+    // The hash after diff `diffs - near`: the chain over the diffs as written.
+    let model = ModelKey::new("document", "doc");
+    let behind = (0..diffs - near).fold(model.genesis(), |hash, i| hash.next(payload(i).as_bytes()));
+    let (mut near_times, mut far_times) = (Vec::new(), Vec::new());
+    for _ in 0..rounds(5) {
+        for (since, times) in [(behind, &mut near_times), (model.genesis(), &mut far_times)] {
+            let start = Instant::now();
+            let mut events = server.events("document", "doc", Some(&since.to_string())).await;
+            loop {
+                let event = events.next().await.expect("an event");
+                assert_ne!(event.event, "snapshot", "a client with a retained hash gets a patch");
+                if event.event == "patch" {
+                    break;
+                }
+            }
+            times.push(start.elapsed());
+        }
+    }
+    server.stop().await;
+    let (near_time, far_time) = (median(near_times), median(far_times));
+    rows.push(Row {
+        name: format!("   catch-up {diffs} diffs behind: patch event"),
+        value: format!("{far_time:.2?}"),
+        beside: format!(
+            "{:.2}x {near} behind ({near_time:.2?}), same model, rounds alternating; goal <= 2x",
+            ratio(far_time, near_time)
+        ),
+    });
+}
+
 /// End-to-end latency (5): a record produced to Kafka until its `diff` event reaches an
 /// SSE client, at 1,000 records/s over 10 models; beside a consume-only rdkafka reader of
 /// the same partitions in the same run (what the broker and client alone take).
@@ -630,9 +672,11 @@ async fn latency(rows: &mut Vec<Row>) {
 async fn fan_out(rows: &mut Vec<Row>) {
     let clients = if full() { 10_000 } else { 20 };
     let diffs = if full() { 100 } else { 5 };
-    let open = fan_out_run(clients, diffs, false).await;
-    let auth = fan_out_run(clients, diffs, true).await;
+    let open = fan_out_run(clients, diffs, false, false).await;
+    let auth = fan_out_run(clients, diffs, true, false).await;
+    let h2 = fan_out_run(clients, diffs, false, true).await;
     let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    let per = |run: &FanOut| run.subscribed.saturating_sub(run.idle) as f64 / clients as f64 / 1000.0;
     rows.push(Row {
         name: format!("6. fan-out: {clients} SSE clients on one model, 10 diffs/s: p50"),
         value: format!("{:.2?}", open.p50),
@@ -647,6 +691,21 @@ async fn fan_out(rows: &mut Vec<Row>) {
             mib(open.idle),
             mib(open.subscribed)
         ),
+    });
+    rows.push(Row {
+        name: "   same, memory per subscriber (HTTP/1.1)".into(),
+        value: format!("{:.1} KB", per(&open)),
+        beside: "goal < 10 KB; (subscribed - idle) / clients, one connection each".into(),
+    });
+    rows.push(Row {
+        name: "   same over HTTP/2 (h2c, 100 streams a connection): p50".into(),
+        value: format!("{:.2?}", h2.p50),
+        beside: format!("p99 {:.2?}; all {clients} subscribed in {:.2?}", h2.p99, h2.connected),
+    });
+    rows.push(Row {
+        name: "   same over HTTP/2, memory per subscriber".into(),
+        value: format!("{:.1} KB", per(&h2)),
+        beside: format!("goal < 10 KB; {:.2}x HTTP/1.1's; peak {:.0} MiB", per(&h2) / per(&open), mib(h2.peak)),
     });
     rows.push(Row {
         name: "   same with [auth] (a JWT per request): p50".into(),
@@ -685,8 +744,10 @@ struct FanOut {
 }
 
 /// One fan-out run; with `auth`, `[auth]` (HS256) is on, each subscriber sends a token that
-/// grants `subscribe` on `counter/hot*`, and the appends and scrapes an admin's.
-async fn fan_out_run(clients: usize, diffs: usize, auth: bool) -> FanOut {
+/// grants `subscribe` on `counter/hot*`, and the appends and scrapes an admin's. With `h2`,
+/// subscribers speak HTTP/2 (cleartext, prior knowledge), as many streams on a connection
+/// as the server allows (`http2_max_concurrent_streams`, 100).
+async fn fan_out_run(clients: usize, diffs: usize, auth: bool, h2: bool) -> FanOut {
     use futures_util::StreamExt;
 
     const SECRET: &str = "the fan-out benchmark's HS256 secret";
@@ -728,8 +789,17 @@ async fn fan_out_run(clients: usize, diffs: usize, auth: bool) -> FanOut {
     // `diff` event arrives until it has all of them.
     let connects = Arc::new(tokio::sync::Semaphore::new(256));
     let mut followers = Vec::with_capacity(clients);
-    for _ in 0..clients {
-        let (http, url, hash, connects) = (http.clone(), url.clone(), hash.clone(), connects.clone());
+    // HTTP/2: one client (one connection) per 100 subscribers.
+    let h2_clients: Vec<reqwest::Client> = if h2 {
+        (0..clients.div_ceil(100))
+            .map(|_| reqwest::Client::builder().http2_prior_knowledge().build().expect("an HTTP/2 client"))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for i in 0..clients {
+        let http = if h2 { h2_clients[i / 100].clone() } else { http.clone() };
+        let (url, hash, connects) = (url.clone(), hash.clone(), connects.clone());
         let reader = reader.clone();
         followers.push(tokio::spawn(async move {
             let permit = connects.acquire_owned().await.expect("open");
