@@ -381,3 +381,62 @@ impl Deployer {
         Err(DeployError::Refused { code, message })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DEPLOY_HEADER, DeployChunk};
+
+    fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+        headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    }
+
+    #[test]
+    fn a_module_larger_than_a_record_goes_in_chunks_that_join_to_it() {
+        let headers = vec![(DEPLOY_HEADER.to_owned(), b"totals".to_vec())];
+        // Within one record: the module itself.
+        let small = vec![1u8; 100];
+        let one = records(&small, &headers, 100);
+        assert_eq!(one.len(), 1);
+        assert_eq!((one[0].0, one[0].1.clone()), (&small[..], headers.clone()));
+        // One byte over, and an exact multiple: 2 and 3 chunks, then the deploy record.
+        for (len, chunks) in [(101, 2), (300, 3)] {
+            let module: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let id = ModuleHash::of(&module);
+            let written = records(&module, &headers, 100);
+            assert_eq!(written.len(), chunks + 1);
+            let mut joined = Vec::new();
+            for (index, (value, headers)) in written[..chunks].iter().enumerate() {
+                assert!(value.len() <= 100);
+                assert_eq!(header(headers, DEPLOY_HEADER), Some(&b"totals"[..]), "a chunk is a deploy record too");
+                let parsed = DeployChunk::parse_header(header(headers, DEPLOY_CHUNK_HEADER).unwrap()).unwrap();
+                assert_eq!(parsed, (id, index as u32, chunks as u32));
+                joined.extend_from_slice(value);
+            }
+            assert_eq!(joined, module);
+            let (value, last) = &written[chunks];
+            assert!(value.is_empty() && header(last, DEPLOY_CHUNK_HEADER).is_none());
+            let named = DeployChunk::parse_module_header(header(last, DEPLOY_MODULE_HEADER).unwrap()).unwrap();
+            assert_eq!(named, (id, chunks as u32));
+        }
+    }
+
+    #[test]
+    fn chunk_headers_that_do_not_parse_are_refused() {
+        let id = ModuleHash::of(b"m");
+        for bad in [
+            "".to_owned(),
+            "x 0 1".to_owned(),
+            format!("{id} 1 1"),
+            format!("{id} 0"),
+            format!("{id} 0 1 2"),
+            format!("{id} -1 2"),
+        ] {
+            assert!(DeployChunk::parse_header(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+        for bad in ["".to_owned(), format!("{id} 0"), format!("{id}"), format!("{id} 2 3")] {
+            assert!(DeployChunk::parse_module_header(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+        assert_eq!(DeployChunk::parse_header(format!("{id} 2 3").as_bytes()), Ok((id, 2, 3)));
+    }
+}
