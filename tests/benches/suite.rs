@@ -195,6 +195,15 @@ async fn fold_embedded(rows: &mut Vec<Row>) {
     let raw = raw_rocksdb(written, models);
     // One put per diff of its own size (`{"add":1}`, 9 bytes), in as many batches.
     let one_put = raw_puts(written[0], (models + diffs) as u64, 9, models);
+    // The WAL's share: what the fold's commits wrote, by RocksDB alone without its WAL.
+    let [batches, entries, bytes] = written;
+    let value = (bytes / entries.max(1)).saturating_sub(24 + 20) as usize;
+    let (mut with_wal, mut without_wal) = (Vec::new(), Vec::new());
+    for _ in 0..rounds(3) {
+        with_wal.push(raw_puts_wal(batches, entries, value, models, true));
+        without_wal.push(raw_puts_wal(batches, entries, value, models, false));
+    }
+    let (with_wal, without_wal) = (median(with_wal), median(without_wal));
     let records = (models + diffs) as f64;
     let rate = |took: Duration| records / took.as_secs_f64();
     rows.push(Row {
@@ -218,6 +227,15 @@ async fn fold_embedded(rows: &mut Vec<Row>) {
             written[2] as f64 / records,
             rate(one_put),
             one_put.as_secs_f64() / wasm.as_secs_f64(),
+        ),
+    });
+    rows.push(Row {
+        name: "   RocksDB alone writing the same, without its WAL".into(),
+        value: format!("{:.0}/s", rate(without_wal)),
+        beside: format!(
+            "with its WAL (no fsync) {:.0}/s: the WAL costs {:.0}% of a commit",
+            rate(with_wal),
+            100.0 * (1.0 - without_wal.as_secs_f64() / with_wal.as_secs_f64())
         ),
     });
 }
@@ -372,6 +390,11 @@ fn raw_rocksdb(written: [u64; 3], models: usize) -> Duration {
 /// RocksDB alone: `entries` puts of a 24-byte key and a `value_bytes` value, in `batches`
 /// WriteBatches (no WAL sync), keys spread over `models` prefixes.
 fn raw_puts(batches: u64, entries: u64, value_bytes: usize, models: usize) -> Duration {
+    raw_puts_wal(batches, entries, value_bytes, models, true)
+}
+
+/// [`raw_puts`], with or without the write-ahead log.
+fn raw_puts_wal(batches: u64, entries: u64, value_bytes: usize, models: usize, wal: bool) -> Duration {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut options = rocksdb::Options::default();
     options.create_if_missing(true);
@@ -379,6 +402,7 @@ fn raw_puts(batches: u64, entries: u64, value_bytes: usize, models: usize) -> Du
     let db = rocksdb::DB::open(&options, dir.path()).expect("rocksdb");
     let mut write = rocksdb::WriteOptions::default();
     write.set_sync(false);
+    write.disable_wal(!wal);
     let per_batch = (entries / batches.max(1)).max(1);
     let value = vec![7u8; value_bytes];
     let start = Instant::now();
