@@ -95,6 +95,9 @@ limits! {
     list_page_max: usize = 1_000;
     /// fsync RocksDB's WAL on every commit and append (survives power loss, not only a crash).
     store_fsync: bool = false;
+    /// RocksDB's memtable size per column family, in bytes: smaller makes each key a commit
+    /// inserts cheaper to place (the fold's commits), larger flushes less often.
+    store_write_buffer_bytes: usize = crate::store::StoreOptions::default().write_buffer_bytes;
     /// Linear memory cap of one reducer instance, in bytes.
     reducer_memory_bytes_max: usize = crate::reducer::ReducerLimits::default().memory_bytes_max;
     /// CPU budget of one diff, in wasmtime fuel (about one unit per wasm instruction).
@@ -204,6 +207,10 @@ impl Limits {
         }
     }
 
+    pub fn store(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions { fsync: self.store_fsync, write_buffer_bytes: self.store_write_buffer_bytes }
+    }
+
     pub fn deploy(&self) -> crate::deploy::DeployLimits {
         crate::deploy::DeployLimits {
             check_models_max: self.deploy_check_models_max,
@@ -221,6 +228,7 @@ impl Limits {
             ("reducer_refused_kept_max", self.reducer_refused_kept_max as u64),
             ("deploy_move_models_max", self.deploy_move_models_max as u64),
             ("deploy_record_bytes_max", self.deploy_record_bytes_max as u64),
+            ("store_write_buffer_bytes", self.store_write_buffer_bytes as u64),
             ("reducer_versions_resident_max", self.reducer_versions_resident_max as u64),
             ("replay_page_models", self.replay_page_models as u64),
             ("attest_interval_records", self.attest_interval_records),

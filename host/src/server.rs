@@ -127,7 +127,7 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let limits = config.limits.clone();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let store = Store::open(&config.data_dir.join("db"), &StoreOptions { fsync: limits.store_fsync })
+    let store = Store::open(&config.data_dir.join("db"), &limits.store())
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let store = Arc::new(store);
     let metrics = Arc::new(Metrics::new());
@@ -533,7 +533,7 @@ pub fn reset(config: &Config, kind: &str) -> anyhow::Result<u64> {
     })?;
     let db = config.data_dir.join("db");
     anyhow::ensure!(db.exists(), "no store in {}", config.data_dir.display());
-    let store = Store::open(&db, &StoreOptions { fsync: true })
+    let store = Store::open(&db, &StoreOptions { fsync: true, ..StoreOptions::default() })
         .with_context(|| format!("cannot open the store in {} (stop its server first)", config.data_dir.display()))?;
     let models = store.read().count(kind)?;
     store.reset_kind(kind, spec.topic())?;

@@ -89,7 +89,7 @@ pub fn verify(config: &Config, repair: bool, progress: &mut dyn FnMut(Progress))
     let db = config.data_dir.join("db");
     anyhow::ensure!(db.exists(), "no store in {}", config.data_dir.display());
     let live = Arc::new(if repair {
-        Store::open(&db, &StoreOptions { fsync: limits.store_fsync }).with_context(|| {
+        Store::open(&db, &limits.store()).with_context(|| {
             format!("cannot open {} to repair it (stop the server that uses it first)", db.display())
         })?
     } else {
@@ -97,7 +97,7 @@ pub fn verify(config: &Config, repair: bool, progress: &mut dyn FnMut(Progress))
     });
     let scratch_dir = scratch_dir(&config.data_dir);
     let _ = std::fs::remove_dir_all(&scratch_dir);
-    let scratch = Arc::new(Store::open(&scratch_dir, &StoreOptions { fsync: false })?);
+    let scratch = Arc::new(Store::open(&scratch_dir, &StoreOptions { fsync: false, ..StoreOptions::default() })?);
     let result = refold_and_compare(config, kafka, &live, &scratch, progress).and_then(|mut report| {
         if repair && !report.mismatches.is_empty() {
             let models: Vec<ModelKey> = report.mismatches.iter().map(|m| m.model.clone()).collect();

@@ -106,7 +106,7 @@ fn prefilled(topic: &str, records: impl Iterator<Item = (String, Vec<u8>, bool)>
 
 /// Appends `records` (key, value, create?) to the embedded log of data dir `dir`.
 fn append_log(dir: &std::path::Path, topic: &str, records: impl Iterator<Item = (String, Vec<u8>, bool)>) {
-    let store = Store::open(&dir.join("db"), &StoreOptions { fsync: false }).expect("store");
+    let store = Store::open(&dir.join("db"), &StoreOptions { fsync: false, ..StoreOptions::default() }).expect("store");
     for (key, value, create) in records {
         let headers = if create { vec![(CREATE_HEADER.to_owned(), Vec::new())] } else { Vec::new() };
         store.append(topic, 0, key.as_bytes(), &value, 0, &headers).expect("append");
@@ -429,7 +429,8 @@ async fn recovery(rows: &mut Vec<Row>) {
     let (mut ready, mut open) = (Vec::new(), Vec::new());
     for _ in 0..rounds(5) {
         let start = Instant::now();
-        let store = Store::open(&dir.path().join("db"), &StoreOptions { fsync: false }).expect("store");
+        let store = Store::open(&dir.path().join("db"), &StoreOptions { fsync: false, ..StoreOptions::default() })
+            .expect("store");
         open.push(start.elapsed());
         drop(store);
         let config = example_config(dir.path(), limits());
@@ -1073,7 +1074,9 @@ async fn sharded(rows: &mut Vec<Row>) {
         let held: usize = dirs
             .iter()
             .map(|d| {
-                let store = Store::open(&d.path().join("data/db"), &StoreOptions { fsync: false }).expect("store");
+                let store =
+                    Store::open(&d.path().join("data/db"), &StoreOptions { fsync: false, ..StoreOptions::default() })
+                        .expect("store");
                 store.read().count("counter").expect("a count") as usize
             })
             .sum::<usize>()

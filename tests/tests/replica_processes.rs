@@ -262,7 +262,9 @@ async fn three_replica_processes_a_deploy_a_sigkill_and_hopping_clients_agree_th
     stopped.signal("TERM");
     assert!(stopped.wait().success());
     {
-        let store = Store::open(&dirs[1].path().join("data/db"), &StoreOptions { fsync: true }).unwrap();
+        let store =
+            Store::open(&dirs[1].path().join("data/db"), &StoreOptions { fsync: true, ..StoreOptions::default() })
+                .unwrap();
         let model = ModelKey::new("counter", "m0");
         let mut head = store.read().head(&model).unwrap().unwrap();
         let offset = head.offset.unwrap();

@@ -322,7 +322,9 @@ async fn three_sharded_servers_a_sigkill_a_fourth_and_a_deploy_keep_every_client
     for (partition, on) in &holders {
         assert_eq!(on.len(), 2, "partition {partition}: an owner and one standby: {on:?}");
         for &i in on {
-            let store = Store::open(&dirs[i].path().join("data/db"), &StoreOptions { fsync: true }).unwrap();
+            let store =
+                Store::open(&dirs[i].path().join("data/db"), &StoreOptions { fsync: true, ..StoreOptions::default() })
+                    .unwrap();
             let position = store.progress("kafka", "counter", *partition).unwrap().map(|p| p.next_offset);
             assert_eq!(
                 position,
