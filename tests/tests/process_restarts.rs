@@ -152,7 +152,7 @@ async fn corruption_stops_the_process_with_a_clear_message() {
     assert!(stderr.contains("store corrupted: head at key counter\\0m"), "{stderr}");
 }
 
-/// Issue 17, item 3: the disk fills up (every file the process writes is limited to 24 MB,
+/// Issue 17, item 3: the disk fills up (every file the process writes is limited to 6 MB,
 /// so RocksDB's log file hits EFBIG, as a full disk gives ENOSPC). No failed write is
 /// acknowledged; writes answer 503 `store_unwritable`; reads go on; `/readyz` says why;
 /// after a restart with room, the model is the reference fold of what was acknowledged
@@ -162,7 +162,7 @@ async fn a_full_disk_acknowledges_nothing_it_did_not_store_and_a_restart_continu
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
     let args: Vec<String> = ["--kind", "document=document.wasm"].map(String::from).to_vec();
-    let server = Serve::spawn_with_file_limit(dir.path(), &args, 24 << 20);
+    let server = Serve::spawn_with_file_limit(dir.path(), &args, 6 << 20);
     server.wait_ready(&client).await;
     let post = |path: &str, body: String| client.post(format!("{}{path}", server.url)).body(body).send();
     let (status, _) = json_of(post("/v1/models/document", r#"{"id":"big"}"#.into()).await.unwrap()).await;
@@ -173,7 +173,7 @@ async fn a_full_disk_acknowledges_nothing_it_did_not_store_and_a_restart_continu
     let mut acknowledged = Vec::new();
     let refused = loop {
         let i = acknowledged.len();
-        assert!(i < 200, "24 MB never filled up");
+        assert!(i < 200, "6 MB never filled up");
         let response = post("/v1/models/document/big/diffs?wait=applied", diff(i)).await.unwrap();
         let (status, body) = json_of(response).await;
         match status {
