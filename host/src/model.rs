@@ -541,28 +541,34 @@ pub struct DeployChunk {
 impl DeployChunk {
     /// Parses a [`DEPLOY_CHUNK_HEADER`] (`HASH INDEX COUNT`).
     pub fn parse_header(header: &[u8]) -> Result<(ModuleHash, u32, u32), String> {
-        let text = std::str::from_utf8(header).unwrap_or("");
-        let mut words = text.split(' ');
-        let parsed = (|| {
-            let module = ModuleHash::parse(words.next()?)?;
-            let index: u32 = words.next()?.parse().ok()?;
-            let count: u32 = words.next()?.parse().ok()?;
-            (index < count && words.next().is_none()).then_some((module, index, count))
-        })();
-        parsed.ok_or_else(|| format!("{DEPLOY_CHUNK_HEADER} is {text:?}, not \"HASH INDEX COUNT\" (index below count)"))
+        match hash_and_numbers(header) {
+            Some((module, [index, count])) if index < count => Ok((module, index, count)),
+            _ => Err(format!(
+                "{DEPLOY_CHUNK_HEADER} is {:?}, not \"HASH INDEX COUNT\" (index below count)",
+                String::from_utf8_lossy(header)
+            )),
+        }
     }
 
     /// Parses a [`DEPLOY_MODULE_HEADER`] (`HASH COUNT`).
     pub fn parse_module_header(header: &[u8]) -> Result<(ModuleHash, u32), String> {
-        let text = std::str::from_utf8(header).unwrap_or("");
-        let mut words = text.split(' ');
-        let parsed = (|| {
-            let module = ModuleHash::parse(words.next()?)?;
-            let count: u32 = words.next()?.parse().ok()?;
-            (count > 0 && words.next().is_none()).then_some((module, count))
-        })();
-        parsed.ok_or_else(|| format!("{DEPLOY_MODULE_HEADER} is {text:?}, not \"HASH COUNT\""))
+        match hash_and_numbers(header) {
+            Some((module, [count])) if count > 0 => Ok((module, count)),
+            _ => Err(format!("{DEPLOY_MODULE_HEADER} is {:?}, not \"HASH COUNT\"", String::from_utf8_lossy(header))),
+        }
     }
+}
+
+/// A header of the form `HASH N1 .. Nk`: a module hash in hex and exactly `K` numbers,
+/// separated by single spaces.
+fn hash_and_numbers<const K: usize>(header: &[u8]) -> Option<(ModuleHash, [u32; K])> {
+    let mut words = std::str::from_utf8(header).ok()?.split(' ');
+    let module = ModuleHash::parse(words.next()?)?;
+    let mut numbers = [0; K];
+    for number in &mut numbers {
+        *number = words.next()?.parse().ok()?;
+    }
+    words.next().is_none().then_some((module, numbers))
 }
 
 /// What became of one record, the same on every replica that folds it the same way:

@@ -533,7 +533,7 @@ pub fn reset(config: &Config, kind: &str) -> anyhow::Result<u64> {
     })?;
     let db = config.data_dir.join("db");
     anyhow::ensure!(db.exists(), "no store in {}", config.data_dir.display());
-    let store = Store::open(&db, &StoreOptions { fsync: true, ..StoreOptions::default() })
+    let store = Store::open(&db, &StoreOptions { fsync: true, ..config.limits.store() })
         .with_context(|| format!("cannot open the store in {} (stop its server first)", config.data_dir.display()))?;
     let models = store.read().count(kind)?;
     store.reset_kind(kind, spec.topic())?;

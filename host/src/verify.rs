@@ -97,7 +97,7 @@ pub fn verify(config: &Config, repair: bool, progress: &mut dyn FnMut(Progress))
     });
     let scratch_dir = scratch_dir(&config.data_dir);
     let _ = std::fs::remove_dir_all(&scratch_dir);
-    let scratch = Arc::new(Store::open(&scratch_dir, &StoreOptions { fsync: false, ..StoreOptions::default() })?);
+    let scratch = Arc::new(Store::open(&scratch_dir, &StoreOptions::default())?);
     let result = refold_and_compare(config, kafka, &live, &scratch, progress).and_then(|mut report| {
         if repair && !report.mismatches.is_empty() {
             let models: Vec<ModelKey> = report.mismatches.iter().map(|m| m.model.clone()).collect();

@@ -50,9 +50,7 @@ fn record(offset: u64, id: usize) -> Record {
 
 fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Arc::new(
-        Store::open(&dir.path().join("db"), &StoreOptions { fsync: false, ..StoreOptions::default() }).expect("store"),
-    );
+    let store = Arc::new(Store::open(&dir.path().join("db"), &StoreOptions::default()).expect("store"));
     let limits = ReducerLimits { resident_models_max: 2 * MODELS, ..ReducerLimits::default() };
     let runtime = Arc::new(Runtime::new(limits, None).expect("runtime"));
     let registry = Arc::new(Registry { runtime: runtime.clone(), store: store.clone() });

@@ -106,7 +106,7 @@ fn prefilled(topic: &str, records: impl Iterator<Item = (String, Vec<u8>, bool)>
 
 /// Appends `records` (key, value, create?) to the embedded log of data dir `dir`.
 fn append_log(dir: &std::path::Path, topic: &str, records: impl Iterator<Item = (String, Vec<u8>, bool)>) {
-    let store = Store::open(&dir.join("db"), &StoreOptions { fsync: false, ..StoreOptions::default() }).expect("store");
+    let store = Store::open(&dir.join("db"), &StoreOptions::default()).expect("store");
     for (key, value, create) in records {
         let headers = if create { vec![(CREATE_HEADER.to_owned(), Vec::new())] } else { Vec::new() };
         store.append(topic, 0, key.as_bytes(), &value, 0, &headers).expect("append");
@@ -429,8 +429,7 @@ async fn recovery(rows: &mut Vec<Row>) {
     let (mut ready, mut open) = (Vec::new(), Vec::new());
     for _ in 0..rounds(5) {
         let start = Instant::now();
-        let store = Store::open(&dir.path().join("db"), &StoreOptions { fsync: false, ..StoreOptions::default() })
-            .expect("store");
+        let store = Store::open(&dir.path().join("db"), &StoreOptions::default()).expect("store");
         open.push(start.elapsed());
         drop(store);
         let config = example_config(dir.path(), limits());
@@ -530,6 +529,19 @@ async fn catch_up(rows: &mut Vec<Row>) {
     });
 }
 
+/// A consumer of group `group` that polls the broker every 5 ms (a fetch waits at most
+/// that long): what latency figures read the log with.
+fn prompt_consumer(broker: &statefold_tests::broker::Broker, group: &str) -> rdkafka::consumer::BaseConsumer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.queue.backoff.ms", "1")
+        .create()
+        .expect("a consumer")
+}
+
 /// Catch-up planning independent of the gap (4, second part): one `document` model of
 /// 1,000,000 diffs; a client 1,000 diffs behind and one 1,000,000 behind (at the model's
 /// genesis), alternating round by round, each timed from its request to its `patch` event.
@@ -575,7 +587,7 @@ async fn catch_up_gap(rows: &mut Vec<Row>) {
 /// SSE client, at 1,000 records/s over 10 models; beside a consume-only rdkafka reader of
 /// the same partitions in the same run (what the broker and client alone take).
 async fn latency(rows: &mut Vec<Row>) {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::Consumer;
     use rdkafka::message::Message;
     use rdkafka::producer::{BaseRecord, Producer};
     use std::sync::{Arc, Mutex};
@@ -612,14 +624,7 @@ async fn latency(rows: &mut Vec<Row>) {
             }
         }));
     }
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.brokers())
-        .set("group.id", "statefold-bench-latency")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
-        .set("fetch.queue.backoff.ms", "1")
-        .create()
-        .expect("a consumer");
+    let consumer = prompt_consumer(&broker, "statefold-bench-latency");
     let mut assignment = rdkafka::TopicPartitionList::new();
     for partition in 0..3 {
         assignment.add_partition_offset("counter", partition, rdkafka::Offset::End).expect("assign");
@@ -1074,9 +1079,7 @@ async fn sharded(rows: &mut Vec<Row>) {
         let held: usize = dirs
             .iter()
             .map(|d| {
-                let store =
-                    Store::open(&d.path().join("data/db"), &StoreOptions { fsync: false, ..StoreOptions::default() })
-                        .expect("store");
+                let store = Store::open(&d.path().join("data/db"), &StoreOptions::default()).expect("store");
                 store.read().count("counter").expect("a count") as usize
             })
             .sum::<usize>()
@@ -1225,7 +1228,7 @@ async fn reactions(rows: &mut Vec<Row>) {
 /// an HTTP append with `?wait=applied`, one at a time, alternating, on the same server and
 /// broker: p50 and p99 of each.
 async fn request_reply(rows: &mut Vec<Row>) {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::Consumer;
     use rdkafka::message::Message;
     use rdkafka::producer::BaseRecord;
 
@@ -1252,14 +1255,7 @@ async fn request_reply(rows: &mut Vec<Row>) {
             .set("linger.ms", "0")
             .create()
             .expect("a producer");
-    let replies: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.brokers())
-        .set("group.id", "statefold-bench-replies")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
-        .set("fetch.queue.backoff.ms", "1")
-        .create()
-        .expect("a consumer");
+    let replies = prompt_consumer(&broker, "statefold-bench-replies");
     let mut assignment = rdkafka::TopicPartitionList::new();
     // A new topic: from its beginning, so that no reply is missed while the start resolves.
     assignment.add_partition_offset("bench-replies", 0, rdkafka::Offset::Beginning).expect("assign");

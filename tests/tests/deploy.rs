@@ -273,7 +273,7 @@ where
 
     // The store: every sent diff applied once, each by the version active at its offset,
     // and every state equal to the reference fold of its diffs by their versions.
-    let store = Store::open(&dir.path().join("db"), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+    let store = Store::open(&dir.path().join("db"), &StoreOptions::default()).unwrap();
     let reader = store.read();
     let mut by_offset: BTreeMap<u32, Vec<(u64, ModuleHash)>> = BTreeMap::new();
     for (id, diffs) in &sent {

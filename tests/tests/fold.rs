@@ -33,7 +33,7 @@ fn random_batches_restarts_and_faults_fold_to_the_reference() {
     // The faulty `trap` reducer: "inc" adds one, "trap" panics, anything else is refused.
     let reducer = common::load(&runtime, "trap");
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
     let limits = FoldLimits {
         checkpoint_interval_diffs: 5,
         retain_checkpoints: 2,
@@ -135,7 +135,7 @@ fn a_large_state_is_checkpointed_once_its_diffs_add_up_to_a_share_of_it() {
     let runtime = common::runtime(ReducerLimits::default());
     let reducer = common::load(&runtime, "document");
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
     let limits = FoldLimits { checkpoint_interval_diffs: 5, checkpoint_tail_percent: 10, ..FoldLimits::default() };
     let spec = KindSpec::new("document", "document", &reducer);
     let versions = Versions::new(std::sync::Arc::new(Known(vec![reducer.clone()])), 2);

@@ -151,8 +151,7 @@ async fn a_million_models_are_listed_page_by_page() {
     {
         let runtime = common::runtime(statefold::reducer::ReducerLimits::default());
         let reducer = common::load(&runtime, "counter");
-        let store =
-            Store::open(&dir.path().join("db"), &StoreOptions { fsync: false, ..StoreOptions::default() }).unwrap();
+        let store = Store::open(&dir.path().join("db"), &StoreOptions::default()).unwrap();
         let versions = Versions::new(std::sync::Arc::new(Known(vec![reducer.clone()])), 2);
         let mut engine =
             Engine::new(vec![KindSpec::new("counter", "counter", &reducer)], FoldLimits::default(), versions);

@@ -576,14 +576,13 @@ impl Engine {
             None => Ok(record.value.clone()),
             Some(header) => assemble(header, view, folded)?,
         };
-        let reducer = match module.as_ref().map_err(String::clone).and_then(|m| self.versions.load(m)) {
-            Ok(reducer) => reducer,
+        let (reducer, module) = match module.and_then(|m| Ok((self.versions.load(&m)?, m))) {
+            Ok(loaded) => loaded,
             Err(reason) => {
                 refused(folded, reason);
                 return Ok(());
             }
         };
-        let module = module.expect("loaded");
         let state = &mut self.kinds[kind];
         let text = |header| record.header(header).map(|v| String::from_utf8_lossy(v).into_owned());
         let count = text(DEPLOY_PARTITIONS_HEADER).and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
