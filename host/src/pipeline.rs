@@ -256,8 +256,9 @@ fn commit_loop(
     attestor: Option<&Attestor>,
     flight: &InFlight,
 ) {
-    // A panic here must not leave the fold thread waiting.
-    let _failed_unless_done = FailOnUnwind(flight);
+    // A panic here must not leave the fold thread waiting, nor the process serving as if
+    // it folded.
+    let _failed_unless_done = FailOnUnwind(flight, app);
     let metrics = &app.metrics;
     for mut batch in batches {
         let folded = &batch.folded;
@@ -337,12 +338,13 @@ impl InFlight {
     }
 }
 
-/// Marks the flight failed if the commit thread unwinds.
-struct FailOnUnwind<'a>(&'a InFlight);
+/// Marks the flight failed, and the process fatally stopped, if the commit thread unwinds.
+struct FailOnUnwind<'a>(&'a InFlight, &'a App);
 
 impl Drop for FailOnUnwind<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            self.1.status.fatal("the commit thread panicked".to_owned());
             self.0.finished(false);
         }
     }
