@@ -241,7 +241,7 @@ struct Batch {
     positions: Vec<(String, Position)>,
     versions: Vec<VersionRecord>,
     points: Vec<Point>,
-    /// When its poll returned.
+    /// When its fold began (just after its poll).
     started: Instant,
     /// Records, and the oldest and newest record's age when folded (ms), if logged.
     ages: Option<(usize, Option<i64>, Option<i64>)>,
