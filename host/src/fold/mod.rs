@@ -407,11 +407,9 @@ impl Engine {
                 hash,
                 reducer,
                 timestamp_ms: diff.timestamp_ms,
-                tail_bytes: new_head.tail_bytes + diff.payload.len() as u64,
                 headers: diff.headers,
                 payload: Bytes::from(diff.payload),
             });
-            new_head.tail_bytes = applied.last().map_or(0, |a| a.tail_bytes);
             new_head.seq += 1;
             new_head.offset = Some(diff.offset);
             new_head.hash = hash;
@@ -628,8 +626,6 @@ impl Engine {
             Some(head) => Some(head.clone()),
             None => view.head(&model).map_err(FoldError::View)?,
         };
-        // The head as the store gives it now (a rebuilt one: as this batch leaves it).
-        let stored = head.clone();
         let partition = records[0].0.partition;
         let generation = state.versions.replayed(partition);
         if let Some(head) = &mut head {
@@ -724,12 +720,7 @@ impl Engine {
         }
         if let Some(head) = head {
             state.heads.put(id, head.clone());
-            match &stored {
-                // Unchanged (every record rejected): nothing to write.
-                Some(before) if !rebuilt && *before == head => {}
-                Some(before) if !rebuilt && head.advanced_from(before) => folded.advanced.push((model, head)),
-                _ => folded.heads.push((model, head)),
-            }
+            folded.heads.push((model, head));
         }
         Ok(())
     }
@@ -878,12 +869,11 @@ impl Overlay<'_> {
             timestamp_ms: record.timestamp_ms,
             headers: record.headers.clone(),
             payload: record.value.clone(),
-            tail_bytes: self.head.tail_bytes + record.value.len() as u64,
         };
         self.pending.tail.push((self.head.hash, diff));
         self.pending.tail_by.push(reducer);
         self.head.seq = applied.seq;
-        self.head.tail_bytes = applied.tail_bytes;
+        self.head.tail_bytes += record.value.len() as u64;
         self.head.offset = Some(applied.offset);
         self.head.hash = hash;
         if reducer != self.head.reducer {

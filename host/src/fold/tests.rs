@@ -110,8 +110,7 @@ impl FakeView {
                 checkpoints.retain(|(offset, ..)| *offset >= prune.checkpoints_before);
             }
         }
-        // (The store reads an advanced head back from its stored head and last diff.)
-        for (model, head) in folded.heads.iter().chain(&folded.advanced) {
+        for (model, head) in &folded.heads {
             self.heads.insert(model.clone(), head.clone());
         }
         self.keyed.extend(folded.keyed.iter().cloned());
