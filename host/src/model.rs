@@ -204,6 +204,20 @@ impl Head {
     pub fn checkpoint(&self) -> Option<(u64, u64)> {
         self.checkpoints.last().copied()
     }
+
+    /// Whether this head is `before` with diffs applied and nothing else changed: only its
+    /// seq, offset, hash and tail bytes differ, which its last diff records.
+    pub fn advanced_from(&self, before: &Head) -> bool {
+        self.seq > before.seq
+            && *before
+                == Head {
+                    seq: before.seq,
+                    offset: before.offset,
+                    hash: before.hash,
+                    tail_bytes: before.tail_bytes,
+                    ..self.clone()
+                }
+    }
 }
 
 /// A diff that was applied.
@@ -218,6 +232,9 @@ pub struct Applied {
     pub timestamp_ms: Option<i64>,
     pub headers: Vec<(String, Vec<u8>)>,
     pub payload: Bytes,
+    /// Bytes of the model's diffs since its latest checkpoint before this diff, this one's
+    /// included: its head's `tail_bytes` after it (0 where not recorded).
+    pub tail_bytes: u64,
 }
 
 /// A record a reducer emitted while applying a diff (WIT `reactions.emit`), for another
@@ -499,8 +516,14 @@ pub struct Folded {
     pub rejected: Vec<Rejected>,
     pub checkpoints: Vec<CheckpointWrite>,
     pub prunes: Vec<Prune>,
-    /// The final head of every model the batch touched.
+    /// The final head of every model the batch touched whose stored head it changes beyond
+    /// what its diffs say: created, checkpointed, pruned, switched versions, rebuilt.
     pub heads: Vec<(ModelKey, Head)>,
+    /// The final head of every other model the batch applied diffs to: it differs from the
+    /// stored head only in seq, offset, hash and tail bytes, which its last diff (in this
+    /// batch) records. The store does not write it; a read advances the stored head by the
+    /// model's last diff (`Reader::head`). One put per diff fewer.
+    pub advanced: Vec<(ModelKey, Head)>,
     /// Models whose stored history a replay rewrote: their old diffs, checkpoints and
     /// hashes go before this batch's writes for them.
     pub replaced: Vec<ModelKey>,

@@ -179,6 +179,8 @@ fn a_large_state_is_checkpointed_once_its_diffs_add_up_to_a_share_of_it() {
                 *checkpoints.get_mut(id).unwrap() += 1;
             } else {
                 assert_eq!(head.seq - head.checkpoint().map_or(0, |(seq, _)| seq), *since, "{id} at seq {seq}");
+                // Read back from the last diff where the batch left the stored head as it was.
+                assert_eq!(head.tail_bytes, *tail, "{id} at seq {seq}");
             }
         }
     }

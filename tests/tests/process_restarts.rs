@@ -5,8 +5,11 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
+use rand::prelude::*;
 use serde_json::json;
 use statefold::chain::Hash;
+use statefold::model::CREATE_HEADER;
+use statefold::store::{Store, StoreOptions};
 use statefold_tests::http::{SseStream, json_of};
 
 use statefold_tests::process::Serve;
@@ -219,6 +222,66 @@ async fn a_full_disk_acknowledges_nothing_it_did_not_store_and_a_restart_continu
         .await
         .unwrap();
     assert_eq!(response.status(), 200, "folding goes on");
+}
+
+/// A backlog folded with the WAL on, batch N+1 folded while batch N commits, and heads
+/// written only when more than their diffs change: SIGKILLed at random moments while it
+/// folds, each restart goes on from the last commit. At the end every model is the
+/// reference fold, and any of its hashes still resolves (`?at=`, through the hash index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkills_while_a_backlog_folds_lose_and_repeat_nothing() {
+    const MODELS: usize = 200;
+    const DIFFS: usize = 100_000;
+    const KILLS: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(23);
+    let mut sent: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    {
+        let store = Store::open(&dir.path().join("data").join("db"), &StoreOptions::default()).unwrap();
+        let create = vec![(CREATE_HEADER.to_owned(), Vec::new())];
+        for m in 0..MODELS {
+            store.append("counter", 0, format!("m{m}").as_bytes(), b"", 0, &create).unwrap();
+            sent.insert(format!("m{m}"), Vec::new());
+        }
+        for i in 0..DIFFS {
+            let id = format!("m{}", rng.random_range(0..MODELS));
+            let diff = format!(r#"{{"add":{}}}"#, i % 13);
+            store.append("counter", 0, id.as_bytes(), diff.as_bytes(), 0, &[]).unwrap();
+            sent.get_mut(&id).unwrap().push(diff);
+        }
+    }
+    let client = reqwest::Client::new();
+    let args = ["--batch-records-max", "250"].map(String::from);
+    let mut mid_fold = 0;
+    for _ in 0..KILLS {
+        let mut server = Serve::start_with(dir.path(), &args);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+        let ready = client.get(format!("{}/readyz", server.url)).send().await.is_ok_and(|r| r.status() == 200);
+        mid_fold += usize::from(!ready);
+        server.signal("KILL");
+        server.wait();
+    }
+    assert!(mid_fold >= 2, "only {mid_fold} of the {KILLS} kills came before the backlog was folded");
+    let server = Serve::start_with(dir.path(), &args);
+    server.wait_ready_within(&client, Duration::from_secs(120)).await;
+    let get = |path: String| {
+        let request = client.get(format!("{}{path}", server.url)).send();
+        async move { json_of(request.await.unwrap()).await }
+    };
+    for (id, diffs) in &sent {
+        let (sum, hash) = reference(id, diffs);
+        let (status, body) = get(format!("/v1/models/counter/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            (&body["state"], &body["seq"], body["hash"].as_str().unwrap()),
+            (&json!(sum), &json!(diffs.len()), hash.to_string().as_str()),
+            "{id}: every record folded exactly once"
+        );
+        let k = rng.random_range(1..=diffs.len());
+        let (sum, hash) = reference(id, &diffs[..k]);
+        let (status, body) = get(format!("/v1/models/counter/{id}?at={hash}")).await;
+        assert_eq!((status, &body["state"], &body["seq"]), (200, &json!(sum), &json!(k)), "{id} at seq {k}: {body}");
+    }
 }
 
 /// A bad configuration is refused at start, with a message naming what is wrong.

@@ -407,9 +407,11 @@ impl Engine {
                 hash,
                 reducer,
                 timestamp_ms: diff.timestamp_ms,
+                tail_bytes: new_head.tail_bytes + diff.payload.len() as u64,
                 headers: diff.headers,
                 payload: Bytes::from(diff.payload),
             });
+            new_head.tail_bytes = applied.last().map_or(0, |a| a.tail_bytes);
             new_head.seq += 1;
             new_head.offset = Some(diff.offset);
             new_head.hash = hash;
@@ -626,6 +628,8 @@ impl Engine {
             Some(head) => Some(head.clone()),
             None => view.head(&model).map_err(FoldError::View)?,
         };
+        // The head as the store gives it now (a rebuilt one: as this batch leaves it).
+        let stored = head.clone();
         let partition = records[0].0.partition;
         let generation = state.versions.replayed(partition);
         if let Some(head) = &mut head {
@@ -720,7 +724,12 @@ impl Engine {
         }
         if let Some(head) = head {
             state.heads.put(id, head.clone());
-            folded.heads.push((model, head));
+            match &stored {
+                // Unchanged (every record rejected): nothing to write.
+                Some(before) if !rebuilt && *before == head => {}
+                Some(before) if !rebuilt && head.advanced_from(before) => folded.advanced.push((model, head)),
+                _ => folded.heads.push((model, head)),
+            }
         }
         Ok(())
     }
@@ -869,11 +878,12 @@ impl Overlay<'_> {
             timestamp_ms: record.timestamp_ms,
             headers: record.headers.clone(),
             payload: record.value.clone(),
+            tail_bytes: self.head.tail_bytes + record.value.len() as u64,
         };
         self.pending.tail.push((self.head.hash, diff));
         self.pending.tail_by.push(reducer);
         self.head.seq = applied.seq;
-        self.head.tail_bytes += record.value.len() as u64;
+        self.head.tail_bytes = applied.tail_bytes;
         self.head.offset = Some(applied.offset);
         self.head.hash = hash;
         if reducer != self.head.reducer {

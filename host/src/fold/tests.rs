@@ -110,7 +110,8 @@ impl FakeView {
                 checkpoints.retain(|(offset, ..)| *offset >= prune.checkpoints_before);
             }
         }
-        for (model, head) in &folded.heads {
+        // (The store reads an advanced head back from its stored head and last diff.)
+        for (model, head) in folded.heads.iter().chain(&folded.advanced) {
             self.heads.insert(model.clone(), head.clone());
         }
         self.keyed.extend(folded.keyed.iter().cloned());

@@ -6,6 +6,11 @@ use crate::model::ModuleHash;
 
 pub(super) const FORMAT: u8 = 1;
 
+/// The format byte of a head stored as a base: its seq, offset, hash and tail bytes may be
+/// behind, and are then those of the model's last stored diff (see `Reader::head`). A server
+/// from before it stops on such a head (an unknown format) rather than read it as current.
+pub(super) const HEAD_BASE: u8 = 2;
+
 /// A value or key that does not decode.
 #[derive(Debug)]
 pub(super) struct Malformed(pub String);
@@ -15,6 +20,10 @@ pub(super) struct Enc(pub Vec<u8>);
 impl Enc {
     pub fn value() -> Enc {
         Enc(vec![FORMAT])
+    }
+    /// A value whose format byte is `format`.
+    pub fn value_in(format: u8) -> Enc {
+        Enc(vec![format])
     }
     pub fn u32(&mut self, v: u32) -> &mut Self {
         self.0.extend_from_slice(&v.to_be_bytes());
@@ -78,8 +87,12 @@ pub(super) struct Dec<'a> {
 
 impl<'a> Dec<'a> {
     pub fn value(buf: &'a [u8]) -> Result<Dec<'a>, Malformed> {
+        Dec::value_in(buf, &[FORMAT]).map(|(dec, _)| dec)
+    }
+    /// A value in one of `formats`, and which.
+    pub fn value_in(buf: &'a [u8], formats: &[u8]) -> Result<(Dec<'a>, u8), Malformed> {
         match buf.split_first() {
-            Some((&FORMAT, rest)) => Ok(Dec { buf: rest }),
+            Some((format, rest)) if formats.contains(format) => Ok((Dec { buf: rest }, *format)),
             Some((other, _)) => Err(Malformed(format!("unknown value format {other}"))),
             None => Err(Malformed("empty value".into())),
         }

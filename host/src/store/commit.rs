@@ -130,5 +130,18 @@ pub(super) fn check_folded(folded: &Folded) -> Result<(), StoreError> {
             return Err(invalid(format!("head of {model:?} does not match its last diff")));
         }
     }
+    // A head left unwritten is read back from its last diff: it must be this batch's.
+    for (model, head) in &folded.advanced {
+        check_head(head).map_err(|detail| invalid(format!("head of {model:?}: {detail}")))?;
+        let matches = last.get(model).is_some_and(|applied| {
+            (applied.hash, applied.seq, Some(applied.offset), applied.reducer, applied.tail_bytes)
+                == (head.hash, head.seq, head.offset, head.reducer, head.tail_bytes)
+        });
+        if !matches {
+            return Err(invalid(format!(
+                "unwritten head of {model:?} is not where its last diff in the batch leaves it"
+            )));
+        }
+    }
     Ok(())
 }

@@ -34,8 +34,8 @@ use crate::model::{
 };
 use crate::model::{Checkpoint, DiffRecord};
 use codec::{
-    Dec, Enc, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix, progress_key,
-    progress_prefix,
+    Dec, Enc, FORMAT, HEAD_BASE, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix,
+    progress_key, progress_prefix,
 };
 pub use outbox::LogAppend;
 pub use reader::Reader;
@@ -382,6 +382,75 @@ mod tests {
         assert!(matches!(decode(PROGRESS, b"k", truncated, decode_progress), Err(StoreError::Corrupt { .. })));
     }
 
+    /// A batch that only applies diffs leaves the stored head; a read brings it to the last
+    /// diff, checked.
+    #[test]
+    fn a_head_left_unwritten_reads_back_from_its_last_diff() {
+        let dir = std::env::temp_dir().join(format!("statefold-advanced-{}", std::process::id()));
+        let store = Store::open(&dir, &StoreOptions::default()).unwrap();
+        let model = ModelKey::new("counter", "m1");
+        let reducer = ModuleHash([7; 32]);
+        let mut head = Head::new(&model, reducer, 0, 0);
+        let diffs = |head: &mut Head, offsets: std::ops::Range<u64>| {
+            let mut applied = Vec::new();
+            for offset in offsets {
+                let payload = Bytes::from(format!("{{\"add\":{offset}}}"));
+                let tail_bytes = head.tail_bytes + payload.len() as u64;
+                let hash = head.hash.next(&payload);
+                applied.push(Applied {
+                    model: model.clone(),
+                    offset,
+                    seq: head.seq + 1,
+                    prev: head.hash,
+                    hash,
+                    reducer,
+                    timestamp_ms: None,
+                    headers: Vec::new(),
+                    payload,
+                    tail_bytes,
+                });
+                (head.seq, head.offset, head.hash, head.tail_bytes) = (head.seq + 1, Some(offset), hash, tail_bytes);
+            }
+            applied
+        };
+        let first =
+            Folded { applied: diffs(&mut head, 0..2), heads: vec![(model.clone(), head.clone())], ..Folded::default() };
+        store.commit(&first, &[]).unwrap();
+        let written = head.clone();
+        let second = Folded {
+            applied: diffs(&mut head, 2..5),
+            advanced: vec![(model.clone(), head.clone())],
+            ..Folded::default()
+        };
+        store.commit(&second, &[]).unwrap();
+        let raw = store.db.get_cf(store.cf(HEADS), head_key("counter", "m1")).unwrap().unwrap();
+        assert_eq!(decode_head(b"k", &raw).unwrap(), written, "the stored head is the first batch's");
+        assert_eq!(store.read().head(&model).unwrap(), Some(head.clone()));
+        assert_eq!(store.read().list("counter", None, 10).unwrap(), [("m1".to_owned(), head.clone())]);
+        // An unwritten head must be where the batch's last diff leaves it.
+        let mut wrong = head.clone();
+        let mut bad = Folded {
+            applied: diffs(&mut wrong, 5..6),
+            advanced: vec![(model.clone(), head.clone())],
+            ..Folded::default()
+        };
+        assert!(matches!(store.commit(&bad, &[]), Err(StoreError::Invalid { .. })));
+        bad.advanced[0].1 = Head { tail_bytes: 0, ..wrong.clone() };
+        assert!(matches!(store.commit(&bad, &[]), Err(StoreError::Invalid { .. })));
+        // A diff after the stored head without tail bytes (as stored before they were), or
+        // not advancing it: corruption, never a guess.
+        let prefix = model_prefix("counter", "m1");
+        let mut old = encode_diff(&bad.applied[0]);
+        old.truncate(old.len() - 8);
+        store.db.put_cf(store.cf(DIFFS), offset_key(&prefix, 5), &old).unwrap();
+        assert!(matches!(store.read().head(&model), Err(StoreError::Corrupt { .. })));
+        let behind = Applied { seq: 1, ..bad.applied[0].clone() };
+        store.db.put_cf(store.cf(DIFFS), offset_key(&prefix, 5), encode_diff(&behind)).unwrap();
+        assert!(matches!(store.read().head(&model), Err(StoreError::Corrupt { .. })));
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn head_round_trips_and_checks() {
         let model = ModelKey::new("counter", "m1");
@@ -400,6 +469,11 @@ mod tests {
         };
         let bytes = encode_head(&head);
         assert_eq!(decode_head(b"k", &bytes).unwrap(), head);
+        // Stored as a base, which a server from before bases refuses (an unknown format) ...
+        assert!(Dec::value(&bytes).is_err());
+        // ... and a whole head such a server stored still reads.
+        let whole = [&[FORMAT][..], &bytes[1..]].concat();
+        assert_eq!(decode_head(b"k", &whole).unwrap(), head);
         // A head stored before runs were recorded: not known.
         let old = decode_head(b"k", &bytes[..bytes.len() - 9]).unwrap();
         assert_eq!(old, Head { run_since: None, ..head.clone() });

@@ -41,7 +41,47 @@ impl Reader<'_> {
     pub fn head(&self, model: &ModelKey) -> Result<Option<Head>, StoreError> {
         let key = head_key(&model.kind, &model.id);
         let Some(value) = self.snapshot.get_cf(self.store.cf(HEADS), &key)? else { return Ok(None) };
-        decode_head(&key, &value).map(Some)
+        self.advanced(model, decode_head(&key, &value)?).map(Some)
+    }
+
+    /// A stored head brought to the model's last diff: batches that only applied diffs
+    /// leave the stored head as it was (see [`Folded::advanced`]), and the last diff says
+    /// where the model stands. Checked: the diff is later than the stored head, was
+    /// applied by the stored head's version, and records its tail bytes.
+    fn advanced(&self, model: &ModelKey, mut head: Head) -> Result<Head, StoreError> {
+        let prefix = model_prefix(&model.kind, &model.id);
+        let mut options = self.options();
+        options.set_iterate_lower_bound(offset_key(&prefix, head.offset.map_or(0, |o| o + 1)));
+        options.set_iterate_upper_bound(prefix_end(&prefix));
+        let mut iter = self.store.db.raw_iterator_cf_opt(self.store.cf(DIFFS), options);
+        iter.seek_to_last();
+        let Some((key, value)) = iter.item() else {
+            iter.status()?;
+            return Ok(head);
+        };
+        if key.len() != prefix.len() + 8 {
+            return Err(StoreError::corrupt("diff key", key, "not the model's prefix and an offset"));
+        }
+        let offset = key_offset(key).map_err(|m| StoreError::corrupt("diff key", key, m.0))?;
+        let diff = decode(DIFFS, key, value, read_diff)?;
+        let Some(tail_bytes) = diff.tail_bytes else {
+            return Err(StoreError::corrupt("diff", key, "after its model's stored head, but without tail bytes"));
+        };
+        if diff.seq <= head.seq || diff.reducer != head.reducer {
+            return Err(StoreError::corrupt(
+                "diff",
+                key,
+                format!(
+                    "seq {} by {} does not advance the stored head (seq {} by {})",
+                    diff.seq, diff.reducer, head.seq, head.reducer
+                ),
+            ));
+        }
+        head.seq = diff.seq;
+        head.offset = Some(offset);
+        head.hash = diff.hash;
+        head.tail_bytes = tail_bytes;
+        Ok(head)
     }
 
     /// The diff applied to `model` under idempotency key `key`, if one was.
@@ -63,7 +103,8 @@ impl Reader<'_> {
             if after == Some(id.as_str()) {
                 return Ok(None);
             }
-            Ok(Some((id, decode_head(key, value)?)))
+            let head = self.advanced(&ModelKey::new(kind, &id), decode_head(key, value)?)?;
+            Ok(Some((id, head)))
         })
     }
 

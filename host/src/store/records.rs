@@ -176,8 +176,9 @@ pub(super) fn decode_version(name: &str, key: &[u8], value: &[u8]) -> Result<Ver
     })
 }
 
+/// A head as stored: a base (see [`HEAD_BASE`]).
 pub(super) fn encode_head(head: &Head) -> Vec<u8> {
-    let mut enc = Enc::value();
+    let mut enc = Enc::value_in(HEAD_BASE);
     enc.u64(head.seq).opt_u64(head.offset).hash(&head.hash).module(&head.reducer);
     enc.u32(head.checkpoints.len() as u32);
     for (seq, offset) in &head.checkpoints {
@@ -187,8 +188,10 @@ pub(super) fn encode_head(head: &Head) -> Vec<u8> {
     enc.u64(head.checkpoint_bytes).u64(head.tail_bytes).opt_u64(head.run_since).done()
 }
 
+/// A stored head (a base, or a whole head stored before bases: either way what
+/// `Reader::head` advances by the model's last diff).
 pub(super) fn decode_head(key: &[u8], value: &[u8]) -> Result<Head, StoreError> {
-    let mut dec = Dec::value(value).map_err(|m| StoreError::corrupt("head", key, m.0))?;
+    let (mut dec, _) = Dec::value_in(value, &[FORMAT, HEAD_BASE]).map_err(|m| StoreError::corrupt("head", key, m.0))?;
     let head = read_head(&mut dec).map_err(|m| StoreError::corrupt("head", key, m.0))?;
     dec.finish().map_err(|m| StoreError::corrupt("head", key, m.0))?;
     check_head(&head).map_err(|detail| StoreError::corrupt("head", key, detail))?;
@@ -264,6 +267,7 @@ pub(super) fn encode_diff(applied: &Applied) -> Vec<u8> {
         .opt_i64(applied.timestamp_ms)
         .headers(&applied.headers)
         .bytes(&applied.payload)
+        .u64(applied.tail_bytes)
         .done()
 }
 
@@ -275,6 +279,8 @@ pub(super) struct DiffValue<'a> {
     pub(super) timestamp_ms: Option<i64>,
     pub(super) headers: Vec<(String, Vec<u8>)>,
     pub(super) payload: &'a [u8],
+    /// The model's tail bytes after it (`None`: a diff stored before they were recorded).
+    pub(super) tail_bytes: Option<u64>,
 }
 
 pub(super) fn read_diff<'a>(d: &mut Dec<'a>) -> Result<DiffValue<'a>, Malformed> {
@@ -285,6 +291,7 @@ pub(super) fn read_diff<'a>(d: &mut Dec<'a>) -> Result<DiffValue<'a>, Malformed>
         timestamp_ms: d.opt_i64()?,
         headers: d.headers()?,
         payload: d.bytes()?,
+        tail_bytes: if d.is_empty() { None } else { Some(d.u64()?) },
     })
 }
 
@@ -309,6 +316,7 @@ pub(super) fn checked_diff(
         timestamp_ms: v.timestamp_ms,
         headers: v.headers,
         payload: Bytes::copy_from_slice(v.payload),
+        tail_bytes: v.tail_bytes.unwrap_or(0),
     })
 }
 
