@@ -122,8 +122,7 @@ async fn twenty_sigkills_during_ingestion_relay_every_reaction_once_in_order() {
     assert_eq!(reference.values().map(Vec::len).sum::<usize>(), DIFFS);
 
     // Read uncommitted: without transactions (above) every record is committed, so it is the
-    // same set; Tansu 0.6's read_committed path served this backlog at about 50 records/s
-    // in one CI run (the whole read took over 2 minutes).
+    // same set.
     let relayed = broker.read_records("echoes", PARTITIONS);
     let mut first: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     let mut ids = HashSet::new();
