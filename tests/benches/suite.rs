@@ -274,14 +274,10 @@ async fn fold_kafka(rows: &mut Vec<Row>) {
     let (mut folded, mut consumed) = (Vec::new(), Vec::new());
     for round in 0..rounds(2) {
         // Consume-only: the server's fetch settings, every record read and its key looked at.
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", broker.brokers())
-            .set("group.id", format!("statefold-bench-reader-{round}"))
-            .set("enable.auto.commit", "false")
+        let consumer: BaseConsumer = broker
+            .consumer_config(&format!("statefold-bench-reader-{round}"), limits.kafka_fetch_wait_ms)
             .set("isolation.level", "read_committed")
             .set("check.crcs", "true")
-            .set("fetch.wait.max.ms", limits.kafka_fetch_wait_ms.to_string())
-            .set("fetch.queue.backoff.ms", "1")
             .create()
             .expect("a consumer");
         let mut assignment = rdkafka::TopicPartitionList::new();
@@ -532,14 +528,7 @@ async fn catch_up(rows: &mut Vec<Row>) {
 /// A consumer of group `group` that polls the broker every 5 ms (a fetch waits at most
 /// that long): what latency figures read the log with.
 fn prompt_consumer(broker: &statefold_tests::broker::Broker, group: &str) -> rdkafka::consumer::BaseConsumer {
-    rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.brokers())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
-        .set("fetch.queue.backoff.ms", "1")
-        .create()
-        .expect("a consumer")
+    broker.consumer_config(group, 5).create().expect("a consumer")
 }
 
 /// Catch-up planning independent of the gap (4, second part): one `document` model of

@@ -185,6 +185,20 @@ impl Broker {
             .expect("a producer")
     }
 
+    /// A consumer's settings: group `group` (assigned partitions, no offsets committed),
+    /// a fetch waiting at most `fetch_wait_ms` at the broker, and no backoff between
+    /// fetches. Callers add what differs (isolation, CRC checks) before `create`.
+    pub fn consumer_config(&self, group: &str, fetch_wait_ms: u64) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", self.brokers())
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
+            .set("fetch.queue.backoff.ms", "1");
+        config
+    }
+
     /// Every record of a topic as (partition, offset, key, value), read back from the
     /// broker (what a reference fold is computed from).
     pub fn read_all(&self, topic: &str, partitions: u32) -> Vec<ReadRecord> {
@@ -198,12 +212,8 @@ impl Broker {
     /// order.
     pub fn read_records(&self, topic: &str, partitions: u32) -> Vec<statefold::model::Record> {
         use rdkafka::message::Headers;
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
-            .set("group.id", "statefold-tests-reader")
-            .set("enable.auto.commit", "false")
-            .set("fetch.queue.backoff.ms", "1")
-            .set("fetch.wait.max.ms", "10")
+        let consumer: BaseConsumer = self
+            .consumer_config("statefold-tests-reader", 10)
             // Every record, as the broker holds it (Tansu 0.6's read_committed does not filter
             // aborted records anyway).
             .set("isolation.level", "read_uncommitted")
