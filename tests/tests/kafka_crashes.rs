@@ -61,6 +61,10 @@ async fn sigkills_and_a_broker_restart_during_ingestion_lose_and_repeat_nothing(
     .map(String::from)
     .to_vec();
     let client = reqwest::Client::new();
+    // Built before the producer starts: the kills must fall during ingestion (a build here
+    // once took longer than the whole production).
+    statefold_tests::statefold_binary();
+    statefold_tests::wasm("counter");
 
     // Another service produces 50,000 diffs over 200 models, over about 15 s.
     let producer = broker.producer();
