@@ -1,7 +1,7 @@
 //! The host's module graph, read from its source: which top-level module names which
 //! (`crate::MODULE` paths), and which outside crates the core names. Fails when a layer
 //! reaches where ARCHITECTURE.md says it must not; prints the picture ARCHITECTURE.md
-//! shows (`cargo test --release -p statefold-tests --test architecture -- --nocapture`).
+//! shows (`cargo test --release --workspace --test architecture -- --nocapture`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
