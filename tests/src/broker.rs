@@ -231,12 +231,17 @@ impl Broker {
         let total: u64 = ends.iter().sum();
         let mut out = Vec::with_capacity(total as usize);
         // What fails is no record for a minute, not a slow read.
-        let mut deadline = Instant::now() + Duration::from_secs(60);
+        let stalled_after = Duration::from_secs(60);
+        let mut deadline = Instant::now() + stalled_after;
         while (out.len() as u64) < total {
-            assert!(Instant::now() < deadline, "read {} of {total} records of {topic}; none for 60 s", out.len());
+            assert!(
+                Instant::now() < deadline,
+                "read {} of {total} records of {topic}; none for {stalled_after:?}",
+                out.len()
+            );
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
-                    deadline = Instant::now() + Duration::from_secs(60);
+                    deadline = Instant::now() + stalled_after;
                     out.push(statefold::model::Record {
                         topic: topic.into(),
                         partition: m.partition() as u32,
