@@ -33,6 +33,9 @@ use crate::source::relay::Relay;
 use crate::source::{PartitionStatus, SourceStatus, WriteError, Writer};
 use crate::store::{HashAt, Reader, Store, StoreError, StoredRejection};
 
+/// Sharded listing: the partitions each server lists (`None`: this one, else its URL).
+pub type ListSources = BTreeMap<Option<String>, Vec<u32>>;
+
 /// Why a request failed, in domain terms (the API maps each to a status and code).
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -81,6 +84,9 @@ pub enum AppError {
     /// The kind's topic is not the log this store folded (see `SourceStatus::stop_topic`).
     #[error("folding kind {kind} is stopped: {reason}; nothing was written (`statefold reset {kind}` refolds it)")]
     KindStopped { kind: String, reason: String },
+    /// Sharded mode: no server can answer for a partition now (a rebalance under way).
+    #[error("{0}")]
+    PartitionUnavailable(String),
 }
 
 impl AppError {
@@ -128,6 +134,7 @@ impl AppError {
             AppError::KindStopped { .. } => (503, "kind_stopped"),
             AppError::Forbidden(_) => (403, "forbidden"),
             AppError::StoreUnwritable(_) => (503, "store_unwritable"),
+            AppError::PartitionUnavailable(_) => (503, "partition_unavailable"),
             AppError::Deploy(_) => (500, "deploy"),
         }
     }
@@ -364,10 +371,11 @@ impl App {
     }
 
     /// Where a request for `model` goes: here, unless sharded mode says another server
-    /// serves its partition (or none can yet).
-    pub fn route(&self, model: &ModelKey) -> Result<Route, AppError> {
+    /// serves its partition (or none can yet). A request another server sent here
+    /// (`hopped`) is served here or not at all (see [`Cluster::route_of`]).
+    pub fn route(&self, model: &ModelKey, hopped: bool) -> Result<Route, AppError> {
         let Some(cluster) = &self.cluster else { return Ok(Route::Local) };
-        Ok(cluster.route_of(&self.kind(&model.kind)?.topic, model.id.as_bytes()))
+        Ok(cluster.route_of(&self.kind(&model.kind)?.topic, model.id.as_bytes(), hopped))
     }
 
     /// Sharded mode: whether a request for a model served elsewhere is redirected or
@@ -484,6 +492,17 @@ impl App {
             None => Ok(crate::auth::Caller::Anyone),
             Some(auth) => auth.caller(authorization, cookies),
         }
+    }
+
+    /// Why a request is refused as cross-site (see [`crate::auth::Auth::cross_site`]);
+    /// `None` without access control.
+    pub fn cross_site(
+        &self,
+        unsafe_method: bool,
+        by_cookie: bool,
+        from: &crate::auth::RequestOrigin<'_>,
+    ) -> Option<String> {
+        self.auth.as_ref()?.cross_site(unsafe_method, by_cookie, from)
     }
 
     pub fn limits(&self) -> &Limits {
@@ -949,21 +968,49 @@ impl App {
         })
     }
 
-    /// Models of a kind, after the id `after`.
-    pub fn list(&self, kind: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, Head)>, AppError> {
+    /// Sharded mode: who lists each partition of `kind`'s topic, as this server routes:
+    /// `None` for this server, else the serving server's URL (`Ok(None)`: not sharded).
+    /// A partition no server can serve now is `PartitionUnavailable`.
+    pub fn list_sources(&self, kind: &str) -> Result<Option<ListSources>, AppError> {
         let topic = self.kind(kind)?.topic.clone();
-        let limit = limit.min(self.limits.list_page_max);
-        let Some(cluster) = &self.cluster else { return Ok(self.store.read().list(kind, after, limit)?) };
-        // Sharded: the models of the partitions served here (the store may also hold
-        // partitions folded here before, no longer up to date).
+        let Some(cluster) = &self.cluster else { return Ok(None) };
         let count = cluster.partition_count(&topic);
         if count == 0 {
-            return Ok(Vec::new());
+            return Err(AppError::PartitionUnavailable(format!(
+                "the partitions of topic {topic:?} are not known yet; retry shortly"
+            )));
         }
-        let served: Vec<bool> = (0..count).map(|p| cluster.route(&topic, p) == Route::Local).collect();
+        let mut sources: BTreeMap<Option<String>, Vec<u32>> = BTreeMap::new();
+        for partition in 0..count {
+            let source = match cluster.route(&topic, partition) {
+                Route::Local => None,
+                Route::Elsewhere { url, .. } => Some(url),
+                Route::Unavailable(reason) => return Err(AppError::PartitionUnavailable(reason)),
+            };
+            sources.entry(source).or_default().push(partition);
+        }
+        Ok(Some(sources))
+    }
+
+    /// Models of a kind, after the id `after`, at most `limit`. Sharded: the models of
+    /// `partitions` (which this server must serve or fold and have caught up on), or of the
+    /// partitions served here when `None`.
+    pub fn list(
+        &self,
+        kind: &str,
+        after: Option<&str>,
+        limit: usize,
+        partitions: Option<&[u32]>,
+    ) -> Result<Vec<(String, Head)>, AppError> {
+        let topic = self.kind(kind)?.topic.clone();
+        let limit = limit.min(self.limits.list_page_max);
         let reader = self.store.read();
+        let Some(served) = self.listed_partitions(&topic, partitions)? else {
+            return Ok(reader.list(kind, after, limit)?);
+        };
+        let count = served.len() as u32;
         let (mut out, mut cursor) = (Vec::new(), after.map(str::to_owned));
-        while out.len() < limit {
+        while out.len() < limit && count > 0 {
             let page = reader.list(kind, cursor.as_deref(), limit)?;
             let done = page.len() < limit;
             cursor = page.last().map(|(id, _)| id.clone());
@@ -974,6 +1021,28 @@ impl App {
         }
         out.truncate(limit);
         Ok(out)
+    }
+
+    /// Sharded mode: which partitions of `topic` a listing here covers (indexed by
+    /// partition; `None`: not sharded, every one). The store may also hold partitions folded
+    /// here before and no longer followed: only `partitions` (each served here, or folded
+    /// and caught up on) are listed, or the partitions served here when `None`.
+    fn listed_partitions(&self, topic: &str, partitions: Option<&[u32]>) -> Result<Option<Vec<bool>>, AppError> {
+        let Some(cluster) = &self.cluster else { return Ok(None) };
+        let count = cluster.partition_count(topic);
+        let Some(partitions) = partitions else {
+            return Ok(Some((0..count).map(|p| cluster.route(topic, p) == Route::Local).collect()));
+        };
+        let mut listed = vec![false; count as usize];
+        for &p in partitions {
+            if p >= count || !(cluster.route(topic, p) == Route::Local || self.source.is_ready(topic, p)) {
+                return Err(AppError::PartitionUnavailable(format!(
+                    "partition {p} of topic {topic:?} is not served here; retry shortly"
+                )));
+            }
+            listed[p as usize] = true;
+        }
+        Ok(Some(listed))
     }
 
     /// Checks that a model can be created; returns its kind's topic.
@@ -992,7 +1061,7 @@ impl App {
         let kind = self.writable_kind(&model.kind)?;
         // Sharded: a model served elsewhere is not in this store (or not up to date): the
         // server that folds it checks it (an unknown model is a rejection there).
-        if self.route(model)? == Route::Local {
+        if self.route(model, false)? == Route::Local {
             self.store.read().head(model)?.ok_or_else(|| unknown(model))?;
         }
         Ok(kind.topic.clone())
@@ -1021,14 +1090,32 @@ impl App {
     }
 
     /// Rejected records of a kind's topic, after (partition, offset).
+    /// Sharded: those of `partitions`, or of the partitions served here (see `list`).
     pub fn rejections(
         &self,
         kind: &str,
         after: Option<(u32, u64)>,
         limit: usize,
+        partitions: Option<&[u32]>,
     ) -> Result<Vec<StoredRejection>, AppError> {
-        let kind = self.kind(kind)?;
-        Ok(self.store.read().rejections(&kind.topic, after, limit.min(self.limits.list_page_max))?)
+        let topic = self.kind(kind)?.topic.clone();
+        let limit = limit.min(self.limits.list_page_max);
+        let reader = self.store.read();
+        let Some(listed) = self.listed_partitions(&topic, partitions)? else {
+            return Ok(reader.rejections(&topic, after, limit)?);
+        };
+        let (mut out, mut cursor) = (Vec::new(), after);
+        while out.len() < limit && !listed.is_empty() {
+            let page = reader.rejections(&topic, cursor, limit)?;
+            let done = page.len() < limit;
+            cursor = page.last().map(|r| (r.partition, r.offset));
+            out.extend(page.into_iter().filter(|r| listed.get(r.partition as usize).copied().unwrap_or(false)));
+            if done {
+                break;
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
     }
 
     /// Waits until the record at `offset` is folded, then says what became of it.

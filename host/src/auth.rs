@@ -154,6 +154,9 @@ pub struct Auth {
     secret: Option<DecodingKey>,
     /// The key file's keys (PEM or JWKS), read again when the file changes.
     file: Option<RwLock<KeyFile>>,
+    /// The web origins (`[cors] allowed_origins`) a cookie-authenticated unsafe request may
+    /// come from, besides the server's own.
+    origins: Vec<String>,
 }
 
 /// Keys from `public_key_file`, and when that file was read.
@@ -172,7 +175,9 @@ struct FileKey {
 }
 
 impl Auth {
-    pub fn new(config: &AuthConfig) -> Result<Auth, AuthError> {
+    /// The verifier of `config`; a cookie-authenticated POST, PUT or DELETE is taken only
+    /// from the server's own origin or one of `origins` (see [`Auth::cross_site`]).
+    pub fn new(config: &AuthConfig, origins: &[String]) -> Result<Auth, AuthError> {
         let secret = match &config.hs256_secret {
             Some(secret) => Some(
                 DecodingKey::from_secret(secret.as_bytes())
@@ -187,7 +192,7 @@ impl Auth {
             }
             None => None,
         };
-        Ok(Auth { config: config.clone(), secret, file })
+        Ok(Auth { config: config.clone(), secret, file, origins: origins.to_vec() })
     }
 
     fn validation(&self, algorithm: Algorithm) -> Validation {
@@ -278,6 +283,45 @@ impl Auth {
             }
         };
         Ok(Caller::Token { subject: claims.sub, expires_s: claims.exp, grants: claims.grants })
+    }
+}
+
+/// What a request says of where it comes from, for the CSRF check.
+pub struct RequestOrigin<'a> {
+    /// `Origin`, or failing that `Referer` (browsers send one of them with every unsafe
+    /// request).
+    pub origin: Option<&'a str>,
+    pub referer: Option<&'a str>,
+    /// The authority the client addressed: `Host` (HTTP/1.1) or the URI's (HTTP/2), or
+    /// `X-Forwarded-Host` of a request another server of the cluster forwarded.
+    pub host: Option<&'a str>,
+}
+
+impl Auth {
+    /// Why a request is refused as cross-site (`None`: it is not). Only a request whose
+    /// token came in the cookie (no `Authorization` header) with an unsafe method is
+    /// checked: a browser attaches the cookie to a form post from any site, but never a
+    /// header. Such a request must come from the server's own origin (its `Origin`'s
+    /// authority is the one the client addressed) or from an allowed origin; one that names
+    /// no origin at all is refused too.
+    pub fn cross_site(&self, unsafe_method: bool, by_cookie: bool, from: &RequestOrigin<'_>) -> Option<String> {
+        if !(unsafe_method && by_cookie) {
+            return None;
+        }
+        let origin = match (from.origin, from.referer) {
+            (Some(origin), _) if origin != "null" => origin.to_owned(),
+            (_, Some(referer)) => referer.split('/').take(3).collect::<Vec<_>>().join("/"),
+            (Some(_), None) => return Some("the request's Origin is null (an opaque origin)".into()),
+            (None, None) => return Some("the request names no Origin (nor Referer)".into()),
+        };
+        if self.origins.contains(&origin) {
+            return None;
+        }
+        let authority = origin.split_once("://").map(|(_, a)| a);
+        if authority.is_some() && authority == from.host {
+            return None;
+        }
+        Some(format!("origin {origin:?} is neither this server's nor one of [cors] allowed_origins"))
     }
 }
 

@@ -416,7 +416,7 @@ fn yes() -> bool {
 
 /// `[cluster]`: sharded mode. The servers of one cluster share `[kafka] group_id`; the group
 /// assigns each partition to one of them (cooperative-sticky), `standbys` others fold it
-/// too, and a request for a model folded elsewhere is redirected (or proxied) there.
+/// too, and a request for a model folded elsewhere is proxied (or redirected) there.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
@@ -431,17 +431,25 @@ pub struct ClusterConfig {
     #[serde(default = "default_cluster_topic")]
     pub topic: String,
     /// What a server does with a read, a stream or a waiting write for a model folded
-    /// elsewhere: answer 307 to the owner, or forward the request there and relay the answer.
+    /// elsewhere: forward the request there and relay the answer (`proxy`, the default), or
+    /// answer 307 to the owner (`redirect`). Either way a request takes at most one hop.
     #[serde(default)]
     pub route: RouteMode,
 }
 
+/// How a request for a model folded elsewhere gets there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum RouteMode {
+    /// Forwarded to the owner, its answer relayed: one origin for the client, so its
+    /// `Authorization` header, cookies and CORS work unchanged.
     #[default]
-    Redirect,
     Proxy,
+    /// A 307 to the owner's advertised URL. Only where every server is one origin to the
+    /// client: browsers and most HTTP clients drop `Authorization` on a redirect to another
+    /// origin, a cookie is not sent to another host, and a cross-origin page's CORS check
+    /// fails on the second origin.
+    Redirect,
 }
 
 fn default_standbys() -> usize {

@@ -223,8 +223,10 @@ struct ServeArgs {
     /// standbys; default 1).
     #[arg(long, value_name = "N")]
     cluster_standbys: Option<usize>,
-    /// Sharded mode: answer a request for a model folded elsewhere with a 307 to its owner,
-    /// or forward it there ([cluster] route; default redirect).
+    /// Sharded mode: forward a request for a model folded elsewhere to its owner (proxy), or
+    /// answer it with a 307 there (redirect: only where all servers are one origin, since
+    /// clients drop the Authorization header on a cross-origin redirect) ([cluster] route;
+    /// default proxy).
     #[arg(long, value_name = "MODE")]
     cluster_route: Option<statefold::config::RouteMode>,
     /// Sharded mode: the topic servers publish what they fold to ([cluster] topic; default

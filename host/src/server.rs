@@ -255,7 +255,10 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         cluster,
     };
     let auth = match &config.auth {
-        Some(auth) => Some(Auth::new(auth)?),
+        Some(auth) => {
+            let origins = config.cors.as_ref().map(|c| c.allowed_origins.clone()).unwrap_or_default();
+            Some(Auth::new(auth, &origins)?)
+        }
         None => {
             if !config.listen.ip().is_loopback() {
                 tracing::warn!(listen = %config.listen, "SERVING WITHOUT ACCESS CONTROL on a non-loopback address: anyone who reaches it can read, write, deploy and replay; configure [auth]");

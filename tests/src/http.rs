@@ -307,3 +307,41 @@ impl SseStream {
 fn find_blank_line(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
 }
+
+/// An HTTP client that follows redirects and counts its hops, as an outside client of a
+/// sharded cluster would: `max` is the most redirects any one request took, `redirected`
+/// how many requests were redirected at all. A request is not followed past `limit`
+/// redirects (it then fails with reqwest's redirect error).
+#[derive(Clone, Default)]
+pub struct HopCounter {
+    max: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    redirected: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HopCounter {
+    pub fn client(&self, limit: usize) -> reqwest::Client {
+        use std::sync::atomic::Ordering;
+        let (max, redirected) = (self.max.clone(), self.redirected.clone());
+        let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            // `previous` holds the URLs requested so far: the original request, then each
+            // redirect's target; this attempt is hop number `previous().len()`.
+            let hops = attempt.previous().len();
+            max.fetch_max(hops, Ordering::Relaxed);
+            if hops == 1 {
+                redirected.fetch_add(1, Ordering::Relaxed);
+            }
+            if hops > limit { attempt.error(format!("{hops} redirects")) } else { attempt.follow() }
+        });
+        reqwest::Client::builder().redirect(policy).build().expect("a client")
+    }
+
+    /// The most redirects one request took.
+    pub fn max(&self) -> usize {
+        self.max.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Requests redirected at least once.
+    pub fn redirected(&self) -> usize {
+        self.redirected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

@@ -1,10 +1,12 @@
 //! Sharded mode: three `statefold serve` processes in one consumer group on a real Tansu,
 //! 12 partitions, 200 models, 100 SSE clients that follow redirects and hop to a random
-//! server on every reconnect. Mid-run a new reducer version is deployed, one server is
-//! SIGKILLed (its partitions move), and a fourth is started (a rebalance). At the end every
-//! client holds its model's head, reached with no gap or repeat; no two servers ever sent
-//! different hashes for one (model, seq); and every model is equal on its partition's owner
-//! and standbys (read from their stores) and to a reference fold of the log.
+//! server on every reconnect, in each route mode (proxy, redirect). Mid-run a new reducer
+//! version is deployed, one server is SIGKILLed (its partitions move), and a fourth is
+//! started (a rebalance). At the end every client holds its model's head, reached with no
+//! gap or repeat; no two servers ever sent different hashes for one (model, seq); every
+//! model is equal on its partition's owner and standbys (read from their stores) and to a
+//! reference fold of the log; and no request took more than one hop (every client counts
+//! the redirects of each request it makes).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -17,7 +19,7 @@ use serde_json::{Value, json};
 use statefold::model::{CREATE_HEADER, DEPLOY_HEADER, ModelKey, partition_of};
 use statefold::store::{Store, StoreOptions};
 use statefold_tests::broker::Broker;
-use statefold_tests::http::{Follower, SseEvent, SseStream, json_of};
+use statefold_tests::http::{Follower, HopCounter, SseEvent, SseStream, json_of};
 use statefold_tests::process::Serve;
 use tokio::sync::RwLock;
 
@@ -26,9 +28,9 @@ const MODELS: usize = 200;
 const CLIENTS: usize = 100;
 const DIFFS: usize = 3000;
 
-/// `statefold serve` in sharded mode on `dir`, one standby per partition.
-fn start(dir: &Path, broker: &Broker) -> Serve {
-    Serve::sharded(dir, &broker.brokers(), 1, &["--checkpoint-interval-diffs", "50"])
+/// `statefold serve` in sharded mode on `dir`, one standby per partition, routing by `route`.
+fn start(dir: &Path, broker: &Broker, route: &str) -> Serve {
+    Serve::sharded(dir, &broker.brokers(), 1, &["--checkpoint-interval-diffs", "50", "--cluster-route", route])
 }
 
 /// The base URL of each server, `None` while it is down.
@@ -92,14 +94,28 @@ fn publish(published: &Published, model: &str, event: &SseEvent) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sharded_servers_a_sigkill_a_fourth_and_a_deploy_keep_every_client_exact() {
+    three_servers_a_sigkill_a_fourth_and_a_deploy("proxy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_by_redirects_and_no_request_takes_two_hops() {
+    three_servers_a_sigkill_a_fourth_and_a_deploy("redirect").await;
+}
+
+/// A client's redirects, past which a request fails: far more than the one hop a request
+/// may take, so that a loop is counted (and fails the test) rather than cut short.
+const REDIRECTS_FOLLOWED: usize = 8;
+
+async fn three_servers_a_sigkill_a_fourth_and_a_deploy(route: &str) {
     let broker = Broker::start();
     broker.create_topic("counter", PARTITIONS);
     broker.create_topic("statefold-cluster", 1);
     broker.create_topic("statefold-attestations", 1);
     let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut servers: Vec<Option<Serve>> = (0..3).map(|i| Some(start(dirs[i].path(), &broker))).collect();
+    let mut servers: Vec<Option<Serve>> = (0..3).map(|i| Some(start(dirs[i].path(), &broker, route))).collect();
     servers.push(None);
-    let http = reqwest::Client::new();
+    let counter = HopCounter::default();
+    let http = counter.client(REDIRECTS_FOLLOWED);
     for server in servers.iter().flatten() {
         server.wait_ready(&http).await;
     }
@@ -108,22 +124,33 @@ async fn three_sharded_servers_a_sigkill_a_fourth_and_a_deploy_keep_every_client
     eprintln!("settled: {}", view["members"]);
     let mut rng = StdRng::seed_from_u64(19);
 
-    // Creates through any server: a 307 to the model's owner, which creates and waits.
-    let mut redirected = 0;
+    // Creates through any server: forwarded (or redirected) to the model's owner, which
+    // creates and waits.
+    let mut elsewhere = 0;
     for i in 0..MODELS {
         let url = pick(&urls, &mut rng).await;
-        let request = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-        let first = request.post(format!("{url}/v1/models/counter")).body(format!(r#"{{"id":"m{i}"}}"#));
-        let first = first.send().await.unwrap();
-        if first.status() == 307 {
-            redirected += 1;
+        let response = loop {
+            let response = http.post(format!("{url}/v1/models/counter")).body(format!(r#"{{"id":"m{i}"}}"#));
+            let response = response.send().await.unwrap();
+            // A client honours 503's Retry-After (the servers' maps settling).
+            if response.status() != 503 {
+                break response;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let served_by = response.headers().get("statefold-served-by").map(|v| v.to_str().unwrap().to_owned());
+        let landed = response.url().as_str().split('/').take(3).collect::<Vec<_>>().join("/");
+        match route {
+            "proxy" => assert_eq!(landed, url, "a proxying server answers itself"),
+            _ => assert!(served_by.is_none(), "a redirecting server forwards nothing"),
         }
-        let response = http.post(format!("{url}/v1/models/counter")).body(format!(r#"{{"id":"m{i}"}}"#));
-        let (status, body) = json_of(response.send().await.unwrap()).await;
-        // The first request created it when it was not redirected.
-        assert!(status == 201 || (status == 409 && first.status() == 201), "m{i}: {status} {body}");
+        if served_by.is_some_and(|s| s != url) || landed != url {
+            elsewhere += 1;
+        }
+        let (status, body) = json_of(response).await;
+        assert_eq!(status, 201, "m{i}: {body}");
     }
-    assert!(redirected > MODELS / 3, "most creates land on another server's partition: {redirected}");
+    assert!(elsewhere > MODELS / 3, "most creates land on another server's partition: {elsewhere}");
 
     // 100 clients, one per model of the first half, each hopping to a random server after
     // a few events (or when its stream ends: a `moved`, a killed server).
@@ -135,8 +162,8 @@ async fn three_sharded_servers_a_sigkill_a_fourth_and_a_deploy_keep_every_client
         let (urls, done, final_heads, published) = (urls.clone(), done.clone(), final_heads.clone(), published.clone());
         let model = format!("m{c}");
         let mut rng = StdRng::seed_from_u64(c as u64);
+        let http = counter.client(REDIRECTS_FOLLOWED);
         clients.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
             let who = format!("client {c} ({model})");
             let (mut chain, mut hops, mut moved) = (Follower::default(), 0, 0);
             loop {
@@ -201,7 +228,7 @@ async fn three_sharded_servers_a_sigkill_a_fourth_and_a_deploy_keep_every_client
             killed.wait();
         }
         if n == 3 * DIFFS / 4 {
-            let fourth = start(dirs[3].path(), &broker);
+            let fourth = start(dirs[3].path(), &broker, route);
             fourth.wait_ready(&http).await;
             urls.write().await[3] = Some(fourth.url.clone());
             servers[3] = Some(fourth);
@@ -280,6 +307,15 @@ async fn three_sharded_servers_a_sigkill_a_fourth_and_a_deploy_keep_every_client
     }
     eprintln!("{CLIENTS} clients: {hops} connections, {moved} ended by a rebalance, {resets} resets");
     assert!(hops >= 3 * CLIENTS, "clients hopped: {hops}");
+    let (most, redirected) = (counter.max(), counter.redirected());
+    eprintln!("route {route}: {redirected} requests redirected, at most {most} redirects for one request");
+    match route {
+        "proxy" => assert_eq!(most, 0, "a proxying cluster redirects nothing"),
+        _ => {
+            assert!(redirected > MODELS / 3, "requests were redirected: {redirected}");
+            assert!(most <= 1, "a request took {most} hops");
+        }
+    }
     assert_eq!(resets, 0, "a hash from one server always resumes on another");
 
     // Each live server records v2 as active, whether or not it took the deploy.
@@ -292,6 +328,27 @@ async fn three_sharded_servers_a_sigkill_a_fourth_and_a_deploy_keep_every_client
     // owner and standbys folded it to the log's end, and hold the reference there.
     let view = settled(&http, &pick(&urls, &mut rng).await, 3).await;
     eprintln!("at the end: {}", view["members"]);
+    // Listing through any server: every model of the kind once, in id order, pages of 37
+    // (the servers merge each other's partitions under one cursor).
+    let mut expected: Vec<String> = (0..MODELS).map(|i| format!("m{i}")).collect();
+    expected.sort();
+    for url in urls.read().await.iter().flatten() {
+        let (mut listed, mut after) = (Vec::new(), None::<String>);
+        loop {
+            let mut page = format!("{url}/v1/models/counter?limit=37");
+            if let Some(after) = &after {
+                page.push_str(&format!("&after={after}"));
+            }
+            let (status, body) = get(&http, &page).await;
+            assert_eq!(status, 200, "{page}: {body}");
+            listed.extend(body["models"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+            match body["next"].as_str() {
+                Some(next) => after = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(listed, expected, "{url}: the listing");
+    }
     let live = urls.read().await.clone();
     let members: HashMap<String, usize> = view["members"]
         .as_array()
@@ -494,6 +551,155 @@ async fn proxied_requests_and_a_failover_without_standbys() {
     chain.see("resumed", &event);
     assert_eq!(event.event, "synced", "nothing was missed: {event:?}");
     assert_eq!(body["hash"].as_str(), chain.hash.as_deref());
+}
+
+const SECRET: &str = "a development secret of 32+ bytes!";
+
+/// Sharded servers with `[auth]` (HS256), one per route mode in `routes`, no standbys, each
+/// owning some of 4 partitions and folding only those; the servers and the cluster's view.
+async fn with_auth(broker: &Broker, dirs: &[tempfile::TempDir], routes: &[&str]) -> (Vec<Serve>, Value) {
+    let mut servers = Vec::new();
+    for (dir, route) in dirs.iter().zip(routes) {
+        let config = dir.path().join("auth.toml");
+        std::fs::write(&config, format!("[auth]\nhs256_secret = {SECRET:?}\naudience = \"statefold\"\n")).unwrap();
+        let config = config.display().to_string();
+        servers.push(Serve::sharded(
+            dir.path(),
+            &broker.brokers(),
+            0,
+            &["--cluster-route", route, "--config", &config],
+        ));
+    }
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let admin = admin_token();
+        let view = http.get(format!("{}/v1/cluster", servers[0].url)).bearer_auth(&admin);
+        let (_, view) = json_of(view.send().await.unwrap()).await;
+        let members = view["members"].as_array().cloned().unwrap_or_default();
+        // Each folds its own partitions only (no warm copy held for an owner catching up).
+        let split = members.len() == routes.len()
+            && members.iter().all(|m| m["owned"].as_u64() > Some(0) && m["folding"] == m["owned"]);
+        let partitions = view["partitions"].as_array().cloned().unwrap_or_default();
+        let served =
+            partitions.len() == 4 && partitions.iter().all(|p| !p["owner"].is_null() && p["serves"] == p["owner"]);
+        if split && served {
+            eprintln!("split after {:?}", started.elapsed());
+            return (servers, view);
+        }
+        assert!(Instant::now() < deadline, "the partitions were never split: {view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn admin_token() -> String {
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    statefold_tests::http::hs256_token(
+        SECRET,
+        &json!({"sub": "tester", "aud": "statefold", "exp": exp, "grants": [{"actions": ["admin"], "models": "*"}]}),
+    )
+}
+
+/// `[auth]` with `[cluster]`: three servers, a model owned by the third (the back), asked
+/// of a front in each route mode:
+/// - redirect: a browser's cookie (sent to the owner too: one host) is answered there; a
+///   header token is not, as the README says: the client drops `Authorization` on a
+///   redirect to another origin and the owner answers 401;
+/// - proxy (the default): the token in the header and in the cookie both reach the owner
+///   (a read, a stream, and a cookie-authenticated append from the front's own origin,
+///   which the owner checks against the client's authority, `X-Forwarded-Host`);
+/// - both: a request that comes by a hop (the header a proxy adds, or the parameter a
+///   redirect adds) to a server that does not fold the model's partition is refused with
+///   503 `partition_unavailable`, never sent on (the loop guard); the owner serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_routes_keep_the_callers_credentials_and_no_hop_is_sent_on() {
+    let broker = Broker::start();
+    broker.create_topic("counter", 4);
+    broker.create_topic("statefold-cluster", 1);
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (servers, view) = with_auth(&broker, &dirs, &["redirect", "proxy", "proxy"]).await;
+    let url_of = |member: &Value| {
+        view["members"].as_array().unwrap().iter().find(|m| m["member"] == *member).unwrap()["url"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let owner_of = |id: &str| url_of(&view["partitions"][partition_of(id.as_bytes(), 4) as usize]["owner"]);
+    let back = servers[2].url.clone();
+    let id = (0..).map(|i| format!("a{i}")).find(|id| owner_of(id) == back).unwrap();
+    let admin = admin_token();
+    let cookie = format!("statefold_token={admin}");
+    let follow = reqwest::Client::new();
+    let manual = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let created = follow.post(format!("{back}/v1/models/counter")).bearer_auth(&admin);
+    let (status, body) = json_of(created.body(format!(r#"{{"id":"{id}"}}"#)).send().await.unwrap()).await;
+    assert_eq!(status, 201, "{body}");
+
+    // The loop guard, at each front and at the owner.
+    for front in [&servers[0].url, &servers[1].url] {
+        let model = format!("{front}/v1/models/counter/{id}");
+        let hopped = manual.get(format!("{model}?statefold_hop=elsewhere")).bearer_auth(&admin);
+        let response = hopped.send().await.unwrap();
+        let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+        let (status, body) = json_of(response).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (503, Some("partition_unavailable")), "{body}");
+        assert_eq!(retry_after.as_deref(), Some("1"));
+        let hopped = manual.get(&model).bearer_auth(&admin).header("statefold-forwarded-by", "elsewhere");
+        let (status, body) = json_of(hopped.send().await.unwrap()).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (503, Some("partition_unavailable")), "{body}");
+    }
+    let at_owner = manual.get(format!("{back}/v1/models/counter/{id}?statefold_hop=elsewhere"));
+    let (status, body) = json_of(at_owner.bearer_auth(&admin).send().await.unwrap()).await;
+    assert_eq!((status, body["seq"].as_u64()), (200, Some(0)), "{body}");
+
+    // Redirect (server 0): a browser follows the 307 with the same cookie (cookies are per
+    // host, not per port).
+    let model = format!("{}/v1/models/counter/{id}", servers[0].url);
+    let first = manual.get(&model).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(first.status(), 307);
+    let location = first.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with(&back) && location.contains("statefold_hop="), "{location}");
+    let (status, body) = json_of(manual.get(&location).header("cookie", &cookie).send().await.unwrap()).await;
+    assert_eq!((status, body["seq"].as_u64()), (200, Some(0)), "{body}");
+    // reqwest, as browsers' fetch, drops Authorization on the redirect: 401.
+    let (status, body) = json_of(follow.get(&model).bearer_auth(&admin).send().await.unwrap()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthenticated")), "{body}");
+
+    // Proxy (server 1): the header and the cookie reach the owner.
+    let front = servers[1].url.clone();
+    let model = format!("{front}/v1/models/counter/{id}");
+    for (how, request) in
+        [("header", follow.get(&model).bearer_auth(&admin)), ("cookie", follow.get(&model).header("cookie", &cookie))]
+    {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.headers()["statefold-served-by"], back.as_str(), "{how}");
+        let (status, body) = json_of(response).await;
+        assert_eq!((status, body["seq"].as_u64()), (200, Some(0)), "{how}: {body}");
+    }
+    let stream = follow.get(format!("{model}/events")).header("cookie", &cookie).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut stream = SseStream::new(stream);
+    let mut event = stream.next_within(Duration::from_secs(10)).await.unwrap();
+    if event.event == "message" {
+        // The stream's opening `retry:`.
+        event = stream.next_within(Duration::from_secs(10)).await.unwrap();
+    }
+    assert_eq!(event.event, "snapshot", "{event:?}");
+    // A page of the front's own origin appends with its cookie: the owner takes it (the
+    // client addressed the front); another origin's is refused there.
+    for (origin, expected) in [(front.as_str(), 200), ("https://evil.example.com", 403)] {
+        let append = follow.post(format!("{model}/diffs?wait=applied")).header("cookie", &cookie);
+        let append = append.header("origin", origin).body(r#"{"add":2}"#);
+        let (status, body) = json_of(append.send().await.unwrap()).await;
+        assert_eq!(status, expected, "{origin}: {body}");
+    }
+    let (status, body) = json_of(follow.get(&model).bearer_auth(&admin).send().await.unwrap()).await;
+    assert_eq!((status, body["seq"].as_u64(), body["state"].as_i64()), (200, Some(1), Some(2)), "{body}");
+    for mut server in servers {
+        server.signal("KILL");
+        server.wait();
+    }
 }
 
 /// Without `[cluster]` there is no map: 404 `not_sharded`.

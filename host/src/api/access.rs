@@ -6,18 +6,18 @@ use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderName, Method, StatusCode, header};
 
 use super::ApiError;
 use crate::app::App;
-use crate::auth::{Action, AuthError, Caller};
+use crate::auth::{Action, AuthError, Caller, RequestOrigin};
 
 impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Caller, ApiError> {
         let header = |name| parts.headers.get(name).and_then(|v| v.to_str().ok());
-        app.caller(header(header::AUTHORIZATION), header(header::COOKIE)).map_err(|error| {
+        let caller = app.caller(header(header::AUTHORIZATION), header(header::COOKIE)).map_err(|error| {
             let challenge = match &error {
                 AuthError::Missing(_) => r#"Bearer realm="statefold""#.to_owned(),
                 other => format!(
@@ -28,7 +28,26 @@ impl FromRequestParts<Arc<App>> for Caller {
             let mut error = ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", error.to_string());
             error.challenge = Some(challenge);
             error
-        })
+        })?;
+        let unsafe_method = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let by_cookie = !parts.headers.contains_key(header::AUTHORIZATION);
+        // A request another server of the cluster forwarded names the client's authority in
+        // X-Forwarded-Host.
+        let forwarded = parts.headers.contains_key(super::route::FORWARDED_BY);
+        let host = forwarded
+            .then(|| header(HeaderName::from_static("x-forwarded-host")))
+            .flatten()
+            .or_else(|| header(header::HOST))
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+        let from = RequestOrigin { origin: header(header::ORIGIN), referer: header(header::REFERER), host };
+        if let Some(reason) = app.cross_site(unsafe_method, by_cookie, &from) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross_site",
+                format!("a {} authenticated by the cookie is refused: {reason}", parts.method),
+            ));
+        }
+        Ok(caller)
     }
 }
 

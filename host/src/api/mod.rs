@@ -2,6 +2,7 @@
 //! Only this module speaks JSON; wire types live here.
 
 mod access;
+mod listing;
 mod reducers;
 pub mod requests;
 mod route;
@@ -27,7 +28,7 @@ use crate::auth::{Action, Caller};
 use crate::chain::Hash;
 use crate::metrics::RequestLabels;
 use crate::model::{Applied, ModelKey};
-use access::{allow, allow_admin, allow_kind};
+use access::{allow, allow_admin};
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -42,11 +43,11 @@ pub const INSPECTOR_CLIENT_JS: &str = include_str!("inspector/client.js");
 pub fn router(app: Arc<App>) -> Router {
     let body_max = app.limits().diff_bytes_max;
     Router::new()
-        .route("/v1/models/{kind}", post(create).get(list))
+        .route("/v1/models/{kind}", post(create).get(listing::models))
         .route("/v1/models/{kind}/{id}", get(state))
         .route("/v1/models/{kind}/{id}/diffs", post(append).get(missing))
         .route("/v1/models/{kind}/{id}/events", get(sse::events))
-        .route("/v1/kinds/{kind}/rejections", get(rejections))
+        .route("/v1/kinds/{kind}/rejections", get(listing::rejections))
         .route("/v1/kinds/{kind}/replay", post(reducers::start_replay).get(reducers::replay))
         .route("/v1/reducers", get(reducers::list))
         .route(
@@ -69,6 +70,7 @@ pub fn router(app: Arc<App>) -> Router {
         // One more byte than a diff may have, so that the handler sees "too large" itself.
         .layer(DefaultBodyLimit::max(body_max + 1))
         .layer(middleware::from_fn(close_after_unread_body))
+        .layer(middleware::from_fn(route::hop_marker))
         .layer(middleware::from_fn_with_state(app.clone(), timed))
         .with_state(app)
 }
@@ -239,7 +241,7 @@ struct CreateBody {
     id: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct VersionBody {
     id: String,
     hash: String,
@@ -297,7 +299,7 @@ pub(super) fn new_id() -> String {
 fn local_id(app: &App, kind: &str) -> Result<String, ApiError> {
     for _ in 0..LOCAL_ID_TRIES {
         let id = new_id();
-        if app.route(&ModelKey::new(kind, &id))? == crate::app::Route::Local {
+        if app.route(&ModelKey::new(kind, &id), false)? == crate::app::Route::Local {
             return Ok(id);
         }
     }
@@ -548,90 +550,6 @@ async fn missing(
     }
     let plan = plan_patiently(&app, model, Some(since)).await?;
     Ok(Json(PlanBody::from(&plan)).into_response())
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListQuery {
-    after: Option<String>,
-    limit: Option<usize>,
-}
-
-async fn list(
-    State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(kind): Path<String>,
-    query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    allow_kind(&caller, Action::Read, &kind)?;
-    let Query(query) = query?;
-    let limit = query.limit.unwrap_or(app.limits().list_page_max).clamp(1, app.limits().list_page_max);
-    let page = {
-        let after = query.after.clone();
-        let kind = kind.clone();
-        blocking(&app, move |app| app.list(&kind, after.as_deref(), limit)).await?
-    };
-    let next = (page.len() == limit).then(|| page.last().map(|(id, _)| id.clone())).flatten();
-    // Only the models the token may read (a page may then hold fewer than `limit`).
-    let models: Vec<VersionBody> = page
-        .into_iter()
-        .filter(|(id, _)| caller.may(Action::Read, &kind, Some(id)))
-        .map(|(id, head)| VersionBody { id, hash: head.hash.to_string(), seq: head.seq, offset: head.offset })
-        .collect();
-    Ok(Json(serde_json::json!({"models": models, "next": next})).into_response())
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RejectionsQuery {
-    /// `PARTITION:OFFSET` of the last rejection seen.
-    after: Option<String>,
-    limit: Option<usize>,
-}
-
-#[derive(Serialize)]
-struct RejectionBody {
-    partition: u32,
-    offset: u64,
-    /// The record's key as text (lossy), if it had one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    timestamp_ms: Option<i64>,
-    code: &'static str,
-    message: String,
-}
-
-async fn rejections(
-    State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(kind): Path<String>,
-    query: Result<Query<RejectionsQuery>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    allow_kind(&caller, Action::Read, &kind)?;
-    let Query(query) = query?;
-    let readable = kind.clone();
-    let after = query.after.as_deref().map(|cursor| parse_position(cursor, "after")).transpose()?;
-    let limit = query.limit.unwrap_or(app.limits().list_page_max).clamp(1, app.limits().list_page_max);
-    let page = blocking(&app, move |app| app.rejections(&kind, after, limit)).await?;
-    let next = (page.len() == limit).then(|| page.last().map(|r| format!("{}:{}", r.partition, r.offset))).flatten();
-    // Only records of models the token may read (a keyless record: the whole kind's).
-    let items: Vec<RejectionBody> = page
-        .into_iter()
-        .filter(|r| {
-            let key = r.key.as_deref().map(String::from_utf8_lossy);
-            caller.may(Action::Read, &readable, key.as_deref())
-        })
-        .map(|r| RejectionBody {
-            partition: r.partition,
-            offset: r.offset,
-            key: r.key.map(|k| String::from_utf8_lossy(&k).into_owned()),
-            timestamp_ms: r.timestamp_ms,
-            code: r.reason.code(),
-            message: r.reason.message(),
-        })
-        .collect();
-    Ok(Json(serde_json::json!({"rejections": items, "next": next})).into_response())
 }
 
 #[derive(Serialize)]

@@ -286,7 +286,7 @@ fn duplicate(id: &str, keyed: &Keyed) -> Value {
 
 /// Requests for a model are answered by a server that folds it (sharded mode).
 fn served_here(app: &App, model: &ModelKey) -> Result<(), Failure> {
-    match app.route(model)? {
+    match app.route(model, false)? {
         Route::Local => Ok(()),
         _ => Err(Failure {
             code: "partition_unavailable",
@@ -406,7 +406,7 @@ async fn perform(app: &Arc<App>, operation: &str, payload: &Value) -> Result<Val
                         as usize
                 }
             };
-            let page = blocking(app, move |app| app.list(&kind, after.as_deref(), limit)).await?;
+            let page = blocking(app, move |app| app.list(&kind, after.as_deref(), limit, None)).await?;
             let next = (page.len() == limit).then(|| page.last().map(|(id, _)| id.clone())).flatten();
             let models: Vec<VersionBody> = page
                 .into_iter()

@@ -75,6 +75,7 @@ pub(super) async fn events(
         ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "too_many_subscribers", full.to_string())
     })?;
     let mut feed = Feed::new(app, model, since, subscription);
+    feed.hopped = headers.contains_key(super::route::FORWARDED_BY);
     if let Some(expires_s) = caller.expires_s() {
         feed.expires = Some(Box::pin(tokio::time::sleep_until(deadline_of(expires_s))));
     }
@@ -108,6 +109,9 @@ struct Feed {
     /// Sharded mode: route changes; the stream ends with a `moved` event when its model is
     /// no longer served here.
     routes: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Another server sent this stream's request here: it is served while this server
+    /// folds the model's partition, whoever owns it.
+    hopped: bool,
     over: bool,
 }
 
@@ -157,6 +161,7 @@ impl Feed {
             stop,
             expires: None,
             routes,
+            hopped: false,
             over: false,
         }
     }
@@ -198,7 +203,7 @@ impl Feed {
                 }
                 () = self.stop.as_mut() => return None,
                 () = route_change(&mut self.routes) => {
-                    match self.app.route(&self.model) {
+                    match self.app.route(&self.model, self.hopped) {
                         Ok(Route::Local) => continue,
                         route => {
                             // A rebalance moved the model: the client reconnects with its last

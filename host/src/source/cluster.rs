@@ -55,11 +55,21 @@ pub struct Announce {
     /// Partitions the group assigned to it.
     pub owned: Vec<Partition>,
     /// When it was last assigned or revoked a partition (its wall clock, ms): of two
-    /// members claiming a partition for a moment, the later claim is the owner.
+    /// members of one generation claiming a partition for a moment, the later claim is the
+    /// owner.
     pub claimed_ms: i64,
+    /// The consumer group's generation its `owned` is of (-1: not in the group yet, or an
+    /// announcement from a server before generations were announced). Only the claims of
+    /// the newest generation heard count: a server never routes by an older view.
+    #[serde(default = "no_generation")]
+    pub generation: i32,
     /// Every partition it folds.
     pub folding: Vec<Folding>,
     pub sent_ms: i64,
+}
+
+fn no_generation() -> i32 {
+    -1
 }
 
 /// One partition a server folds.
@@ -119,6 +129,8 @@ pub struct MemberView {
     pub url: String,
     pub owned: usize,
     pub folding: usize,
+    /// The group generation its announced ownership is of.
+    pub generation: i32,
     /// Milliseconds since it was last heard from (0: this server).
     pub heard_ms: u64,
 }
@@ -128,6 +140,9 @@ pub struct MemberView {
 pub struct ClusterView {
     pub member: String,
     pub url: String,
+    /// The newest group generation heard: the generation whose ownership claims this
+    /// server routes by.
+    pub generation: i32,
     pub standbys: usize,
     pub members: Vec<MemberView>,
     pub partitions: Vec<PartitionMap>,
@@ -143,6 +158,10 @@ struct Inner {
     /// What the group assigned to this server.
     owned: BTreeSet<Partition>,
     claimed_ms: i64,
+    /// The group's generation, as librdkafka last said.
+    generation: i32,
+    /// Publish this server's announcement at once (its ownership or generation changed).
+    announce_now: bool,
     /// The other members, as last heard.
     members: BTreeMap<String, Heard>,
     /// What this server should fold (see [`Cluster::wanted`]).
@@ -193,7 +212,7 @@ impl Cluster {
             mode: cluster.route,
             timeout: Duration::from_millis(limits.cluster_member_timeout_ms),
             status,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner { generation: no_generation(), ..Inner::default() }),
             wanted_generation: AtomicU64::new(0),
             routes: watch::Sender::new(0),
             problem: Mutex::new(Some(format!("joining the cluster (topic {:?})", cluster.topic))),
@@ -284,6 +303,7 @@ impl Cluster {
             url: self.url.clone(),
             owned: inner.owned.iter().cloned().collect(),
             claimed_ms: inner.claimed_ms,
+            generation: inner.generation,
             folding: self.folding().into_values().collect(),
             sent_ms,
         }
@@ -310,12 +330,24 @@ impl Cluster {
 
     /// Where a request for the model `key` of `topic` goes: the route of its partition
     /// ([`crate::model::partition_of`] among the topic's partitions).
-    pub fn route_of(&self, topic: &str, key: &[u8]) -> Route {
+    ///
+    /// A request that another server already sent here (`hopped`) takes no second hop: it is
+    /// served here if this server folds the partition and has caught up on it (any server
+    /// that folds it publishes the same hashes; the client's hash says how far it is), and
+    /// is otherwise unavailable. Two servers whose maps disagree for a moment therefore
+    /// cannot send a request back and forth.
+    pub fn route_of(&self, topic: &str, key: &[u8], hopped: bool) -> Route {
         let inner = self.lock();
-        match inner.counts.get(topic) {
-            Some(&count) => route_in_table(&inner, topic, crate::model::partition_of(key, count)),
-            None => Route::Unavailable(format!("the partitions of topic {topic:?} are not known yet")),
+        let Some(&count) = inner.counts.get(topic) else {
+            return Route::Unavailable(format!("the partitions of topic {topic:?} are not known yet"));
+        };
+        let partition = crate::model::partition_of(key, count);
+        let route = route_in_table(&inner, topic, partition);
+        drop(inner);
+        if !hopped {
+            return route;
         }
+        after_hop(route, self.status.is_ready(topic, partition), topic, partition)
     }
 
     /// The number of partitions of `topic`, as of the last look at the cluster (0: not
@@ -339,6 +371,18 @@ impl Cluster {
     }
 }
 
+/// The route of a request that came by a hop: here if this server serves the partition or
+/// folds it and has caught up (`ready_here`), else unavailable; never elsewhere.
+fn after_hop(route: Route, ready_here: bool, topic: &str, partition: u32) -> Route {
+    match (route, ready_here) {
+        (Route::Local, _) | (_, true) => Route::Local,
+        (Route::Elsewhere { member, .. }, false) => Route::Unavailable(format!(
+            "this request was routed here, but partition {partition} of topic {topic:?} is served by {member} as this server sees it: the servers' maps are settling; retry shortly"
+        )),
+        (unavailable, false) => unavailable,
+    }
+}
+
 /// A partition's route in the table the last [`Cluster::settle`] made.
 fn route_in_table(inner: &Inner, topic: &str, partition: u32) -> Route {
     match inner.routes.get(&(topic.to_owned(), partition)) {
@@ -354,6 +398,7 @@ impl Cluster {
     pub fn view(&self) -> ClusterView {
         let inner = self.lock();
         let members = self.members(&inner);
+        let generation = newest_generation(&members);
         let mut partitions = Vec::new();
         for (topic, count) in self.counts() {
             for partition in 0..count {
@@ -381,10 +426,18 @@ impl Cluster {
                 url: a.url.clone(),
                 owned: a.owned.len(),
                 folding: a.folding.len(),
+                generation: a.generation,
                 heard_ms: inner.members.get(&a.member).map_or(0, |h| h.at.elapsed().as_millis() as u64),
             })
             .collect();
-        ClusterView { member: self.member.clone(), url: self.url.clone(), standbys: self.standbys, members, partitions }
+        ClusterView {
+            member: self.member.clone(),
+            url: self.url.clone(),
+            generation,
+            standbys: self.standbys,
+            members,
+            partitions,
+        }
     }
 
     /// Works out what this server should fold and where each partition's requests go from
@@ -449,6 +502,7 @@ impl Cluster {
             }
             inner.owned.extend(assigned.iter().cloned());
             inner.claimed_ms = super::now_ms();
+            inner.announce_now = true;
             tracing::info!(
                 assigned = assigned.len(),
                 revoked = revoked.len(),
@@ -459,18 +513,21 @@ impl Cluster {
         self.settle();
     }
 
-    fn heard(&self, announce: Announce) {
+    /// Takes another member's announcement; whether it was one (not this server's own, nor
+    /// stale).
+    fn heard(&self, announce: Announce) -> bool {
         if announce.member == self.member {
-            return;
+            return false;
         }
         // A stale announcement (read back from before this server started) names no live
         // member.
         let age = super::now_ms().saturating_sub(announce.sent_ms);
         if age > self.timeout.as_millis() as i64 {
-            return;
+            return false;
         }
         let mut inner = self.lock();
         inner.members.insert(announce.member.clone(), Heard { announce, at: Instant::now() });
+        true
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -494,6 +551,14 @@ impl Cluster {
             if let Some(Err(e)) = group.poll(Duration::ZERO) {
                 tracing::debug!(error = %e, "cluster group consumer");
             }
+            if let Some(generation) = group_generation(group) {
+                let mut inner = self.lock();
+                if inner.generation != generation {
+                    tracing::info!(generation, was = inner.generation, "the group's generation changed");
+                    inner.generation = generation;
+                    inner.announce_now = true;
+                }
+            }
             if !assigned {
                 let problem = assign_all(reader, topic).err();
                 assigned = problem.is_none();
@@ -507,11 +572,12 @@ impl Cluster {
                 }
             }
             let deadline = Instant::now() + interval.min(Duration::from_millis(100));
+            let mut heard = false;
             while assigned && Instant::now() < deadline {
                 match reader.poll(deadline.saturating_duration_since(Instant::now())) {
                     Some(Ok(message)) => {
                         match message.payload().and_then(|p| serde_json::from_slice::<Announce>(p).ok()) {
-                            Some(announce) => self.heard(announce),
+                            Some(announce) => heard |= self.heard(announce),
                             None => tracing::debug!(offset = message.offset(), "not an announcement; skipped"),
                         }
                     }
@@ -522,13 +588,17 @@ impl Cluster {
             if !assigned {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            if last_sent.elapsed() >= interval {
+            let now = std::mem::take(&mut self.lock().announce_now);
+            if last_sent.elapsed() >= interval || now {
                 last_sent = Instant::now();
                 let body = serde_json::to_vec(&self.own(&self.lock(), super::now_ms())).expect("serializable");
                 let record = BaseRecord::<[u8], [u8]>::to(topic).key(self.member.as_bytes()).payload(&body);
                 if let Err((e, _)) = producer.send(record) {
                     tracing::debug!(error = %e, "announcement not published");
                 }
+                self.settle();
+            } else if heard {
+                // Routes follow what was just heard, not the next heartbeat.
                 self.settle();
             }
             if last_commit.elapsed() >= commit_interval {
@@ -579,11 +649,56 @@ fn ready_in(announce: &Announce, topic: &str, partition: u32) -> bool {
     announce.folding.iter().any(|f| f.topic == topic && f.partition == partition && f.ready)
 }
 
-/// The owner of a partition: the member the group assigned it to; of two claiming it for a
-/// moment (a revoke not heard of yet), the later claim.
+/// The newest group generation among `members`' announcements.
+fn newest_generation(members: &[Announce]) -> i32 {
+    members.iter().map(|a| a.generation).max().unwrap_or_else(no_generation)
+}
+
+/// The group's generation, as librdkafka holds it now (`None`: not known).
+///
+/// librdkafka has no getter for it; its serialized group metadata (the format KIP-447's
+/// `sendOffsetsToTransaction` uses, `rd_kafka_consumer_group_metadata_write`, format v2:
+/// `"CGMDv2:"`, then the generation as a native-endian i32) carries it.
+fn group_generation(group: &BaseConsumer<GroupContext>) -> Option<i32> {
+    use rdkafka::bindings as rd;
+    const MAGIC: &[u8] = b"CGMDv2:";
+    let rk = group.client().native_ptr();
+    // SAFETY: `rk` is the live consumer's handle; the metadata is a copy this function owns
+    // and destroys, and the buffer librdkafka allocates is read within its size, then freed.
+    unsafe {
+        let metadata = rd::rd_kafka_consumer_group_metadata(rk);
+        if metadata.is_null() {
+            return None;
+        }
+        let mut buffer: *mut std::ffi::c_void = std::ptr::null_mut();
+        let mut size = 0usize;
+        let error = rd::rd_kafka_consumer_group_metadata_write(metadata, &mut buffer, &mut size);
+        rd::rd_kafka_consumer_group_metadata_destroy(metadata);
+        if !error.is_null() {
+            rd::rd_kafka_error_destroy(error);
+            return None;
+        }
+        if buffer.is_null() {
+            return None;
+        }
+        let bytes = std::slice::from_raw_parts(buffer as *const u8, size);
+        let generation = bytes
+            .strip_prefix(MAGIC)
+            .and_then(|rest| rest.get(..4))
+            .map(|g| i32::from_ne_bytes(g.try_into().expect("4 bytes")));
+        rd::rd_kafka_mem_free(rk, buffer);
+        generation
+    }
+}
+
+/// The owner of a partition: the member the group assigned it to in the newest generation
+/// heard (an announcement of an older generation may name partitions the group has moved
+/// since); of two claiming it for a moment, the later claim.
 fn owner_of<'a>(members: &'a [Announce], topic: &str, partition: u32) -> Option<&'a Announce> {
+    let newest = newest_generation(members);
     members
         .iter()
+        .filter(|a| a.generation == newest)
         .filter(|a| a.owned.iter().any(|(t, p)| t == topic && *p == partition))
         .max_by(|a, b| a.claimed_ms.cmp(&b.claimed_ms).then_with(|| b.member.cmp(&a.member)))
 }
@@ -699,6 +814,7 @@ mod tests {
             url: format!("http://{name}"),
             owned: owned.iter().map(|p| ("t".to_owned(), *p)).collect(),
             claimed_ms,
+            generation: 1,
             folding: ready
                 .iter()
                 .map(|p| Folding { topic: "t".into(), partition: *p, next: 10, end: Some(10), ready: true })
@@ -716,6 +832,33 @@ mod tests {
         assert_eq!(route_in(&members, "c", "t", 1), Route::Local);
         assert!(matches!(route_in(&members, "b", "t", 1), Route::Elsewhere { .. }));
         assert!(matches!(route_in(&members, "a", "t", 2), Route::Unavailable(_)));
+    }
+
+    #[test]
+    fn a_request_that_came_by_a_hop_is_served_here_or_not_at_all() {
+        let elsewhere = Route::Elsewhere { member: "b".into(), url: "http://b".into() };
+        assert_eq!(after_hop(elsewhere.clone(), true, "t", 0), Route::Local);
+        assert!(matches!(after_hop(elsewhere, false, "t", 0), Route::Unavailable(m) if m.contains("served by b")));
+        assert_eq!(after_hop(Route::Local, false, "t", 0), Route::Local);
+        let none = Route::Unavailable("no server".into());
+        assert_eq!(after_hop(none.clone(), false, "t", 0), none);
+        assert_eq!(after_hop(none, true, "t", 0), Route::Local);
+    }
+
+    #[test]
+    fn only_the_newest_generation_claims_a_partition() {
+        // a's claim is later by the clock, but of an older generation: b owns.
+        let mut a = member("a", &[0, 1], &[0, 1], 9);
+        a.generation = 1;
+        let mut b = member("b", &[0], &[0], 5);
+        b.generation = 2;
+        let members = [a, b];
+        assert_eq!(owner_of(&members, "t", 0).unwrap().member, "b");
+        // Partition 1 is claimed only in generation 1: no owner until a announces
+        // generation 2; its warm copy (a, ready) serves meanwhile.
+        assert!(owner_of(&members, "t", 1).is_none());
+        assert_eq!(route_in(&members, "b", "t", 1), Route::Elsewhere { member: "a".into(), url: "http://a".into() });
+        assert_eq!(newest_generation(&members), 2);
     }
 
     #[test]

@@ -122,6 +122,11 @@ impl SourceStatus {
         self.lock().partitions.get(&(topic.to_owned(), partition)).is_some_and(|p| p.folding)
     }
 
+    /// Whether the source reads the partition now and has caught up on it.
+    pub fn is_ready(&self, topic: &str, partition: u32) -> bool {
+        self.lock().partitions.get(&(topic.to_owned(), partition)).is_some_and(|p| p.folding && p.ready)
+    }
+
     pub fn set_end(&self, topic: &str, partition: u32, end: u64) {
         self.lock().partitions.entry((topic.to_owned(), partition)).or_default().end = Some(end);
     }
