@@ -215,7 +215,7 @@ struct ServeArgs {
     /// `read_only` (sets `read_only = true`).
     #[arg(long)]
     read_only: bool,
-    /// Sharded mode: the base URL other servers redirect this server's clients to, e.g.
+    /// Sharded mode: the base URL other servers forward (or redirect) this server's clients to, e.g.
     /// https://statefold-1.internal:8443 (sets [cluster] advertise_url; needs Kafka).
     #[arg(long, value_name = "URL")]
     cluster_url: Option<String>,
