@@ -59,8 +59,9 @@ pub struct Announce {
     /// owner.
     pub claimed_ms: i64,
     /// The consumer group's generation its `owned` is of (-1: not in the group yet, or an
-    /// announcement from a server before generations were announced). Only the claims of
-    /// the newest generation heard count: a server never routes by an older view.
+    /// announcement from a server before generations were announced). Of two claims of one
+    /// partition, the newer generation's wins: a server never routes by a claim the group
+    /// has superseded.
     #[serde(default = "no_generation")]
     pub generation: i32,
     /// Every partition it folds.
@@ -140,8 +141,8 @@ pub struct MemberView {
 pub struct ClusterView {
     pub member: String,
     pub url: String,
-    /// The newest group generation heard: the generation whose ownership claims this
-    /// server routes by.
+    /// The newest group generation heard (each member's own is in `members`); of two
+    /// claims of a partition, the newer generation's wins.
     pub generation: i32,
     pub standbys: usize,
     pub members: Vec<MemberView>,
@@ -454,7 +455,10 @@ impl Cluster {
                 let key = (topic.clone(), partition);
                 routes.insert(key.clone(), route_in(&members, &self.member, topic, partition));
                 let owner = owner_of(&members, topic, partition);
-                let mine = owner.is_some_and(|o| o.member == self.member)
+                // Every partition the group assigned to this server is folded here, whatever
+                // another's claim says (folding more is never wrong; it may be needed).
+                let mine = inner.owned.contains(&key)
+                    || owner.is_some_and(|o| o.member == self.member)
                     || standbys_of(&members, owner.map(|o| o.member.as_str()), self.standbys, topic, partition)
                         .contains(&self.member);
                 // A warm copy is kept until the owner has caught up.
@@ -691,16 +695,13 @@ fn group_generation(group: &BaseConsumer<GroupContext>) -> Option<i32> {
     }
 }
 
-/// The owner of a partition: the member the group assigned it to in the newest generation
-/// heard (an announcement of an older generation may name partitions the group has moved
-/// since); of two claiming it for a moment, the later claim.
+/// The owner of a partition: the member the group assigned it to. Of two claiming it for a
+/// moment (a revoke not announced yet), the claim of the newer group generation (the
+/// older may name a partition the group has moved since), then the later claim.
 fn owner_of<'a>(members: &'a [Announce], topic: &str, partition: u32) -> Option<&'a Announce> {
-    let newest = newest_generation(members);
-    members
-        .iter()
-        .filter(|a| a.generation == newest)
-        .filter(|a| a.owned.iter().any(|(t, p)| t == topic && *p == partition))
-        .max_by(|a, b| a.claimed_ms.cmp(&b.claimed_ms).then_with(|| b.member.cmp(&a.member)))
+    members.iter().filter(|a| a.owned.iter().any(|(t, p)| t == topic && *p == partition)).max_by(|a, b| {
+        (a.generation, a.claimed_ms).cmp(&(b.generation, b.claimed_ms)).then_with(|| b.member.cmp(&a.member))
+    })
 }
 
 /// The `n` standbys of a partition: the members other than its owner ranked first by
@@ -846,7 +847,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_newest_generation_claims_a_partition() {
+    fn of_two_claims_the_newer_generation_owns() {
         // a's claim is later by the clock, but of an older generation: b owns.
         let mut a = member("a", &[0, 1], &[0, 1], 9);
         a.generation = 1;
@@ -854,9 +855,9 @@ mod tests {
         b.generation = 2;
         let members = [a, b];
         assert_eq!(owner_of(&members, "t", 0).unwrap().member, "b");
-        // Partition 1 is claimed only in generation 1: no owner until a announces
-        // generation 2; its warm copy (a, ready) serves meanwhile.
-        assert!(owner_of(&members, "t", 1).is_none());
+        // A claim no newer one contradicts still stands (a member that has not announced
+        // the new generation yet keeps what it had).
+        assert_eq!(owner_of(&members, "t", 1).unwrap().member, "a");
         assert_eq!(route_in(&members, "b", "t", 1), Route::Elsewhere { member: "a".into(), url: "http://a".into() });
         assert_eq!(newest_generation(&members), 2);
     }
