@@ -113,7 +113,7 @@ impl Broker {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.index_headers();
+        self.index_headers(deadline);
     }
 
     /// Tansu 0.6's schema has no index on its `header` table, and its fetch looks up each
@@ -122,11 +122,17 @@ impl Broker {
     /// thousands of records with headers (a relay's reactions), took over librdkafka's
     /// `socket.timeout.ms` (60 s) beside a running server; the consumer then retried the
     /// same fetch forever. The index (created once Tansu has created its schema, which it
-    /// does before it listens; SQLite re-prepares Tansu's statements) makes each lookup a
-    /// seek. Tansu's data and answers are unchanged.
-    fn index_headers(&self) {
+    /// mostly does before it listens: a start where it listened first was seen, so the
+    /// table is waited for until `deadline`; SQLite re-prepares Tansu's statements) makes
+    /// each lookup a seek. Tansu's data and answers are unchanged.
+    fn index_headers(&self, deadline: Instant) {
         let db = rusqlite::Connection::open(self.dir.path().join("tansu.db")).expect("Tansu's sqlite database");
         db.busy_timeout(Duration::from_secs(10)).expect("a busy timeout");
+        let exists = "select count(*) from sqlite_master where type = 'table' and name = 'header'";
+        while db.query_row(exists, [], |row| row.get::<_, i64>(0)).expect("sqlite_master reads") == 0 {
+            assert!(Instant::now() < deadline, "Tansu never created its header table; its log: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
         db.execute("create index if not exists statefold_tests_header_record on header (topition, offset_id)", [])
             .expect("an index on Tansu's header table");
     }
