@@ -915,6 +915,9 @@ async fn sharded(rows: &mut Vec<Row>) {
     // for minutes and it reset connections (BENCHMARKS.md). A standby's takeover does not
     // depend on the size; from nothing, the refold's rate is case 2's.
     let models = scaled(5_000);
+    // Redirect mode: a 307 tells which server answers (proxy, the default, answers 200
+    // through any server), so the takeover is seen at the server that takes over.
+    const REDIRECT: [&str; 2] = ["--cluster-route", "redirect"];
     let broker = statefold_tests::broker::Broker::start();
     broker.create_topic("counter", 2);
     broker.create_topic("statefold-cluster", 1);
@@ -972,7 +975,7 @@ async fn sharded(rows: &mut Vec<Row>) {
     for _ in 0..rounds(2) {
         let dirs = [tempfile::tempdir().expect("a dir"), tempfile::tempdir().expect("a dir")];
         let mut servers: Vec<Serve> =
-            dirs.iter().map(|d| Serve::sharded(d.path(), &broker.brokers(), 1, &[])).collect();
+            dirs.iter().map(|d| Serve::sharded(d.path(), &broker.brokers(), 1, &REDIRECT)).collect();
         let owner =
             tokio::time::timeout(Duration::from_secs(600), owner_of_0(servers[0].url.clone())).await.expect("settled");
         let (dead, alive) = if servers[0].url == owner { (0, 1) } else { (1, 0) };
@@ -1000,11 +1003,11 @@ async fn sharded(rows: &mut Vec<Row>) {
     // one's session times out, and it folds partition 0 from the log's start.
     for _ in 0..rounds(2) {
         let dirs = [tempfile::tempdir().expect("a dir"), tempfile::tempdir().expect("a dir")];
-        let mut first = Serve::sharded(dirs[0].path(), &broker.brokers(), 0, &[]);
+        let mut first = Serve::sharded(dirs[0].path(), &broker.brokers(), 0, &REDIRECT);
         tokio::time::timeout(Duration::from_secs(600), served_by(first.url.clone())).await.expect("served");
         let start = Instant::now();
         first.signal("KILL");
-        let second = Serve::sharded(dirs[1].path(), &broker.brokers(), 0, &[]);
+        let second = Serve::sharded(dirs[1].path(), &broker.brokers(), 0, &REDIRECT);
         tokio::time::timeout(Duration::from_secs(600), served_by(second.url.clone())).await.expect("taken over");
         from_nothing.push(start.elapsed());
         eprintln!("  from nothing: {:.2?}", start.elapsed());
