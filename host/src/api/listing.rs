@@ -31,10 +31,13 @@ pub(super) struct ListQuery {
     partitions: Option<String>,
 }
 
-/// An item of a listing: its order, its cursor, and the field its page holds it in.
+/// An item of a listing: its order, its cursor, the field its page holds it in, and the
+/// route that lists it.
 trait Listed: Serialize + DeserializeOwned {
     type Key: Ord;
     const FIELD: &'static str;
+    /// The listing's path for `kind` (for asking another server).
+    fn path(kind: &str) -> String;
     fn key(&self) -> Self::Key;
     fn cursor(&self) -> String;
     fn parse(cursor: &str) -> Option<Self::Key>;
@@ -43,6 +46,9 @@ trait Listed: Serialize + DeserializeOwned {
 impl Listed for VersionBody {
     type Key = String;
     const FIELD: &'static str = "models";
+    fn path(kind: &str) -> String {
+        format!("/v1/models/{}", route::encode_query_value(kind))
+    }
     fn key(&self) -> String {
         self.id.clone()
     }
@@ -70,6 +76,9 @@ pub(super) struct RejectionBody {
 impl Listed for RejectionBody {
     type Key = (u32, u64);
     const FIELD: &'static str = "rejections";
+    fn path(kind: &str) -> String {
+        format!("/v1/kinds/{}/rejections", route::encode_query_value(kind))
+    }
     fn key(&self) -> (u32, u64) {
         (self.partition, self.offset)
     }
@@ -146,7 +155,7 @@ pub(super) async fn models(
             .collect();
         Ok::<_, ApiError>(Page { items, next })
     };
-    cluster_wide(&app, &caller, &kind, "models", query, &headers, here).await
+    cluster_wide(&app, &caller, &kind, query, &headers, here).await
 }
 
 /// `GET /v1/kinds/{kind}/rejections`: the records of a kind's topic that were not applied,
@@ -194,7 +203,7 @@ pub(super) async fn rejections(
             .collect();
         Ok::<_, ApiError>(Page { items, next })
     };
-    cluster_wide(&app, &caller, &kind, "rejections", query, &headers, here).await
+    cluster_wide(&app, &caller, &kind, query, &headers, here).await
 }
 
 /// A listing: this server's page (`here`), and sharded, the other serving servers' pages
@@ -204,7 +213,6 @@ async fn cluster_wide<T, F, Fut>(
     app: &Arc<App>,
     caller: &Caller,
     kind: &str,
-    what: &str,
     query: ListQuery,
     headers: &HeaderMap,
     here: F,
@@ -240,11 +248,7 @@ where
     }
     for (url, partitions) in sources {
         let url = url.expect("this server's partitions were taken out");
-        let path = match what {
-            "models" => format!("/v1/models/{}", route::encode_query_value(kind)),
-            _ => format!("/v1/kinds/{}/rejections", route::encode_query_value(kind)),
-        };
-        pages.push(page_at(&app, &url, &path, query.after.as_deref(), limit, &partitions, headers).await?);
+        pages.push(page_at(&app, &url, &T::path(kind), query.after.as_deref(), limit, &partitions, headers).await?);
     }
     Ok(merge(pages, limit).into_json())
 }
