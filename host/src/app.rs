@@ -1160,6 +1160,9 @@ impl App {
                 self.relay.problem().map(|p| format!(" ({p})")).unwrap_or_default()
             ));
         }
+        if let Some(problem) = self.relay.problem() {
+            return Some(format!("the relay of reactions is held up: {problem}"));
+        }
         if let Some((kind, reason)) = self.kinds_stopped().into_iter().next() {
             return Some(format!("folding kind {kind} is stopped: {reason}; `statefold reset {kind}` refolds it"));
         }

@@ -176,9 +176,14 @@ limits! {
     /// Reactions relayed in one Kafka transaction (or one embedded-log write); a diff's
     /// reactions are never split across two.
     relay_batch_records_max: usize = 1000;
-    /// Longest wait of the relay for a transaction's commit before it is retried, in
-    /// milliseconds.
+    /// Longest wait of the relay for a run's acknowledgement (or a transaction's commit)
+    /// before it is retried, in milliseconds.
     relay_transaction_timeout_ms: u64 = 30_000;
+    /// Without transactions, a relay reads back, after a restart or a takeover, what it
+    /// wrote to each output partition since its mark there; it moves the mark up once it
+    /// lags the relay's last write by this many records (a mark is one consumer-group offset
+    /// commit), which bounds that read.
+    relay_mark_lag_records: u64 = 10_000;
     /// Requests over Kafka handled at once; the next waits for one to be answered.
     requests_in_flight_max: usize = 256;
 }
@@ -253,6 +258,7 @@ impl Limits {
             ("outbox_records_max", self.outbox_records_max),
             ("relay_batch_records_max", self.relay_batch_records_max as u64),
             ("relay_transaction_timeout_ms", self.relay_transaction_timeout_ms),
+            ("relay_mark_lag_records", self.relay_mark_lag_records),
             ("requests_in_flight_max", self.requests_in_flight_max as u64),
             ("kafka_check_interval_ms", self.kafka_check_interval_ms),
             ("kafka_commit_interval_ms", self.kafka_commit_interval_ms),
@@ -365,10 +371,11 @@ pub struct ReactionsConfig {
     #[serde(default = "yes")]
     pub relay: bool,
     /// With Kafka: relay in transactions, each with the relay's position (exactly once for
-    /// consumers reading committed records). `false` for brokers without transactions:
-    /// acknowledged produces, at least once, de-duplicated by the `statefold-reaction-id`
-    /// header.
-    #[serde(default = "yes")]
+    /// consumers reading committed records), for brokers that implement them. The default
+    /// (`false`) needs none: acknowledged produces of the idempotent producer, the position
+    /// after them, and after a crash or a takeover the relay reads back what it wrote to each
+    /// output partition and skips it: exactly once for any reader.
+    #[serde(default)]
     pub transactional: bool,
 }
 
@@ -406,7 +413,7 @@ impl Default for RequestsConfig {
 
 impl Default for ReactionsConfig {
     fn default() -> Self {
-        ReactionsConfig { relay: true, transactional: true }
+        ReactionsConfig { relay: true, transactional: false }
     }
 }
 

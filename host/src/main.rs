@@ -237,10 +237,11 @@ struct ServeArgs {
     /// false): for all but one of several unsharded replicas.
     #[arg(long)]
     no_relay: bool,
-    /// Relay reactions to Kafka without transactions, at least once (sets [reactions]
-    /// transactional = false): for brokers without transactions.
+    /// Relay reactions to Kafka in transactions (sets [reactions] transactional = true):
+    /// for brokers that implement them (EndTxn). Without, the relay reads back what it
+    /// wrote after a crash: exactly once either way.
     #[arg(long)]
-    relay_at_least_once: bool,
+    relay_transactional: bool,
     /// Serve request/reply over Kafka (turns [requests] on; needs Kafka).
     #[arg(long)]
     requests: bool,
@@ -426,7 +427,7 @@ fn config_of(args: ServeArgs) -> anyhow::Result<Config> {
         }
     }
     config.reactions.relay &= !args.no_relay;
-    config.reactions.transactional &= !args.relay_at_least_once;
+    config.reactions.transactional |= args.relay_transactional;
     args.limits.apply(&mut config.limits);
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     Ok(config)

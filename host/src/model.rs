@@ -284,11 +284,20 @@ pub struct Keyed {
 pub const HEADER_REACTION_ID: &str = "statefold-reaction-id";
 pub const HEADER_REACTION_KIND: &str = "statefold-kind";
 pub const HEADER_REACTION_MODEL: &str = "statefold-model";
+/// Where a reaction comes from: `TOPIC/PARTITION/OFFSET/INDEX` (the source record and the
+/// reaction's place among its diff's). A relay reads it back after a crash to find how far
+/// it got in each output partition (Kafka topic names hold no `/`).
+pub const HEADER_REACTION_SOURCE: &str = "statefold-reaction-source";
 
 impl Outgoing {
     /// `KIND/SEQ/INDEX/ID`: unique per reaction (the id last, so any id fits).
     pub fn id(&self) -> String {
         format!("{}/{}/{}/{}", self.model.kind, self.seq, self.index, self.model.id)
+    }
+
+    /// `TOPIC/PARTITION/OFFSET/INDEX`: the [`HEADER_REACTION_SOURCE`] value.
+    pub fn source_place(&self) -> String {
+        format!("{}/{}/{}/{}", self.source, self.partition, self.offset, self.index)
     }
 
     /// The reaction's headers followed by its identity's.
@@ -297,6 +306,7 @@ impl Outgoing {
         headers.push((HEADER_REACTION_ID.into(), self.id().into_bytes()));
         headers.push((HEADER_REACTION_KIND.into(), self.model.kind.as_bytes().to_vec()));
         headers.push((HEADER_REACTION_MODEL.into(), self.model.id.as_bytes().to_vec()));
+        headers.push((HEADER_REACTION_SOURCE.into(), self.source_place().into_bytes()));
         headers
     }
 }

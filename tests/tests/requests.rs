@@ -98,6 +98,15 @@ fn finish_serving(client: std::process::Child, servers: &[&Serve]) -> (BTreeMap<
     (replies, out["resent"].as_u64().unwrap())
 }
 
+/// Requests a server answered (`statefold_requests_answered_total`, every code).
+async fn answered(client: &reqwest::Client, serve: &Serve) -> u64 {
+    let text = client.get(format!("{}/metrics", serve.url)).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("statefold_requests_answered_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 fn request(target: &str, id: &str, operation: &str, payload: Value) -> Value {
     json!({
         "target": target,
@@ -256,8 +265,10 @@ async fn a_python_service_uses_every_operation_and_error_over_kafka_and_a_kill_a
         assert!(metrics.contains(line), "{line} in:\n{metrics}");
     }
 
-    // Stage 3: 300 appends with idempotency keys over 10 models; alpha is SIGKILLed while
-    // they arrive; the client sends again what is not answered within 3 s.
+    // Stage 3: 300 appends over 10 models, half without an idempotency key, and 10 creates
+    // without an id; alpha is SIGKILLed while they arrive. The client does not send again:
+    // what alpha handled and did not commit is delivered to the next alpha, which must do
+    // (and answer) exactly what the first delivery did.
     let creates: Vec<Value> = (0..10)
         .map(|m| {
             request("alpha", &format!("new-s{m}"), "models.create", json!({"kind": "counter", "id": format!("s{m}")}))
@@ -266,18 +277,28 @@ async fn a_python_service_uses_every_operation_and_error_over_kafka_and_a_kill_a
     let (created, _) =
         finish(python_client(&broker.brokers(), &json!({"reply_topic": "replies", "requests": creates})));
     assert!(created.values().all(|r| r["reply"]["success"] == true), "{created:?}");
-    let appends: Vec<Value> = (0..300)
+    let mut appends: Vec<Value> = (0..300)
         .map(|i| {
-            request("alpha", &format!("s{i}"), "models.append", json!({
-                "kind": "counter", "id": format!("s{}", i % 10), "diff": {"add": 1}, "idempotencyKey": format!("key-{i}"),
-            }))
+            let mut payload = json!({"kind": "counter", "id": format!("s{}", i % 10), "diff": {"add": 1}});
+            if i % 2 == 0 {
+                payload["idempotencyKey"] = json!(format!("key-{i}"));
+            }
+            request("alpha", &format!("s{i}"), "models.append", payload)
         })
         .collect();
-    let stream = python_client(
-        &broker.brokers(),
-        &json!({"reply_topic": "replies", "requests": appends, "resend_s": 3, "timeout_s": 180}),
-    );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    for i in 0..10 {
+        appends.insert(i * 30, request("alpha", &format!("anon-{i}"), "models.create", json!({"kind": "counter"})));
+    }
+    let before = answered(&client, &alpha).await;
+    let stream =
+        python_client(&broker.brokers(), &json!({"reply_topic": "replies", "requests": appends, "timeout_s": 180}));
+    // Killed once it has answered some of them: the next ones are in flight (up to
+    // `requests_in_flight_max`, their records written, their replies not sent).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while answered(&client, &alpha).await == before {
+        assert!(std::time::Instant::now() < deadline, "alpha answered none of the stream within 60 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     alpha.signal("KILL");
     alpha.wait();
     // Tansu 0.6: a member that joins the group while the dead one's session is still open
@@ -286,8 +307,9 @@ async fn a_python_service_uses_every_operation_and_error_over_kafka_and_a_kill_a
     tokio::time::sleep(Duration::from_millis(SESSION_MS + 1000)).await;
     let alpha = serve(dir_a.path(), &broker, "alpha");
     let (replies, resent) = finish_serving(stream, &[&alpha]);
-    assert_eq!(replies.len(), 300);
-    assert!(replies.values().all(|r| r["reply"]["success"] == true), "every append answered with success");
+    assert_eq!((replies.len(), resent), (310, 0));
+    assert!(replies.values().all(|r| r["reply"]["success"] == true), "every request answered with success");
+    assert!(replies.iter().all(|(cid, r)| r["reply"]["requestId"] == json!(format!("req-{cid}"))), "requestId echoed");
     let duplicates = replies.values().filter(|r| r["reply"]["response"]["duplicate"] == true).count();
     alpha.wait_ready(&client).await;
     for model in 0..10 {
@@ -299,5 +321,15 @@ async fn a_python_service_uses_every_operation_and_error_over_kafka_and_a_kill_a
             "s{model}: each key applied once"
         );
     }
-    println!("300 appends through a SIGKILL: {resent} sent again, {duplicates} answered as duplicates");
+    // Each create without an id made one model, found again by a second delivery.
+    let listed: Value =
+        client.get(format!("{}/v1/models/counter?limit=1000", alpha.url)).send().await.unwrap().json().await.unwrap();
+    let listed = listed["models"].as_array().unwrap().len();
+    let anonymous: std::collections::BTreeSet<String> = (0..10)
+        .map(|i| replies[&format!("anon-{i}")]["reply"]["response"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(anonymous.len(), 10, "ten creates, ten models");
+    assert_eq!(listed, 1 + 10 + 10, "c1, s0..s9 and the ten created without an id");
+    println!("310 requests through a SIGKILL, none sent again: {duplicates} answered as duplicates (redelivered)");
+    assert!(duplicates > 0, "the kill fell after some requests were handled and before their offsets were committed");
 }

@@ -52,6 +52,9 @@ struct Request {
     reply_to: ReplyTo,
     correlation_id: Value,
     operation: String,
+    /// Echoed in the reply, as `metadata` is (the seed's envelope).
+    #[serde(default)]
+    request_id: Option<Value>,
     #[serde(default)]
     metadata: Option<Value>,
     #[serde(default)]
@@ -116,10 +119,15 @@ pub async fn serve(
         let offset = message.offset();
         progress.lock().unwrap_or_else(|p| p.into_inner()).started(&slot_key, offset);
         let (value, headers) = (message.payload().map(<[u8]>::to_vec), traceparent_of(&message));
-        let (app, producer, settings, progress, consumer) =
-            (app.clone(), producer.clone(), settings.clone(), progress.clone(), consumer.clone());
+        let origin = Origin { topic: slot_key.0.clone(), partition: slot_key.1, offset };
+        let (app, producer, settings, progress, consumer, stop) =
+            (app.clone(), producer.clone(), settings.clone(), progress.clone(), consumer.clone(), stop.clone());
         tokio::spawn(async move {
-            handle(&app, &producer, &settings, value.as_deref(), headers).await;
+            if !handle(&app, &producer, &settings, value.as_deref(), headers, &origin, &stop).await {
+                // Stopping with the reply not delivered: the offset stays uncommitted, and the
+                // next start answers the request again (the same way: see `Origin`).
+                return;
+            }
             let commit = progress.lock().unwrap_or_else(|p| p.into_inner()).done(&slot_key, offset);
             if let Some(next) = commit {
                 let mut tpl = TopicPartitionList::new();
@@ -175,24 +183,47 @@ fn traceparent_of(message: &BorrowedMessage<'_>) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// One request: parsed, checked, performed, answered.
+/// Where a request was read: what makes a redelivered request do what its first delivery
+/// did. An append without `idempotencyKey` gets `kafka:TOPIC/PARTITION/OFFSET`; a create
+/// without an id gets one derived from the same (so a second delivery finds its model).
+struct Origin {
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+impl Origin {
+    fn key(&self) -> String {
+        format!("kafka:{}/{}/{}", self.topic, self.partition, self.offset)
+    }
+
+    /// 32 hex digits of blake3 over the key: an id like `new_id`'s, the same every delivery.
+    fn id(&self) -> String {
+        blake3::hash(self.key().as_bytes()).to_hex()[..32].to_owned()
+    }
+}
+
+/// One request: parsed, checked, performed, answered. False only if stopped before the
+/// reply was delivered (a failed delivery is retried until then, never dropped).
 async fn handle(
     app: &Arc<App>,
     producer: &FutureProducer,
     settings: &Settings,
     value: Option<&[u8]>,
     header_traceparent: Option<String>,
-) {
+    origin: &Origin,
+    stop: &CancellationToken,
+) -> bool {
     let Some(request) = value.and_then(|v| serde_json::from_slice::<Request>(v).ok()) else {
         // Without a replyTo there is no one to tell.
         app.metrics.request_dropped("malformed");
         tracing::warn!("a request that is not one (no JSON with target, replyTo, correlationId, operation): dropped");
-        return;
+        return true;
     };
     if request.target != settings.target {
         app.metrics.request_dropped("other_target");
         tracing::debug!(target = %request.target, ours = %settings.target, "a request for another target: dropped");
-        return;
+        return true;
     }
     // `traceparent` continued: from the metadata, else the record header.
     let traceparent = request
@@ -206,7 +237,7 @@ async fn handle(
     let span = tracing::info_span!("request", operation = %request.operation, trace_id = %trace_id);
     let _entered = span.enter();
     let started = std::time::Instant::now();
-    let outcome = perform(app, &request.operation, &request.payload).await;
+    let outcome = perform(app, &request.operation, &request.payload, origin).await;
     let reply = match &outcome {
         Ok(response) => json!({
             "target": request.reply_to.target,
@@ -221,18 +252,39 @@ async fn handle(
             "error": {"code": failure.code, "message": failure.message},
         }),
     };
+    let mut reply = reply;
+    for (field, value) in [("requestId", &request.request_id), ("metadata", &request.metadata)] {
+        if let Some(value) = value {
+            reply[field] = value.clone();
+        }
+    }
     app.metrics.request_answered(outcome.as_ref().err().map(|f| f.code), started.elapsed());
     let body = reply.to_string();
     let mut headers = OwnedHeaders::new();
     if let Some(traceparent) = traceparent.as_deref().and_then(child_traceparent) {
         headers = headers.insert(Header { key: "traceparent", value: Some(traceparent.as_bytes()) });
     }
-    let mut record = FutureRecord::to(&request.reply_to.topic).payload(body.as_bytes()).headers(headers);
-    if let Some(key) = &request.reply_to.partition_key {
-        record = record.key(key.as_bytes());
-    }
-    if let Err((e, _)) = producer.send(record, settings.produce_timeout).await {
-        tracing::warn!(topic = %request.reply_to.topic, error = %e, "the reply was not delivered");
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut record = FutureRecord::to(&request.reply_to.topic).payload(body.as_bytes()).headers(headers.clone());
+        if let Some(key) = &request.reply_to.partition_key {
+            record = record.key(key.as_bytes());
+        }
+        let sent = tokio::select! {
+            _ = stop.cancelled() => return false,
+            sent = producer.send(record, settings.produce_timeout) => sent,
+        };
+        match sent {
+            Ok(_) => return true,
+            Err((e, _)) => {
+                tracing::warn!(topic = %request.reply_to.topic, error = %e, retry_in = ?backoff, "the reply was not delivered");
+                tokio::select! {
+                    _ = stop.cancelled() => return false,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
     }
 }
 
@@ -300,7 +352,7 @@ fn served_here(app: &App, model: &ModelKey) -> Result<(), Failure> {
 
 const OPERATIONS: [&str; 5] = ["models.create", "models.append", "models.read", "models.since", "models.list"];
 
-async fn perform(app: &Arc<App>, operation: &str, payload: &Value) -> Result<Value, Failure> {
+async fn perform(app: &Arc<App>, operation: &str, payload: &Value, origin: &Origin) -> Result<Value, Failure> {
     if !OPERATIONS.contains(&operation) {
         return Err(Failure {
             code: "unknown_operation",
@@ -311,15 +363,27 @@ async fn perform(app: &Arc<App>, operation: &str, payload: &Value) -> Result<Val
     let wait = Duration::from_millis(app.limits().wait_applied_ms_max);
     match operation {
         "models.create" => {
-            let id = match optional(payload, "id")? {
-                Some(id) => id.to_owned(),
-                None => super::new_id(),
+            let (id, derived) = match optional(payload, "id")? {
+                Some(id) => (id.to_owned(), false),
+                None => (origin.id(), true),
             };
             let model = ModelKey::new(&kind, &id);
             served_here(app, &model)?;
-            let topic = blocking(app, move |app| app.check_create(&kind, &id)).await?;
+            // A second delivery of a create without an id finds the model its first made:
+            // the same answer, the model's first version.
+            let again = || {
+                let hash = model.genesis().to_string();
+                json!({"id": model.id.to_string(), "hash": hash, "seq": 0, "duplicate": true})
+            };
+            let topic = match blocking(app, move |app| app.check_create(&kind, &id)).await {
+                Err(Failure { code: "model_exists", .. }) if derived => return Ok(again()),
+                topic => topic?,
+            };
             let (partition, offset) = app.write(&topic, &model.id, None, &[]).await?;
-            let version = app.wait_folded(&model, &topic, partition, offset, wait).await?;
+            let version = match app.wait_folded(&model, &topic, partition, offset, wait).await {
+                Err(AppError::Rejected(crate::model::Rejection::Exists)) if derived => return Ok(again()),
+                version => version?,
+            };
             let body = VersionBody {
                 id: model.id.to_string(),
                 hash: version.hash.to_string(),
@@ -344,12 +408,14 @@ async fn perform(app: &Arc<App>, operation: &str, payload: &Value) -> Result<Val
                     .push((EXPECTED_HASH_HEADER.to_owned(), hash(expected, "expectedHash")?.to_string().into_bytes()));
             }
             let key = optional(payload, "idempotencyKey")?.map(str::to_owned);
-            if let Some(key) = &key {
-                if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
-                    return Err(bad_request(format!("payload.idempotencyKey: 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes")));
-                }
-                headers.push((IDEMPOTENCY_KEY_HEADER.to_owned(), key.as_bytes().to_vec()));
+            if let Some(key) = &key
+                && (key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX)
+            {
+                return Err(bad_request(format!("payload.idempotencyKey: 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes")));
             }
+            // Without a key, the request's place in its topic: a redelivery is the same append.
+            let key = key.unwrap_or_else(|| origin.key());
+            headers.push((IDEMPOTENCY_KEY_HEADER.to_owned(), key.as_bytes().to_vec()));
             let model = ModelKey::new(&kind, &id);
             served_here(app, &model)?;
             let topic = {
@@ -357,7 +423,7 @@ async fn perform(app: &Arc<App>, operation: &str, payload: &Value) -> Result<Val
                 blocking(app, move |app| app.check_append(&model)).await?
             };
             // A key applied already answers with what it applied (nothing is written).
-            if let Some(key) = &key {
+            {
                 let (model, key) = (model.clone(), key.clone());
                 if let Some(keyed) = blocking(app, move |app| app.keyed(&model, &key)).await? {
                     return Ok(duplicate(&id, &keyed));
@@ -369,7 +435,6 @@ async fn perform(app: &Arc<App>, operation: &str, payload: &Value) -> Result<Val
                     json!({"id": id, "hash": version.hash.to_string(), "seq": version.seq, "offset": version.offset}),
                 ),
                 Err(AppError::Rejected(crate::model::Rejection::Duplicate { .. })) => {
-                    let key = key.expect("only a keyed diff is a duplicate");
                     let keyed = blocking(app, move |app| app.keyed(&model, &key)).await?;
                     let keyed = keyed.ok_or_else(|| Failure {
                         code: "internal",

@@ -4,7 +4,14 @@
 //! `store::outbox`); the relay, on its own thread, moves them on, per source partition in
 //! offset order (so each model's in the order its diffs emitted them), a diff's reactions
 //! never split:
-//! - **Kafka, transactional** (the default): one producer per source partition with
+//! - **Kafka, read back** (the default): acknowledged produces of an idempotent producer per
+//!   source partition, each reaction to the partition its key maps to, then the position
+//!   committed to the relay group and stored. After a crash or a takeover, before producing,
+//!   the relay reads back from each output partition (from its mark, see [`tail`]) the last
+//!   reaction it wrote there and skips everything up to it: any reader, even one that does
+//!   not de-duplicate, sees each reaction once, with no broker transactions.
+//! - **Kafka, transactional** (`[reactions] transactional = true`, for brokers that
+//!   implement EndTxn): one producer per source partition with
 //!   `transactional.id` `<group_id>.relay.<topic>.<partition>`. Each transaction produces a
 //!   run of reactions and commits, in the same transaction, the relay's position as the
 //!   consumer-group offset of the source partition (group `<group_id>.relay`): Kafka
@@ -12,10 +19,6 @@
 //!   of the partition, starts with `init_transactions` (which fences the previous producer
 //!   of that id and aborts its open transaction) and reads the position back from Kafka.
 //!   Consumers reading committed records see each reaction once.
-//! - **Kafka, idempotent** (`[reactions] transactional = false`, for brokers without
-//!   transactions): acknowledged produces, then the position stored in RocksDB: at least
-//!   once, a crash between the two re-sends; the `statefold-reaction-id` header lets a
-//!   consumer de-duplicate.
 //! - **The embedded log**: the appends, the position and the removal from the outbox in one
 //!   RocksDB WriteBatch: exactly once. A reaction to a kind's topic is folded by that kind.
 //!
@@ -36,6 +39,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
+mod tail;
+
+use self::tail::Tail;
 use super::cluster::Cluster;
 use super::kafka::{Role, client_config, kafka_settings};
 use super::{EmbeddedLog, SourceStatus};
@@ -160,9 +166,12 @@ pub fn run(
         let mut problems = Vec::new();
         let mut busy = false;
         for (topic, partition) in &relayed {
+            if stop() {
+                return;
+            }
             let step = match (&sink, &mut kafka) {
                 (Sink::Embedded(log), _) => relay_embedded(&store, log, topic, *partition, &limits),
-                (Sink::Kafka { .. }, Some(Ok(kafka))) => kafka.relay(&store, topic, *partition, &limits),
+                (Sink::Kafka { .. }, Some(Ok(kafka))) => kafka.relay(&store, topic, *partition, &limits, &stop),
                 (Sink::Kafka { .. }, _) => Err("the relay's Kafka clients could not be created".into()),
             };
             match step {
@@ -224,22 +233,32 @@ fn relay_embedded(
     Ok((entries.len(), removed))
 }
 
-/// The Kafka side: one producer per source partition, and a consumer that only reads and
-/// commits the relay group's offsets (its positions).
+/// The Kafka side: one producer per source partition (transactional), or one for all of
+/// them (read back: each source partition's reactions stay in order in every output
+/// partition); a consumer that only reads and commits the relay group's offsets (its
+/// positions).
 struct KafkaRelay {
     settings: BTreeMap<String, String>,
+    /// A consumer's, for the read-back clients.
+    reader: BTreeMap<String, String>,
     group: String,
     transactional: bool,
     offsets: BaseConsumer,
     metadata: ConsumerGroupMetadata,
     producers: BTreeMap<(String, u32), Partition>,
+    /// Read back: the producer every partition shares (its first produce waits for a
+    /// producer id, about a second on Tansu: paid once, not per partition).
+    shared: Option<Arc<ThreadedProducer<Delivery>>>,
     timeout: Duration,
+    mark_lag: u64,
 }
 
 /// A source partition's producer and where its relay stands.
 struct Partition {
-    producer: ThreadedProducer<Delivery>,
+    producer: Arc<ThreadedProducer<Delivery>>,
     next: u64,
+    /// Without transactions: where its reactions stand in the output partitions.
+    tail: Option<Tail>,
 }
 
 impl KafkaRelay {
@@ -249,55 +268,100 @@ impl KafkaRelay {
         consumer.insert("group.id".into(), group.clone());
         let offsets: BaseConsumer =
             client_config(&consumer).create().map_err(|e| format!("cannot create the relay's consumer: {e}"))?;
+        let reader = consumer.clone();
         let metadata = offsets.group_metadata().ok_or("the relay's consumer has no group metadata")?;
         let mut settings = kafka_settings(config, limits, Role::Producer);
-        settings.insert("transaction.timeout.ms".into(), limits.relay_transaction_timeout_ms.to_string());
-        Ok(KafkaRelay {
+        match transactional {
+            true => settings.insert("transaction.timeout.ms".into(), limits.relay_transaction_timeout_ms.to_string()),
+            // A gap in what reaches an output partition would hide reactions behind a later
+            // one that a read-back finds: the producer fails instead, and its successor reads
+            // back again.
+            false => settings.insert("enable.gapless.guarantee".into(), "true".into()),
+        };
+        let mut relay = KafkaRelay {
             settings,
+            reader,
             group,
             transactional,
             offsets,
             metadata,
             producers: BTreeMap::new(),
+            shared: None,
             timeout: Duration::from_millis(limits.relay_transaction_timeout_ms),
-        })
+            mark_lag: limits.relay_mark_lag_records,
+        };
+        if !transactional {
+            // Now, so that it has its producer id by the first run.
+            relay.producer("", 0)?;
+        }
+        Ok(relay)
     }
 
     /// One transaction (or one acknowledged run) of a partition's outbox: (relayed, removed).
-    fn relay(&mut self, store: &Store, topic: &str, partition: u32, limits: &Limits) -> Result<(usize, u64), String> {
+    fn relay(
+        &mut self,
+        store: &Store,
+        topic: &str,
+        partition: u32,
+        limits: &Limits,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(usize, u64), String> {
         let slot = (topic.to_owned(), partition);
         if !self.producers.contains_key(&slot) {
-            // Only with something to relay (a producer per partition is a connection each),
-            // as far as the store knows: its position is at most Kafka's.
+            // Only with something to relay (a transactional producer per partition is a
+            // connection each), as far as the store knows: its position is at most Kafka's.
             let from = store.relay_position(topic, partition).map_err(|e| e.to_string())?.unwrap_or(0);
             if store.outbox(topic, partition, from, 1).map_err(|e| e.to_string())?.is_empty() {
                 return Ok((0, 0));
             }
+            let started = std::time::Instant::now();
             let producer = self.producer(topic, partition)?;
             let next = self.position(store, topic, partition)?;
-            self.producers.insert(slot.clone(), Partition { producer, next });
+            tracing::info!(%topic, partition, next, took = ?started.elapsed(), "relay: producing");
+            let tail = match self.transactional {
+                true => None,
+                false => Some(Tail::new(&self.reader, &self.group, topic, partition, self.timeout, self.mark_lag)?),
+            };
+            self.producers.insert(slot.clone(), Partition { producer, next, tail });
         }
         let p = self.producers.get_mut(&slot).expect("inserted above");
         let entries =
             store.outbox(topic, partition, p.next, limits.relay_batch_records_max).map_err(|e| e.to_string())?;
         let Some(last) = entries.last() else { return Ok((0, 0)) };
         let next = last.offset + 1;
-        let sent = match self.transactional {
-            true => transaction(&p.producer, &entries, topic, partition, next, &self.metadata, self.timeout),
-            false => acknowledged(&p.producer, &entries, self.timeout).and_then(|()| {
-                // The position, for the servers that follow it (at least once: a crash
-                // before this commit re-sends the run).
-                self.offsets.commit(&position(topic, partition, next)?, CommitMode::Sync)
-            }),
+        let sent = match &mut p.tail {
+            None => transaction(&p.producer, &entries, topic, partition, next, &self.metadata, self.timeout)
+                .map_err(|e| e.to_string()),
+            Some(tail) => match read_back_and_send(&p.producer, tail, &entries, self.timeout, stop) {
+                Ok(()) => {
+                    // The position, for the servers that follow it and for the next start (a
+                    // crash before it: the next relay reads back what this run wrote).
+                    let at = position(topic, partition, next).map_err(|e| e.to_string())?;
+                    let committed = self
+                        .offsets
+                        .commit(&at, CommitMode::Sync)
+                        .map_err(|e| format!("committing the relay's position: {e}"));
+                    if committed.is_ok() {
+                        tail.committed();
+                    }
+                    committed
+                }
+                Err(Failed::Before(e)) => Err(e),
+                Err(Failed::Producing(e)) => {
+                    // Some of the run may be written, in any output partition the shared
+                    // producer wrote to: every partition reads back again, with a new one.
+                    self.shared = None;
+                    self.producers.clear();
+                    return Err(e);
+                }
+            },
         };
         if let Err(e) = sent {
             // A fenced or failed producer is dropped: the next attempt starts over from the
             // position in Kafka, with a new epoch.
             self.producers.remove(&slot);
-            let hint = match self.transactional && e.to_string().contains("not supported by broker") {
-                true => {
-                    " (a broker without transactions: set [reactions] transactional = false, --relay-at-least-once)"
-                }
+            let hint = match self.transactional && e.contains("not supported by broker") {
+                true => " (a broker without transactions: set [reactions] transactional = false)",
                 false => "",
             };
             return Err(format!("{e}{hint}"));
@@ -318,8 +382,12 @@ impl KafkaRelay {
         store.relayed(topic, partition, next, &[]).map(|(_, removed)| removed).map_err(|e| e.to_string())
     }
 
-    /// A producer for the partition; transactional, it has fenced the previous one.
-    fn producer(&self, topic: &str, partition: u32) -> Result<ThreadedProducer<Delivery>, String> {
+    /// A producer for the partition: transactional, its own, which has fenced the previous
+    /// one; otherwise the shared one.
+    fn producer(&mut self, topic: &str, partition: u32) -> Result<Arc<ThreadedProducer<Delivery>>, String> {
+        if let (false, Some(shared)) = (self.transactional, &self.shared) {
+            return Ok(shared.clone());
+        }
         let mut settings = self.settings.clone();
         if self.transactional {
             settings.insert("transactional.id".into(), format!("{}.{topic}.{partition}", self.group));
@@ -330,13 +398,15 @@ impl KafkaRelay {
         if self.transactional {
             producer.init_transactions(self.timeout).map_err(|e| {
                 let hint = match e.to_string().contains("not supported by broker") {
-                    true => {
-                        " (a broker without transactions: set [reactions] transactional = false, --relay-at-least-once)"
-                    }
+                    true => " (a broker without transactions: set [reactions] transactional = false)",
                     false => "",
                 };
                 format!("init_transactions: {e}{hint}")
             })?;
+        }
+        let producer = Arc::new(producer);
+        if !self.transactional {
+            self.shared = Some(producer.clone());
         }
         Ok(producer)
     }
@@ -373,19 +443,30 @@ fn position(topic: &str, partition: u32, next: u64) -> Result<TopicPartitionList
     Ok(tpl)
 }
 
-fn record<'a>(o: &'a Outgoing, headers: &'a [(String, Vec<u8>)]) -> BaseRecord<'a, str, [u8]> {
+fn record<'a>(o: &'a Outgoing, headers: &'a [(String, Vec<u8>)], to: Option<u32>) -> BaseRecord<'a, str, [u8]> {
     let mut owned = OwnedHeaders::new_with_capacity(headers.len());
     for (name, value) in headers {
         owned = owned.insert(Header { key: name, value: Some(value) });
     }
-    BaseRecord::to(&o.reaction.topic).key(o.reaction.key.as_str()).payload(o.reaction.value.as_slice()).headers(owned)
+    let record = BaseRecord::to(&o.reaction.topic)
+        .key(o.reaction.key.as_str())
+        .payload(o.reaction.value.as_slice())
+        .headers(owned);
+    match to {
+        Some(partition) => record.partition(partition as i32),
+        None => record,
+    }
 }
 
-/// Queues every entry, waiting while the producer's queue is full.
-fn produce(producer: &ThreadedProducer<Delivery>, entries: &[Outgoing]) -> Result<(), KafkaError> {
-    for o in entries {
+/// Queues every entry (to its output partition if given), waiting while the producer's
+/// queue is full.
+fn produce<'a>(
+    producer: &ThreadedProducer<Delivery>,
+    entries: impl IntoIterator<Item = (&'a Outgoing, Option<u32>)>,
+) -> Result<(), KafkaError> {
+    for (o, to) in entries {
         let headers = o.headers();
-        let mut pending = record(o, &headers);
+        let mut pending = record(o, &headers, to);
         loop {
             match producer.send(pending) {
                 Ok(()) => break,
@@ -411,7 +492,7 @@ fn transaction(
     timeout: Duration,
 ) -> Result<(), KafkaError> {
     producer.begin_transaction()?;
-    let sent = produce(producer, entries).and_then(|()| {
+    let sent = produce(producer, entries.iter().map(|o| (o, None))).and_then(|()| {
         producer.send_offsets_to_transaction(&position(topic, partition, next)?, metadata, timeout)?;
         producer.commit_transaction(timeout)
     });
@@ -423,25 +504,70 @@ fn transaction(
     sent
 }
 
-/// The entries, each acknowledged by the broker (at least once).
-fn acknowledged(
+/// Without transactions: the entries not already in their output partitions (read back on
+/// a producer's first run into each), each to its partition and acknowledged by the broker.
+fn read_back_and_send(
     producer: &ThreadedProducer<Delivery>,
+    tail: &mut Tail,
     entries: &[Outgoing],
     timeout: Duration,
-) -> Result<(), KafkaError> {
-    producer.context().failed.lock().unwrap_or_else(|p| p.into_inner()).take();
-    produce(producer, entries)?;
-    producer.flush(timeout)?;
-    match producer.context().failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some(e) => Err(e),
-        None => Ok(()),
+    stop: &dyn Fn() -> bool,
+) -> Result<(), Failed> {
+    let partitions = tail.outputs(entries).map_err(Failed::Before)?;
+    let outputs: Vec<(String, u32)> =
+        entries.iter().zip(partitions).map(|(o, p)| (o.reaction.topic.clone(), p)).collect();
+    let mut distinct = outputs.clone();
+    distinct.sort();
+    distinct.dedup();
+    tail.prepare(&distinct, stop).map_err(Failed::Before)?;
+    let fresh: Vec<(&Outgoing, Option<u32>)> = entries
+        .iter()
+        .zip(&outputs)
+        .filter(|(o, output)| !tail.written(output, (o.offset, o.index)))
+        .map(|(o, output)| (o, Some(output.1)))
+        .collect();
+    let skipped = entries.len() - fresh.len();
+    if skipped > 0 {
+        tail.skipped += skipped as u64;
+        tracing::info!(skipped, "relay recovery: reactions already written, not sent again");
     }
+    let context = producer.context();
+    context.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+    context.ends.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    produce(producer, fresh).map_err(|e| Failed::Producing(e.to_string()))?;
+    // In slices, so that a stop is not held up by a broker that does not answer.
+    let deadline = std::time::Instant::now() + timeout;
+    while producer.in_flight_count() > 0 {
+        if stop() {
+            return Err(Failed::Producing("stopping".into()));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Failed::Producing(format!("reactions not acknowledged within {timeout:?}")));
+        }
+        // The producer's own thread serves the delivery reports (a `flush` here would wait
+        // out its whole timeout).
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if let Some(e) = context.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(Failed::Producing(e.to_string()));
+    }
+    tail.delivered(std::mem::take(&mut *context.ends.lock().unwrap_or_else(|p| p.into_inner())));
+    Ok(())
 }
 
-/// Remembers the first failed delivery (a transaction's commit fails on its own then).
+/// Why a run was not relayed: before anything was produced, or after (then some of it may
+/// be written).
+enum Failed {
+    Before(String),
+    Producing(String),
+}
+
+/// Remembers the first failed delivery (a transaction's commit fails on its own then), and
+/// the end (last offset + 1) of each output partition a delivery reached.
 #[derive(Default)]
 struct Delivery {
     failed: Mutex<Option<KafkaError>>,
+    ends: Mutex<BTreeMap<(String, u32), u64>>,
 }
 
 impl ClientContext for Delivery {}
@@ -450,8 +576,16 @@ impl ProducerContext for Delivery {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
-            self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.clone());
+        match result {
+            Err((e, _)) => {
+                self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.clone());
+            }
+            Ok(m) => {
+                use rdkafka::Message;
+                let mut ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
+                let end = ends.entry((m.topic().to_owned(), m.partition() as u32)).or_insert(0);
+                *end = (*end).max(m.offset() as u64 + 1);
+            }
         }
     }
 }
