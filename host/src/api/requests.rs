@@ -238,7 +238,7 @@ async fn handle(
     let _entered = span.enter();
     let started = std::time::Instant::now();
     let outcome = perform(app, &request.operation, &request.payload, origin).await;
-    let reply = match &outcome {
+    let mut reply = match &outcome {
         Ok(response) => json!({
             "target": request.reply_to.target,
             "correlationId": request.correlation_id,
@@ -252,7 +252,6 @@ async fn handle(
             "error": {"code": failure.code, "message": failure.message},
         }),
     };
-    let mut reply = reply;
     for (field, value) in [("requestId", &request.request_id), ("metadata", &request.metadata)] {
         if let Some(value) = value {
             reply[field] = value.clone();

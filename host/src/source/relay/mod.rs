@@ -4,8 +4,8 @@
 //! `store::outbox`); the relay, on its own thread, moves them on, per source partition in
 //! offset order (so each model's in the order its diffs emitted them), a diff's reactions
 //! never split:
-//! - **Kafka, read back** (the default): acknowledged produces of an idempotent producer per
-//!   source partition, each reaction to the partition its key maps to, then the position
+//! - **Kafka, read back** (the default): acknowledged produces of one idempotent producer
+//!   shared by the source partitions, each reaction to the partition its key maps to, then the position
 //!   committed to the relay group and stored. After a crash or a takeover, before producing,
 //!   the relay reads back from each output partition (from its mark, see [`tail`]) the last
 //!   reaction it wrote there and skips everything up to it: any reader, even one that does
@@ -292,7 +292,7 @@ impl KafkaRelay {
         };
         if !transactional {
             // Now, so that it has its producer id by the first run.
-            relay.producer("", 0)?;
+            relay.shared_producer()?;
         }
         Ok(relay)
     }
@@ -385,29 +385,29 @@ impl KafkaRelay {
     /// A producer for the partition: transactional, its own, which has fenced the previous
     /// one; otherwise the shared one.
     fn producer(&mut self, topic: &str, partition: u32) -> Result<Arc<ThreadedProducer<Delivery>>, String> {
-        if let (false, Some(shared)) = (self.transactional, &self.shared) {
-            return Ok(shared.clone());
+        if !self.transactional {
+            return self.shared_producer();
         }
         let mut settings = self.settings.clone();
-        if self.transactional {
-            settings.insert("transactional.id".into(), format!("{}.{topic}.{partition}", self.group));
+        settings.insert("transactional.id".into(), format!("{}.{topic}.{partition}", self.group));
+        let producer = create_producer(&settings)?;
+        producer.init_transactions(self.timeout).map_err(|e| {
+            let hint = match e.to_string().contains("not supported by broker") {
+                true => " (a broker without transactions: set [reactions] transactional = false)",
+                false => "",
+            };
+            format!("init_transactions: {e}{hint}")
+        })?;
+        Ok(Arc::new(producer))
+    }
+
+    /// The producer the partitions share without transactions (made on first use).
+    fn shared_producer(&mut self) -> Result<Arc<ThreadedProducer<Delivery>>, String> {
+        if let Some(shared) = &self.shared {
+            return Ok(shared.clone());
         }
-        let producer: ThreadedProducer<Delivery> = client_config(&settings)
-            .create_with_context(Delivery::default())
-            .map_err(|e| format!("cannot create a relay producer: {e}"))?;
-        if self.transactional {
-            producer.init_transactions(self.timeout).map_err(|e| {
-                let hint = match e.to_string().contains("not supported by broker") {
-                    true => " (a broker without transactions: set [reactions] transactional = false)",
-                    false => "",
-                };
-                format!("init_transactions: {e}{hint}")
-            })?;
-        }
-        let producer = Arc::new(producer);
-        if !self.transactional {
-            self.shared = Some(producer.clone());
-        }
+        let producer = Arc::new(create_producer(&self.settings)?);
+        self.shared = Some(producer.clone());
         Ok(producer)
     }
 
@@ -434,6 +434,12 @@ impl KafkaRelay {
             _ => 0,
         })
     }
+}
+
+fn create_producer(settings: &BTreeMap<String, String>) -> Result<ThreadedProducer<Delivery>, String> {
+    client_config(settings)
+        .create_with_context(Delivery::default())
+        .map_err(|e| format!("cannot create a relay producer: {e}"))
 }
 
 /// The relay's position of a source partition, as a consumer-group offset.
@@ -528,7 +534,6 @@ fn read_back_and_send(
         .collect();
     let skipped = entries.len() - fresh.len();
     if skipped > 0 {
-        tail.skipped += skipped as u64;
         tracing::info!(skipped, "relay recovery: reactions already written, not sent again");
     }
     let context = producer.context();

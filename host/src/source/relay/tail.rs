@@ -29,7 +29,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::super::kafka::client_config;
+use super::super::kafka::{client_config, partition_count};
 use crate::model::{HEADER_REACTION_SOURCE, Outgoing, partition_of};
 
 /// A reaction's place in its source partition: (source offset, index among its diff's).
@@ -54,8 +54,6 @@ pub struct Tail {
     marked: BTreeMap<Output, u64>,
     written: BTreeMap<Output, u64>,
     covered: BTreeMap<Output, u64>,
-    /// Reactions skipped because a recovery found them written.
-    pub skipped: u64,
     timeout: Duration,
     mark_lag: u64,
 }
@@ -84,7 +82,6 @@ impl Tail {
             marked: BTreeMap::new(),
             written: BTreeMap::new(),
             covered: BTreeMap::new(),
-            skipped: 0,
             timeout,
             mark_lag,
         })
@@ -98,7 +95,9 @@ impl Tail {
             let count = match self.counts.get(topic) {
                 Some(count) => *count,
                 None => {
-                    let count = partition_count(&self.consumer, topic, self.timeout)?;
+                    let count = partition_count(self.consumer.client(), topic, self.timeout).map_err(|e| {
+                        format!("reaction topic {topic}: {e} (reactions are produced to existing topics)")
+                    })?;
                     self.counts.insert(topic.clone(), count);
                     count
                 }
@@ -251,24 +250,6 @@ struct ReadBack {
 pub fn parse_place(value: &str, prefix: &str) -> Option<Place> {
     let (offset, index) = value.strip_prefix(prefix)?.split_once('/')?;
     Some((offset.parse().ok()?, index.parse().ok()?))
-}
-
-/// How many partitions `topic` has (an error names a missing topic).
-fn partition_count(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> Result<u32, String> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("the partitions of reaction topic {topic}: {e}"))?;
-    let t = metadata.topics().iter().find(|t| t.name() == topic);
-    match t {
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as u32),
-        Some(t) if t.error().is_some() => Err(format!(
-            "reaction topic {topic}: {:?} (create it: reactions are produced to existing topics)",
-            t.error()
-        )),
-        _ => {
-            Err(format!("reaction topic {topic} does not exist (create it: reactions are produced to existing topics)"))
-        }
-    }
 }
 
 #[cfg(test)]
