@@ -180,9 +180,9 @@ limits! {
     /// before it is retried, in milliseconds.
     relay_transaction_timeout_ms: u64 = 30_000;
     /// Without transactions, a relay reads back, after a restart or a takeover, what it
-    /// wrote to each output partition since its mark there; it moves the mark up once it
-    /// lags the relay's last write by this many records (a mark is one consumer-group offset
-    /// commit), which bounds that read.
+    /// wrote to each output partition since its mark there; it moves the mark up once what
+    /// its committed position covers is this many records past it (a mark is one
+    /// consumer-group offset commit), which bounds that read.
     relay_mark_lag_records: u64 = 10_000;
     /// Requests over Kafka handled at once; the next waits for one to be answered.
     requests_in_flight_max: usize = 256;
