@@ -101,7 +101,7 @@ install_python_tools() {
 # use): the workspace members are the one list of them. `run` builds the examples only;
 # `test` adds the faulty and legacy ones.
 build_reducers() {
-  cargo build --release --target wasm32-wasip2 --workspace --exclude statefold --exclude statefold-tests "$@"
+  cargo build --release --target wasm32-wasip2 --workspace --exclude statefold --exclude statefold-core --exclude statefold-tests "$@"
 }
 
 wasm_dir() {

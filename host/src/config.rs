@@ -226,7 +226,7 @@ impl Limits {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        self.reducer().validate()?;
+        self.reducer().validate().map_err(|e| e.to_string())?;
         let positive = [
             ("reducer_watch_interval_ms", self.reducer_watch_interval_ms),
             ("reducer_module_bytes_max", self.reducer_module_bytes_max as u64),

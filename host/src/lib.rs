@@ -1,20 +1,20 @@
 //! Statefold: folds streams of diffs into live per-model state with reducers compiled to
 //! WebAssembly. See ARCHITECTURE.md for the map.
 //!
-//! The core ([`chain`], [`fold`]) does no I/O; [`store`] (RocksDB), [`source`] (logs),
-//! [`reducer`] (wasmtime) and [`api`] (HTTP/SSE) are adapters; [`server`] wires them.
+//! The core ([`chain`], [`model`], [`fold`]: the crate `statefold-core`) does no I/O;
+//! [`store`] (RocksDB), [`source`] (logs), [`reducer`] (wasmtime) and [`api`] (HTTP/SSE)
+//! are adapters; [`server`] wires them.
+
+pub use statefold_core::{chain, fold, model};
 
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod cases;
-pub mod chain;
 pub mod config;
 pub mod deploy;
-pub mod fold;
 pub mod hub;
 pub mod metrics;
-pub mod model;
 pub mod pipeline;
 pub mod reducer;
 pub mod remote;

@@ -43,6 +43,8 @@ pub fn wasm(name: &str) -> PathBuf {
             "--exclude",
             "statefold",
             "--exclude",
+            "statefold-core",
+            "--exclude",
             "statefold-tests",
         ])
     });

@@ -231,7 +231,7 @@ fn every_error_code_in_the_readme_is_named_by_a_test() {
     let codes = readme_error_codes(&readme);
     assert!(codes.len() >= 40, "the README's error table: {codes:?}");
     let mut tests = String::new();
-    for dir in ["tests/tests", "host/src/fold"] {
+    for dir in ["tests/tests", "host/core/src/fold"] {
         for entry in std::fs::read_dir(root.join(dir)).unwrap() {
             let path = entry.unwrap().path();
             let file = path.file_name().unwrap().to_string_lossy().into_owned();

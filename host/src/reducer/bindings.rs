@@ -24,7 +24,7 @@ pub mod v0_1 {
 }
 
 pub use self::v0_2::statefold::reducer::reactions::Reaction as WitReaction;
-pub use self::v0_2::statefold::reducer::types::{ApplyResult, Capabilities, Info, Refusal};
+pub use self::v0_2::statefold::reducer::types::{Capabilities, Info};
 
 /// One version's bindings of an instance.
 pub enum Guest {

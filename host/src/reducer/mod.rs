@@ -3,26 +3,24 @@
 //! One [`Runtime`] per process holds the `Engine`, the `Linker` (locked-down WASI plus the
 //! `meter` import) and the compiled-code cache keyed by the module's blake3. Loading a
 //! component checks that it is a compatible `statefold:reducer` and yields a [`Reducer`]
-//! (one version: an `InstancePre` plus what it declares). [`Models`] keeps models' states
-//! resident in one instance of it.
+//! (one version: what it declares, and its `InstancePre` behind the core's
+//! [`Instantiate`]); the core's [`Models`] keeps models' states resident in one instance of
+//! it, through [`wasm::WasmGuest`].
 
 mod bindings;
 mod inspect;
-mod models;
-mod native;
 mod sandbox;
+mod wasm;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::histogram::Histogram;
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, Store};
+use wasmtime::{Config, Engine};
 
-pub use models::{Checkpoints, Composed, MemoryCheckpoints, Models, Outcome};
-pub use native::{Native, NativeModel};
+pub use statefold_core::reducer::*;
 
 use sandbox::GuestData;
 
@@ -33,79 +31,6 @@ pub const WIT_VERSION: semver::Version = semver::Version::new(0, 2, 0);
 /// Every version it loads reducers of: the current one and those before it.
 pub const WIT_VERSIONS: [&str; 2] = ["0.1.0", "0.2.0"];
 const REDUCER_INTERFACE: &str = "statefold:reducer/reducer";
-
-/// Limits on every reducer instance. Each has a default; all are configurable.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReducerLimits {
-    /// Linear memory cap of one instance; growing past it traps that instance.
-    pub memory_bytes_max: usize,
-    /// CPU budget of one diff, in wasmtime fuel (about one unit per wasm instruction).
-    pub diff_fuel_max: u64,
-    /// CPU budget of any other call (snapshot, restore, merge, delta, describe).
-    pub call_fuel_max: u64,
-    /// Guest heap an instance may hold before cold models are snapshotted and evicted.
-    pub resident_bytes_max: u64,
-    /// Models resident in one instance before cold ones are evicted.
-    pub resident_models_max: usize,
-    /// How much of the guest's stderr is kept for error messages.
-    pub stderr_bytes_max: usize,
-    /// Reactions one diff may emit; one more traps (fails) that diff.
-    pub reactions_per_diff_max: usize,
-    /// Bytes of one reaction (key, value, headers); more traps (fails) the diff.
-    pub reaction_bytes_max: usize,
-}
-
-impl Default for ReducerLimits {
-    fn default() -> Self {
-        ReducerLimits {
-            memory_bytes_max: 512 << 20,
-            diff_fuel_max: 100_000_000,
-            call_fuel_max: 4_000_000_000,
-            resident_bytes_max: 256 << 20,
-            resident_models_max: 100_000,
-            stderr_bytes_max: 4096,
-            reactions_per_diff_max: 64,
-            reaction_bytes_max: 1 << 20,
-        }
-    }
-}
-
-impl ReducerLimits {
-    /// Checks that the limits make sense together.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.memory_bytes_max < 1 << 20 {
-            return Err("reducer_memory_bytes_max must be at least 1 MiB".into());
-        }
-        if self.resident_bytes_max >= self.memory_bytes_max as u64 {
-            return Err(format!(
-                "reducer_resident_bytes_max ({}) must be below reducer_memory_bytes_max ({})",
-                self.resident_bytes_max, self.memory_bytes_max
-            ));
-        }
-        if self.diff_fuel_max == 0 || self.call_fuel_max == 0 {
-            return Err("reducer fuel limits must be positive".into());
-        }
-        if self.resident_models_max == 0 {
-            return Err("reducer_resident_models_max must be positive".into());
-        }
-        Ok(())
-    }
-}
-
-/// What a reducer declares about itself (`describe`), plus what the host found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReducerInfo {
-    pub name: String,
-    pub version: String,
-    pub diff_format: String,
-    pub state_format: String,
-    pub merge: bool,
-    pub delta: bool,
-    /// The `statefold:reducer` version the component was built against.
-    pub wit_version: semver::Version,
-    /// Interfaces the component imports (WASI, the meter).
-    pub imports: Vec<String>,
-}
 
 /// Why a file cannot be loaded as a reducer.
 #[derive(Debug, thiserror::Error)]
@@ -155,37 +80,6 @@ impl LoadError {
     }
 }
 
-/// Why a call into a reducer failed. Each fails only the call (and, for traps, that
-/// instance); other models and reducers go on.
-#[derive(Debug, thiserror::Error)]
-pub enum ReducerError {
-    /// The guest trapped, ran out of its CPU budget, or hit its memory cap. The instance
-    /// was discarded; the next call works on a fresh one.
-    #[error("reducer {reducer} trapped in {during}: {reason}")]
-    Trap { reducer: String, during: &'static str, reason: String },
-    /// The guest returned something the contract forbids. The instance was discarded.
-    #[error("reducer {reducer} broke the contract in {during}: {reason}")]
-    Contract { reducer: String, during: &'static str, reason: String },
-    /// The guest could not restore a model from its snapshot.
-    #[error("reducer {reducer} cannot restore model {model:?}: {reason}")]
-    Restore { reducer: String, model: String, reason: String },
-    /// Replaying stored diffs did not reproduce what was applied before.
-    #[error("replaying model {model:?} diverged at offset {offset}: {reason}")]
-    Diverged { model: String, offset: u64, reason: String },
-    /// The guest answered a merge or delta with an error.
-    #[error("reducer {reducer} refused {during}: {reason}")]
-    Refused { reducer: String, during: &'static str, reason: String },
-    /// The reducer does not declare this capability.
-    #[error("reducer {reducer} does not support {capability}")]
-    Unsupported { reducer: String, capability: &'static str },
-    /// Loading or saving a checkpoint failed.
-    #[error("checkpoint store failed for model {model:?}: {source}")]
-    Checkpoints { model: String, source: Box<dyn std::error::Error + Send + Sync> },
-    /// Creating an instance failed.
-    #[error("cannot instantiate reducer {reducer}: {reason}")]
-    Instantiate { reducer: String, reason: String },
-}
-
 /// The process-wide reducer runtime.
 pub struct Runtime {
     engine: Engine,
@@ -204,7 +98,7 @@ impl Runtime {
     /// Builds the engine and linker. `cache_dir`, if given, keeps compiled code across
     /// restarts (`<blake3>-<engine>.cwasm`).
     pub fn new(limits: ReducerLimits, cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
-        limits.validate().map_err(anyhow::Error::msg)?;
+        limits.validate()?;
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.consume_fuel(true);
@@ -267,18 +161,17 @@ impl Runtime {
         let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Imports(format!("{e:#}")))?;
         let pre = bindings::GuestPre::new(wit_version.minor, pre).map_err(|e| LoadError::Contract(format!("{e:#}")))?;
         let info = inspect::describe(&pre, &self.limits, wit_version, imports)?;
-        let native = self.natives.get(&id).cloned();
-        if native.is_some() {
-            tracing::warn!(reducer = %id, "running natively: no sandbox, no fuel, no memory cap");
-        }
-        let reducer = Arc::new(Reducer {
-            id,
-            info,
-            wasm: Some((pre, self.engine.clone())),
-            limits: self.limits.clone(),
-            native,
-            call_seconds: self.call_seconds.clone(),
-        });
+        let call_seconds = self.call_seconds.clone();
+        let timer: CallTimer = Arc::new(move |seconds| call_seconds.observe(seconds));
+        let instances: Arc<dyn Instantiate> = match self.natives.get(&id) {
+            Some(native) => {
+                tracing::warn!(reducer = %id, "running natively: no sandbox, no fuel, no memory cap");
+                Arc::new(Natively(native.clone()))
+            }
+            None => Arc::new(wasm::Component { pre, engine: self.engine.clone() }),
+        };
+        let reducer = Reducer::new(id, info, self.limits.clone(), instances);
+        let reducer = Arc::new(reducer.with_call_timer(timer));
         self.compiled.lock().unwrap_or_else(|p| p.into_inner()).insert(id, reducer.clone());
         Ok(reducer)
     }
@@ -321,83 +214,13 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// One loaded reducer version.
-pub struct Reducer {
-    id: ModuleHash,
-    info: ReducerInfo,
-    /// The compiled component, ready to instantiate (`None`: a native-only reducer).
-    wasm: Option<(bindings::GuestPre<GuestData>, Engine)>,
-    limits: ReducerLimits,
-    /// Runs the calls in place of the component (benchmarks, the engine's unit tests).
-    native: Option<Arc<dyn Native>>,
-    /// Time of each `apply` call (`statefold_reducer_call_seconds`).
-    call_seconds: Histogram,
-}
-
-impl Reducer {
-    /// A reducer with no module: `native` answers every call, `info` stands for what it
-    /// would declare, `id` names the version. For tests of what drives reducers (the fold
-    /// engine) without compiling wasm; never a way to run untrusted code (no sandbox).
-    pub fn native(id: ModuleHash, info: ReducerInfo, native: Arc<dyn Native>) -> Arc<Reducer> {
-        Arc::new(Reducer {
-            id,
-            info,
-            wasm: None,
-            limits: ReducerLimits::default(),
-            native: Some(native),
-            call_seconds: Histogram::new([]),
-        })
-    }
-
-    /// blake3 of the module: this version's identity.
-    pub fn id(&self) -> ModuleHash {
-        self.id
-    }
-
-    pub fn info(&self) -> &ReducerInfo {
-        &self.info
-    }
-
-    /// A fresh set of resident models on this reducer (one instance, created lazily).
-    pub fn models(self: &Arc<Self>) -> Models {
-        Models::new(self.clone())
-    }
-
-    /// A store and an instance of the component, with `fuel`.
-    fn instantiate(&self, fuel: u64) -> wasmtime::Result<(Store<GuestData>, bindings::Guest)> {
-        let (pre, engine) = self.wasm.as_ref().expect("a reducer without native calls has a module");
-        let mut store = Store::new(engine, GuestData::new(&self.limits));
-        store.limiter(|data| &mut data.limiter);
-        store.set_fuel(fuel)?;
-        let guest = pre.instantiate(&mut store)?;
-        Ok((store, guest))
-    }
-
-    fn label(&self) -> String {
-        format!("{}@{}", self.info.name, self.info.version)
-    }
-}
-
-impl fmt::Debug for Reducer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Reducer").field("id", &self.id).field("info", &self.info).finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn limits_are_validated_together() {
-        assert_eq!(ReducerLimits::default().validate(), Ok(()));
+    fn limits_are_validated_before_the_engine_is_built() {
         let tiny = ReducerLimits { memory_bytes_max: 1000, ..ReducerLimits::default() };
-        assert_eq!(tiny.validate(), Err("reducer_memory_bytes_max must be at least 1 MiB".into()));
-        let inverted =
-            ReducerLimits { resident_bytes_max: 1 << 30, memory_bytes_max: 1 << 29, ..ReducerLimits::default() };
-        assert!(inverted.validate().unwrap_err().contains("must be below reducer_memory_bytes_max"));
-        assert!(ReducerLimits { diff_fuel_max: 0, ..ReducerLimits::default() }.validate().is_err());
-        assert!(ReducerLimits { resident_models_max: 0, ..ReducerLimits::default() }.validate().is_err());
         let err = Runtime::new(tiny, None).err().expect("refused");
         assert!(err.to_string().contains("at least 1 MiB"), "{err}");
     }

@@ -10,12 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use lru::LruCache;
-use wasmtime::Store;
-use wasmtime::component::ResourceAny;
 
-use super::bindings::{self, ApplyResult, on_guest};
-use super::sandbox::GuestData;
-use super::{Native, NativeModel, Reducer, ReducerError};
+use super::{Applied, Guest, Handle, Reducer, ReducerError, Trap};
 use crate::chain::Hash;
 use crate::model::Reaction;
 use crate::model::{Checkpoint, DiffRecord};
@@ -81,178 +77,8 @@ pub enum Composed {
 }
 
 struct Live {
-    instance: Instance,
+    instance: Box<dyn Guest>,
     resident: LruCache<String, Handle>,
-}
-
-/// The guest that holds the models: a wasm instance, or the reducer's logic compiled into
-/// the host ([`Native`]). Everything above these calls (batches, trap isolation, rebuilds,
-/// the eviction budget, the hash chain) is the same for both.
-enum Instance {
-    Wasm { store: Box<Store<GuestData>>, guest: bindings::Guest },
-    Native { native: Arc<dyn Native>, models: HashMap<u64, Box<dyn NativeModel>>, next: u64 },
-}
-
-/// Reactions emitted by one `model.apply` call, each with the index of its diff.
-type Emitted = Vec<(u32, Reaction)>;
-
-/// What `model.apply` answered, and the reactions emitted.
-type Applied = (ApplyResult, Emitted);
-
-/// A model held by an [`Instance`].
-#[derive(Debug, Clone, Copy)]
-enum Handle {
-    Wasm(ResourceAny),
-    Native(u64),
-}
-
-impl Instance {
-    /// A new model, empty or restored from `snapshot`; the inner `Err` is the reducer's
-    /// refusal of the snapshot.
-    fn create(&mut self, model: &str, snapshot: Option<&[u8]>) -> wasmtime::Result<Result<Handle, String>> {
-        match self {
-            Instance::Wasm { store, guest } => on_guest!(guest, g, _m => {
-                let api = g.statefold_reducer_reducer().model();
-                let created = match snapshot {
-                    Some(snapshot) => api.call_restore(&mut **store, model, snapshot)?,
-                    None => Ok(api.call_constructor(&mut **store, model)?),
-                };
-                Ok(created.map(Handle::Wasm))
-            }),
-            Instance::Native { native, models, next } => Ok(native.create(model, snapshot).map(|created| {
-                *next += 1;
-                models.insert(*next, created);
-                Handle::Native(*next)
-            })),
-        }
-    }
-
-    /// `model.apply` of `batch`; `prevs[i]` is the model's hash before `batch[i]`. Also
-    /// returns the reactions emitted, each with the index of the diff that emitted it.
-    fn apply(&mut self, handle: Handle, prevs: &[Hash], batch: &[DiffRecord]) -> wasmtime::Result<Applied> {
-        match (self, handle) {
-            (Instance::Wasm { store, guest }, Handle::Wasm(handle)) => {
-                store.data_mut().emitted.list.clear();
-                let result = on_guest!(guest, g, m => {
-                    let wit: Vec<m::Diff> = batch
-                        .iter()
-                        .zip(prevs)
-                        .map(|(d, prev)| m::Diff {
-                            context: m::DiffContext {
-                                offset: d.offset,
-                                timestamp_ms: d.timestamp_ms,
-                                headers: d.headers.clone(),
-                                prev_hash: prev.as_bytes().to_vec(),
-                            },
-                            payload: d.payload.clone(),
-                        })
-                        .collect();
-                    let result = g.statefold_reducer_reducer().model().call_apply(&mut **store, handle, &wit)?;
-                    ApplyResult {
-                        applied: result.applied,
-                        refusal: result.refusal.map(|r| bindings::Refusal { index: r.index, reason: r.reason }),
-                    }
-                });
-                Ok((result, std::mem::take(&mut store.data_mut().emitted.list)))
-            }
-            (Instance::Native { models, .. }, Handle::Native(handle)) => {
-                let model = models.get_mut(&handle).ok_or_else(|| wasmtime::format_err!("unknown native model"))?;
-                let mut emitted = Vec::new();
-                for (index, (d, prev)) in batch.iter().zip(prevs).enumerate() {
-                    match model.apply(&d.payload, d.offset, prev.as_bytes()) {
-                        Ok(reactions) => emitted.extend(reactions.into_iter().map(|r| (index as u32, r))),
-                        Err(reason) => {
-                            let refusal = Some(bindings::Refusal { index: index as u32, reason });
-                            return Ok((ApplyResult { applied: index as u32, refusal }, emitted));
-                        }
-                    }
-                }
-                Ok((ApplyResult { applied: batch.len() as u32, refusal: None }, emitted))
-            }
-            _ => Err(wasmtime::format_err!("a handle of another instance")),
-        }
-    }
-
-    fn snapshot(&mut self, handle: Handle) -> wasmtime::Result<Vec<u8>> {
-        match (self, handle) {
-            (Instance::Wasm { store, guest }, Handle::Wasm(handle)) => {
-                on_guest!(guest, g, _m => g.statefold_reducer_reducer().model().call_snapshot(&mut **store, handle))
-            }
-            (Instance::Native { models, .. }, Handle::Native(handle)) => {
-                models.get(&handle).map(|m| m.snapshot()).ok_or_else(|| wasmtime::format_err!("unknown native model"))
-            }
-            _ => Err(wasmtime::format_err!("a handle of another instance")),
-        }
-    }
-
-    fn drop_model(&mut self, handle: Handle) -> wasmtime::Result<()> {
-        match (self, handle) {
-            (Instance::Wasm { store, .. }, Handle::Wasm(handle)) => handle.resource_drop(&mut **store),
-            (Instance::Native { models, .. }, Handle::Native(handle)) => {
-                models.remove(&handle);
-                Ok(())
-            }
-            _ => Err(wasmtime::format_err!("a handle of another instance")),
-        }
-    }
-
-    /// Bytes of linear memory (0 natively: the host's heap has no per-reducer budget).
-    fn memory_bytes(&self) -> usize {
-        match self {
-            Instance::Wasm { store, .. } => store.data().limiter.memory_bytes,
-            Instance::Native { .. } => 0,
-        }
-    }
-
-    fn heap_bytes(&mut self) -> wasmtime::Result<u64> {
-        match self {
-            Instance::Wasm { store, guest } => {
-                on_guest!(guest, g, _m => g.statefold_reducer_reducer().call_heap_bytes(&mut **store))
-            }
-            Instance::Native { .. } => Ok(0),
-        }
-    }
-
-    /// What the guest wrote to stderr lately.
-    fn stderr(&self) -> String {
-        match self {
-            Instance::Wasm { store, .. } => store.data().stderr.take(),
-            Instance::Native { .. } => String::new(),
-        }
-    }
-
-    /// Fuel for one call and `starts` diffs (natively nothing is metered).
-    fn arm(&mut self, starts: u32, fuel: u64) -> wasmtime::Result<()> {
-        match self {
-            Instance::Wasm { store, .. } => {
-                store.data_mut().meter.starts_left = starts;
-                store.data_mut().meter.started = 0;
-                store.set_fuel(fuel)
-            }
-            Instance::Native { .. } => Ok(()),
-        }
-    }
-
-    fn merge(&mut self, diffs: &[Vec<u8>]) -> wasmtime::Result<Result<Composed, String>> {
-        match self {
-            Instance::Wasm { store, guest } => on_guest!(guest, g, m => {
-                Ok(g.statefold_reducer_reducer().call_merge(&mut **store, diffs)?.map(|composed| match composed {
-                    m::Composed::Diff(d) => Composed::Diff(d),
-                    m::Composed::NotComposable(reason) => Composed::NotComposable(reason),
-                }))
-            }),
-            Instance::Native { native, .. } => Ok(native.merge(diffs)),
-        }
-    }
-
-    fn delta(&mut self, from: &[u8], to: &[u8]) -> wasmtime::Result<Result<Vec<u8>, String>> {
-        match self {
-            Instance::Wasm { store, guest } => {
-                on_guest!(guest, g, _m => g.statefold_reducer_reducer().call_delta(&mut **store, from, to))
-            }
-            Instance::Native { native, .. } => Ok(native.delta(from, to)),
-        }
-    }
 }
 
 /// Counters, for metrics and tests.
@@ -279,7 +105,7 @@ enum CallError {
 }
 
 impl Models {
-    pub(super) fn new(reducer: Arc<Reducer>) -> Models {
+    pub(crate) fn new(reducer: Arc<Reducer>) -> Models {
         Models { reducer, live: None, stats: Stats::default() }
     }
 
@@ -320,8 +146,8 @@ impl Models {
             let batch = &diffs[start..end];
             let handle = self.resident_handle(model, checkpoints, &applied_here)?;
             match self.call_apply(handle, head, batch) {
-                Ok((result, hashes, emitted)) => {
-                    let mut emitted = emitted.into_iter().peekable();
+                Ok((result, hashes)) => {
+                    let mut emitted = result.emitted.into_iter().peekable();
                     for (index, (diff, hash)) in batch.iter().zip(hashes).take(result.applied as usize).enumerate() {
                         applied_here.push((head, diff));
                         head = hash;
@@ -332,8 +158,8 @@ impl Models {
                         outcomes.push(Outcome::Applied(head, reactions));
                     }
                     // What the refused diff emitted before refusing is dropped with it.
-                    if let Some(refusal) = result.refusal {
-                        outcomes.push(Outcome::Refused(refusal.reason));
+                    if let Some((_, reason)) = result.refusal {
+                        outcomes.push(Outcome::Refused(reason));
                     }
                 }
                 Err(error) => {
@@ -451,16 +277,7 @@ impl Models {
     /// The live instance, created if needed, with fuel for one call and `starts` diffs.
     fn arm(&mut self, starts: u32) -> Result<&mut Live, ReducerError> {
         if self.live.is_none() {
-            let instance = match &self.reducer.native {
-                Some(native) => Instance::Native { native: native.clone(), models: HashMap::new(), next: 0 },
-                None => {
-                    let (store, guest) = match self.reducer.instantiate(self.reducer.limits.call_fuel_max) {
-                        Ok(instance) => instance,
-                        Err(e) => return Err(self.instantiate_error(e)),
-                    };
-                    Instance::Wasm { store: Box::new(store), guest }
-                }
-            };
+            let instance = self.reducer.instantiate().map_err(|Trap(reason)| self.instantiate_error(reason))?;
             self.stats.instances += 1;
             tracing::debug!(reducer = %self.reducer.label(), instances = self.stats.instances, "instance created");
             self.live = Some(Live { instance, resident: LruCache::unbounded() });
@@ -469,12 +286,12 @@ impl Models {
         let (live, reducer) = (self.live.as_mut().expect("created above"), &self.reducer);
         live.instance
             .arm(starts, fuel)
-            .map_err(|e| ReducerError::Instantiate { reducer: reducer.label(), reason: format!("{e:#}") })?;
+            .map_err(|Trap(reason)| ReducerError::Instantiate { reducer: reducer.label(), reason })?;
         Ok(live)
     }
 
-    fn instantiate_error(&self, e: wasmtime::Error) -> ReducerError {
-        ReducerError::Instantiate { reducer: self.reducer.label(), reason: format!("{e:#}") }
+    fn instantiate_error(&self, reason: String) -> ReducerError {
+        ReducerError::Instantiate { reducer: self.reducer.label(), reason }
     }
 
     /// Discards the instance (after a trap): all its models are rebuilt on next use.
@@ -484,23 +301,10 @@ impl Models {
         }
     }
 
-    /// Turns a wasmtime error into a trap error, discarding the instance.
-    fn trap(&mut self, during: &'static str, error: wasmtime::Error) -> ReducerError {
-        let reason = self.describe_trap(&error);
+    /// Turns a trap into a [`ReducerError`], discarding the instance.
+    fn trap(&mut self, during: &'static str, Trap(reason): Trap) -> ReducerError {
         self.discard();
         ReducerError::Trap { reducer: self.reducer.label(), during, reason }
-    }
-
-    fn describe_trap(&self, error: &wasmtime::Error) -> String {
-        let stderr = self.live.as_ref().map(|live| live.instance.stderr()).unwrap_or_default();
-        let reason = match error.downcast_ref::<wasmtime::Trap>() {
-            Some(wasmtime::Trap::OutOfFuel) => format!(
-                "exceeded its CPU budget (reducer_diff_fuel_max {} per diff, reducer_call_fuel_max {} per call)",
-                self.reducer.limits.diff_fuel_max, self.reducer.limits.call_fuel_max
-            ),
-            _ => format!("{error:#}"),
-        };
-        if stderr.is_empty() { reason } else { format!("{reason}; stderr: {stderr}") }
     }
 
     /// The model's resource handle, restoring the model if it is not resident.
@@ -561,18 +365,18 @@ impl Models {
             let batch: Vec<DiffRecord> = replay[done..end].iter().map(|(_, d)| (*d).clone()).collect();
             let offset = batch[0].offset;
             // Diffs applied again emit nothing: their reactions went out when first folded.
-            let (result, _, _) = self.call_apply(handle, prev, &batch).map_err(|e| {
+            let (result, _) = self.call_apply(handle, prev, &batch).map_err(|e| {
                 self.discard();
                 let (CallError::Trap(reason) | CallError::Contract(reason)) = e;
                 ReducerError::Diverged { model: model.to_owned(), offset, reason }
             })?;
-            if let Some(refusal) = result.refusal {
-                let offset = batch[refusal.index as usize].offset;
+            if let Some((index, reason)) = result.refusal {
+                let offset = batch[index as usize].offset;
                 self.discard();
                 return Err(ReducerError::Diverged {
                     model: model.to_owned(),
                     offset,
-                    reason: format!("a diff that applied before is now refused: {}", refusal.reason),
+                    reason: format!("a diff that applied before is now refused: {reason}"),
                 });
             }
             done += result.applied as usize;
@@ -590,7 +394,7 @@ impl Models {
         handle: Handle,
         prev: Hash,
         batch: &[DiffRecord],
-    ) -> Result<(ApplyResult, Vec<Hash>, Emitted), CallError> {
+    ) -> Result<(Applied, Vec<Hash>), CallError> {
         // prevs[i] is the hash before batch[i]; hashes[i] the one after it.
         let (mut prevs, mut hash) = (Vec::with_capacity(batch.len()), prev);
         let hashes: Vec<Hash> = batch
@@ -605,9 +409,9 @@ impl Models {
         let live = self.arm(n).map_err(|e| CallError::Trap(e.to_string()))?;
         let started = std::time::Instant::now();
         let result = live.instance.apply(handle, &prevs, batch);
-        self.reducer.call_seconds.observe(started.elapsed().as_secs_f64());
-        let (result, emitted) = result.map_err(|e| CallError::Trap(self.describe_trap(&e)))?;
-        let refused_index = result.refusal.as_ref().map(|r| r.index);
+        self.reducer.observe_call(started.elapsed().as_secs_f64());
+        let result = result.map_err(|Trap(reason)| CallError::Trap(reason))?;
+        let refused_index = result.refusal.as_ref().map(|(index, _)| *index);
         let valid = match refused_index {
             None => result.applied == n,
             Some(index) => index == result.applied && index < n,
@@ -618,7 +422,7 @@ impl Models {
                 result.applied
             )));
         }
-        Ok((result, hashes, emitted))
+        Ok((result, hashes))
     }
 
     /// Evicts least recently used models (never `keep`) while the instance is over its

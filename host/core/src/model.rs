@@ -544,7 +544,7 @@ pub struct Folded {
     /// The versions of every kind a deploy record changed, as they stand after the batch.
     pub kind_versions: Vec<(Arc<str>, KindVersions)>,
     /// What became of each record of the batch, for the partitions' digests (see
-    /// [`crate::source::attest`]); in no particular order.
+    /// the source's attestations); in no particular order.
     pub marks: Vec<Mark>,
     /// Records of the batch folded: all, or up to and including the first replay record
     /// (the caller commits, then folds the rest).
