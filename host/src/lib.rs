@@ -6,6 +6,8 @@
 //! are adapters; [`server`] wires them.
 
 pub use statefold_core::{chain, fold, model};
+pub use statefold_runtime as reducer;
+pub use statefold_store as store;
 
 pub mod api;
 pub mod app;
@@ -16,12 +18,10 @@ pub mod deploy;
 pub mod hub;
 pub mod metrics;
 pub mod pipeline;
-pub mod reducer;
 pub mod remote;
 pub mod scaffold;
 pub mod server;
 pub mod source;
-pub mod store;
 pub mod tls;
 pub mod verify;
 pub mod watch;

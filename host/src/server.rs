@@ -133,7 +133,10 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let metrics = Arc::new(Metrics::new());
     let runtime = Runtime::new(limits.reducer(), Some(config.data_dir.join("compiled")))?
         .with_natives(natives)
-        .with_call_seconds(metrics.reducer_call_seconds.clone());
+        .with_call_timer({
+            let call_seconds = metrics.reducer_call_seconds.clone();
+            Arc::new(move |seconds| call_seconds.observe(seconds))
+        });
     let runtime = Arc::new(runtime);
     let registry = Arc::new(Registry { runtime: runtime.clone(), store: store.clone() });
 

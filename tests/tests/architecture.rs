@@ -56,22 +56,37 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
         .collect()
 }
 
+/// The lines of ARCHITECTURE.md's fenced block ```` ```NAME ````, spaces collapsed.
+fn documented_picture(name: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(statefold_tests::workspace_root().join("ARCHITECTURE.md")).unwrap();
+    let block = doc
+        .split(&format!("```{name}\n"))
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .unwrap_or_else(|| panic!("ARCHITECTURE.md has no ```{name} block"));
+    block.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).filter(|l| !l.is_empty()).collect()
+}
+
+/// `a -> b, c` lines of a graph.
+fn picture(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
+    graph
+        .iter()
+        .map(|(node, uses)| format!("{node} -> {}", uses.iter().cloned().collect::<Vec<_>>().join(", ")))
+        .map(|line| line.trim_end().to_owned())
+        .collect()
+}
+
 #[test]
 fn layers_import_only_what_architecture_md_allows() {
     let graph = graph();
-    println!("host/src module graph (module -> modules it uses):");
-    for (module, uses) in &graph {
-        println!("  {module:<9} -> {}", uses.iter().cloned().collect::<Vec<_>>().join(", "));
-    }
-    // The adapters: what each may name besides the core crate (`chain`, `model`, `fold`,
-    // re-exported, which every module may use). Everything else (app, hub, deploy, verify,
-    // the drivers pipeline/watch/server, main) composes them.
-    let allowed: &[(&str, &[&str])] = &[
-        ("reducer", &[]),
-        ("store", &[]),
-        ("source", &["store", "config"]),
-        ("api", &["app", "auth", "metrics", "hub", "deploy"]),
-    ];
+    let actual = picture(&graph);
+    println!("host/src module graph (module -> modules it uses):\n{}", actual.join("\n"));
+    assert_eq!(documented_picture("modules"), actual, "ARCHITECTURE.md's module picture differs from the code");
+    // The adapters left in this crate: what each may name besides the crates below it
+    // (`chain`, `model`, `fold`, `reducer`, `store`, re-exported, which every module may
+    // use). Everything else (app, hub, deploy, verify, the drivers pipeline/watch/server,
+    // main) composes them.
+    let allowed: &[(&str, &[&str])] = &[("source", &["config"]), ("api", &["app", "auth", "metrics", "hub", "deploy"])];
     let mut wrong = Vec::new();
     for (module, may) in allowed {
         let uses = graph.get(*module).unwrap_or_else(|| panic!("no module {module} in host/src"));
@@ -146,6 +161,49 @@ fn no_two_modules_import_each_other() {
         }
     }
     assert!(cycles.is_empty(), "modules that import each other: {cycles:?}");
+}
+
+/// The host's crates (those under `host/`) -> the host crates each depends on, from
+/// `cargo metadata`.
+fn crate_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = statefold_tests::workspace_root();
+    let host = root.join("host");
+    let output = std::process::Command::new(&cargo)
+        .args(["metadata", "--offline", "--no-deps", "--format-version", "1"])
+        .current_dir(root)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cargo}: {e}"));
+    assert!(output.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&output.stderr));
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).expect("cargo metadata's JSON");
+    let packages = metadata["packages"].as_array().expect("packages");
+    let in_host = |p: &serde_json::Value| Path::new(p["manifest_path"].as_str().expect("a path")).starts_with(&host);
+    let names: BTreeSet<String> =
+        packages.iter().filter(|p| in_host(p)).map(|p| p["name"].as_str().expect("a name").to_owned()).collect();
+    packages
+        .iter()
+        .filter(|p| in_host(p))
+        .map(|p| {
+            let deps = p["dependencies"].as_array().expect("dependencies");
+            let uses = deps
+                .iter()
+                .filter(|d| d["kind"].is_null())
+                .filter_map(|d| d["name"].as_str())
+                .filter(|name| names.contains(*name))
+                .map(str::to_owned)
+                .collect();
+            (p["name"].as_str().expect("a name").to_owned(), uses)
+        })
+        .collect()
+}
+
+#[test]
+fn the_crate_picture_in_architecture_md_is_cargos() {
+    let graph = crate_graph();
+    assert!(graph.len() >= 2 && graph.contains_key("statefold-core"), "host crates: {graph:?}");
+    let actual = picture(&graph);
+    println!("host crates (crate -> host crates it depends on):\n{}", actual.join("\n"));
+    assert_eq!(documented_picture("crates"), actual, "ARCHITECTURE.md's crate picture differs from cargo metadata");
 }
 
 /// `cargo tree`'s (package, features) lines for `args`.

@@ -26,13 +26,6 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions};
 
-use crate::chain::Hash;
-use crate::fold::{History, View, ViewError};
-use crate::model::{
-    Applied, Folded, Head, Keyed, KindVersions, ModelKey, ModuleHash, Record, Rejected, Rejection, ReplayJob,
-    VersionRecord, VersionStatus, Witness,
-};
-use crate::model::{Checkpoint, DiffRecord};
 use codec::{
     Dec, Enc, FORMAT, HEAD_BASE, Malformed, head_key, key_offset, model_prefix, offset_key, partition_prefix,
     progress_key, progress_prefix,
@@ -41,6 +34,13 @@ pub use outbox::LogAppend;
 pub use reader::Reader;
 pub use records::StoredRejection;
 use records::*;
+use statefold_core::chain::Hash;
+use statefold_core::fold::{History, View, ViewError};
+use statefold_core::model::{
+    Applied, Folded, Head, Keyed, KindVersions, ModelKey, ModuleHash, Record, Rejected, Rejection, ReplayJob,
+    VersionRecord, VersionStatus, Witness,
+};
+use statefold_core::model::{Checkpoint, DiffRecord};
 
 const DIFFS: &str = "diffs";
 const STATES: &str = "states";
@@ -122,7 +122,7 @@ pub struct Position {
     pub partition: u32,
     pub next_offset: u64,
     /// The partition's digest after the records before `next_offset` (see
-    /// [`crate::source::attest`]); `None` where none is kept.
+    /// the source's attestations); `None` where none is kept.
     pub digest: Option<Hash>,
     /// The last record folded from the partition (`None`: not known, e.g. stored before
     /// witnesses were kept).

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::model::{Outgoing, Reaction};
+use statefold_core::model::{Outgoing, Reaction};
 
 /// The source name under which the relay's positions are stored in `progress`.
 pub(super) const RELAY_SOURCE: &str = "relay";

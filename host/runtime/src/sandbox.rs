@@ -19,7 +19,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::ReducerLimits;
 use super::bindings::WitReaction;
-use crate::model::Reaction;
+use statefold_core::model::Reaction;
 
 /// What a reducer instance's `Store` holds.
 pub(crate) struct GuestData {
@@ -149,7 +149,7 @@ impl Emitted {
         if bytes > self.bytes_max {
             wasmtime::bail!("a reaction of {bytes} bytes is over reaction_bytes_max ({})", self.bytes_max);
         }
-        if let Err(reason) = crate::model::validate_topic(&reaction.topic) {
+        if let Err(reason) = statefold_core::model::validate_topic(&reaction.topic) {
             wasmtime::bail!("a reaction to topic {:?}: {reason}", reaction.topic);
         }
         if let Some((name, _)) = reaction.headers.iter().find(|(name, _)| name.starts_with("statefold-")) {

@@ -1,8 +1,8 @@
 //! Keys and values of the column families. Every value starts with a format byte; decoding
 //! is strict (lengths checked, nothing left over), so a damaged value is found on read.
 
-use crate::chain::Hash;
-use crate::model::ModuleHash;
+use statefold_core::chain::Hash;
+use statefold_core::model::ModuleHash;
 
 pub(super) const FORMAT: u8 = 1;
 

@@ -11,7 +11,7 @@
 pub mod v0_2 {
     wasmtime::component::bindgen!({
         world: "guest",
-        path: "../wit",
+        path: "../../wit",
     });
 }
 
@@ -19,7 +19,7 @@ pub mod v0_2 {
 pub mod v0_1 {
     wasmtime::component::bindgen!({
         world: "guest",
-        path: "../wit/0.1.0",
+        path: "../../wit/0.1.0",
     });
 }
 
@@ -43,14 +43,14 @@ pub enum GuestPre<T: 'static> {
 macro_rules! on_guest {
     ($guest:expr, $g:ident, $m:ident => $body:expr) => {
         match $guest {
-            $crate::reducer::bindings::Guest::V0_1($g) => {
+            $crate::bindings::Guest::V0_1($g) => {
                 #[allow(unused_imports)]
-                use $crate::reducer::bindings::v0_1::statefold::reducer::types as $m;
+                use $crate::bindings::v0_1::statefold::reducer::types as $m;
                 $body
             }
-            $crate::reducer::bindings::Guest::V0_2($g) => {
+            $crate::bindings::Guest::V0_2($g) => {
                 #[allow(unused_imports)]
-                use $crate::reducer::bindings::v0_2::statefold::reducer::types as $m;
+                use $crate::bindings::v0_2::statefold::reducer::types as $m;
                 $body
             }
         }

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use prometheus_client::metrics::histogram::Histogram;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine};
 
@@ -24,7 +23,7 @@ pub use statefold_core::reducer::*;
 
 use sandbox::GuestData;
 
-use crate::model::ModuleHash;
+use statefold_core::model::ModuleHash;
 
 /// The version of the `statefold:reducer` WIT package this host speaks.
 pub const WIT_VERSION: semver::Version = semver::Version::new(0, 2, 0);
@@ -88,7 +87,7 @@ pub struct Runtime {
     compiled: Mutex<HashMap<ModuleHash, Arc<Reducer>>>,
     cache_dir: Option<PathBuf>,
     natives: Natives,
-    call_seconds: Histogram,
+    call_timer: Option<CallTimer>,
 }
 
 /// Native stand-ins by module, for benchmarks (see [`Native`]).
@@ -118,13 +117,14 @@ impl Runtime {
             compiled: Mutex::new(HashMap::new()),
             cache_dir,
             natives: Natives::new(),
-            call_seconds: Histogram::new([]),
+            call_timer: None,
         })
     }
 
-    /// Records the time of every `apply` call of the reducers it loads from now on.
-    pub fn with_call_seconds(mut self, call_seconds: Histogram) -> Runtime {
-        self.call_seconds = call_seconds;
+    /// Tells `timer` the time of every `apply` call of the reducers it loads from now on
+    /// (the server's `statefold_reducer_call_seconds`).
+    pub fn with_call_timer(mut self, timer: CallTimer) -> Runtime {
+        self.call_timer = Some(timer);
         self
     }
 
@@ -161,8 +161,6 @@ impl Runtime {
         let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::Imports(format!("{e:#}")))?;
         let pre = bindings::GuestPre::new(wit_version.minor, pre).map_err(|e| LoadError::Contract(format!("{e:#}")))?;
         let info = inspect::describe(&pre, &self.limits, wit_version, imports)?;
-        let call_seconds = self.call_seconds.clone();
-        let timer: CallTimer = Arc::new(move |seconds| call_seconds.observe(seconds));
         let instances: Arc<dyn Instantiate> = match self.natives.get(&id) {
             Some(native) => {
                 tracing::warn!(reducer = %id, "running natively: no sandbox, no fuel, no memory cap");
@@ -171,7 +169,10 @@ impl Runtime {
             None => Arc::new(wasm::Component { pre, engine: self.engine.clone() }),
         };
         let reducer = Reducer::new(id, info, self.limits.clone(), instances);
-        let reducer = Arc::new(reducer.with_call_timer(timer));
+        let reducer = Arc::new(match &self.call_timer {
+            Some(timer) => reducer.with_call_timer(timer.clone()),
+            None => reducer,
+        });
         self.compiled.lock().unwrap_or_else(|p| p.into_inner()).insert(id, reducer.clone());
         Ok(reducer)
     }
