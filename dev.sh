@@ -97,11 +97,12 @@ install_python_tools() {
   fi
 }
 
-# Every workspace member but the host and the test crate is a reducer (or the SDK they
+# Every workspace member but the host's crates and the test crate is a reducer (or the SDK they
 # use): the workspace members are the one list of them. `run` builds the examples only;
 # `test` adds the faulty and legacy ones.
 build_reducers() {
-  cargo build --release --target wasm32-wasip2 --workspace --exclude statefold --exclude statefold-core --exclude statefold-tests "$@"
+  cargo build --release --target wasm32-wasip2 --workspace --exclude statefold --exclude statefold-core --exclude statefold-runtime \
+    --exclude statefold-store --exclude statefold-source --exclude statefold-tests "$@"
 }
 
 wasm_dir() {

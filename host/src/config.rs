@@ -1,11 +1,14 @@
 //! Configuration: one TOML file plus flags, parsed and validated first, used to build
 //! resources second. Every limit lives in [`Limits`], named with its unit last.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+pub use statefold_source::settings::{
+    ClusterConfig, KafkaConfig, RouteMode, SourceLimits, default_attest_topic, default_cluster_topic, default_group_id,
+};
 
 /// Declares every limit once: the TOML field (with its default), the flag that overrides it,
 /// and its documentation (shown by `--help`).
@@ -216,6 +219,29 @@ impl Limits {
         crate::store::StoreOptions { fsync: self.store_fsync, write_buffer_bytes: self.store_write_buffer_bytes }
     }
 
+    /// What the sources (the embedded log, Kafka) work under.
+    pub fn source(&self) -> SourceLimits {
+        SourceLimits {
+            outbox_records_max: self.outbox_records_max,
+            relay_batch_records_max: self.relay_batch_records_max,
+            relay_mark_lag_records: self.relay_mark_lag_records,
+            relay_transaction_timeout_ms: self.relay_transaction_timeout_ms,
+            kafka_check_interval_ms: self.kafka_check_interval_ms,
+            diff_bytes_max: self.diff_bytes_max,
+            kafka_produce_queue_bytes_max: self.kafka_produce_queue_bytes_max,
+            kafka_produce_timeout_ms: self.kafka_produce_timeout_ms,
+            kafka_fetch_queue_bytes_max: self.kafka_fetch_queue_bytes_max,
+            batch_records_max: self.batch_records_max,
+            kafka_fetch_wait_ms: self.kafka_fetch_wait_ms,
+            kafka_commit_interval_ms: self.kafka_commit_interval_ms,
+            batch_bytes_max: self.batch_bytes_max,
+            cluster_session_timeout_ms: self.cluster_session_timeout_ms,
+            cluster_heartbeat_interval_ms: self.cluster_heartbeat_interval_ms,
+            cluster_member_timeout_ms: self.cluster_member_timeout_ms,
+            attest_points_kept: self.attest_points_kept,
+        }
+    }
+
     pub fn deploy(&self) -> crate::deploy::DeployLimits {
         crate::deploy::DeployLimits {
             check_models_max: self.deploy_check_models_max,
@@ -421,63 +447,6 @@ fn yes() -> bool {
     true
 }
 
-/// `[cluster]`: sharded mode. The servers of one cluster share `[kafka] group_id`; the group
-/// assigns each partition to one of them (cooperative-sticky), `standbys` others fold it
-/// too, and a request for a model folded elsewhere is proxied (or redirected) there.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterConfig {
-    /// The base URL other servers send this server's clients to, e.g.
-    /// `https://statefold-1.internal:8443` (no path).
-    pub advertise_url: String,
-    /// How many servers besides the owner fold each partition (warm copies for failover).
-    #[serde(default = "default_standbys")]
-    pub standbys: usize,
-    /// The topic servers publish what they fold to, and read the others' from (create it
-    /// with one partition).
-    #[serde(default = "default_cluster_topic")]
-    pub topic: String,
-    /// What a server does with a read, a stream or a waiting write for a model folded
-    /// elsewhere: forward the request there and relay the answer (`proxy`, the default), or
-    /// answer 307 to the owner (`redirect`). Either way a request takes at most one hop.
-    #[serde(default)]
-    pub route: RouteMode,
-}
-
-/// How a request for a model folded elsewhere gets there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum RouteMode {
-    /// Forwarded to the owner, its answer relayed: one origin for the client, so its
-    /// `Authorization` header, cookies and CORS work unchanged.
-    #[default]
-    Proxy,
-    /// A 307 to the owner's advertised URL. Only where every server is one origin to the
-    /// client: browsers and most HTTP clients drop `Authorization` on a redirect to another
-    /// origin, a cookie is not sent to another host, and a cross-origin page's CORS check
-    /// fails on the second origin.
-    Redirect,
-}
-
-fn default_standbys() -> usize {
-    1
-}
-
-pub fn default_cluster_topic() -> String {
-    "statefold-cluster".into()
-}
-
-impl ClusterConfig {
-    pub fn new(advertise_url: &str) -> ClusterConfig {
-        ClusterConfig {
-            advertise_url: advertise_url.trim_end_matches('/').to_owned(),
-            standbys: default_standbys(),
-            topic: default_cluster_topic(),
-            route: RouteMode::default(),
-        }
-    }
-}
-
 /// `[tls]`: serve HTTPS, HTTP/2 or HTTP/1.1 as the client's ALPN asks (a browser follows
 /// many models' streams over one HTTP/2 connection; over HTTP/1.1 it opens at most six
 /// connections to an origin).
@@ -558,60 +527,6 @@ pub fn default_auth_cookie() -> String {
 
 pub fn default_auth_leeway_s() -> u64 {
     30
-}
-
-/// `[kafka]`: the brokers, the consumer group, and librdkafka properties.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// `bootstrap.servers`: host:port[,host:port...].
-    pub brokers: String,
-    /// The consumer group the folded position is committed to, for lag monitoring only.
-    #[serde(default = "default_group_id")]
-    pub group_id: String,
-    /// librdkafka properties for both clients: `security.protocol`, `sasl.*`, `ssl.*`,
-    /// `client.id`... They override Statefold's own settings.
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-    /// librdkafka properties for the consumer only (override `properties`).
-    #[serde(default)]
-    pub consumer: BTreeMap<String, String>,
-    /// librdkafka properties for the producer only (override `properties`).
-    #[serde(default)]
-    pub producer: BTreeMap<String, String>,
-    /// The topic replicas publish their partition digests to, to detect a replica that
-    /// folds the log differently (create it with a few partitions; "" turns it off).
-    #[serde(default = "default_attest_topic")]
-    pub attest_topic: String,
-}
-
-pub fn default_attest_topic() -> String {
-    "statefold-attestations".into()
-}
-
-pub fn default_group_id() -> String {
-    "statefold".into()
-}
-
-impl KafkaConfig {
-    /// Brokers, and every other setting at its default.
-    pub fn new(brokers: &str) -> KafkaConfig {
-        KafkaConfig {
-            brokers: brokers.to_owned(),
-            group_id: default_group_id(),
-            properties: BTreeMap::new(),
-            consumer: BTreeMap::new(),
-            producer: BTreeMap::new(),
-            attest_topic: default_attest_topic(),
-        }
-    }
-
-    /// `KEY=VALUE`, as given to `--kafka-property`.
-    pub fn parse_property(flag: &str) -> Result<(String, String), String> {
-        let (key, value) =
-            flag.split_once('=').ok_or_else(|| format!("--kafka-property {flag:?}: expected KEY=VALUE"))?;
-        Ok((key.trim().to_owned(), value.to_owned()))
-    }
 }
 
 fn default_listen() -> SocketAddr {

@@ -7,6 +7,7 @@
 
 pub use statefold_core::{chain, fold, model};
 pub use statefold_runtime as reducer;
+pub use statefold_source as source;
 pub use statefold_store as store;
 
 pub mod api;
@@ -21,7 +22,6 @@ pub mod pipeline;
 pub mod remote;
 pub mod scaffold;
 pub mod server;
-pub mod source;
 pub mod tls;
 pub mod verify;
 pub mod watch;

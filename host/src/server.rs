@@ -189,15 +189,17 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let mut cluster = None;
     let (source, writer): (Box<dyn Source>, Writer) = match &config.kafka {
         Some(kafka) => {
-            let writer = KafkaWriter::new(kafka, &limits, source_status.clone()).map_err(anyhow::Error::msg)?;
-            let source = KafkaSource::start(kafka, &limits, store.clone(), topics.clone(), source_status.clone())?;
+            let writer =
+                KafkaWriter::new(kafka, &limits.source(), source_status.clone()).map_err(anyhow::Error::msg)?;
+            let source =
+                KafkaSource::start(kafka, &limits.source(), store.clone(), topics.clone(), source_status.clone())?;
             let source = match &config.cluster {
                 Some(cluster_config) => {
                     let member = crate::source::attest::server_id(&config.data_dir)?;
                     let (joined, thread) = Cluster::start(
                         cluster_config,
                         kafka,
-                        &limits,
+                        &limits.source(),
                         member,
                         topics,
                         source_status.clone(),
@@ -231,11 +233,11 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let (attestor, attest_thread) = match &config.kafka {
         Some(kafka) => {
             let compared = metrics.replica_digests_compared.clone();
-            Attestor::start(kafka, &limits, &config.data_dir, status.stop.clone(), compared)?.unzip()
+            Attestor::start(kafka, &limits.source(), &config.data_dir, status.stop.clone(), compared)?.unzip()
         }
         None => (None, None),
     };
-    let relay = Relay::new(store.outbox_len()?, &limits, metrics.reactions_relayed.clone());
+    let relay = Relay::new(store.outbox_len()?, &limits.source(), metrics.reactions_relayed.clone());
     let relay_thread = {
         let sink = match (&config.kafka, &writer) {
             (Some(kafka), _) => Sink::Kafka { config: kafka.clone(), transactional: config.reactions.transactional },
@@ -245,7 +247,9 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         let (relay, store, source, cluster) = (relay.clone(), store.clone(), source_status.clone(), cluster.clone());
         let (relays, limits, stop) = (config.reactions.relay, limits.clone(), status.stop.clone());
         std::thread::Builder::new().name("relay".into()).spawn(move || {
-            crate::source::relay::run(relay, store, sink, source, cluster, relays, limits, || stop.is_cancelled())
+            crate::source::relay::run(relay, store, sink, source, cluster, relays, limits.source(), || {
+                stop.is_cancelled()
+            })
         })?
     };
     let log = Log {
@@ -306,8 +310,8 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     if let (Some(requests), Some(kafka)) = (&config.requests, &config.kafka) {
         let group =
             requests.group.clone().unwrap_or_else(|| format!("{}.requests.{}", kafka.group_id, requests.target));
-        let (consumer, producer) =
-            crate::source::request_clients(kafka, &limits, &requests.topic, &group).map_err(anyhow::Error::msg)?;
+        let (consumer, producer) = crate::source::request_clients(kafka, &limits.source(), &requests.topic, &group)
+            .map_err(anyhow::Error::msg)?;
         let settings = crate::api::requests::Settings {
             target: requests.target.clone(),
             in_flight_max: limits.requests_in_flight_max,

@@ -170,7 +170,7 @@ fn refold_and_compare(
     let mut kafka = kafka.clone();
     kafka.group_id = format!("{}.verify", kafka.group_id);
     let status = Arc::new(SourceStatus::default());
-    let mut source = KafkaSource::start(&kafka, limits, scratch.clone(), topics, status.clone())?;
+    let mut source = KafkaSource::start(&kafka, &limits.source(), scratch.clone(), topics, status.clone())?;
     let mut next: HashMap<(String, u32), u64> = HashMap::new();
     let mut done = 0u64;
     let started = Instant::now();

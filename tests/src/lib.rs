@@ -40,10 +40,17 @@ pub fn wasm(name: &str) -> PathBuf {
             "--target",
             "wasm32-wasip2",
             "--workspace",
+            // Every member but the host's crates and this one (as dev.sh's build_reducers).
             "--exclude",
             "statefold",
             "--exclude",
             "statefold-core",
+            "--exclude",
+            "statefold-runtime",
+            "--exclude",
+            "statefold-store",
+            "--exclude",
+            "statefold-source",
             "--exclude",
             "statefold-tests",
         ])

@@ -2,7 +2,7 @@
 //! detected, and stops being served.
 //!
 //! Every server keeps, per partition, a digest of what became of each record it folded:
-//! `digest = blake3(digest ‖ offset ‖ what ‖ 0 ‖ seq ‖ version)` ([`crate::model::Mark`]): an
+//! `digest = blake3(digest ‖ offset ‖ what ‖ 0 ‖ seq ‖ version)` ([`statefold_core::model::Mark`]): an
 //! applied diff's seq and the version that applied it, a rejection's code, a deploy's
 //! version. Not the model's hash: the log's records and the seqs determine it, except where
 //! a replay rebased a chain, which is not a divergence.
@@ -33,10 +33,10 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::kafka::{Role, client_config, kafka_settings, partition_count};
-use crate::chain::Hash;
-use crate::config::{KafkaConfig, Limits};
-use crate::model::Mark;
-use crate::store::{Position, Store, StoreError};
+use crate::settings::{KafkaConfig, SourceLimits};
+use statefold_core::chain::Hash;
+use statefold_core::model::Mark;
+use statefold_store::{Position, Store, StoreError};
 
 /// A partition's digest at an attestation point.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,7 +171,7 @@ impl Attestor {
     /// thread that reads the other replicas' points until `stop`.
     pub fn start(
         config: &KafkaConfig,
-        limits: &Limits,
+        limits: &SourceLimits,
         data_dir: &Path,
         stop: CancellationToken,
         compared: Counter,

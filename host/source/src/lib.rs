@@ -8,6 +8,7 @@ pub mod cluster;
 mod embedded;
 mod kafka;
 pub mod relay;
+pub mod settings;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -16,14 +17,14 @@ use std::time::Duration;
 pub use embedded::{EmbeddedLog, EmbeddedSource};
 pub use kafka::{KafkaSource, KafkaWriter, SOURCE_NAME as KAFKA_SOURCE_NAME, kafka_settings, request_clients};
 
-use crate::model::{Record, Witness};
-use crate::store::Position;
+use statefold_core::model::{Record, Witness};
+use statefold_store::Position;
 
 /// Why a source could not deliver.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] statefold_store::StoreError),
     /// Records the store has not folded are gone from the log (retention, a deleted
     /// topic): folding on would skip them.
     #[error("{topic}/{partition}: {detail}")]
@@ -176,7 +177,7 @@ impl SourceStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] statefold_store::StoreError),
     /// The log did not take the record (broker unreachable, queue full, timeout). Nothing
     /// was appended, or it will be folded anyway: retrying may append it twice.
     #[error("the log did not take the record: {0}")]
@@ -214,7 +215,7 @@ impl Writer {
     /// Where (`topic`, `partition`) ends, where this server knows it for certain: the
     /// embedded log (this process is its only writer). `None` with Kafka, where another
     /// producer may have appended since this server last looked.
-    pub fn known_end(&self, topic: &str, partition: u32) -> Result<Option<u64>, crate::store::StoreError> {
+    pub fn known_end(&self, topic: &str, partition: u32) -> Result<Option<u64>, statefold_store::StoreError> {
         match self {
             Writer::Embedded(log) => log.end(topic, partition).map(Some),
             Writer::Kafka(_) => Ok(None),
@@ -268,6 +269,6 @@ pub fn positions(source: &str, records: &[Record]) -> Vec<(String, Position)> {
         .collect()
 }
 
-pub(crate) fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

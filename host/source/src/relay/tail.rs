@@ -30,7 +30,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::super::kafka::{client_config, partition_count};
-use crate::model::{HEADER_REACTION_SOURCE, Outgoing, partition_of};
+use statefold_core::model::{HEADER_REACTION_SOURCE, Outgoing, partition_of};
 
 /// A reaction's place in its source partition: (source offset, index among its diff's).
 pub type Place = (u64, u32);

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::SourceStatus;
 use super::kafka::{Role, client_config, kafka_settings, partition_count};
-use crate::config::{ClusterConfig, KafkaConfig, Limits, RouteMode};
+use crate::settings::{ClusterConfig, KafkaConfig, RouteMode, SourceLimits};
 
 /// A topic's partition.
 pub type Partition = (String, u32);
@@ -200,7 +200,7 @@ impl Cluster {
     pub fn start(
         cluster: &ClusterConfig,
         kafka: &KafkaConfig,
-        limits: &Limits,
+        limits: &SourceLimits,
         member: String,
         topics: Vec<String>,
         status: Arc<SourceStatus>,
@@ -330,7 +330,7 @@ impl Cluster {
     }
 
     /// Where a request for the model `key` of `topic` goes: the route of its partition
-    /// ([`crate::model::partition_of`] among the topic's partitions).
+    /// ([`statefold_core::model::partition_of`] among the topic's partitions).
     ///
     /// A request that another server already sent here (`hopped`) takes no second hop: it is
     /// served here if this server folds the partition and has caught up on it (any server
@@ -342,7 +342,7 @@ impl Cluster {
         let Some(&count) = inner.counts.get(topic) else {
             return Route::Unavailable(format!("the partitions of topic {topic:?} are not known yet"));
         };
-        let partition = crate::model::partition_of(key, count);
+        let partition = statefold_core::model::partition_of(key, count);
         let route = route_in_table(&inner, topic, partition);
         drop(inner);
         if !hopped {

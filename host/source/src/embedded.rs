@@ -5,8 +5,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::{Source, SourceError, SourceStatus};
-use crate::model::Record;
-use crate::store::{LogAppend, Store, StoreError};
+use statefold_core::model::Record;
+use statefold_store::{LogAppend, Store, StoreError};
 
 /// Embedded topics have one partition.
 pub const PARTITION: u32 = 0;

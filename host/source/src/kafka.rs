@@ -27,9 +27,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::cluster::{Cluster, Partition};
 use super::{Source, SourceError, SourceStatus, WriteError};
-use crate::config::{KafkaConfig, Limits};
-use crate::model::{Record, Witness};
-use crate::store::{Position, Store};
+use crate::settings::{KafkaConfig, SourceLimits};
+use statefold_core::model::{Record, Witness};
+use statefold_store::{Position, Store};
 
 pub const SOURCE_NAME: &str = "kafka";
 
@@ -42,7 +42,7 @@ pub enum Role {
 
 /// The librdkafka properties of a client: Statefold's settings, then `[kafka.properties]`,
 /// then `[kafka.consumer]` or `[kafka.producer]`, each overriding the one before.
-pub fn kafka_settings(config: &KafkaConfig, limits: &Limits, role: Role) -> BTreeMap<String, String> {
+pub fn kafka_settings(config: &KafkaConfig, limits: &SourceLimits, role: Role) -> BTreeMap<String, String> {
     let mut settings: BTreeMap<String, String> = BTreeMap::new();
     let mut set = |k: &str, v: String| {
         settings.insert(k.to_owned(), v);
@@ -100,7 +100,7 @@ pub fn kafka_settings(config: &KafkaConfig, limits: &Limits, role: Role) -> BTre
 /// the earliest request when the group has no position), and a producer for the replies.
 pub fn request_clients(
     config: &KafkaConfig,
-    limits: &Limits,
+    limits: &SourceLimits,
     topic: &str,
     group: &str,
 ) -> Result<(StreamConsumer, FutureProducer), String> {
@@ -232,7 +232,7 @@ impl KafkaSource {
     /// partitions are assigned once the checker has seen them.
     pub fn start(
         config: &KafkaConfig,
-        limits: &Limits,
+        limits: &SourceLimits,
         store: Arc<Store>,
         topics: Vec<String>,
         status: Arc<SourceStatus>,
@@ -726,7 +726,7 @@ pub struct KafkaWriter {
 }
 
 impl KafkaWriter {
-    pub fn new(config: &KafkaConfig, limits: &Limits, status: Arc<SourceStatus>) -> Result<KafkaWriter, String> {
+    pub fn new(config: &KafkaConfig, limits: &SourceLimits, status: Arc<SourceStatus>) -> Result<KafkaWriter, String> {
         let settings = kafka_settings(config, limits, Role::Producer);
         tracing::info!(settings = %printable(&settings), "kafka producer");
         let producer = client_config(&settings)

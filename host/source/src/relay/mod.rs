@@ -45,9 +45,9 @@ use self::tail::Tail;
 use super::cluster::Cluster;
 use super::kafka::{Role, client_config, kafka_settings};
 use super::{EmbeddedLog, SourceStatus};
-use crate::config::{KafkaConfig, Limits};
-use crate::model::Outgoing;
-use crate::store::{LogAppend, Store, StoreError};
+use crate::settings::{KafkaConfig, SourceLimits};
+use statefold_core::model::Outgoing;
+use statefold_store::{LogAppend, Store, StoreError};
 
 /// What the relay shares with the fold loop and the HTTP side.
 pub struct Relay {
@@ -64,7 +64,7 @@ pub struct Relay {
 impl Relay {
     /// The shared state, with `pending` entries in the outbox at start; each reaction
     /// relayed counts in `relayed`.
-    pub fn new(pending: u64, limits: &Limits, relayed: Counter) -> Arc<Relay> {
+    pub fn new(pending: u64, limits: &SourceLimits, relayed: Counter) -> Arc<Relay> {
         Arc::new(Relay {
             pending: AtomicU64::new(pending),
             relayed,
@@ -145,7 +145,7 @@ pub fn run(
     status: Arc<SourceStatus>,
     cluster: Option<Arc<Cluster>>,
     relays: bool,
-    limits: Limits,
+    limits: SourceLimits,
     stop: impl Fn() -> bool,
 ) {
     let mut kafka = match &sink {
@@ -210,7 +210,7 @@ fn relay_embedded(
     log: &EmbeddedLog,
     topic: &str,
     partition: u32,
-    limits: &Limits,
+    limits: &SourceLimits,
 ) -> Result<(usize, u64), String> {
     let from = store.relay_position(topic, partition).map_err(|e| e.to_string())?.unwrap_or(0);
     let entries = store.outbox(topic, partition, from, limits.relay_batch_records_max).map_err(|e| e.to_string())?;
@@ -262,7 +262,7 @@ struct Partition {
 }
 
 impl KafkaRelay {
-    fn new(config: &KafkaConfig, limits: &Limits, transactional: bool) -> Result<KafkaRelay, String> {
+    fn new(config: &KafkaConfig, limits: &SourceLimits, transactional: bool) -> Result<KafkaRelay, String> {
         let group = format!("{}.relay", config.group_id);
         let mut consumer = kafka_settings(config, limits, Role::Consumer);
         consumer.insert("group.id".into(), group.clone());
@@ -303,7 +303,7 @@ impl KafkaRelay {
         store: &Store,
         topic: &str,
         partition: u32,
-        limits: &Limits,
+        limits: &SourceLimits,
         stop: &dyn Fn() -> bool,
     ) -> Result<(usize, u64), String> {
         let slot = (topic.to_owned(), partition);
