@@ -102,7 +102,7 @@ install_python_tools() {
 # `test` adds the faulty and legacy ones.
 build_reducers() {
   cargo build --release --target wasm32-wasip2 --workspace --exclude statefold --exclude statefold-core --exclude statefold-runtime \
-    --exclude statefold-store --exclude statefold-source --exclude statefold-tests "$@"
+    --exclude statefold-store --exclude statefold-source --exclude statefold-server --exclude statefold-tests "$@"
 }
 
 wasm_dir() {

@@ -1,27 +1,15 @@
 //! Statefold: folds streams of diffs into live per-model state with reducers compiled to
 //! WebAssembly. See ARCHITECTURE.md for the map.
 //!
-//! The core ([`chain`], [`model`], [`fold`]: the crate `statefold-core`) does no I/O;
-//! [`store`] (RocksDB), [`source`] (logs), [`reducer`] (wasmtime) and [`api`] (HTTP/SSE)
-//! are adapters; [`server`] wires them.
+//! This crate is the `statefold` command: the reducer author's tools ([`scaffold`],
+//! [`cases`]), the client of a running server ([`remote`]) and [`verify`]. It re-exports
+//! the server crate, which re-exports the crates below it: the core ([`chain`], [`model`],
+//! [`fold`]: no I/O), the runtime ([`reducer`]: wasmtime), the store ([`store`]: RocksDB)
+//! and the logs ([`source`]: the embedded log, Kafka).
 
-pub use statefold_core::{chain, fold, model};
-pub use statefold_runtime as reducer;
-pub use statefold_source as source;
-pub use statefold_store as store;
+pub use statefold_server::*;
 
-pub mod api;
-pub mod app;
-pub mod auth;
 pub mod cases;
-pub mod config;
-pub mod deploy;
-pub mod hub;
-pub mod metrics;
-pub mod pipeline;
 pub mod remote;
 pub mod scaffold;
-pub mod server;
-pub mod tls;
 pub mod verify;
-pub mod watch;

@@ -52,6 +52,8 @@ pub fn wasm(name: &str) -> PathBuf {
             "--exclude",
             "statefold-source",
             "--exclude",
+            "statefold-server",
+            "--exclude",
             "statefold-tests",
         ])
     });

@@ -7,14 +7,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// Top-level module of each file under `host/src`, and the text of its code (comments
-/// and doc comments removed: a doc link is not a dependency).
+/// Top-level module of each file under `host/server/src` (the crate with the most modules),
+/// and the text of its code (comments and doc comments removed: a doc link is not a
+/// dependency).
 fn sources() -> BTreeMap<String, String> {
-    let src = statefold_tests::workspace_root().join("host/src");
+    let src = statefold_tests::workspace_root().join("host/server/src");
     let mut out: BTreeMap<String, String> = BTreeMap::new();
     let mut stack = vec![src.clone()];
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("host/src is readable") {
+        for entry in std::fs::read_dir(&dir).expect("host/server/src is readable") {
             let path = entry.expect("a directory entry").path();
             if path.is_dir() {
                 stack.push(path);
@@ -31,7 +32,7 @@ fn sources() -> BTreeMap<String, String> {
 }
 
 fn module_of(src: &Path, file: &Path) -> String {
-    let relative = file.strip_prefix(src).expect("under host/src");
+    let relative = file.strip_prefix(src).expect("under host/server/src");
     let first = relative.components().next().expect("a path").as_os_str().to_string_lossy().into_owned();
     first.strip_suffix(".rs").unwrap_or(&first).to_owned()
 }
@@ -80,7 +81,7 @@ fn picture(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
 fn layers_import_only_what_architecture_md_allows() {
     let graph = graph();
     let actual = picture(&graph);
-    println!("host/src module graph (module -> modules it uses):\n{}", actual.join("\n"));
+    println!("host/server/src module graph (module -> modules it uses):\n{}", actual.join("\n"));
     assert_eq!(documented_picture("modules"), actual, "ARCHITECTURE.md's module picture differs from the code");
     // The adapter left in this crate: what it may name besides the crates below it
     // (`chain`, `model`, `fold`, `reducer`, `store`, `source`, re-exported, which every
@@ -89,7 +90,7 @@ fn layers_import_only_what_architecture_md_allows() {
     let allowed: &[(&str, &[&str])] = &[("api", &["app", "auth", "metrics", "hub", "deploy"])];
     let mut wrong = Vec::new();
     for (module, may) in allowed {
-        let uses = graph.get(*module).unwrap_or_else(|| panic!("no module {module} in host/src"));
+        let uses = graph.get(*module).unwrap_or_else(|| panic!("no module {module} in host/server/src"));
         for used in uses {
             if !may.contains(&used.as_str()) {
                 wrong.push(format!("{module} uses {used}"));
@@ -222,8 +223,7 @@ fn the_reducer_builds_leave_out_exactly_the_host_crates() {
     assert_eq!(excluded, expected, "dev.sh build_reducers --exclude");
     let helper = std::fs::read_to_string(root.join("tests/src/lib.rs")).unwrap();
     let args: Vec<&str> = helper.split('"').skip(1).step_by(2).collect();
-    let excluded: BTreeSet<String> =
-        args.windows(2).filter(|w| w[0] == "--exclude").map(|w| w[1].to_owned()).collect();
+    let excluded: BTreeSet<String> = args.windows(2).filter(|w| w[0] == "--exclude").map(|w| w[1].to_owned()).collect();
     assert_eq!(excluded, expected, "tests/src/lib.rs wasm() --exclude");
 }
 

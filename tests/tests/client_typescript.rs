@@ -32,13 +32,13 @@ fn the_typescript_client_conformance_suite_passes() {
 }
 
 /// The inspector page the binary serves runs the client's current build: the copy built into
-/// the host (`host/src/api/inspector/client.js`) is `npm run build`'s output.
+/// the host (`host/server/src/api/inspector/client.js`) is `npm run build`'s output.
 #[test]
 fn the_inspector_embeds_the_client_as_built() {
     let built = statefold_tests::workspace_root().join("clients/typescript/dist/index.js");
     let built = std::fs::read_to_string(&built).expect("clients/typescript is built (./dev.sh test builds it)");
     assert!(
         built == statefold::api::INSPECTOR_CLIENT_JS,
-        "host/src/api/inspector/client.js is not the client's build: cp clients/typescript/dist/index.js host/src/api/inspector/client.js"
+        "host/server/src/api/inspector/client.js is not the client's build: cp clients/typescript/dist/index.js host/server/src/api/inspector/client.js"
     );
 }
