@@ -138,25 +138,7 @@ fn refold_and_compare(
     );
     let runtime = Arc::new(Runtime::new(limits.reducer(), None)?);
     let registry = Arc::new(Registry { runtime: runtime.clone(), store: scratch.clone() });
-    let mut specs = Vec::new();
-    let mut topics = Vec::new();
-    let mut kinds = Vec::new();
-    for kind in &config.kinds {
-        let Some(versions) = live.read().kind_versions(&kind.name)? else {
-            tracing::info!(kind = %kind.name, "the live store never folded this kind; skipped");
-            continue;
-        };
-        let genesis = versions.genesis;
-        let module = live.module(&genesis)?.with_context(|| format!("kind {}: module {genesis} missing", kind.name))?;
-        scratch.put_versions(&[], Some((genesis, &module)))?;
-        specs.push(KindSpec {
-            name: kind.name.as_str().into(),
-            topic: kind.topic().into(),
-            versions: KindVersions::new(genesis),
-        });
-        topics.push(kind.topic().to_owned());
-        kinds.push(kind.name.clone());
-    }
+    let (specs, topics, kinds) = scratch_kinds(config, live, scratch)?;
     targets.retain(|(topic, _), _| topics.contains(topic));
     for kind in &kinds {
         if live.read().replay(kind)?.is_some_and(|job| job.finished_ms.is_none()) {
@@ -219,9 +201,55 @@ fn refold_and_compare(
     }
     drop(source);
     progress(Progress { records: done, total, elapsed: started.elapsed() });
-    // Replay records rebuild a model at its next diff or between batches: the models the
-    // fold did not reach are rebuilt now, as the live server's replay did.
+    finish_replays(&mut engine, &kinds, scratch)?;
+
+    // States are compared too: the chain covers which diffs applied, not what the
+    // reducer made of them.
+    let versions = |store: &Arc<Store>| {
+        let registry = Arc::new(Registry { runtime: runtime.clone(), store: store.clone() });
+        Versions::new(registry, limits.reducer_versions_resident_max)
+    };
+    let mut states = (versions(live), versions(scratch));
+    let mut report = Report { records: done, ..Report::default() };
     for kind in &kinds {
+        compare(kind, (live, scratch), &mut states, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// The kinds the live store folded, each set up in the scratch store with its first
+/// version: the engine's specs, their topics and their names.
+fn scratch_kinds(
+    config: &Config,
+    live: &Arc<Store>,
+    scratch: &Arc<Store>,
+) -> anyhow::Result<(Vec<KindSpec>, Vec<String>, Vec<String>)> {
+    let mut specs = Vec::new();
+    let mut topics = Vec::new();
+    let mut kinds = Vec::new();
+    for kind in &config.kinds {
+        let Some(versions) = live.read().kind_versions(&kind.name)? else {
+            tracing::info!(kind = %kind.name, "the live store never folded this kind; skipped");
+            continue;
+        };
+        let genesis = versions.genesis;
+        let module = live.module(&genesis)?.with_context(|| format!("kind {}: module {genesis} missing", kind.name))?;
+        scratch.put_versions(&[], Some((genesis, &module)))?;
+        specs.push(KindSpec {
+            name: kind.name.as_str().into(),
+            topic: kind.topic().into(),
+            versions: KindVersions::new(genesis),
+        });
+        topics.push(kind.topic().to_owned());
+        kinds.push(kind.name.clone());
+    }
+    Ok((specs, topics, kinds))
+}
+
+/// Replay records rebuild a model at its next diff or between batches: the models the
+/// fold did not reach are rebuilt now, as the live server's replay did.
+fn finish_replays(engine: &mut Engine, kinds: &[String], scratch: &Arc<Store>) -> anyhow::Result<()> {
+    for kind in kinds {
         let mut after: Option<String> = None;
         loop {
             let page = scratch.read().list(kind, after.as_deref(), 256)?;
@@ -236,19 +264,7 @@ fn refold_and_compare(
             scratch.commit(&folded, &[])?;
         }
     }
-
-    // States are compared too: the chain covers which diffs applied, not what the
-    // reducer made of them.
-    let versions = |store: &Arc<Store>| {
-        let registry = Arc::new(Registry { runtime: runtime.clone(), store: store.clone() });
-        Versions::new(registry, limits.reducer_versions_resident_max)
-    };
-    let mut states = (versions(live), versions(scratch));
-    let mut report = Report { records: done, ..Report::default() };
-    for kind in &kinds {
-        compare(kind, (live, scratch), &mut states, &mut report)?;
-    }
-    Ok(report)
+    Ok(())
 }
 
 /// A kind's heads in id order, read a page at a time.

@@ -167,131 +167,141 @@ impl Metrics {
             cluster_partitions: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("fold_batches", "Batches folded and committed", m.fold_batches.clone());
-        registry.register("diffs_applied", "Diffs applied to models", m.diffs_applied.clone());
+        m.register_fold_and_store(&mut registry);
+        m.register_serving(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// The fold's, the store's, deploys' and reducers' series, and catch-up planning.
+    fn register_fold_and_store(&self, registry: &mut Registry) {
+        registry.register("fold_batches", "Batches folded and committed", self.fold_batches.clone());
+        registry.register("diffs_applied", "Diffs applied to models", self.diffs_applied.clone());
         registry.register(
             "records_rejected",
             "Records not applied, by rejection code (see GET /v1/kinds/{kind}/rejections)",
-            m.records_rejected.clone(),
+            self.records_rejected.clone(),
         );
         registry.register_with_unit(
             "fold_batch",
             "Time to fold one batch (reducer calls included, commit excluded)",
             Unit::Seconds,
-            m.fold_batch_seconds.clone(),
+            self.fold_batch_seconds.clone(),
         );
-        registry.register("store_commits", "RocksDB WriteBatches committed by the fold", m.store_commits.clone());
+        registry.register("store_commits", "RocksDB WriteBatches committed by the fold", self.store_commits.clone());
         registry.register(
             "store_commit_entries",
             "Puts and range deletes the fold's commits wrote",
-            m.store_commit_entries.clone(),
+            self.store_commit_entries.clone(),
         );
         registry.register(
             "store_commit_bytes",
             "Bytes of keys and values the fold's commits wrote",
-            m.store_commit_bytes.clone(),
+            self.store_commit_bytes.clone(),
         );
         registry.register_with_unit(
             "store_commit",
             "Time to commit one WriteBatch (checks, write, sync)",
             Unit::Seconds,
-            m.store_commit_seconds.clone(),
+            self.store_commit_seconds.clone(),
         );
-        registry.register("deploy_records_folded", "Deploy records folded", m.deploy_records_folded.clone());
+        registry.register("deploy_records_folded", "Deploy records folded", self.deploy_records_folded.clone());
         registry.register(
             "deploy_batch_max_seconds",
             "The longest batch that folded a deploy record (compiling a new version included)",
-            m.deploy_batch_max_seconds.clone(),
+            self.deploy_batch_max_seconds.clone(),
         );
         registry.register_with_unit(
             "reducer_call",
             "Time of one reducer apply call (a model's run of diffs in a batch)",
             Unit::Seconds,
-            m.reducer_call_seconds.clone(),
+            self.reducer_call_seconds.clone(),
         );
         registry.register_with_unit(
             "catchup_plan",
             "Time to plan what a client at a hash is sent (patch, diffs or snapshot)",
             Unit::Seconds,
-            m.catchup_plan_seconds.clone(),
+            self.catchup_plan_seconds.clone(),
         );
         registry.register_with_unit(
             "sse_publish_delay",
             "From a live diff's publication (after its commit) to its SSE event being written",
             Unit::Seconds,
-            m.sse_publish_delay_seconds.clone(),
+            self.sse_publish_delay_seconds.clone(),
         );
         registry.register(
             "sse_lagged",
             "Times an SSE subscriber fell a full queue behind (it was sent a patch instead)",
-            m.sse_lagged.clone(),
+            self.sse_lagged.clone(),
         );
+    }
+
+    /// HTTP and SSE, readiness, the source, replicas, the cluster, reactions and requests.
+    fn register_serving(&self, registry: &mut Registry) {
         registry.register_with_unit(
             "http_request",
             "HTTP request time to the response head, by method, route and status",
             Unit::Seconds,
-            m.http_request_seconds.clone(),
+            self.http_request_seconds.clone(),
         );
-        registry.register("ready", "1 when ready (caught up, store writable, not diverged)", m.ready.clone());
+        registry.register("ready", "1 when ready (caught up, store writable, not diverged)", self.ready.clone());
         registry.register(
             "kind_stopped",
             "1 when a kind's folding is stopped: its topic is not the log this store folded (see /readyz)",
-            m.kind_stopped.clone(),
+            self.kind_stopped.clone(),
         );
-        registry.register("sse_subscribers", "SSE streams open", m.sse_subscribers.clone());
-        registry.register("source_next_offset", "Next offset to fold, per partition", m.source_next_offset.clone());
-        registry.register("source_lag", "Records in the log not folded yet, per partition", m.source_lag.clone());
+        registry.register("sse_subscribers", "SSE streams open", self.sse_subscribers.clone());
+        registry.register("source_next_offset", "Next offset to fold, per partition", self.source_next_offset.clone());
+        registry.register("source_lag", "Records in the log not folded yet, per partition", self.source_lag.clone());
         registry.register(
             "replica_digests_compared",
             "Attestation points compared with other replicas",
-            m.replica_digests_compared.clone(),
+            self.replica_digests_compared.clone(),
         );
         registry.register(
             "replica_peers_disagreeing",
             "Replicas whose latest digest differs from this one's",
-            m.replica_peers_disagreeing.clone(),
+            self.replica_peers_disagreeing.clone(),
         );
         registry.register(
             "replica_diverged",
             "1 when this replica disagrees with at least as many replicas as agree with it",
-            m.replica_diverged.clone(),
+            self.replica_diverged.clone(),
         );
         registry.register(
             "cluster_members",
             "Sharded mode: servers heard from, this one included",
-            m.cluster_members.clone(),
+            self.cluster_members.clone(),
         );
         registry.register(
             "cluster_partitions",
             "Sharded mode: this server's partitions, by role (owned: assigned by the group; folded: owned, standby or held; served: requests answered here)",
-            m.cluster_partitions.clone(),
+            self.cluster_partitions.clone(),
         );
         registry.register(
             "reactions_relayed",
             "Reactions this server relayed from its outbox to their topics",
-            m.reactions_relayed.clone(),
+            self.reactions_relayed.clone(),
         );
         registry.register(
             "requests_answered",
             "Requests over Kafka answered, by code (ok, or the error's code)",
-            m.requests_answered.clone(),
+            self.requests_answered.clone(),
         );
         registry.register(
             "requests_dropped",
             "Requests over Kafka dropped unanswered, by reason (other_target, malformed)",
-            m.requests_dropped.clone(),
+            self.requests_dropped.clone(),
         );
         registry.register(
             "request_seconds",
             "Requests over Kafka: from taking the request to the reply being sent",
-            m.request_seconds.clone(),
+            self.request_seconds.clone(),
         );
         registry.register(
             "outbox_pending",
             "Reactions committed with their diffs and not relayed yet (the outbox's lag)",
-            m.outbox_pending.clone(),
+            self.outbox_pending.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     /// The fold committed a WriteBatch in `took`.

@@ -140,6 +140,92 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
     let runtime = Arc::new(runtime);
     let registry = Arc::new(Registry { runtime: runtime.clone(), store: store.clone() });
 
+    let Kinds { kinds, specs, names, files } = load_kinds(&config, &store, &registry)?;
+
+    let source_status = Arc::new(SourceStatus::default());
+    let status = Arc::new(Status::default());
+    let stop = status.stop.clone();
+    let (source, writer, cluster) = open_log(&config, &store, &source_status, &stop)?;
+    let engine =
+        Engine::new(specs, limits.fold(), Versions::new(registry.clone(), limits.reducer_versions_resident_max));
+    let deployer = Arc::new(Deployer::new(registry, names, limits.deploy()));
+    let (committed_tx, committed_rx) = watch::channel(0u64);
+    let (cluster, cluster_thread) = cluster.unzip();
+    let (attestor, attest_thread) = match &config.kafka {
+        Some(kafka) => {
+            let compared = metrics.replica_digests_compared.clone();
+            Attestor::start(kafka, &limits.source(), &config.data_dir, status.stop.clone(), compared)?.unzip()
+        }
+        None => (None, None),
+    };
+    let relay = Relay::new(store.outbox_len()?, &limits.source(), metrics.reactions_relayed.clone());
+    let relay_thread = start_relay(&config, &relay, &store, &writer, &source_status, cluster.clone(), &status.stop)?;
+    let log = Log {
+        relay,
+        writer: writer.clone(),
+        source_name: source.name(),
+        source: source_status,
+        read_only: config.read_only,
+        attestor: attestor.clone(),
+        cluster,
+    };
+    let auth = auth_of(&config)?;
+    let app = Arc::new(
+        App::new(limits.clone(), store, kinds, log, Process { committed: committed_rx, status, metrics }, deployer)?
+            .with_auth(auth),
+    );
+
+    let listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let url = format!("{}://{addr}", if config.tls.is_some() { "https" } else { "http" });
+    let fold = {
+        let app = app.clone();
+        let control = crate::pipeline::Control {
+            replay_page_models: limits.replay_page_models,
+            deploy_move_models_max: limits.deploy_move_models_max,
+            digests: Digests::new(limits.attest_interval_records),
+            attestor,
+        };
+        std::thread::Builder::new()
+            .name("fold".into())
+            .spawn(move || crate::pipeline::fold_loop(source, engine, &app, &committed_tx, control))?
+    };
+    let interval = Duration::from_millis(limits.reducer_watch_interval_ms);
+    let runtime = tokio::runtime::Handle::current();
+    let watcher =
+        reducer_watch::spawn(app.clone(), runtime, files.into_iter().collect(), interval, app.status.stop.clone())?;
+    let router = crate::api::router(app.clone());
+    let router = match &config.cors {
+        Some(cors) => router.layer(cors_layer(cors)),
+        None => router,
+    };
+    let stop = app.status.stop.clone();
+    let server = serve(listener, router, &config, tls, stop);
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, "serving");
+    start_requests(&app, &config)?;
+    let threads = Threads { fold, watcher, attest: attest_thread, cluster: cluster_thread, relay: relay_thread };
+    tokio::spawn({
+        let app = app.clone();
+        async move { app.write_genesis().await }
+    });
+    Ok(Running { addr, url, app, server, threads, writer })
+}
+
+/// What the configured kinds need: each kind's service side and engine spec, the kinds of
+/// each reducer, and the file of each reducer the watch follows.
+struct Kinds {
+    kinds: Vec<Kind>,
+    specs: Vec<KindSpec>,
+    names: BTreeMap<String, Vec<Arc<str>>>,
+    files: BTreeMap<String, std::path::PathBuf>,
+}
+
+/// Loads each configured kind's active reducer version and the version each of its
+/// partitions folds with.
+fn load_kinds(config: &Config, store: &Arc<Store>, registry: &Arc<Registry>) -> anyhow::Result<Kinds> {
+    let limits = &config.limits;
     let mut kinds = Vec::new();
     let mut specs = Vec::new();
     let mut names: BTreeMap<String, Vec<Arc<str>>> = BTreeMap::new();
@@ -151,7 +237,7 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         let reducer = match active.get(&name) {
             Some(reducer) => Arc::clone(reducer),
             None => {
-                let reducer = active_version(&registry, &name, &path)?;
+                let reducer = active_version(registry, &name, &path)?;
                 active.insert(name.clone(), reducer.clone());
                 reducer
             }
@@ -182,10 +268,21 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         }
     }
 
-    let topics: Vec<String> = config.kinds.iter().map(|k| k.topic().to_owned()).collect();
-    let source_status = Arc::new(SourceStatus::default());
-    let status = Arc::new(Status::default());
-    let stop = status.stop.clone();
+    Ok(Kinds { kinds, specs, names, files })
+}
+
+/// The cluster a sharded server joined, and its thread.
+type Joined = (Arc<Cluster>, std::thread::JoinHandle<()>);
+
+/// The log the fold reads and appends go to: Kafka (sharded if `[cluster]`: the cluster
+/// joined, and its thread) or the embedded log.
+fn open_log(
+    config: &Config,
+    store: &Arc<Store>,
+    source_status: &Arc<SourceStatus>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<(Box<dyn Source>, Writer, Option<Joined>)> {
+    let (limits, topics) = (&config.limits, config.kinds.iter().map(|k| k.topic().to_owned()).collect::<Vec<_>>());
     let mut cluster = None;
     let (source, writer): (Box<dyn Source>, Writer) = match &config.kafka {
         Some(kafka) => {
@@ -225,88 +322,37 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         others.join(", "),
         source.name()
     );
-    let engine =
-        Engine::new(specs, limits.fold(), Versions::new(registry.clone(), limits.reducer_versions_resident_max));
-    let deployer = Arc::new(Deployer::new(registry, names, limits.deploy()));
-    let (committed_tx, committed_rx) = watch::channel(0u64);
-    let (cluster, cluster_thread) = cluster.unzip();
-    let (attestor, attest_thread) = match &config.kafka {
-        Some(kafka) => {
-            let compared = metrics.replica_digests_compared.clone();
-            Attestor::start(kafka, &limits.source(), &config.data_dir, status.stop.clone(), compared)?.unzip()
-        }
-        None => (None, None),
-    };
-    let relay = Relay::new(store.outbox_len()?, &limits.source(), metrics.reactions_relayed.clone());
-    let relay_thread = {
-        let sink = match (&config.kafka, &writer) {
-            (Some(kafka), _) => Sink::Kafka { config: kafka.clone(), transactional: config.reactions.transactional },
-            (None, Writer::Embedded(log)) => Sink::Embedded(log.clone()),
-            (None, Writer::Kafka(_)) => unreachable!("a Kafka writer comes with [kafka]"),
-        };
-        let (relay, store, source, cluster) = (relay.clone(), store.clone(), source_status.clone(), cluster.clone());
-        let (relays, limits, stop) = (config.reactions.relay, limits.clone(), status.stop.clone());
-        std::thread::Builder::new().name("relay".into()).spawn(move || {
-            crate::source::relay::run(relay, store, sink, source, cluster, relays, limits.source(), || {
-                stop.is_cancelled()
-            })
-        })?
-    };
-    let log = Log {
-        relay,
-        writer: writer.clone(),
-        source_name: source.name(),
-        source: source_status,
-        read_only: config.read_only,
-        attestor: attestor.clone(),
-        cluster,
-    };
-    let auth = match &config.auth {
-        Some(auth) => {
-            let origins = config.cors.as_ref().map(|c| c.allowed_origins.clone()).unwrap_or_default();
-            Some(Auth::new(auth, &origins)?)
-        }
-        None => {
-            if !config.listen.ip().is_loopback() {
-                tracing::warn!(listen = %config.listen, "SERVING WITHOUT ACCESS CONTROL on a non-loopback address: anyone who reaches it can read, write, deploy and replay; configure [auth]");
-            }
-            None
-        }
-    };
-    let app = Arc::new(
-        App::new(limits.clone(), store, kinds, log, Process { committed: committed_rx, status, metrics }, deployer)?
-            .with_auth(auth),
-    );
+    Ok((source, writer, cluster))
+}
 
-    let listener =
-        TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    let url = format!("{}://{addr}", if config.tls.is_some() { "https" } else { "http" });
-    let fold = {
-        let app = app.clone();
-        let control = crate::pipeline::Control {
-            replay_page_models: limits.replay_page_models,
-            deploy_move_models_max: limits.deploy_move_models_max,
-            digests: Digests::new(limits.attest_interval_records),
-            attestor,
-        };
-        std::thread::Builder::new()
-            .name("fold".into())
-            .spawn(move || crate::pipeline::fold_loop(source, engine, &app, &committed_tx, control))?
+/// The relay's thread: reactions from the outbox to Kafka, or to the embedded log.
+fn start_relay(
+    config: &Config,
+    relay: &Arc<Relay>,
+    store: &Arc<Store>,
+    writer: &Writer,
+    source_status: &Arc<SourceStatus>,
+    cluster: Option<Arc<Cluster>>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let sink = match (&config.kafka, writer) {
+        (Some(kafka), _) => Sink::Kafka { config: kafka.clone(), transactional: config.reactions.transactional },
+        (None, Writer::Embedded(log)) => Sink::Embedded(log.clone()),
+        (None, Writer::Kafka(_)) => unreachable!("a Kafka writer comes with [kafka]"),
     };
-    let interval = Duration::from_millis(limits.reducer_watch_interval_ms);
-    let runtime = tokio::runtime::Handle::current();
-    let watcher =
-        reducer_watch::spawn(app.clone(), runtime, files.into_iter().collect(), interval, app.status.stop.clone())?;
-    let router = crate::api::router(app.clone());
-    let router = match &config.cors {
-        Some(cors) => router.layer(cors_layer(cors)),
-        None => router,
-    };
-    let stop = app.status.stop.clone();
-    let server = serve(listener, router, &config, tls, stop);
-    let scheme = if config.tls.is_some() { "https" } else { "http" };
-    tracing::info!(%addr, scheme, "serving");
+    let (relay, store, source) = (relay.clone(), store.clone(), source_status.clone());
+    let (relays, limits, stop) = (config.reactions.relay, config.limits.source(), stop.clone());
+    std::thread::Builder::new()
+        .name("relay".into())
+        .spawn(move || {
+            crate::source::relay::run(relay, store, sink, source, cluster, relays, limits, || stop.is_cancelled())
+        })
+        .map_err(Into::into)
+}
+
+/// Request/reply over Kafka, if `[requests]`.
+fn start_requests(app: &Arc<App>, config: &Config) -> anyhow::Result<()> {
+    let limits = &config.limits;
     if let (Some(requests), Some(kafka)) = (&config.requests, &config.kafka) {
         let group =
             requests.group.clone().unwrap_or_else(|| format!("{}.requests.{}", kafka.group_id, requests.target));
@@ -320,12 +366,24 @@ pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Runn
         tracing::info!(topic = %requests.topic, target = %requests.target, %group, "serving request/reply over Kafka");
         tokio::spawn(crate::api::requests::serve(app.clone(), consumer, producer, settings, app.status.stop.clone()));
     }
-    let threads = Threads { fold, watcher, attest: attest_thread, cluster: cluster_thread, relay: relay_thread };
-    tokio::spawn({
-        let app = app.clone();
-        async move { app.write_genesis().await }
-    });
-    Ok(Running { addr, url, app, server, threads, writer })
+    Ok(())
+}
+
+/// Access control, if `[auth]`; a warning when a server without it listens beyond
+/// loopback.
+fn auth_of(config: &Config) -> anyhow::Result<Option<Auth>> {
+    Ok(match &config.auth {
+        Some(auth) => {
+            let origins = config.cors.as_ref().map(|c| c.allowed_origins.clone()).unwrap_or_default();
+            Some(Auth::new(auth, &origins)?)
+        }
+        None => {
+            if !config.listen.ip().is_loopback() {
+                tracing::warn!(listen = %config.listen, "SERVING WITHOUT ACCESS CONTROL on a non-loopback address: anyone who reaches it can read, write, deploy and replay; configure [auth]");
+            }
+            None
+        }
+    })
 }
 
 /// Serves `router` on `listener` until `stop`: HTTP/1.1 and HTTP/2 (over TLS as ALPN picks;

@@ -361,89 +361,8 @@ async fn perform(app: &Arc<App>, operation: &str, payload: &Value, origin: &Orig
     let kind = text(payload, "kind")?.to_owned();
     let wait = Duration::from_millis(app.limits().wait_applied_ms_max);
     match operation {
-        "models.create" => {
-            let (id, derived) = match optional(payload, "id")? {
-                Some(id) => (id.to_owned(), false),
-                None => (origin.id(), true),
-            };
-            let model = ModelKey::new(&kind, &id);
-            served_here(app, &model)?;
-            // A second delivery of a create without an id finds the model its first made:
-            // the same answer, the model's first version.
-            let again = || {
-                let hash = model.genesis().to_string();
-                json!({"id": model.id.to_string(), "hash": hash, "seq": 0, "duplicate": true})
-            };
-            let topic = match blocking(app, move |app| app.check_create(&kind, &id)).await {
-                Err(Failure { code: "model_exists", .. }) if derived => return Ok(again()),
-                topic => topic?,
-            };
-            let (partition, offset) = app.write(&topic, &model.id, None, &[]).await?;
-            let version = match app.wait_folded(&model, &topic, partition, offset, wait).await {
-                Err(AppError::Rejected(crate::model::Rejection::Exists)) if derived => return Ok(again()),
-                version => version?,
-            };
-            let body = VersionBody {
-                id: model.id.to_string(),
-                hash: version.hash.to_string(),
-                seq: version.seq,
-                offset: None,
-            };
-            Ok(serde_json::to_value(body).expect("serializes"))
-        }
-        "models.append" => {
-            let id = text(payload, "id")?.to_owned();
-            let diff = payload.get("diff").ok_or_else(|| bad_request("payload.diff: the diff (JSON) is required"))?;
-            let diff = diff.to_string();
-            if diff.len() > app.limits().diff_bytes_max {
-                return Err(Failure {
-                    code: "too_large",
-                    message: format!("the diff is {} bytes, more than diff_bytes_max", diff.len()),
-                });
-            }
-            let mut headers = Vec::new();
-            if let Some(expected) = optional(payload, "expectedHash")? {
-                headers
-                    .push((EXPECTED_HASH_HEADER.to_owned(), hash(expected, "expectedHash")?.to_string().into_bytes()));
-            }
-            let key = optional(payload, "idempotencyKey")?.map(str::to_owned);
-            if let Some(key) = &key
-                && (key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX)
-            {
-                return Err(bad_request(format!("payload.idempotencyKey: 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes")));
-            }
-            // Without a key, the request's place in its topic: a redelivery is the same append.
-            let key = key.unwrap_or_else(|| origin.key());
-            headers.push((IDEMPOTENCY_KEY_HEADER.to_owned(), key.as_bytes().to_vec()));
-            let model = ModelKey::new(&kind, &id);
-            served_here(app, &model)?;
-            let topic = {
-                let model = model.clone();
-                blocking(app, move |app| app.check_append(&model)).await?
-            };
-            // A key applied already answers with what it applied (nothing is written).
-            {
-                let (model, key) = (model.clone(), key.clone());
-                if let Some(keyed) = blocking(app, move |app| app.keyed(&model, &key)).await? {
-                    return Ok(duplicate(&id, &keyed));
-                }
-            }
-            let (partition, offset) = app.write(&topic, &id, Some(diff.as_bytes()), &headers).await?;
-            match app.wait_folded(&model, &topic, partition, offset, wait).await {
-                Ok(version) => Ok(
-                    json!({"id": id, "hash": version.hash.to_string(), "seq": version.seq, "offset": version.offset}),
-                ),
-                Err(AppError::Rejected(crate::model::Rejection::Duplicate { .. })) => {
-                    let keyed = blocking(app, move |app| app.keyed(&model, &key)).await?;
-                    let keyed = keyed.ok_or_else(|| Failure {
-                        code: "internal",
-                        message: "a duplicate whose key is not stored".into(),
-                    })?;
-                    Ok(duplicate(&id, &keyed))
-                }
-                Err(e) => Err(e.into()),
-            }
-        }
+        "models.create" => create(app, kind, payload, origin, wait).await,
+        "models.append" => append(app, kind, payload, origin, wait).await,
         "models.read" => {
             let id = text(payload, "id")?.to_owned();
             let at = optional(payload, "at")?.map(|at| hash(at, "at")).transpose()?;
@@ -460,24 +379,120 @@ async fn perform(app: &Arc<App>, operation: &str, payload: &Value, origin: &Orig
             let plan = blocking(app, move |app| app.plan(&model, since)).await?;
             Ok(serde_json::to_value(PlanBody::from(&plan)).expect("serializes"))
         }
-        "models.list" => {
-            let after = optional(payload, "after")?.map(str::to_owned);
-            let max = app.limits().list_page_max;
-            let limit = match payload.get("limit") {
-                None | Some(Value::Null) => max,
-                Some(limit) => {
-                    limit.as_u64().ok_or_else(|| bad_request("payload.limit: a positive integer"))?.clamp(1, max as u64)
-                        as usize
-                }
-            };
-            let page = blocking(app, move |app| app.list(&kind, after.as_deref(), limit, None)).await?;
-            let next = (page.len() == limit).then(|| page.last().map(|(id, _)| id.clone())).flatten();
-            let models: Vec<VersionBody> = page
-                .into_iter()
-                .map(|(id, head)| VersionBody { id, hash: head.hash.to_string(), seq: head.seq, offset: head.offset })
-                .collect();
-            Ok(json!({"models": models, "next": next}))
-        }
+        "models.list" => list(app, kind, payload).await,
         _ => unreachable!("checked against OPERATIONS above"),
     }
+}
+
+/// `models.create`: a create record, waited for until folded. Without an id, the request's
+/// place in its topic names the model, so a redelivery answers what the first made.
+async fn create(
+    app: &Arc<App>,
+    kind: String,
+    payload: &Value,
+    origin: &Origin,
+    wait: Duration,
+) -> Result<Value, Failure> {
+    let (id, derived) = match optional(payload, "id")? {
+        Some(id) => (id.to_owned(), false),
+        None => (origin.id(), true),
+    };
+    let model = ModelKey::new(&kind, &id);
+    served_here(app, &model)?;
+    // A second delivery of a create without an id finds the model its first made:
+    // the same answer, the model's first version.
+    let again = || {
+        let hash = model.genesis().to_string();
+        json!({"id": model.id.to_string(), "hash": hash, "seq": 0, "duplicate": true})
+    };
+    let topic = match blocking(app, move |app| app.check_create(&kind, &id)).await {
+        Err(Failure { code: "model_exists", .. }) if derived => return Ok(again()),
+        topic => topic?,
+    };
+    let (partition, offset) = app.write(&topic, &model.id, None, &[]).await?;
+    let version = match app.wait_folded(&model, &topic, partition, offset, wait).await {
+        Err(AppError::Rejected(crate::model::Rejection::Exists)) if derived => return Ok(again()),
+        version => version?,
+    };
+    let body = VersionBody { id: model.id.to_string(), hash: version.hash.to_string(), seq: version.seq, offset: None };
+    Ok(serde_json::to_value(body).expect("serializes"))
+}
+
+/// `models.append`: a diff, written with its idempotency key (the request's place in its
+/// topic without one), waited for until folded.
+async fn append(
+    app: &Arc<App>,
+    kind: String,
+    payload: &Value,
+    origin: &Origin,
+    wait: Duration,
+) -> Result<Value, Failure> {
+    let id = text(payload, "id")?.to_owned();
+    let diff = payload.get("diff").ok_or_else(|| bad_request("payload.diff: the diff (JSON) is required"))?;
+    let diff = diff.to_string();
+    if diff.len() > app.limits().diff_bytes_max {
+        return Err(Failure {
+            code: "too_large",
+            message: format!("the diff is {} bytes, more than diff_bytes_max", diff.len()),
+        });
+    }
+    let mut headers = Vec::new();
+    if let Some(expected) = optional(payload, "expectedHash")? {
+        headers.push((EXPECTED_HASH_HEADER.to_owned(), hash(expected, "expectedHash")?.to_string().into_bytes()));
+    }
+    let key = optional(payload, "idempotencyKey")?.map(str::to_owned);
+    if let Some(key) = &key
+        && (key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX)
+    {
+        return Err(bad_request(format!("payload.idempotencyKey: 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes")));
+    }
+    // Without a key, the request's place in its topic: a redelivery is the same append.
+    let key = key.unwrap_or_else(|| origin.key());
+    headers.push((IDEMPOTENCY_KEY_HEADER.to_owned(), key.as_bytes().to_vec()));
+    let model = ModelKey::new(&kind, &id);
+    served_here(app, &model)?;
+    let topic = {
+        let model = model.clone();
+        blocking(app, move |app| app.check_append(&model)).await?
+    };
+    // A key applied already answers with what it applied (nothing is written).
+    {
+        let (model, key) = (model.clone(), key.clone());
+        if let Some(keyed) = blocking(app, move |app| app.keyed(&model, &key)).await? {
+            return Ok(duplicate(&id, &keyed));
+        }
+    }
+    let (partition, offset) = app.write(&topic, &id, Some(diff.as_bytes()), &headers).await?;
+    match app.wait_folded(&model, &topic, partition, offset, wait).await {
+        Ok(version) => {
+            Ok(json!({"id": id, "hash": version.hash.to_string(), "seq": version.seq, "offset": version.offset}))
+        }
+        Err(AppError::Rejected(crate::model::Rejection::Duplicate { .. })) => {
+            let keyed = blocking(app, move |app| app.keyed(&model, &key)).await?;
+            let keyed = keyed
+                .ok_or_else(|| Failure { code: "internal", message: "a duplicate whose key is not stored".into() })?;
+            Ok(duplicate(&id, &keyed))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `models.list`: a page of a kind's models.
+async fn list(app: &Arc<App>, kind: String, payload: &Value) -> Result<Value, Failure> {
+    let after = optional(payload, "after")?.map(str::to_owned);
+    let max = app.limits().list_page_max;
+    let limit = match payload.get("limit") {
+        None | Some(Value::Null) => max,
+        Some(limit) => {
+            limit.as_u64().ok_or_else(|| bad_request("payload.limit: a positive integer"))?.clamp(1, max as u64)
+                as usize
+        }
+    };
+    let page = blocking(app, move |app| app.list(&kind, after.as_deref(), limit, None)).await?;
+    let next = (page.len() == limit).then(|| page.last().map(|(id, _)| id.clone())).flatten();
+    let models: Vec<VersionBody> = page
+        .into_iter()
+        .map(|(id, head)| VersionBody { id, hash: head.hash.to_string(), seq: head.seq, offset: head.offset })
+        .collect();
+    Ok(json!({"models": models, "next": next}))
 }

@@ -24,6 +24,9 @@
 //! partition publish the same hash for the same (model, seq): which one serves is a matter
 //! of freshness, never of correctness.
 
+mod group;
+mod routes;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,6 +46,8 @@ use tokio_util::sync::CancellationToken;
 use super::SourceStatus;
 use super::kafka::{Role, client_config, kafka_settings, partition_count};
 use crate::settings::{ClusterConfig, KafkaConfig, RouteMode, SourceLimits};
+use group::*;
+use routes::*;
 
 /// A topic's partition.
 pub type Partition = (String, u32);
@@ -372,28 +377,6 @@ impl Cluster {
     }
 }
 
-/// The route of a request that came by a hop: here if this server serves the partition or
-/// folds it and has caught up (`ready_here`), else unavailable; never elsewhere.
-fn after_hop(route: Route, ready_here: bool, topic: &str, partition: u32) -> Route {
-    match (route, ready_here) {
-        (Route::Local, _) | (_, true) => Route::Local,
-        (Route::Elsewhere { member, .. }, false) => Route::Unavailable(format!(
-            "this request was routed here, but partition {partition} of topic {topic:?} is served by {member} as this server sees it: the servers' maps are settling; retry shortly"
-        )),
-        (unavailable, false) => unavailable,
-    }
-}
-
-/// A partition's route in the table the last [`Cluster::settle`] made.
-fn route_in_table(inner: &Inner, topic: &str, partition: u32) -> Route {
-    match inner.routes.get(&(topic.to_owned(), partition)) {
-        Some(route) => route.clone(),
-        None => Route::Unavailable(format!(
-            "this server has not yet heard where partition {partition} of topic {topic:?} is served; retry shortly"
-        )),
-    }
-}
-
 impl Cluster {
     /// The whole map, for `GET /v1/cluster`.
     pub fn view(&self) -> ClusterView {
@@ -613,195 +596,6 @@ impl Cluster {
         producer.flush(Duration::from_secs(1)).ok();
         // Leave the group now rather than after the session timeout.
         group.unsubscribe();
-    }
-}
-
-/// Reads the cluster topic, every partition, from a little before its end; why not,
-/// otherwise.
-fn assign_all(reader: &BaseConsumer, topic: &str) -> Result<(), String> {
-    let count = partition_count(reader.client(), topic, Duration::from_secs(2))?;
-    let mut list = TopicPartitionList::new();
-    for partition in 0..count as i32 {
-        let _ = list.add_partition_offset(topic, partition, Offset::OffsetTail(100));
-    }
-    reader.assign(&list).map_err(|e| format!("cannot read the cluster topic {topic:?}: {e}"))
-}
-
-/// Commits the owned partitions' folded positions to the group (for lag monitoring).
-fn commit_owned(
-    group: &BaseConsumer<GroupContext>,
-    owned: &BTreeSet<Partition>,
-    status: &SourceStatus,
-    committed: &mut BTreeMap<Partition, u64>,
-) {
-    let mut list = TopicPartitionList::new();
-    for ((topic, partition), p) in status.partitions() {
-        let key = (topic, partition);
-        if owned.contains(&key) && p.next > 0 && committed.get(&key) != Some(&p.next) {
-            let _ = list.add_partition_offset(&key.0, partition as i32, Offset::Offset(p.next as i64));
-            committed.insert(key, p.next);
-        }
-    }
-    if list.count() > 0
-        && let Err(e) = group.commit(&list, CommitMode::Async)
-    {
-        tracing::debug!(error = %e, "committing the folded positions to the group failed (monitoring only)");
-    }
-}
-
-fn ready_in(announce: &Announce, topic: &str, partition: u32) -> bool {
-    announce.folding.iter().any(|f| f.topic == topic && f.partition == partition && f.ready)
-}
-
-/// The newest group generation among `members`' announcements.
-fn newest_generation(members: &[Announce]) -> i32 {
-    members.iter().map(|a| a.generation).max().unwrap_or_else(no_generation)
-}
-
-/// The group's generation, as librdkafka holds it now (`None`: not known).
-///
-/// librdkafka has no getter for it; its serialized group metadata (the format KIP-447's
-/// `sendOffsetsToTransaction` uses, `rd_kafka_consumer_group_metadata_write`, format v2:
-/// `"CGMDv2:"`, then the generation as a native-endian i32) carries it.
-fn group_generation(group: &BaseConsumer<GroupContext>) -> Option<i32> {
-    use rdkafka::bindings as rd;
-    const MAGIC: &[u8] = b"CGMDv2:";
-    let rk = group.client().native_ptr();
-    // SAFETY: `rk` is the live consumer's handle; the metadata is a copy this function owns
-    // and destroys, and the buffer librdkafka allocates is read within its size, then freed.
-    unsafe {
-        let metadata = rd::rd_kafka_consumer_group_metadata(rk);
-        if metadata.is_null() {
-            return None;
-        }
-        let mut buffer: *mut std::ffi::c_void = std::ptr::null_mut();
-        let mut size = 0usize;
-        let error = rd::rd_kafka_consumer_group_metadata_write(metadata, &mut buffer, &mut size);
-        rd::rd_kafka_consumer_group_metadata_destroy(metadata);
-        if !error.is_null() {
-            rd::rd_kafka_error_destroy(error);
-            return None;
-        }
-        if buffer.is_null() {
-            return None;
-        }
-        let bytes = std::slice::from_raw_parts(buffer as *const u8, size);
-        let generation = bytes
-            .strip_prefix(MAGIC)
-            .and_then(|rest| rest.get(..4))
-            .map(|g| i32::from_ne_bytes(g.try_into().expect("4 bytes")));
-        rd::rd_kafka_mem_free(rk, buffer);
-        generation
-    }
-}
-
-/// The owner of a partition: the member the group assigned it to. Of two claiming it for a
-/// moment (a revoke not announced yet), the claim of the newer group generation (the
-/// older may name a partition the group has moved since), then the later claim.
-fn owner_of<'a>(members: &'a [Announce], topic: &str, partition: u32) -> Option<&'a Announce> {
-    members.iter().filter(|a| a.owned.iter().any(|(t, p)| t == topic && *p == partition)).max_by(|a, b| {
-        (a.generation, a.claimed_ms).cmp(&(b.generation, b.claimed_ms)).then_with(|| b.member.cmp(&a.member))
-    })
-}
-
-/// The `n` standbys of a partition: the members other than its owner ranked first by
-/// blake3(member, topic, partition). Every server ranks alike; a member leaving moves only
-/// the partitions it stood by for.
-fn standbys_of(members: &[Announce], owner: Option<&str>, n: usize, topic: &str, partition: u32) -> Vec<String> {
-    let mut ranked: Vec<(blake3::Hash, &str)> = members
-        .iter()
-        .filter(|a| Some(a.member.as_str()) != owner)
-        .map(|a| {
-            let mut hasher = blake3::Hasher::new();
-            hasher.update(a.member.as_bytes()).update(&[0]).update(topic.as_bytes()).update(&[0]);
-            hasher.update(&partition.to_be_bytes());
-            (hasher.finalize(), a.member.as_str())
-        })
-        .collect();
-    ranked.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    ranked.into_iter().take(n).map(|(_, m)| m.to_owned()).collect()
-}
-
-fn route_in(members: &[Announce], me: &str, topic: &str, partition: u32) -> Route {
-    let elsewhere = |a: &Announce| Route::Elsewhere { member: a.member.clone(), url: a.url.clone() };
-    if let Some(owner) = owner_of(members, topic, partition)
-        && ready_in(owner, topic, partition)
-    {
-        return if owner.member == me { Route::Local } else { elsewhere(owner) };
-    }
-    // The owner has not caught up (or none is known): a warm copy serves, this one first.
-    let ready: Vec<(&Announce, u64)> = members
-        .iter()
-        .filter_map(|a| {
-            let f = a.folding.iter().find(|f| f.topic == topic && f.partition == partition && f.ready)?;
-            Some((a, f.lag().unwrap_or(u64::MAX)))
-        })
-        .collect();
-    if ready.iter().any(|(a, _)| a.member == me) {
-        return Route::Local;
-    }
-    match ready.iter().min_by_key(|(a, lag)| (*lag, a.member.clone())) {
-        Some((a, _)) => elsewhere(a),
-        None => Route::Unavailable(format!(
-            "no server has caught up on partition {partition} of topic {topic:?} yet (a rebalance or a failover is under way); retry shortly"
-        )),
-    }
-}
-
-/// The group consumer's context: rebalances tell the cluster what this server owns.
-struct GroupContext {
-    cluster: std::sync::Weak<Cluster>,
-}
-
-impl ClientContext for GroupContext {}
-
-impl ConsumerContext for GroupContext {
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        let partitions: Vec<Partition> = tpl
-            .elements()
-            .iter()
-            .filter_map(|e| Some((e.topic().to_owned(), u32::try_from(e.partition()).ok()?)))
-            .collect();
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                // Paused at the end: this consumer only holds the assignment.
-                let mut list = TopicPartitionList::new();
-                for (topic, partition) in &partitions {
-                    let _ = list.add_partition_offset(topic, *partition as i32, Offset::End);
-                }
-                let assigned = if cooperative { consumer.incremental_assign(&list) } else { consumer.assign(&list) };
-                if let Err(e) = assigned.and_then(|()| consumer.pause(&list)) {
-                    tracing::warn!(error = %e, "cannot take the group's assignment");
-                }
-                if let Some(cluster) = self.cluster.upgrade() {
-                    cluster.rebalanced(&partitions, &[]);
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                let revoked = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
-                if let Err(e) = revoked {
-                    tracing::warn!(error = %e, "cannot give back the revoked partitions");
-                }
-                if let Some(cluster) = self.cluster.upgrade() {
-                    cluster.rebalanced(&[], &partitions);
-                }
-            }
-            other => {
-                tracing::warn!(error = ?other, "the group's rebalance failed; the assignment is dropped");
-                let _ = consumer.unassign();
-                if let Some(cluster) = self.cluster.upgrade() {
-                    let owned: Vec<Partition> = cluster.lock().owned.iter().cloned().collect();
-                    cluster.rebalanced(&[], &owned);
-                }
-            }
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "committing to the group failed (monitoring only)");
-        }
     }
 }
 

@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod http;
+
+pub use http::*;
+
 pub use statefold_source::settings::{
     ClusterConfig, KafkaConfig, RouteMode, SourceLimits, default_attest_topic, default_cluster_topic, default_group_id,
 };
@@ -447,88 +451,6 @@ fn yes() -> bool {
     true
 }
 
-/// `[tls]`: serve HTTPS, HTTP/2 or HTTP/1.1 as the client's ALPN asks (a browser follows
-/// many models' streams over one HTTP/2 connection; over HTTP/1.1 it opens at most six
-/// connections to an origin).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// The certificate chain, PEM, the server's own certificate first.
-    pub cert_file: PathBuf,
-    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: PathBuf,
-    /// How often the two files are looked at; when either changed, both are read again and
-    /// new connections get the new certificate (a pair that does not load is logged and the
-    /// previous one kept), in milliseconds.
-    #[serde(default = "default_tls_reload_interval_ms")]
-    pub reload_interval_ms: u64,
-    /// Longest TLS handshake; a client slower than that is disconnected, in milliseconds.
-    #[serde(default = "default_tls_handshake_timeout_ms")]
-    pub handshake_timeout_ms: u64,
-}
-
-pub fn default_tls_reload_interval_ms() -> u64 {
-    1_000
-}
-
-pub fn default_tls_handshake_timeout_ms() -> u64 {
-    10_000
-}
-
-/// `[auth]`: who may do what. Every route but `/healthz`, `/readyz` and
-/// `/v1/openapi.json` takes a bearer JWT (the `Authorization` header, or the cookie
-/// `cookie`) whose `grants` claim lists actions over kind/model-id patterns.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    /// The issuer's keys: one PEM public key (Ed25519, P-256 or RSA: tokens signed EdDSA,
-    /// ES256 or RS256), or a JSON Web Key Set (a token's `kid` picks its key). Read again
-    /// when the file changes (looked at once a second at most), so keys rotate without a
-    /// restart.
-    #[serde(default)]
-    pub public_key_file: Option<PathBuf>,
-    /// A shared secret for HS256 tokens: for development.
-    #[serde(default)]
-    pub hs256_secret: Option<String>,
-    /// The `aud` a token must carry.
-    pub audience: String,
-    /// The `iss` a token must carry, if set.
-    #[serde(default)]
-    pub issuer: Option<String>,
-    /// The cookie a browser's token may come in (so that a plain `EventSource` works).
-    #[serde(default = "default_auth_cookie")]
-    pub cookie: String,
-    /// Clock skew allowed on `exp` and `nbf`, in seconds.
-    #[serde(default = "default_auth_leeway_s")]
-    pub leeway_s: u64,
-}
-
-/// `[cors]`: which web origins may call the API from a browser (tower-http's CORS layer).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CorsConfig {
-    /// Origins allowed, e.g. `https://app.example.com` (exactly as a browser sends them).
-    pub allowed_origins: Vec<String>,
-    /// Whether a page may send its cookies (the `[auth]` cookie) with its requests.
-    #[serde(default)]
-    pub allow_credentials: bool,
-    /// How long a browser may cache a preflight's answer, in seconds.
-    #[serde(default = "default_cors_max_age_s")]
-    pub max_age_s: u64,
-}
-
-pub fn default_cors_max_age_s() -> u64 {
-    600
-}
-
-pub fn default_auth_cookie() -> String {
-    "statefold_token".into()
-}
-
-pub fn default_auth_leeway_s() -> u64 {
-    30
-}
-
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
@@ -587,6 +509,13 @@ impl Config {
     /// Checks everything that can be checked without opening anything.
     pub fn validate(&self) -> Result<(), String> {
         self.limits.validate()?;
+        self.validate_http()?;
+        self.validate_kafka()?;
+        self.validate_kinds()
+    }
+
+    /// `[cors]`, `[tls]` and `[auth]`.
+    fn validate_http(&self) -> Result<(), String> {
         if let Some(cors) = &self.cors {
             if cors.allowed_origins.is_empty() {
                 return Err("[cors] allowed_origins: name at least one origin".into());
@@ -615,11 +544,11 @@ impl Config {
                 return Err("[auth] audience: must not be empty".into());
             }
         }
-        if self.kinds.is_empty() {
-            return Err(
-                "no kinds configured: add [[kind]] sections (name, reducer, topic) or --kind NAME=FILE.wasm".into()
-            );
-        }
+        Ok(())
+    }
+
+    /// `[kafka]`, `[requests]` and `[cluster]`.
+    fn validate_kafka(&self) -> Result<(), String> {
         if let Some(kafka) = &self.kafka {
             if kafka.brokers.trim().is_empty() {
                 return Err("kafka.brokers is empty: give host:port[,host:port...]".into());
@@ -662,6 +591,16 @@ impl Config {
             {
                 return Err("cluster_member_timeout_ms must be longer than cluster_heartbeat_interval_ms (> 0)".into());
             }
+        }
+        Ok(())
+    }
+
+    /// The kinds: at least one, names and topics well-formed and distinct, reducers there.
+    fn validate_kinds(&self) -> Result<(), String> {
+        if self.kinds.is_empty() {
+            return Err(
+                "no kinds configured: add [[kind]] sections (name, reducer, topic) or --kind NAME=FILE.wasm".into()
+            );
         }
         let mut names = std::collections::HashSet::new();
         let mut topics = std::collections::HashSet::new();

@@ -31,152 +31,15 @@ use crate::settings::{KafkaConfig, SourceLimits};
 use statefold_core::model::{Record, Witness};
 use statefold_store::{Position, Store};
 
+mod clients;
+mod writer;
+
+use clients::{Context, printable};
+pub use clients::{Role, kafka_settings, request_clients};
+pub(crate) use clients::{client_config, partition_count};
+pub use writer::KafkaWriter;
+
 pub const SOURCE_NAME: &str = "kafka";
-
-/// Which client a set of properties is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Consumer,
-    Producer,
-}
-
-/// The librdkafka properties of a client: Statefold's settings, then `[kafka.properties]`,
-/// then `[kafka.consumer]` or `[kafka.producer]`, each overriding the one before.
-pub fn kafka_settings(config: &KafkaConfig, limits: &SourceLimits, role: Role) -> BTreeMap<String, String> {
-    let mut settings: BTreeMap<String, String> = BTreeMap::new();
-    let mut set = |k: &str, v: String| {
-        settings.insert(k.to_owned(), v);
-    };
-    set("bootstrap.servers", config.brokers.clone());
-    set("client.id", "statefold".into());
-    set("socket.keepalive.enable", "true".into());
-    match role {
-        Role::Consumer => {
-            set("group.id", config.group_id.clone());
-            // Positions live in the store; the group's offsets are for monitoring.
-            set("enable.auto.commit", "false".into());
-            set("enable.auto.offset.store", "false".into());
-            // A stored position outside the log means records were lost: stop, never
-            // skip silently to the earliest or latest offset.
-            set("auto.offset.reset", "error".into());
-            set("enable.partition.eof", "false".into());
-            set("isolation.level", "read_committed".into());
-            set("check.crcs", "true".into());
-            set("fetch.wait.max.ms", limits.kafka_fetch_wait_ms.to_string());
-            set("fetch.min.bytes", "1".into());
-            // librdkafka's default (1 s) caps catch-up near 100k records/s.
-            set("fetch.queue.backoff.ms", "1".into());
-            set("queued.max.messages.kbytes", (limits.kafka_fetch_queue_bytes_max >> 10).max(1).to_string());
-            set("queued.min.messages", (limits.batch_records_max * 10).to_string());
-            set("fetch.max.bytes", limits.kafka_fetch_queue_bytes_max.clamp(1 << 20, 50 << 20).to_string());
-            // A record up to diff_bytes_max must fit a fetch (a larger one is rejected).
-            set("max.partition.fetch.bytes", (limits.diff_bytes_max + (64 << 10)).max(1 << 20).to_string());
-        }
-        Role::Producer => {
-            set("acks", "all".into());
-            set("enable.idempotence", "true".into());
-            set("max.in.flight.requests.per.connection", "5".into());
-            set("linger.ms", "1".into());
-            set("message.timeout.ms", limits.kafka_produce_timeout_ms.to_string());
-            set("queue.buffering.max.kbytes", (limits.kafka_produce_queue_bytes_max >> 10).max(1).to_string());
-            set("queue.buffering.max.messages", "100000".into());
-            set("message.max.bytes", (limits.diff_bytes_max + (64 << 10)).max(1 << 20).to_string());
-            // The Java client's partitioner: a model's records land on the same partition
-            // whichever client produced them.
-            set("partitioner", "murmur2_random".into());
-        }
-    }
-    let overrides = match role {
-        Role::Consumer => &config.consumer,
-        Role::Producer => &config.producer,
-    };
-    for (k, v) in config.properties.iter().chain(overrides) {
-        settings.insert(k.clone(), v.clone());
-    }
-    settings
-}
-
-/// The request/reply clients: a consumer of `topic` in `group` that commits by hand (from
-/// the earliest request when the group has no position), and a producer for the replies.
-pub fn request_clients(
-    config: &KafkaConfig,
-    limits: &SourceLimits,
-    topic: &str,
-    group: &str,
-) -> Result<(StreamConsumer, FutureProducer), String> {
-    let mut settings = kafka_settings(config, limits, Role::Consumer);
-    settings.insert("group.id".into(), group.to_owned());
-    settings.insert("auto.offset.reset".into(), "earliest".into());
-    // A server that died holds its partitions of the request topic this long.
-    settings.insert("session.timeout.ms".into(), limits.cluster_session_timeout_ms.to_string());
-    // A rebalance waits for members to rejoin at most this long (the consumer polls all
-    // the time: it never comes near it otherwise).
-    settings.insert("max.poll.interval.ms".into(), (limits.cluster_session_timeout_ms * 3).to_string());
-    let consumer: StreamConsumer =
-        client_config(&settings).create().map_err(|e| format!("cannot create the request consumer: {e}"))?;
-    consumer.subscribe(&[topic]).map_err(|e| format!("cannot subscribe to {topic}: {e}"))?;
-    let producer: FutureProducer = client_config(&kafka_settings(config, limits, Role::Producer))
-        .create()
-        .map_err(|e| format!("cannot create the reply producer: {e}"))?;
-    Ok((consumer, producer))
-}
-
-pub(super) fn client_config(settings: &BTreeMap<String, String>) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    for (k, v) in settings {
-        config.set(k, v);
-    }
-    config.set_log_level(RDKafkaLogLevel::Warning);
-    config
-}
-
-/// Properties as logged: secrets masked.
-fn printable(settings: &BTreeMap<String, String>) -> String {
-    settings
-        .iter()
-        .map(|(k, v)| {
-            let secret =
-                ["password", "secret", "key", "token"].iter().any(|s| k.contains(s)) && k != "ssl.key.location";
-            if secret { format!("{k}=***") } else { format!("{k}={v}") }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// librdkafka's logs and errors, into tracing and the source status.
-struct Context {
-    role: Role,
-    status: Arc<SourceStatus>,
-}
-
-impl ClientContext for Context {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        let role = self.role;
-        match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
-                tracing::error!(?role, fac, "librdkafka: {message}")
-            }
-            RDKafkaLogLevel::Warning => tracing::warn!(?role, fac, "librdkafka: {message}"),
-            _ => tracing::debug!(?role, fac, "librdkafka: {message}"),
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        let role = self.role;
-        tracing::warn!(?role, %error, "librdkafka: {reason}");
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.status.set_problem(Some(format!("all brokers are down: {reason}")));
-        }
-    }
-}
-
-impl ConsumerContext for Context {
-    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "committing the folded position to the group failed (monitoring only)");
-        }
-    }
-}
 
 type KafkaConsumer = BaseConsumer<Context>;
 
@@ -659,26 +522,6 @@ fn check_loop(
     }
 }
 
-/// The number of partitions of `topic`, as the brokers describe it; why not, otherwise.
-pub(super) fn partition_count<C: ClientContext>(
-    client: &rdkafka::client::Client<C>,
-    topic: &str,
-    timeout: Duration,
-) -> Result<u32, String> {
-    let metadata = client
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("cannot reach the brokers: metadata of topic {topic:?}: {e}"))?;
-    let described = metadata.topics().iter().find(|t| t.name() == topic);
-    match described {
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as u32),
-        Some(t) => {
-            let error = t.error().map(|e| format!("{:?}", RDKafkaErrorCode::from(e))).unwrap_or_default();
-            Err(format!("topic {topic:?} is not available ({error}); create it"))
-        }
-        None => Err(format!("topic {topic:?} is not on the brokers; create it")),
-    }
-}
-
 fn check(
     consumer: &KafkaConsumer,
     topics: &[String],
@@ -718,64 +561,4 @@ fn check(
         }
     }
     Ok(())
-}
-
-/// The Kafka writer: an idempotent producer, acks from all in-sync replicas.
-pub struct KafkaWriter {
-    producer: FutureProducer<Context>,
-}
-
-impl KafkaWriter {
-    pub fn new(config: &KafkaConfig, limits: &SourceLimits, status: Arc<SourceStatus>) -> Result<KafkaWriter, String> {
-        let settings = kafka_settings(config, limits, Role::Producer);
-        tracing::info!(settings = %printable(&settings), "kafka producer");
-        let producer = client_config(&settings)
-            .create_with_context(Context { role: Role::Producer, status })
-            .map_err(|e| format!("cannot create the Kafka producer: {e}"))?;
-        Ok(KafkaWriter { producer })
-    }
-
-    /// Appends to `partition`, or to the key's partition (the producer's partitioner).
-    pub async fn append(
-        &self,
-        topic: &str,
-        partition: Option<u32>,
-        key: &[u8],
-        value: &[u8],
-        headers: &[(String, Vec<u8>)],
-    ) -> Result<(u32, u64), WriteError> {
-        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
-        for (name, value) in headers {
-            owned = owned.insert(Header { key: name, value: Some(value) });
-        }
-        let mut record = FutureRecord::to(topic).key(key).payload(value).headers(owned);
-        if let Some(partition) = partition {
-            record = record.partition(partition as i32);
-        }
-        let delivery = self
-            .producer
-            .send_result(record)
-            .map_err(|(e, _)| WriteError::Unavailable(format!("cannot queue the record: {e}")))?;
-        match delivery.await {
-            Ok(Ok(delivery)) => Ok((delivery.partition as u32, delivery.offset as u64)),
-            Ok(Err((e, _))) => Err(WriteError::Unavailable(e.to_string())),
-            Err(_) => Err(WriteError::Unavailable("the producer was closed".into())),
-        }
-    }
-
-    /// The number of partitions of `topic`, as the broker reports it.
-    pub async fn partitions(&self, topic: &str, timeout: Duration) -> Result<u32, WriteError> {
-        let (producer, name) = (self.producer.clone(), topic.to_owned());
-        tokio::task::spawn_blocking(move || partition_count(producer.client(), &name, timeout))
-            .await
-            .map_err(|e| WriteError::Unavailable(e.to_string()))?
-            .map_err(WriteError::Unavailable)
-    }
-
-    /// Waits (up to `timeout`) for records still queued.
-    pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.producer.flush(timeout) {
-            tracing::warn!(error = %e, "records still queued at shutdown");
-        }
-    }
 }
