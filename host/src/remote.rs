@@ -157,7 +157,7 @@ pub async fn tail(
                 if status.is_client_error() && ![401, 404, 408, 429].contains(&status.as_u16()) {
                     anyhow::bail!("{status} {code}: {message}");
                 }
-                if status.as_u16() == 404 && code != "unknown_model" {
+                if status.as_u16() == 404 && code != crate::code::Code::UnknownModel.as_str() {
                     anyhow::bail!("{status} {code}: {message}");
                 }
                 format!("{status} {code}: {message}")

@@ -151,6 +151,7 @@ async fn bad_input_is_refused_and_stores_nothing() {
         ("events, unknown model", "/v1/models/counter/nope/events".into(), 404, "unknown_model"),
         ("list of unknown kind", "/v1/models/nope".into(), 404, "unknown_kind"),
         ("no such route", "/v2/whatever".into(), 404, "not_found"),
+        ("replay progress, none run", "/v1/kinds/counter/replay".into(), 404, "no_replay"),
     ];
     for (what, path, status, code) in gets {
         let (got, response) = server.get(&path).await;

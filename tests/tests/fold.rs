@@ -104,7 +104,7 @@ fn random_batches_restarts_and_faults_fold_to_the_reference() {
     let mut rejections: BTreeMap<&str, usize> = BTreeMap::new();
     for o in 0..offset {
         if let Some(rejection) = reader.rejection("trap", 0, o).unwrap() {
-            *rejections.entry(rejection.code()).or_default() += 1;
+            *rejections.entry(rejection.code().as_str()).or_default() += 1;
         }
     }
     assert_eq!(rejections, expected_rejections);

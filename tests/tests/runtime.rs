@@ -113,8 +113,13 @@ fn bad_files_are_refused_with_a_specific_reason() {
     for cut in [9, 100, whole.len() / 2, whole.len() - 1] {
         let truncated = runtime.load(&whole[..cut]).unwrap_err();
         assert!(matches!(truncated, LoadError::Truncated { bytes } if bytes == cut), "{cut}: {truncated}");
-        assert_eq!(truncated.code(), "truncated");
+        assert_eq!(truncated.code().as_str(), "truncated");
     }
+    // A file that cannot be read.
+    let dir = tempfile::tempdir().unwrap();
+    let unreadable = runtime.load_file(&dir.path().join("absent.wasm")).unwrap_err();
+    assert!(matches!(unreadable, LoadError::Read { .. }), "{unreadable}");
+    assert_eq!(unreadable.code().as_str(), "unreadable");
     // Complete sections with garbage inside: invalid, not truncated.
     let mut garbled = whole.clone();
     let middle = garbled.len() / 2;

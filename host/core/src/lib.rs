@@ -6,6 +6,7 @@
 //! holds that line (`tests/tests/architecture.rs` checks this crate's dependency tree).
 
 pub mod chain;
+pub mod code;
 pub mod fold;
 pub mod model;
 pub mod reducer;

@@ -21,6 +21,8 @@ use wasmtime::{Config, Engine};
 
 pub use statefold_core::reducer::*;
 
+use statefold_core::code::Code;
+
 use sandbox::GuestData;
 
 use statefold_core::model::ModuleHash;
@@ -63,18 +65,18 @@ pub enum LoadError {
 
 impl LoadError {
     /// A stable machine-readable code for each reason.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            LoadError::Read { .. } => "unreadable",
-            LoadError::NotWasm => "not_wasm",
-            LoadError::CoreModule => "core_module",
-            LoadError::Truncated { .. } => "truncated",
-            LoadError::Invalid(_) => "invalid_component",
-            LoadError::WrongWorld { .. } => "wrong_world",
-            LoadError::IncompatibleVersion { .. } => "incompatible_version",
-            LoadError::Contract(_) => "contract_mismatch",
-            LoadError::Imports(_) => "unsupported_imports",
-            LoadError::Describe(_) => "describe_failed",
+            LoadError::Read { .. } => Code::Unreadable,
+            LoadError::NotWasm => Code::NotWasm,
+            LoadError::CoreModule => Code::CoreModule,
+            LoadError::Truncated { .. } => Code::Truncated,
+            LoadError::Invalid(_) => Code::InvalidComponent,
+            LoadError::WrongWorld { .. } => Code::WrongWorld,
+            LoadError::IncompatibleVersion { .. } => Code::IncompatibleVersion,
+            LoadError::Contract(_) => Code::ContractMismatch,
+            LoadError::Imports(_) => Code::UnsupportedImports,
+            LoadError::Describe(_) => Code::DescribeFailed,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! [`server`], which wires them over the crates below: the core ([`chain`], [`model`],
 //! [`fold`]), the runtime ([`reducer`]), the store ([`store`]) and the logs ([`source`]).
 
-pub use statefold_core::{chain, fold, model};
+pub use statefold_core::{chain, code, fold, model};
 pub use statefold_runtime as reducer;
 pub use statefold_source as source;
 pub use statefold_store as store;

@@ -285,8 +285,8 @@ fn commit_loop(
         metrics.fold_batches.inc();
         metrics.diffs_applied.inc_by(folded.applied.len() as u64);
         for rejected in &folded.rejected {
-            metrics.rejected(rejected.reason.code());
-            tracing::info!(topic = %rejected.topic, partition = rejected.partition, offset = rejected.offset, code = rejected.reason.code(), reason = %rejected.reason.message(), "record rejected");
+            metrics.rejected(rejected.reason.code().as_str());
+            tracing::info!(topic = %rejected.topic, partition = rejected.partition, offset = rejected.offset, code = %rejected.reason.code(), reason = %rejected.reason.message(), "record rejected");
         }
         app.hub.publish(folded);
         committed.send_modify(|n| *n += 1);

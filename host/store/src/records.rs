@@ -324,7 +324,7 @@ pub(super) fn encode_reject(rejected: &Rejected) -> Vec<u8> {
     Enc::value()
         .opt_bytes(rejected.key.as_deref())
         .opt_i64(rejected.timestamp_ms)
-        .bytes(rejected.reason.code().as_bytes())
+        .bytes(rejected.reason.code().as_str().as_bytes())
         .bytes(rejected.reason.message().as_bytes())
         .opt_u64(rejected.reason.detail())
         .done()

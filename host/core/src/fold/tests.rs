@@ -219,7 +219,7 @@ fn a_refused_diff_is_rejected_leaves_the_chain_and_state_alone_and_the_rest_appl
     assert_eq!(folded.applied.len(), 2);
     assert_eq!(folded.rejected.len(), 1);
     let rejected = &folded.rejected[0];
-    assert_eq!((rejected.offset, rejected.reason.code()), (1, "refused"));
+    assert_eq!((rejected.offset, rejected.reason.code().as_str()), (1, "refused"));
     assert!(rejected.reason.message().contains("below zero"), "{}", rejected.reason.message());
     view.commit(&folded);
     assert_eq!(view.heads[&ModelKey::new("counter", "a")].hash, chain("a", &["5", "1"]));
@@ -269,7 +269,7 @@ fn an_idempotency_key_applies_once_and_an_expected_hash_must_be_the_models() {
     // The same key twice in one batch, and a keyed diff refused (not recorded: a retry may apply).
     let records = [keyed(0, "5", "k1"), keyed(1, "5", "k1"), keyed(2, "-99", "k2"), keyed(3, "1", "k2")];
     let folded = engine.fold(&records, &view).unwrap();
-    let codes: Vec<(u64, &str)> = folded.rejected.iter().map(|r| (r.offset, r.reason.code())).collect();
+    let codes: Vec<(u64, &str)> = folded.rejected.iter().map(|r| (r.offset, r.reason.code().as_str())).collect();
     assert_eq!(codes, [(1, "duplicate"), (2, "refused")]);
     assert_eq!(folded.rejected[0].reason, Rejection::Duplicate { seq: 1 });
     let keys: Vec<(&str, u64)> = folded.keyed.iter().map(|k| (k.key.as_str(), k.seq)).collect();
@@ -286,7 +286,7 @@ fn an_idempotency_key_applies_once_and_an_expected_hash_must_be_the_models() {
     // Two writers expecting the same hash: the first applies, the second is told.
     let folded = engine.fold(&[expecting(5, "10", &at), expecting(6, "20", &at)], &view).unwrap();
     assert_eq!(folded.applied.len(), 1);
-    assert_eq!((folded.rejected[0].offset, folded.rejected[0].reason.code()), (6, "hash_mismatch"));
+    assert_eq!((folded.rejected[0].offset, folded.rejected[0].reason.code().as_str()), (6, "hash_mismatch"));
     assert!(folded.rejected[0].reason.message().contains(&chain("a", &["5", "1", "10"]).to_string()));
     view.commit(&folded);
     assert_eq!(state(&mut engine, &view, "a"), 16);
@@ -311,7 +311,7 @@ fn bad_keys_oversized_values_and_foreign_topics_are_rejected_and_the_batch_goes_
     foreign.topic = "elsewhere".into();
     let fine = record(5, "a", "1");
     let folded = engine.fold(&[no_key, control, empty, large, foreign, fine], &view).unwrap();
-    let codes: Vec<(u64, &str)> = folded.rejected.iter().map(|r| (r.offset, r.reason.code())).collect();
+    let codes: Vec<(u64, &str)> = folded.rejected.iter().map(|r| (r.offset, r.reason.code().as_str())).collect();
     assert_eq!(
         codes,
         [(0, "invalid_key"), (1, "invalid_key"), (2, "invalid_key"), (3, "too_large"), (4, "unknown_topic")]
@@ -350,7 +350,7 @@ fn create_records_make_a_model_once() {
     again.offset = 1;
     let folded = engine.fold(&[create, again, record(2, "a", "4")], &view).unwrap();
     assert_eq!(folded.created, [ModelKey::new("counter", "a")]);
-    let codes: Vec<(u64, &str)> = folded.rejected.iter().map(|r| (r.offset, r.reason.code())).collect();
+    let codes: Vec<(u64, &str)> = folded.rejected.iter().map(|r| (r.offset, r.reason.code().as_str())).collect();
     assert_eq!(codes, [(1, "model_exists")]);
     let head = &folded.heads[0].1;
     assert_eq!((head.seq, head.hash), (1, chain("a", &["4"])));
@@ -405,7 +405,7 @@ fn an_offset_going_back_within_a_batch_is_rejected_not_applied() {
     let folded = engine.fold(&records, &view).unwrap();
     let rejected: Vec<_> = folded.rejected.iter().map(|r| (r.partition, r.offset, r.reason.clone())).collect();
     assert_eq!(rejected, [(1, 10, Rejection::OffsetRegressed { head_offset: 15 })]);
-    assert_eq!(rejected[0].2.code(), "offset_regressed");
+    assert_eq!(rejected[0].2.code().as_str(), "offset_regressed");
     let applied: Vec<u64> = folded.applied.iter().map(|a| a.offset).collect();
     assert_eq!(applied, [15, 16]);
     view.commit(&folded);
@@ -430,7 +430,8 @@ fn a_record_off_its_models_partition_is_rejected_wherever_it_is_folded() {
         engine.set_partitions("counter", 3);
         let view = FakeView::default();
         let folded = engine.fold(&records, &view).unwrap();
-        let rejected: Vec<_> = folded.rejected.iter().map(|r| (r.partition, r.offset, r.reason.code())).collect();
+        let rejected: Vec<_> =
+            folded.rejected.iter().map(|r| (r.partition, r.offset, r.reason.code().as_str())).collect();
         assert_eq!(rejected, [(away, 2, "wrong_partition")]);
         assert_eq!(folded.heads[0].1.hash, chain("a", &["1", "2"]));
     }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::chain::Hash;
+use crate::code::Code;
 
 /// A record whose header has this name creates its model (and carries no diff).
 pub const CREATE_HEADER: &str = "statefold-create";
@@ -396,19 +397,19 @@ pub enum Rejection {
 
 impl Rejection {
     /// A stable machine-readable code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Rejection::InvalidKey(_) => "invalid_key",
-            Rejection::Exists => "model_exists",
-            Rejection::Refused(_) => "refused",
-            Rejection::Failed(_) => "reducer_failed",
-            Rejection::OffsetRegressed { .. } => "offset_regressed",
-            Rejection::UnknownTopic => "unknown_topic",
-            Rejection::TooLarge { .. } => "too_large",
-            Rejection::InvalidDeploy(_) => "invalid_deploy",
-            Rejection::WrongPartition { .. } => "wrong_partition",
-            Rejection::HashMismatch(_) => "hash_mismatch",
-            Rejection::Duplicate { .. } => "duplicate",
+            Rejection::InvalidKey(_) => Code::InvalidKey,
+            Rejection::Exists => Code::ModelExists,
+            Rejection::Refused(_) => Code::Refused,
+            Rejection::Failed(_) => Code::ReducerFailed,
+            Rejection::OffsetRegressed { .. } => Code::OffsetRegressed,
+            Rejection::UnknownTopic => Code::UnknownTopic,
+            Rejection::TooLarge { .. } => Code::TooLarge,
+            Rejection::InvalidDeploy(_) => Code::InvalidDeploy,
+            Rejection::WrongPartition { .. } => Code::WrongPartition,
+            Rejection::HashMismatch(_) => Code::HashMismatch,
+            Rejection::Duplicate { .. } => Code::Duplicate,
         }
     }
 
@@ -449,21 +450,21 @@ impl Rejection {
 
     /// The inverse of (`code`, `message`, `detail`); `None` for an unknown code.
     pub fn from_parts(code: &str, message: String, detail: Option<u64>) -> Option<Rejection> {
-        Some(match code {
-            "invalid_key" => Rejection::InvalidKey(message),
-            "model_exists" => Rejection::Exists,
-            "refused" => Rejection::Refused(message),
-            "reducer_failed" => Rejection::Failed(message),
-            "offset_regressed" => Rejection::OffsetRegressed { head_offset: detail? },
-            "unknown_topic" => Rejection::UnknownTopic,
-            "too_large" => Rejection::TooLarge { bytes: detail? },
-            "invalid_deploy" => Rejection::InvalidDeploy(message),
-            "wrong_partition" => {
+        Some(match Code::from_name(code)? {
+            Code::InvalidKey => Rejection::InvalidKey(message),
+            Code::ModelExists => Rejection::Exists,
+            Code::Refused => Rejection::Refused(message),
+            Code::ReducerFailed => Rejection::Failed(message),
+            Code::OffsetRegressed => Rejection::OffsetRegressed { head_offset: detail? },
+            Code::UnknownTopic => Rejection::UnknownTopic,
+            Code::TooLarge => Rejection::TooLarge { bytes: detail? },
+            Code::InvalidDeploy => Rejection::InvalidDeploy(message),
+            Code::WrongPartition => {
                 let detail = detail?;
                 Rejection::WrongPartition { expected: detail as u32, partitions: (detail >> 32) as u32 }
             }
-            "hash_mismatch" => Rejection::HashMismatch(message),
-            "duplicate" => Rejection::Duplicate { seq: detail? },
+            Code::HashMismatch => Rejection::HashMismatch(message),
+            Code::Duplicate => Rejection::Duplicate { seq: detail? },
             _ => return None,
         })
     }
@@ -616,7 +617,7 @@ impl Folded {
             topic,
             partition,
             offset,
-            what: Became::Rejected(rejected.reason.code()),
+            what: Became::Rejected(rejected.reason.code().as_str()),
             seq: 0,
             by: None,
         });

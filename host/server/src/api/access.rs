@@ -2,6 +2,7 @@
 //! cookie before the handler runs (401 `unauthenticated` otherwise), and asked by the
 //! handler before each action (403 `forbidden`, naming the missing grant).
 
+use crate::code::Code;
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
@@ -25,7 +26,7 @@ impl FromRequestParts<Arc<App>> for Caller {
                     escape(&other.to_string())
                 ),
             };
-            let mut error = ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", error.to_string());
+            let mut error = ApiError::new(StatusCode::UNAUTHORIZED, Code::Unauthenticated, error.to_string());
             error.challenge = Some(challenge);
             error
         })?;
@@ -43,7 +44,7 @@ impl FromRequestParts<Arc<App>> for Caller {
         if let Some(reason) = app.cross_site(unsafe_method, by_cookie, &from) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                "cross_site",
+                Code::CrossSite,
                 format!("a {} authenticated by the cookie is refused: {reason}", parts.method),
             ));
         }
@@ -67,7 +68,7 @@ pub(super) fn allow(caller: &Caller, action: Action, kind: &str, id: Option<&str
     };
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
-        "forbidden",
+        Code::Forbidden,
         format!("the token grants no `{}` on {what}", action.as_str()),
     ))
 }
@@ -79,7 +80,7 @@ pub(super) fn allow_kind(caller: &Caller, action: Action, kind: &str) -> Result<
     }
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
-        "forbidden",
+        Code::Forbidden,
         format!("the token grants no `{}` on any model of {kind}", action.as_str()),
     ))
 }
@@ -89,5 +90,5 @@ pub(super) fn allow_admin(caller: &Caller) -> Result<(), ApiError> {
     if caller.is_admin() {
         return Ok(());
     }
-    Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the token grants no `admin` on *"))
+    Err(ApiError::new(StatusCode::FORBIDDEN, Code::Forbidden, "the token grants no `admin` on *"))
 }

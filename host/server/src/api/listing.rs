@@ -5,6 +5,7 @@
 //! (`?partitions=`, one hop, the caller's credentials passed on), then merges the pages
 //! under one cursor ([`merge`]): every item once, whoever serves it.
 
+use crate::code::Code;
 use std::sync::Arc;
 
 use axum::Json;
@@ -197,7 +198,7 @@ pub(super) async fn rejections(
                 offset: r.offset,
                 key: r.key.map(|k| String::from_utf8_lossy(&k).into_owned()),
                 timestamp_ms: r.timestamp_ms,
-                code: r.reason.code().to_owned(),
+                code: r.reason.code().as_str().to_owned(),
                 message: r.reason.message(),
             })
             .collect();
@@ -228,7 +229,7 @@ where
         (None, _) => None,
         (Some(text), true) => Some(parse_partitions(text)?),
         (Some(_), false) => {
-            return Err(ApiError::bad_request("bad_query", "partitions= is asked by one server of another only"));
+            return Err(ApiError::bad_request(Code::BadQuery, "partitions= is asked by one server of another only"));
         }
     };
     let sources = match hopped {
@@ -256,7 +257,7 @@ where
 /// `0,3,5`.
 fn parse_partitions(text: &str) -> Result<Vec<u32>, ApiError> {
     text.split(',').map(|p| p.parse::<u32>()).collect::<Result<_, _>>().map_err(|_| {
-        ApiError::bad_request("bad_query", format!("partitions={text}: expected partition numbers, 0,3,5"))
+        ApiError::bad_request(Code::BadQuery, format!("partitions={text}: expected partition numbers, 0,3,5"))
     })
 }
 
@@ -284,7 +285,7 @@ async fn page_at<T: Listed>(
     }
     request = request.header(FORWARDED_BY, app.member().unwrap_or_default());
     let failed = |e: String| {
-        let mut error = ApiError::new(StatusCode::BAD_GATEWAY, "forward_failed", format!("listing at {url}: {e}"));
+        let mut error = ApiError::new(StatusCode::BAD_GATEWAY, Code::ForwardFailed, format!("listing at {url}: {e}"));
         error.retry_after_s = Some(1);
         error
     };
@@ -341,7 +342,7 @@ mod tests {
             offset,
             key: None,
             timestamp_ms: None,
-            code: "refused".into(),
+            code: Code::Refused.as_str().into(),
             message: String::new(),
         };
         // "10:1" sorts before "9:5" as text, after it as a position.

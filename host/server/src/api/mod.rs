@@ -26,6 +26,7 @@ use serde_json::value::RawValue;
 use crate::app::{App, AppError, Plan, Reset};
 use crate::auth::{Action, Caller};
 use crate::chain::Hash;
+use crate::code::Code;
 use crate::metrics::RequestLabels;
 use crate::model::{Applied, ModelKey};
 use access::{allow, allow_admin};
@@ -66,7 +67,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(ready))
         .route("/v1/cluster", get(cluster))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, Code::NotFound, "no such route") })
         // One more byte than a diff may have, so that the handler sees "too large" itself.
         .layer(DefaultBodyLimit::max(body_max + 1))
         .layer(middleware::from_fn(close_after_unread_body))
@@ -100,7 +101,7 @@ async fn close_after_unread_body(request: Request, next: Next) -> Response {
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: Code,
     message: String,
     /// `WWW-Authenticate` of a 401.
     challenge: Option<String>,
@@ -109,18 +110,18 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    fn new(status: StatusCode, code: Code, message: impl Into<String>) -> ApiError {
         ApiError { status, code, message: message.into(), challenge: None, retry_after_s: None }
     }
 
-    fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+    fn bad_request(code: Code, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let body = serde_json::json!({"error": {"code": self.code.as_str(), "message": self.message}});
         let mut response = (self.status, Json(body)).into_response();
         if let Some(challenge) = self.challenge.and_then(|c| header::HeaderValue::from_str(&c).ok()) {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
@@ -134,7 +135,7 @@ impl IntoResponse for ApiError {
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> ApiError {
-        ApiError::bad_request("bad_query", rejection.body_text())
+        ApiError::bad_request(Code::BadQuery, rejection.body_text())
     }
 }
 
@@ -167,7 +168,7 @@ async fn blocking<T: Send + 'static>(
             Err(AppError::Store(e).into())
         }
         Ok(Err(e)) => Err(e.into()),
-        Err(join) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", join.to_string())),
+        Err(join) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Code::Internal, join.to_string())),
     }
 }
 
@@ -175,7 +176,7 @@ async fn blocking<T: Send + 'static>(
 fn parse_position(text: &str, name: &str) -> Result<(u32, u64), ApiError> {
     text.split_once(':')
         .and_then(|(p, o)| Some((p.parse::<u32>().ok()?, o.parse::<u64>().ok()?)))
-        .ok_or_else(|| ApiError::bad_request("bad_query", format!("{name}={text}: expected PARTITION:OFFSET")))
+        .ok_or_else(|| ApiError::bad_request(Code::BadQuery, format!("{name}={text}: expected PARTITION:OFFSET")))
 }
 
 /// Runs `f` until it stops answering "unknown" (see `unknown`), or `failover_wait_ms` has
@@ -207,22 +208,23 @@ async fn patiently<T: Send + 'static>(
 async fn plan_patiently(app: &Arc<App>, model: ModelKey, since: Option<Hash>) -> Result<Plan, ApiError> {
     let unknown = |result: &Result<Plan, ApiError>| match result {
         Ok(Plan::Snapshot { reset, .. }) => *reset == Some(Reset::Unknown),
-        Err(error) => error.code == "unknown_model",
+        Err(error) => error.code == Code::UnknownModel,
         Ok(_) => false,
     };
     patiently(app, unknown, move |app| app.plan(&model, since)).await
 }
 
 fn parse_hash(text: &str) -> Result<Hash, ApiError> {
-    text.parse()
-        .map_err(|_| ApiError::bad_request("malformed_hash", format!("{text:?} is not a hash: expected 64 hex digits")))
+    text.parse().map_err(|_| {
+        ApiError::bad_request(Code::MalformedHash, format!("{text:?} is not a hash: expected 64 hex digits"))
+    })
 }
 
 fn raw_json(bytes: &[u8], what: &str) -> Result<Box<RawValue>, ApiError> {
     let text = std::str::from_utf8(bytes)
-        .map_err(|_| ApiError::bad_request("malformed_json", format!("{what} is not UTF-8")))?;
+        .map_err(|_| ApiError::bad_request(Code::MalformedJson, format!("{what} is not UTF-8")))?;
     RawValue::from_string(text.to_owned())
-        .map_err(|e| ApiError::bad_request("malformed_json", format!("{what} is not valid JSON: {e}")))
+        .map_err(|e| ApiError::bad_request(Code::MalformedJson, format!("{what} is not valid JSON: {e}")))
 }
 
 /// Stored JSON (states and diffs the reducer accepted) embedded as is.
@@ -263,7 +265,7 @@ async fn create(
     let request: CreateBody = if body.iter().all(u8::is_ascii_whitespace) {
         CreateBody::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("malformed_json", format!("body: {e}")))?
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(Code::MalformedJson, format!("body: {e}")))?
     };
     let id = match request.id {
         Some(id) => id,
@@ -314,7 +316,7 @@ fn body_bytes(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Bytes, A
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
+            Code::TooLarge,
             format!("the body is larger than diff_bytes_max ({} bytes)", app.limits().diff_bytes_max),
         )
     };
@@ -322,7 +324,7 @@ fn body_bytes(app: &App, body: Result<Bytes, BytesRejection>) -> Result<Bytes, A
         Ok(bytes) if bytes.len() > app.limits().diff_bytes_max => Err(too_large()),
         Ok(bytes) => Ok(bytes),
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large()),
-        Err(rejection) => Err(ApiError::bad_request("bad_body", rejection.body_text())),
+        Err(rejection) => Err(ApiError::bad_request(Code::BadBody, rejection.body_text())),
     }
 }
 
@@ -349,7 +351,10 @@ async fn append(
         None | Some("accepted") => false,
         Some("applied") => true,
         Some(other) => {
-            return Err(ApiError::bad_request("bad_query", format!("wait={other}: expected `applied` or `accepted`")));
+            return Err(ApiError::bad_request(
+                Code::BadQuery,
+                format!("wait={other}: expected `applied` or `accepted`"),
+            ));
         }
     };
     app.kind(&kind)?;
@@ -367,7 +372,7 @@ async fn append(
     let topic = {
         // A model created through another replica may not be folded here yet.
         let model = model.clone();
-        let unknown = |result: &Result<Arc<str>, ApiError>| matches!(result, Err(e) if e.code == "unknown_model");
+        let unknown = |result: &Result<Arc<str>, ApiError>| matches!(result, Err(e) if e.code == Code::UnknownModel);
         patiently(&app, unknown, move |app| app.check_append(&model)).await?
     };
     let (partition, offset) = app.write(&topic, &id, Some(&body), &[]).await?;
@@ -434,7 +439,7 @@ async fn state(
         app.wait_position(&kind, partition, offset).await?;
     }
     let model = ModelKey::new(&kind, &id);
-    let unknown = |result: &Result<_, ApiError>| matches!(result, Err(error) if error.code == "unknown_hash" || error.code == "unknown_model");
+    let unknown = |result: &Result<_, ApiError>| matches!(result, Err(error) if error.code == Code::UnknownHash || error.code == Code::UnknownModel);
     let state = patiently(&app, unknown, move |app| app.state(&model, at)).await?;
     let etag = format!("\"{}\"", state.hash);
     let matches = headers
@@ -541,7 +546,8 @@ async fn missing(
 ) -> Result<Response, ApiError> {
     allow(&caller, Action::Read, &kind, Some(&id))?;
     let Query(query) = query?;
-    let since = query.since.as_deref().ok_or_else(|| ApiError::bad_request("bad_query", "since=<hash> is required"))?;
+    let since =
+        query.since.as_deref().ok_or_else(|| ApiError::bad_request(Code::BadQuery, "since=<hash> is required"))?;
     let since = parse_hash(since)?;
     let model = ModelKey::new(&kind, &id);
     let incoming = route::Incoming { method: &Method::GET, uri: &uri, headers: &headers, body: None };
@@ -585,8 +591,8 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     }
     let error = match (app.unready_reason(), diverged) {
         (None, None) => return Json(body).into_response(),
-        (_, Some(diverged)) => serde_json::json!({"code": "diverged", "message": diverged}),
-        (Some(reason), None) => serde_json::json!({"code": "not_ready", "message": reason}),
+        (_, Some(diverged)) => serde_json::json!({"code": Code::Diverged.as_str(), "message": diverged}),
+        (Some(reason), None) => serde_json::json!({"code": Code::NotReady.as_str(), "message": reason}),
     };
     body["ready"] = false.into();
     body["error"] = error;
@@ -601,7 +607,7 @@ async fn cluster(State(app): State<Arc<App>>, caller: Caller) -> Result<Response
         Some(view) => Ok(Json(view).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            "not_sharded",
+            Code::NotSharded,
             "this server folds every partition: there is no cluster map ([cluster] turns sharded mode on)",
         )),
     }

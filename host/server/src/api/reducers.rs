@@ -1,5 +1,6 @@
 //! Routes of hot reload: reducer versions, deploys, replays.
 
+use crate::code::Code;
 use std::sync::Arc;
 
 use axum::Json;
@@ -55,12 +56,12 @@ impl From<DeployError> for ApiError {
     fn from(error: DeployError) -> ApiError {
         let message = error.to_string();
         match error {
-            DeployError::UnknownReducer(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_reducer", message),
-            DeployError::UnknownVersion { .. } => ApiError::new(StatusCode::NOT_FOUND, "unknown_version", message),
+            DeployError::UnknownReducer(_) => ApiError::new(StatusCode::NOT_FOUND, Code::UnknownReducer, message),
+            DeployError::UnknownVersion { .. } => ApiError::new(StatusCode::NOT_FOUND, Code::UnknownVersion, message),
             DeployError::Refused { code, .. } => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message),
-            DeployError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message),
-            DeployError::ReadOnly => ApiError::new(StatusCode::FORBIDDEN, "read_only", message),
-            DeployError::Unavailable(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
+            DeployError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::ShuttingDown, message),
+            DeployError::ReadOnly => ApiError::new(StatusCode::FORBIDDEN, Code::ReadOnly, message),
+            DeployError::Unavailable(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, message),
             DeployError::Store(e) => AppError::Store(e).into(),
         }
     }
@@ -161,16 +162,16 @@ pub(super) async fn deploy(
         Ok(body) if body.len() > max => None,
         Ok(body) => Some(body),
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => None,
-        Err(rejection) => return Err(ApiError::bad_request("bad_body", rejection.body_text())),
+        Err(rejection) => return Err(ApiError::bad_request(Code::BadBody, rejection.body_text())),
     };
     let Some(body) = body else {
         let message = format!("the module is larger than reducer_module_bytes_max ({max} bytes)");
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message));
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, Code::TooLarge, message));
     };
     let module = match (query.version, body.is_empty()) {
         (Some(version), true) => Module::Stored(version),
         (Some(_), false) => {
-            return Err(ApiError::bad_request("bad_query", "send either a module or ?version=, not both"));
+            return Err(ApiError::bad_request(Code::BadQuery, "send either a module or ?version=, not both"));
         }
         (None, _) => Module::Bytes(body.to_vec()),
     };
@@ -230,6 +231,6 @@ pub(super) async fn replay(
     let job = blocking(&app, move |app| app.replay(&kind)).await?;
     match job {
         Some(job) => Ok(Json(replay_body(job)).into_response()),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "no_replay", "no replay of this kind has run")),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, Code::NoReplay, "no replay of this kind has run")),
     }
 }

@@ -13,6 +13,7 @@
 //! `model::IDEMPOTENCY_KEY_HEADER`). The clients are built by the server (`source`); this
 //! module speaks the protocol.
 
+use crate::code::Code;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,7 +73,7 @@ struct ReplyTo {
 
 /// A failed operation: the HTTP API's code and a message.
 struct Failure {
-    code: &'static str,
+    code: Code,
     message: String,
 }
 
@@ -83,7 +84,7 @@ impl From<AppError> for Failure {
 }
 
 fn bad_request(message: impl Into<String>) -> Failure {
-    Failure { code: "bad_request", message: message.into() }
+    Failure { code: Code::BadRequest, message: message.into() }
 }
 
 /// Serves requests from `consumer` (subscribed to the request topic) until `stop`, replying
@@ -249,7 +250,7 @@ async fn handle(
             "target": request.reply_to.target,
             "correlationId": request.correlation_id,
             "success": false,
-            "error": {"code": failure.code, "message": failure.message},
+            "error": {"code": failure.code.as_str(), "message": failure.message},
         }),
     };
     for (field, value) in [("requestId", &request.request_id), ("metadata", &request.metadata)] {
@@ -257,7 +258,7 @@ async fn handle(
             reply[field] = value.clone();
         }
     }
-    app.metrics.request_answered(outcome.as_ref().err().map(|f| f.code), started.elapsed());
+    app.metrics.request_answered(outcome.as_ref().err().map(|f| f.code.as_str()), started.elapsed());
     let body = reply.to_string();
     let mut headers = OwnedHeaders::new();
     if let Some(traceparent) = traceparent.as_deref().and_then(child_traceparent) {
@@ -313,7 +314,7 @@ fn optional<'a>(payload: &'a Value, field: &str) -> Result<Option<&'a str>, Fail
 
 fn hash(text: &str, field: &str) -> Result<Hash, Failure> {
     text.parse().map_err(|_| Failure {
-        code: "malformed_hash",
+        code: Code::MalformedHash,
         message: format!("payload.{field}: {text:?} is not a hash: expected 64 hex digits"),
     })
 }
@@ -326,7 +327,7 @@ async fn blocking<T: Send + 'static>(
     let app = app.clone();
     match tokio::task::spawn_blocking(move || f(&app)).await {
         Ok(result) => result.map_err(Failure::from),
-        Err(e) => Err(Failure { code: "internal", message: e.to_string() }),
+        Err(e) => Err(Failure { code: Code::Internal, message: e.to_string() }),
     }
 }
 
@@ -340,7 +341,7 @@ fn served_here(app: &App, model: &ModelKey) -> Result<(), Failure> {
     match app.route(model, false)? {
         Route::Local => Ok(()),
         _ => Err(Failure {
-            code: "partition_unavailable",
+            code: Code::PartitionUnavailable,
             message: format!(
                 "model {}/{} is folded by another server; request/reply is served by servers that fold every partition",
                 model.kind, model.id
@@ -354,7 +355,7 @@ const OPERATIONS: [&str; 5] = ["models.create", "models.append", "models.read", 
 async fn perform(app: &Arc<App>, operation: &str, payload: &Value, origin: &Origin) -> Result<Value, Failure> {
     if !OPERATIONS.contains(&operation) {
         return Err(Failure {
-            code: "unknown_operation",
+            code: Code::UnknownOperation,
             message: format!("{operation:?}: the operations are {}", OPERATIONS.join(", ")),
         });
     }
@@ -406,7 +407,7 @@ async fn create(
         json!({"id": model.id.to_string(), "hash": hash, "seq": 0, "duplicate": true})
     };
     let topic = match blocking(app, move |app| app.check_create(&kind, &id)).await {
-        Err(Failure { code: "model_exists", .. }) if derived => return Ok(again()),
+        Err(Failure { code: Code::ModelExists, .. }) if derived => return Ok(again()),
         topic => topic?,
     };
     let (partition, offset) = app.write(&topic, &model.id, None, &[]).await?;
@@ -432,7 +433,7 @@ async fn append(
     let diff = diff.to_string();
     if diff.len() > app.limits().diff_bytes_max {
         return Err(Failure {
-            code: "too_large",
+            code: Code::TooLarge,
             message: format!("the diff is {} bytes, more than diff_bytes_max", diff.len()),
         });
     }
@@ -469,8 +470,10 @@ async fn append(
         }
         Err(AppError::Rejected(crate::model::Rejection::Duplicate { .. })) => {
             let keyed = blocking(app, move |app| app.keyed(&model, &key)).await?;
-            let keyed = keyed
-                .ok_or_else(|| Failure { code: "internal", message: "a duplicate whose key is not stored".into() })?;
+            let keyed = keyed.ok_or_else(|| Failure {
+                code: Code::Internal,
+                message: "a duplicate whose key is not stored".into(),
+            })?;
             Ok(duplicate(&id, &keyed))
         }
         Err(e) => Err(e.into()),

@@ -10,6 +10,7 @@
 //! `partition_unavailable` with `Retry-After`: it never sends it on, so two servers whose
 //! maps disagree for a moment cannot pass a request back and forth.
 
+use crate::code::Code;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -71,7 +72,7 @@ pub(super) async fn hop_marker(mut request: Request, next: Next) -> Response {
     parts.path_and_query = path_and_query.parse().ok();
     match Uri::from_parts(parts) {
         Ok(uri) => *request.uri_mut() = uri,
-        Err(e) => return ApiError::bad_request("bad_query", format!("{HOP_PARAM}: {e}")).into_response(),
+        Err(e) => return ApiError::bad_request(Code::BadQuery, format!("{HOP_PARAM}: {e}")).into_response(),
     }
     let by = HeaderValue::from_str(&by).unwrap_or_else(|_| HeaderValue::from_static("?"));
     request.headers_mut().insert(FORWARDED_BY, by);
@@ -104,7 +105,7 @@ pub(super) async fn elsewhere(
             let separator = if target.contains('?') { '&' } else { '?' };
             let location = format!("{target}{separator}{HOP_PARAM}={}", encode_query_value(by));
             let location = HeaderValue::from_str(&location)
-                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Code::Internal, e.to_string()))?;
             Ok(Some((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location)]).into_response()))
         }
         RouteMode::Proxy => forward(app, &target, incoming).await.map(Some),
@@ -124,7 +125,7 @@ pub(super) fn encode_query_value(value: &str) -> String {
 }
 
 pub(super) fn unavailable(reason: String) -> ApiError {
-    let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "partition_unavailable", reason);
+    let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::PartitionUnavailable, reason);
     error.retry_after_s = Some(1);
     error
 }
@@ -184,7 +185,7 @@ async fn forward(app: &Arc<App>, target: &str, incoming: Incoming<'_>) -> Result
     }
     let answer = request.send().await.map_err(|e| {
         let mut error =
-            ApiError::new(StatusCode::BAD_GATEWAY, "forward_failed", format!("forwarding to {target}: {e}"));
+            ApiError::new(StatusCode::BAD_GATEWAY, Code::ForwardFailed, format!("forwarding to {target}: {e}"));
         error.retry_after_s = Some(1);
         error
     })?;
@@ -197,5 +198,5 @@ async fn forward(app: &Arc<App>, target: &str, incoming: Incoming<'_>) -> Result
     let served_by = HeaderName::from_static("statefold-served-by");
     response = response.header(served_by, target.split('/').take(3).collect::<Vec<_>>().join("/"));
     let body = Body::from_stream(answer.bytes_stream().map_err(std::io::Error::other));
-    response.body(body).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+    response.body(body).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Code::Internal, e.to_string()))
 }

@@ -11,6 +11,7 @@
 //! place in the model's ring, which absorbs the rest. A live diff's event is rendered once
 //! for all of its subscribers.
 
+use crate::code::Code;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -68,11 +69,11 @@ pub(super) async fn events(
     {
         // A model created through a replica ahead of this one: wait for it briefly.
         let model = model.clone();
-        let unknown = |result: &Result<_, ApiError>| matches!(result, Err(error) if error.code == "unknown_model");
+        let unknown = |result: &Result<_, ApiError>| matches!(result, Err(error) if error.code == Code::UnknownModel);
         super::patiently(&app, unknown, move |app| app.head(&model)).await?;
     }
     let subscription = app.subscribe(&model).map_err(|full| {
-        ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "too_many_subscribers", full.to_string())
+        ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, Code::TooManySubscribers, full.to_string())
     })?;
     let mut feed = Feed::new(app, model, since, subscription);
     feed.hopped = headers.contains_key(super::route::FORWARDED_BY);
@@ -267,7 +268,7 @@ impl Feed {
                 self.at
             }
             Err(error) => {
-                let data = serde_json::json!({"code": error.code, "message": error.message});
+                let data = serde_json::json!({"code": error.code.as_str(), "message": error.message});
                 self.queue.push_back(frame("error", None, &data.to_string()));
                 self.over = true;
                 None

@@ -2,6 +2,7 @@
 //! machine-readable code.
 
 use super::*;
+use crate::code::Code;
 
 /// Why a request failed, in domain terms (the API maps each to a status and code).
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +59,7 @@ pub enum AppError {
 
 impl AppError {
     /// The stable code of the error, the same over HTTP and over Kafka (request/reply).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         self.status_code().1
     }
 
@@ -75,34 +76,34 @@ impl AppError {
         }
     }
 
-    fn status_code(&self) -> (u16, &'static str) {
+    fn status_code(&self) -> (u16, Code) {
         match self {
-            AppError::UnknownKind(_) => (404, "unknown_kind"),
-            AppError::UnknownModel { .. } => (404, "unknown_model"),
-            AppError::Exists { .. } => (409, "model_exists"),
-            AppError::UnknownHash(_) => (404, "unknown_hash"),
-            AppError::Pruned(_) => (410, "pruned"),
-            AppError::InvalidId(_) => (400, "invalid_id"),
-            AppError::BadPosition(_) => (400, "bad_query"),
+            AppError::UnknownKind(_) => (404, Code::UnknownKind),
+            AppError::UnknownModel { .. } => (404, Code::UnknownModel),
+            AppError::Exists { .. } => (409, Code::ModelExists),
+            AppError::UnknownHash(_) => (404, Code::UnknownHash),
+            AppError::Pruned(_) => (410, Code::Pruned),
+            AppError::InvalidId(_) => (400, Code::InvalidId),
+            AppError::BadPosition(_) => (400, Code::BadQuery),
             AppError::Rejected(rejection) => match rejection {
-                Rejection::Refused(_) => (409, "refused"),
-                Rejection::Exists => (409, "model_exists"),
-                Rejection::HashMismatch(_) => (409, "hash_mismatch"),
-                Rejection::Failed(_) => (422, "reducer_failed"),
+                Rejection::Refused(_) => (409, Code::Refused),
+                Rejection::Exists => (409, Code::ModelExists),
+                Rejection::HashMismatch(_) => (409, Code::HashMismatch),
+                Rejection::Failed(_) => (422, Code::ReducerFailed),
                 other => (422, other.code()),
             },
-            AppError::WaitTimeout(..) => (504, "wait_timeout"),
-            AppError::Reducer(_) => (500, "reducer_failed"),
-            AppError::Store(_) => (500, "store"),
-            AppError::ShuttingDown => (503, "shutting_down"),
-            AppError::Unavailable(_) => (503, "unavailable"),
-            AppError::ReplayRunning(_) => (409, "replay_running"),
-            AppError::ReadOnly => (403, "read_only"),
-            AppError::KindStopped { .. } => (503, "kind_stopped"),
-            AppError::Forbidden(_) => (403, "forbidden"),
-            AppError::StoreUnwritable(_) => (503, "store_unwritable"),
-            AppError::PartitionUnavailable(_) => (503, "partition_unavailable"),
-            AppError::Deploy(_) => (500, "deploy"),
+            AppError::WaitTimeout(..) => (504, Code::WaitTimeout),
+            AppError::Reducer(_) => (500, Code::ReducerFailed),
+            AppError::Store(_) => (500, Code::Store),
+            AppError::ShuttingDown => (503, Code::ShuttingDown),
+            AppError::Unavailable(_) => (503, Code::Unavailable),
+            AppError::ReplayRunning(_) => (409, Code::ReplayRunning),
+            AppError::ReadOnly => (403, Code::ReadOnly),
+            AppError::KindStopped { .. } => (503, Code::KindStopped),
+            AppError::Forbidden(_) => (403, Code::Forbidden),
+            AppError::StoreUnwritable(_) => (503, Code::StoreUnwritable),
+            AppError::PartitionUnavailable(_) => (503, Code::PartitionUnavailable),
+            AppError::Deploy(_) => (500, Code::Deploy),
         }
     }
 }

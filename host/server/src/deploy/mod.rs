@@ -19,6 +19,7 @@
 //! family: the module bytes of every version that was ever active (past diffs name them),
 //! and per reducer name each version's status and times.
 
+use crate::code::Code;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,7 +39,7 @@ pub enum DeployError {
     UnknownVersion { name: String, id: String },
     /// Refused: recorded as a refused version. `code` is stable.
     #[error("{message}")]
-    Refused { code: &'static str, message: String },
+    Refused { code: Code, message: String },
     #[error("the server is shutting down")]
     Stopped,
     #[error("this server is read-only: deploy through a writable replica")]
@@ -146,14 +147,14 @@ impl Resolve for Registry {
 }
 
 /// The HTTP API serves json states and diffs only.
-fn check_formats(reducer: &Reducer) -> Result<(), (&'static str, String)> {
+fn check_formats(reducer: &Reducer) -> Result<(), (Code, String)> {
     let info = reducer.info();
     if info.diff_format != "json" || info.state_format != "json" {
         let message = format!(
             "the reducer declares {}/{} diffs/states; the HTTP API serves json only",
             info.diff_format, info.state_format
         );
-        return Err(("unsupported_format", message));
+        return Err((Code::UnsupportedFormat, message));
     }
     Ok(())
 }
@@ -245,7 +246,7 @@ impl Deployer {
                 module.len(),
                 self.limits.module_bytes_max
             );
-            return self.refuse(record, &versions, "too_large", message).map(|never| match never {});
+            return self.refuse(record, &versions, Code::TooLarge, message).map(|never| match never {});
         }
         let started = Instant::now();
         let reducer = match self.check(&kinds, &module) {
@@ -321,10 +322,10 @@ impl Deployer {
     }
 
     /// Compiles and checks a module for `kinds`; the refusal code and message if it is not fit.
-    fn check(&self, kinds: &[Arc<str>], module: &[u8]) -> Result<Arc<Reducer>, (&'static str, String)> {
+    fn check(&self, kinds: &[Arc<str>], module: &[u8]) -> Result<Arc<Reducer>, (Code, String)> {
         let reducer = self.registry.runtime.load(module).map_err(|e: LoadError| (e.code(), e.to_string()))?;
         check_formats(&reducer)?;
-        self.check_restore(kinds, &reducer).map_err(|message| ("restore_failed", message))?;
+        self.check_restore(kinds, &reducer).map_err(|message| (Code::RestoreFailed, message))?;
         Ok(reducer)
     }
 
@@ -361,12 +362,12 @@ impl Deployer {
         &self,
         mut record: VersionRecord,
         versions: &[VersionRecord],
-        code: &'static str,
+        code: Code,
         message: String,
     ) -> Result<std::convert::Infallible, DeployError> {
-        tracing::warn!(reducer = %record.name, version = %record.id, code, %message, "deploy refused; the active version goes on");
+        tracing::warn!(reducer = %record.name, version = %record.id, %code, %message, "deploy refused; the active version goes on");
         record.status = VersionStatus::Refused;
-        record.refusal = Some((code.to_owned(), message.clone()));
+        record.refusal = Some((code.as_str().to_owned(), message.clone()));
         let known = versions.iter().any(|v| v.id == record.id && v.status != VersionStatus::Refused);
         if !known {
             // A version that was active once keeps its record as retired.
