@@ -152,6 +152,9 @@ async fn bad_input_is_refused_and_stores_nothing() {
         ("list of unknown kind", "/v1/models/nope".into(), 404, "unknown_kind"),
         ("no such route", "/v2/whatever".into(), 404, "not_found"),
         ("replay progress, none run", "/v1/kinds/counter/replay".into(), 404, "no_replay"),
+        ("folded at no such partition", "/v1/models/counter/c?folded=5:0".into(), 404, "unknown_position"),
+        ("folded past the log's end", "/v1/models/counter/c?folded=0:1000000".into(), 404, "unknown_position"),
+        ("a page of no models", "/v1/models/counter?limit=0".into(), 400, "bad_query"),
     ];
     for (what, path, status, code) in gets {
         let (got, response) = server.get(&path).await;

@@ -1,7 +1,9 @@
 //! The served OpenAPI document against what the server answers: Schemathesis (a
 //! schema-driven fuzzer, from PyPI) generates requests from `/v1/openapi.json`, valid and
-//! invalid, and checks every response: no 5xx, a status the document lists for the
-//! operation, its content type, headers and body schema, and (our check,
+//! invalid, in every phase (examples, coverage, fuzzing, stateful), and checks every
+//! response: no 5xx, a status the document lists for the operation, its content type,
+//! headers and body schema, a schema-valid request accepted and a schema-violating one
+//! refused, and (our check,
 //! `tests/schemathesis/statefold_hooks.py`) that a refused write leaves the log as it was.
 //!
 //! Left out: the SSE stream (a response that never ends cannot be read whole; tests/sse.rs
@@ -35,13 +37,13 @@ async fn schemathesis_finds_no_server_error_and_no_response_off_the_document() {
         "--url",
         &base,
         "--checks",
-        "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,refused_writes_store_nothing",
+        "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,positive_data_acceptance,negative_data_rejection,refused_writes_store_nothing",
         "--exclude-path",
         "/v1/models/{kind}/{id}/events",
         "--exclude-method",
         "PUT",
         "--phases",
-        "examples,coverage,fuzzing",
+        "examples,coverage,fuzzing,stateful",
         "--max-examples",
         "40",
         "--seed",

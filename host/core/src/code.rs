@@ -130,6 +130,8 @@ codes! {
     UnknownModel = "unknown_model",
     /// Request/reply: an operation that does not exist.
     UnknownOperation = "unknown_operation",
+    /// `?folded=PARTITION:OFFSET` names no record of the log: no such partition, or past its end.
+    UnknownPosition = "unknown_position",
     /// No such reducer, or stored version of it.
     UnknownReducer = "unknown_reducer",
     /// A rejection: a record from a topic no kind reads.

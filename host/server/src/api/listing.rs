@@ -26,7 +26,7 @@ use crate::auth::{Action, Caller};
 pub(super) struct ListQuery {
     /// The cursor: the last id (models) or `PARTITION:OFFSET` (rejections) seen.
     after: Option<String>,
-    limit: Option<usize>,
+    limit: Option<u32>,
     /// Sharded mode, between servers: the partitions to list (`0,3,5`), asked of the server
     /// that serves them by the server a client asked.
     partitions: Option<String>,
@@ -137,6 +137,12 @@ pub(super) async fn models(
 ) -> Result<Response, ApiError> {
     allow_kind(&caller, Action::Read, &kind)?;
     let Query(query) = query?;
+    // The cursor is a model id (the last of the previous page): what is not one is a
+    // mistake, said as such.
+    if let Some(after) = &query.after {
+        crate::model::validate_id(after.as_bytes())
+            .map_err(|e| ApiError::bad_request(Code::BadQuery, format!("after={after:?}: {e}")))?;
+    }
     let here = |app: Arc<App>,
                 caller: Caller,
                 kind: String,
@@ -223,7 +229,10 @@ where
     F: Fn(Arc<App>, Caller, String, Option<String>, usize, Option<Vec<u32>>) -> Fut,
     Fut: Future<Output = Result<Page<T>, ApiError>>,
 {
-    let limit = query.limit.unwrap_or(app.limits().list_page_max).clamp(1, app.limits().list_page_max);
+    if query.limit == Some(0) {
+        return Err(ApiError::bad_request(Code::BadQuery, "limit=0: a page holds at least 1 item"));
+    }
+    let limit = query.limit.map_or(app.limits().list_page_max, |l| l as usize).min(app.limits().list_page_max);
     let hopped = headers.contains_key(FORWARDED_BY);
     let partitions = match (&query.partitions, hopped) {
         (None, _) => None,

@@ -174,8 +174,13 @@ async fn blocking<T: Send + 'static>(
 
 /// `PARTITION:OFFSET` in query parameter `name`.
 fn parse_position(text: &str, name: &str) -> Result<(u32, u64), ApiError> {
+    // A number past its type's range is as far as that type goes: it names no record (no
+    // such partition, or past the end), which is not a malformed position.
+    let digits = |text: &str| {
+        (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit())).then(|| text.parse::<u64>().unwrap_or(u64::MAX))
+    };
     text.split_once(':')
-        .and_then(|(p, o)| Some((p.parse::<u32>().ok()?, o.parse::<u64>().ok()?)))
+        .and_then(|(p, o)| Some((u32::try_from(digits(p)?).unwrap_or(u32::MAX), digits(o)?)))
         .ok_or_else(|| ApiError::bad_request(Code::BadQuery, format!("{name}={text}: expected PARTITION:OFFSET")))
 }
 

@@ -84,7 +84,7 @@ impl AppError {
             AppError::UnknownHash(_) => (404, Code::UnknownHash),
             AppError::Pruned(_) => (410, Code::Pruned),
             AppError::InvalidId(_) => (400, Code::InvalidId),
-            AppError::BadPosition(_) => (400, Code::BadQuery),
+            AppError::BadPosition(_) => (404, Code::UnknownPosition),
             AppError::Rejected(rejection) => match rejection {
                 Rejection::Refused(_) => (409, Code::Refused),
                 Rejection::Exists => (409, Code::ModelExists),
