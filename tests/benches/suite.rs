@@ -972,10 +972,18 @@ async fn sharded(rows: &mut Vec<Row>) {
 
     // From a standby: two servers, each folding both partitions (one owns, one stands by).
     let (mut from_standby, mut from_nothing) = (Vec::new(), Vec::new());
-    for _ in 0..rounds(2) {
+    // Each round in a consumer group of its own: the servers a round ends with (killed) stay
+    // members until their sessions time out, and a round must not wait on them (Tansu once
+    // left the next round's server owning nothing for 10 minutes).
+    let round_args = |group: &str| -> Vec<String> {
+        REDIRECT.iter().map(|a| a.to_string()).chain(["--kafka-group-id".to_owned(), group.to_owned()]).collect()
+    };
+    for round in 0..rounds(2) {
         let dirs = [tempfile::tempdir().expect("a dir"), tempfile::tempdir().expect("a dir")];
+        let args = round_args(&format!("statefold-standby-{round}"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut servers: Vec<Serve> =
-            dirs.iter().map(|d| Serve::sharded(d.path(), &broker.brokers(), 1, &REDIRECT)).collect();
+            dirs.iter().map(|d| Serve::sharded(d.path(), &broker.brokers(), 1, &args)).collect();
         let owner =
             tokio::time::timeout(Duration::from_secs(600), owner_of_0(servers[0].url.clone())).await.expect("settled");
         let (dead, alive) = if servers[0].url == owner { (0, 1) } else { (1, 0) };
@@ -1001,13 +1009,15 @@ async fn sharded(rows: &mut Vec<Row>) {
     // From nothing: one server owns both partitions, no standby; it is SIGKILLed and a
     // server with an empty store joins: the group gives it the partitions once the dead
     // one's session times out, and it folds partition 0 from the log's start.
-    for _ in 0..rounds(2) {
+    for round in 0..rounds(2) {
         let dirs = [tempfile::tempdir().expect("a dir"), tempfile::tempdir().expect("a dir")];
-        let mut first = Serve::sharded(dirs[0].path(), &broker.brokers(), 0, &REDIRECT);
+        let args = round_args(&format!("statefold-nothing-{round}"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut first = Serve::sharded(dirs[0].path(), &broker.brokers(), 0, &args);
         tokio::time::timeout(Duration::from_secs(600), served_by(first.url.clone())).await.expect("served");
         let start = Instant::now();
         first.signal("KILL");
-        let second = Serve::sharded(dirs[1].path(), &broker.brokers(), 0, &REDIRECT);
+        let second = Serve::sharded(dirs[1].path(), &broker.brokers(), 0, &args);
         tokio::time::timeout(Duration::from_secs(600), served_by(second.url.clone())).await.expect("taken over");
         from_nothing.push(start.elapsed());
         eprintln!("  from nothing: {:.2?}", start.elapsed());
