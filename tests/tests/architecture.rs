@@ -13,22 +13,16 @@ use std::path::Path;
 fn sources() -> BTreeMap<String, String> {
     let src = statefold_tests::workspace_root().join("host/server/src");
     let mut out: BTreeMap<String, String> = BTreeMap::new();
-    let mut stack = vec![src.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("host/server/src is readable") {
-            let path = entry.expect("a directory entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                let module = module_of(&src, &path);
-                let text = std::fs::read_to_string(&path).expect("a source file");
-                let code: String =
-                    text.lines().map(|line| line.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
-                out.entry(module).or_default().push_str(&code);
-            }
-        }
+    for path in statefold_tests::rust_files(&src) {
+        out.entry(module_of(&src, &path)).or_default().push_str(&code_of(&path));
     }
     out
+}
+
+/// The text of a source file's code: comments and doc comments removed.
+fn code_of(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("a source file");
+    text.lines().map(|line| line.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n")
 }
 
 fn module_of(src: &Path, file: &Path) -> String {
@@ -128,21 +122,14 @@ fn the_core_crate_depends_on_no_runtime_store_log_or_server() {
 #[test]
 fn the_core_touches_no_file_or_socket() {
     // Cargo cannot see `std`; the core's source must not name its I/O.
-    let src = statefold_tests::workspace_root().join("host/core/src");
+    let files = statefold_tests::rust_files(&statefold_tests::workspace_root().join("host/core/src"));
+    assert!(files.len() > 10, "the core's files: {files:?}");
     let mut wrong = Vec::new();
-    let mut stack = vec![src];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("host/core/src is readable") {
-            let path = entry.expect("a directory entry").path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).expect("a source file");
-            for io in ["std::fs", "std::net", "std::process"] {
-                if text.lines().any(|line| line.split("//").next().unwrap_or("").contains(io)) {
-                    wrong.push(format!("{} names {io}", path.display()));
-                }
+    for path in files {
+        let code = code_of(&path);
+        for io in ["std::fs", "std::net", "std::process"] {
+            if code.contains(io) {
+                wrong.push(format!("{} names {io}", path.display()));
             }
         }
     }

@@ -13,19 +13,8 @@ const FN_LINES_MAX: usize = 100;
 
 /// Every `.rs` file under `host/`, but test-only files.
 fn host_sources() -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut stack = vec![statefold_tests::workspace_root().join("host")];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("a readable directory") {
-            let path = entry.expect("a directory entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") && path.file_name().is_some_and(|n| n != "tests.rs") {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
+    let mut files = statefold_tests::rust_files(&statefold_tests::workspace_root().join("host"));
+    files.retain(|path| path.file_name().is_some_and(|n| n != "tests.rs"));
     files
 }
 
