@@ -277,7 +277,10 @@ impl Models {
     /// The live instance, created if needed, with fuel for one call and `starts` diffs.
     fn arm(&mut self, starts: u32) -> Result<&mut Live, ReducerError> {
         if self.live.is_none() {
-            let instance = self.reducer.instantiate().map_err(|Trap(reason)| self.instantiate_error(reason))?;
+            let instance = self
+                .reducer
+                .instantiate()
+                .map_err(|Trap(reason)| ReducerError::Instantiate { reducer: self.reducer.label(), reason })?;
             self.stats.instances += 1;
             tracing::debug!(reducer = %self.reducer.label(), instances = self.stats.instances, "instance created");
             self.live = Some(Live { instance, resident: LruCache::unbounded() });
@@ -288,10 +291,6 @@ impl Models {
             .arm(starts, fuel)
             .map_err(|Trap(reason)| ReducerError::Instantiate { reducer: reducer.label(), reason })?;
         Ok(live)
-    }
-
-    fn instantiate_error(&self, reason: String) -> ReducerError {
-        ReducerError::Instantiate { reducer: self.reducer.label(), reason }
     }
 
     /// Discards the instance (after a trap): all its models are rebuilt on next use.
