@@ -34,121 +34,123 @@ macro_rules! codes {
 }
 
 codes! {
-    /// A body that cannot be read.
+    /// 400: a body that cannot be read.
     BadBody = "bad_body",
-    /// A query parameter that does not parse.
+    /// 400: a query parameter that does not parse, or is out of its range (`limit=0`).
     BadQuery = "bad_query",
-    /// Request/reply: a request that is not well-formed.
+    /// Request/reply: a request that is not well-formed (a payload field missing or of the wrong type).
     BadRequest = "bad_request",
-    /// A deploy refusal (see the README's error table).
+    /// Deploy refusal: the component's `statefold:reducer` export does not match the contract.
     ContractMismatch = "contract_mismatch",
-    /// A deploy refusal (see the README's error table).
+    /// Deploy refusal: a core WebAssembly module, not a component.
     CoreModule = "core_module",
-    /// With [auth]: a POST or PUT authenticated by the cookie.
+    /// 403: a POST, PUT or DELETE authenticated by the cookie from an origin that is not allowed.
     CrossSite = "cross_site",
-    /// A deploy failed for a reason no deploy code names.
+    /// 500: a deploy that failed for a reason no deploy code names.
     Deploy = "deploy",
-    /// A deploy refusal (see the README's error table).
+    /// Deploy refusal: the component's `describe` failed.
     DescribeFailed = "describe_failed",
-    /// /readyz: this replica disagrees with the others.
+    /// 503 from `/readyz`: this replica disagrees with the others.
     Diverged = "diverged",
-    /// An append whose idempotency key the model applied already (also a rejection).
+    /// Rejection: a diff whose idempotency key the model applied already.
     Duplicate = "duplicate",
-    /// The token grants no such action on that model or kind.
+    /// 403: the token grants no such action on that model or kind.
     Forbidden = "forbidden",
-    /// Sharded mode, route = "proxy": the server that serves the model could not be reached.
+    /// 502, sharded mode, `route = "proxy"`: the server that serves the model could not be reached.
     ForwardFailed = "forward_failed",
-    /// An append whose expected hash is not the model's (also a rejection).
+    /// 409 (and a rejection): an append whose expected hash is not the model's hash.
     HashMismatch = "hash_mismatch",
-    /// A deploy refusal (see the README's error table).
+    /// Deploy refusal: built against a `statefold:reducer` version this host does not load.
     IncompatibleVersion = "incompatible_version",
-    /// A failure inside the server that no other code names.
+    /// 500: a failure inside the server that no other code names.
     Internal = "internal",
-    /// A deploy refusal (see the README's error table).
+    /// Deploy refusal: not a valid WebAssembly component.
     InvalidComponent = "invalid_component",
-    /// A deploy record whose module cannot load here.
+    /// Rejection: a deploy record whose module cannot load here.
     InvalidDeploy = "invalid_deploy",
-    /// A model id that is empty, over 256 bytes, not UTF-8 or with control characters.
+    /// 400: a model id that is empty, over 256 bytes, not UTF-8 or with control characters.
     InvalidId = "invalid_id",
-    /// A record with no key, or a key that is not a valid id.
+    /// Rejection: a record with no key, or a key that is not a valid id.
     InvalidKey = "invalid_key",
-    /// A write to a kind whose topic is not the log the store folded.
+    /// 503: a write to a kind whose topic is not the log the store folded.
     KindStopped = "kind_stopped",
-    /// Since, at or Last-Event-ID is not a hash.
+    /// 400: `since`, `at` or `Last-Event-ID` is not a hash.
     MalformedHash = "malformed_hash",
-    /// A body that is not the JSON the route takes.
+    /// 400: a body that is not the JSON the route takes.
     MalformedJson = "malformed_json",
-    /// A create for a model that exists.
+    /// 409 (and a rejection): a create for a model that exists.
     ModelExists = "model_exists",
-    /// No replay of the kind has run.
+    /// 404: no replay of the kind has run.
     NoReplay = "no_replay",
-    /// No such route.
+    /// 404: no such route.
     NotFound = "not_found",
-    /// /readyz: catching up, the brokers unreachable, a topic missing, a kind stopped, the store .
+    /// 503 from `/readyz`: catching up, the brokers unreachable, a topic missing, a kind stopped, the store unwritable.
     NotReady = "not_ready",
-    /// GET /v1/cluster on a server without [cluster].
+    /// 404: `GET /v1/cluster` on a server without `[cluster]`.
     NotSharded = "not_sharded",
-    /// A deploy refusal (see the README's error table).
+    /// Deploy refusal: not a WebAssembly file.
     NotWasm = "not_wasm",
-    /// A record whose offset is not after its model's last one.
+    /// Rejection: a record whose offset is not after its model's last one.
     OffsetRegressed = "offset_regressed",
-    /// Sharded mode: no server has caught up on the model's partition yet.
+    /// 503, sharded mode: no server has caught up on the model's partition yet, or a request
+    /// that came by a hop reached a server that does not fold it.
     PartitionUnavailable = "partition_unavailable",
-    /// ?at= a version no longer retained.
+    /// 410: `?at=` a version no longer retained.
     Pruned = "pruned",
-    /// A write to a read-only server.
+    /// 403: a write to a read-only server.
     ReadOnly = "read_only",
-    /// The reducer trapped or hit a limit on this diff: as for refused.
+    /// 422 (and a rejection): the reducer trapped or hit a limit on this diff.
     ReducerFailed = "reducer_failed",
-    /// The reducer refused the diff: the model is as it was.
+    /// 409 (and a rejection): the reducer refused the diff; the model is as it was.
     Refused = "refused",
-    /// A replay of the kind is running.
+    /// 409: a replay of the kind is running.
     ReplayRunning = "replay_running",
-    /// A deploy refusal (see the README's error table).
+    /// Deploy refusal: the new version cannot restore the states the kind holds.
     RestoreFailed = "restore_failed",
-    /// The server is stopping.
+    /// 503: the server is stopping.
     ShuttingDown = "shutting_down",
-    /// The store is corrupted: the process stops.
+    /// 500: the store is corrupted; the process stops.
     Store = "store",
-    /// The store failed a write.
+    /// 503: the store failed a write (disk full, I/O error); folding stopped until a restart.
     StoreUnwritable = "store_unwritable",
-    /// A body over diff_bytes_max.
+    /// 413 (and a rejection, and a deploy refusal): a body over `diff_bytes_max`, a module
+    /// over `reducer_module_bytes_max`.
     TooLarge = "too_large",
-    /// Sse_subscribers_max streams are open.
+    /// 503: `sse_subscribers_max` streams are open.
     TooManySubscribers = "too_many_subscribers",
-    /// A deploy refusal (see the README's error table).
+    /// Deploy refusal: the file ends inside a section (cut short).
     Truncated = "truncated",
-    /// With [auth]: no token, or one that is invalid, expired, or for another audience or issuer.
+    /// 401, with `[auth]`: no token, or one that is invalid, expired, or for another audience or issuer.
     Unauthenticated = "unauthenticated",
-    /// The log did not take the append.
+    /// 503: the log did not take the append (broker down, produce queue full, timeout).
     Unavailable = "unavailable",
-    /// No such kind, model, or version of the model.
+    /// 404: no such version of the model.
     UnknownHash = "unknown_hash",
-    /// No such kind, model, or version of the model.
+    /// 404: no such kind.
     UnknownKind = "unknown_kind",
-    /// No such kind, model, or version of the model.
+    /// 404: no such model.
     UnknownModel = "unknown_model",
     /// Request/reply: an operation that does not exist.
     UnknownOperation = "unknown_operation",
-    /// `?folded=PARTITION:OFFSET` names no record of the log: no such partition, or past its end.
+    /// 404: `?folded=PARTITION:OFFSET` names no record of the log: no such partition, or past its end.
     UnknownPosition = "unknown_position",
-    /// No such reducer, or stored version of it.
+    /// 404: no such reducer.
     UnknownReducer = "unknown_reducer",
-    /// A rejection: a record from a topic no kind reads.
+    /// Rejection: a record from a topic no kind reads.
     UnknownTopic = "unknown_topic",
-    /// No such reducer, or stored version of it.
+    /// 404: no such stored version of the reducer.
     UnknownVersion = "unknown_version",
-    /// A deploy refusal: the module file cannot be read.
+    /// Deploy refusal: the module file cannot be read.
     Unreadable = "unreadable",
-    /// A deploy refusal (see the README's error table).
+    /// Deploy refusal: a diff or state format the API does not serve.
     UnsupportedFormat = "unsupported_format",
-    /// A deploy refusal (see the README's error table).
+    /// Deploy refusal: imports the sandbox does not provide.
     UnsupportedImports = "unsupported_imports",
-    /// ?wait=applied or ?folded= not folded within wait_applied_ms_max.
+    /// 504: `?wait=applied` or `?folded=` not folded within `wait_applied_ms_max`.
     WaitTimeout = "wait_timeout",
-    /// A record not on its model's partition.
+    /// Rejection: a record not on its model's partition.
     WrongPartition = "wrong_partition",
-    /// A deploy refusal (see the README's error table).
+    /// Deploy refusal: the component does not export `statefold:reducer/reducer`.
     WrongWorld = "wrong_world",
 }
 
