@@ -227,7 +227,7 @@ struct ServeArgs {
     /// answer it with a 307 there (redirect: only where all servers are one origin, since
     /// clients drop the Authorization header on a cross-origin redirect) ([cluster] route;
     /// default proxy).
-    #[arg(long, value_name = "MODE")]
+    #[arg(long, value_name = "MODE", value_parser = route_mode())]
     cluster_route: Option<statefold::config::RouteMode>,
     /// Sharded mode: the topic servers publish what they fold to ([cluster] topic; default
     /// statefold-cluster).
@@ -655,4 +655,11 @@ fn check(file: &std::path::Path, limits: statefold::reducer::ReducerLimits) -> a
     println!("empty state:   {} (round-trips)", String::from_utf8_lossy(&empty));
     println!("imports:       {}", info.imports.join(", "));
     Ok(())
+}
+
+/// `--cluster-route`: `proxy` or `redirect`, listed in `--help` (`RouteMode` parses them).
+fn route_mode() -> impl clap::builder::TypedValueParser<Value = statefold::config::RouteMode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["proxy", "redirect"])
+        .map(|mode| mode.parse().expect("a possible value is a route mode"))
 }
