@@ -118,7 +118,7 @@ build_language_reducers() {
   (cd reducers/totals-js && npm run --silent build)
   mv reducers/totals-js/totals_js.wasm "$(wasm_dir)/"
   "$TOOLS/venv/bin/componentize-py" -d wit/reducer.wit -w guest componentize reducer \
-    -p reducers/totals-py -o "$(wasm_dir)/totals_py.wasm" >/dev/null
+    -p reducers/totals-py -p guest-sdk/python -o "$(wasm_dir)/totals_py.wasm" >/dev/null
 }
 
 cmd="${1:-}"

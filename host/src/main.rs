@@ -568,7 +568,7 @@ fn new(name: &str, lang: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> an
             let sdk = match sdk.or_else(scaffold::default_sdk) {
                 Some(sdk) => std::path::absolute(&sdk)?,
                 None => anyhow::bail!(
-                    "where is the guest SDK (statefold-guest)? give --sdk PATH (guest-sdk/ of a Statefold checkout)"
+                    "where is the guest SDK (statefold-guest)? give --sdk PATH (guest-sdk/rust of a Statefold checkout)"
                 ),
             };
             let language = format!("Rust, SDK {}", sdk.display());

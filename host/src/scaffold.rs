@@ -21,14 +21,14 @@ mod rust {
 mod js {
     pub const PACKAGE: &str = include_str!("../../reducers/totals-js/package.json");
     pub const REDUCER: &str = include_str!("../../reducers/totals-js/src/reducer.js");
-    pub const SDK: &str = include_str!("../../reducers/totals-js/src/statefold.js");
+    pub const SDK: &str = include_str!("../../guest-sdk/js/statefold.js");
     pub const README: &str = include_str!("scaffold/js/README.md.txt");
     pub const GITIGNORE: &str = include_str!("../../reducers/totals-js/.gitignore");
 }
 
 mod python {
     pub const REDUCER: &str = include_str!("../../reducers/totals-py/reducer.py");
-    pub const SDK: &str = include_str!("../../reducers/totals-py/statefold.py");
+    pub const SDK: &str = include_str!("../../guest-sdk/python/statefold.py");
     pub const REQUIREMENTS: &str = include_str!("../../reducers/totals-py/requirements.txt");
     pub const README: &str = include_str!("scaffold/python/README.md.txt");
     pub const GITIGNORE: &str = include_str!("../../reducers/totals-py/.gitignore");
@@ -39,7 +39,7 @@ pub const LANGUAGES: [&str; 3] = ["rust", "js", "python"];
 
 /// The guest SDK of the source tree this binary was built from, if it is still there.
 pub fn default_sdk() -> Option<PathBuf> {
-    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk");
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk/rust");
     sdk.join("Cargo.toml").is_file().then(|| sdk.canonicalize().unwrap_or(sdk))
 }
 
@@ -82,6 +82,9 @@ pub fn rust(name: &str, sdk: &Path) -> Result<Vec<(PathBuf, String)>, String> {
 pub fn js(name: &str) -> Result<Vec<(PathBuf, String)>, String> {
     validate_name(name)?;
     let package = renamed(js::PACKAGE, "\"totals-js\"", &format!("\"{}\"", name.replace('_', "-")));
+    // The sample copies the SDK in from guest-sdk/js when it builds (componentize-js reads no
+    // file outside the project); a new project holds its own copy.
+    let package = renamed(&package, "\n    \"prebuild\": \"cp ../../guest-sdk/js/statefold.js src/statefold.js\",", "");
     let package = renamed(&package, "../../wit/reducer.wit", "wit/reducer.wit");
     let package = renamed(&package, "totals_js.wasm", &format!("{name}.wasm"));
     let reducer = renamed(js::REDUCER, "'totals_js'", &format!("'{name}'"));
@@ -93,7 +96,7 @@ pub fn js(name: &str) -> Result<Vec<(PathBuf, String)>, String> {
         ("wit/reducer.wit".into(), WIT.to_owned()),
         ("cases.jsonl".into(), CASES.to_owned()),
         ("README.md".into(), js::README.replace("{{name}}", name)),
-        (".gitignore".into(), js::GITIGNORE.to_owned()),
+        (".gitignore".into(), renamed(js::GITIGNORE, "src/statefold.js\n", "")),
     ])
 }
 

@@ -309,7 +309,7 @@ pub mod __private {
 
     wit_bindgen::generate!({
         world: "guest",
-        path: "../wit",
+        path: "../../wit",
         pub_export_macro: true,
         export_macro_name: "__export_reducer",
         default_bindings_module: "statefold_guest::__private",
