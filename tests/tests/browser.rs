@@ -5,7 +5,7 @@
 //!   `EventSource` and the token in an HttpOnly cookie (five streams on each of two
 //!   connections: Chromium keeps requests with cookies and without apart); each model's
 //!   page state ends equal to the server's;
-//! - over plain HTTP/1.1, the stall the README explains: six streams, the browser's
+//! - over plain HTTP/1.1, the stall docs/web-apps.md explains: six streams, the browser's
 //!   connections per origin, and the other four never reach the server.
 
 use std::path::PathBuf;

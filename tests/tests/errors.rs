@@ -1,7 +1,7 @@
 //! Documented error answers that need a setting, a file or a connection of their own, each
 //! asserted alone (status and code), against the real router and store on port 0. The
 //! Kafka ones (`unavailable`, `not_ready`, `wait_timeout`, `invalid_deploy`) are in
-//! `kafka.rs`; `tests/readme.rs` checks that every code in the README is named by a test.
+//! `kafka.rs`; `tests/readme.rs` checks that every code in docs/reference.md is named by a test.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};

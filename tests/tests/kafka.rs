@@ -166,7 +166,7 @@ async fn appends_are_produced_to_kafka_and_answered_once_folded() {
 }
 
 /// What another team's service does: produce diffs with its own Kafka client, with the
-/// partitioner given (`murmur2_random`, as the README asks, or librdkafka's default).
+/// partitioner given (`murmur2_random`, as docs/kafka.md asks, or librdkafka's default).
 const PYTHON_PRODUCER: &str = r#"
 import json, sys
 from confluent_kafka import Producer

@@ -88,7 +88,7 @@ async fn metrics_parse_as_prometheus_text_with_help_and_moving_histograms() {
     for name in HISTOGRAMS {
         count(&before, name); // present (and a histogram) before anything happened
     }
-    // Families the README names, kept from before the move to prometheus-client.
+    // Families the docs name, kept from before the move to prometheus-client.
     for name in [
         "statefold_fold_batches",
         "statefold_diffs_applied",

@@ -612,7 +612,7 @@ fn admin_token() -> String {
 /// `[auth]` with `[cluster]`: three servers, a model owned by the third (the back), asked
 /// of a front in each route mode:
 /// - redirect: a browser's cookie (sent to the owner too: one host) is answered there; a
-///   header token is not, as the README says: the client drops `Authorization` on a
+///   header token is not, as docs/operators.md says: the client drops `Authorization` on a
 ///   redirect to another origin and the owner answers 401;
 /// - proxy (the default): the token in the header and in the cookie both reach the owner
 ///   (a read, a stream, and a cookie-authenticated append from the front's own origin,

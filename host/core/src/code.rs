@@ -1,7 +1,7 @@
 //! Every error and rejection code Statefold answers with: the `code` of an HTTP error body,
 //! of an SSE `error` event, of a request/reply error, of a stored rejection, of a refused
-//! deploy. One enum, so a code is a name the compiler knows; the README's error table and
-//! the OpenAPI document are checked against [`Code::ALL`] (`tests/tests/readme.rs`).
+//! deploy. One enum, so a code is a name the compiler knows; the error table of
+//! docs/reference.md and the OpenAPI document are checked against [`Code::ALL`] (`tests/tests/readme.rs`).
 
 macro_rules! codes {
     ($( $(#[doc = $doc:literal])* $variant:ident = $text:literal, )*) => {

@@ -299,7 +299,7 @@ impl App {
     /// empty partition the group assigned to this server, so that every member folds a
     /// partition from its first record with the same version, whatever file it was started
     /// with. Waits for the first assignment; a partition that is not empty is left alone
-    /// (see the README).
+    /// (see docs/operators.md, "Sharded mode").
     pub async fn write_genesis(self: &Arc<App>) {
         let Some(cluster) = &self.cluster else { return };
         if self.read_only {
