@@ -1,86 +1,106 @@
 //! Host-side bindings of the `statefold:reducer` WIT package: the current version (the one
 //! copy in `wit/`) and every earlier one the host still loads (frozen under `wit/<version>/`).
-//! The imports (`meter`, `reactions`) are linked by hand in `sandbox`, under each version's
-//! name (they need the store: fuel, the reactions buffer).
 //!
-//! The versions' exports have the same shape; [`Guest`] holds one version's bindings and
-//! [`on_guest!`] runs the same code against whichever it is, with `$m` naming that
-//! version's `types`. Results are converted into the current version's types.
+//! One line of [`versions!`] per version: it generates the version's `bindgen!` module, its
+//! variant of [`Guest`] and [`GuestPre`], its arm of [`on_guest!`] and of
+//! [`GuestPre::new`], and links its imports through the generated traits (`add_to_linker`),
+//! implemented once for every version in `sandbox` (`meter`, `reactions`). The versions'
+//! exports have the same shape; [`on_guest!`] runs the same code against whichever it is,
+//! with `$m` naming that version's `types`. Results are converted into the current
+//! version's types.
 
-/// statefold:reducer@0.2.0, the current version.
-pub mod v0_2 {
-    wasmtime::component::bindgen!({
-        world: "guest",
-        path: "../../wit",
-    });
-}
+use wasmtime::component::{HasSelf, Linker};
 
-/// statefold:reducer@0.1.0 (no `reactions` import).
-pub mod v0_1 {
-    wasmtime::component::bindgen!({
-        world: "guest",
-        path: "../../wit/0.1.0",
-    });
-}
+use super::sandbox::GuestData;
 
-pub use self::v0_2::statefold::reducer::reactions::Reaction as WitReaction;
-pub use self::v0_2::statefold::reducer::types::{Capabilities, Info};
-
-/// One version's bindings of an instance.
-pub enum Guest {
-    V0_1(v0_1::Guest),
-    V0_2(v0_2::Guest),
-}
-
-/// One version's pre-instantiated component.
-pub enum GuestPre<T: 'static> {
-    V0_1(v0_1::GuestPre<T>),
-    V0_2(v0_2::GuestPre<T>),
-}
-
-/// `on_guest!(guest, g, m => body)`: `body` with `g` the version's bindings and `m` its
-/// `types` module.
-macro_rules! on_guest {
-    ($guest:expr, $g:ident, $m:ident => $body:expr) => {
-        match $guest {
-            $crate::bindings::Guest::V0_1($g) => {
-                #[allow(unused_imports)]
-                use $crate::bindings::v0_1::statefold::reducer::types as $m;
-                $body
+/// `versions!($ Variant module (minor, "version", "wit path") [imports]; ...)`: see the
+/// module's documentation. `$` is passed in so that the generated `on_guest!` can have
+/// metavariables of its own.
+macro_rules! versions {
+    ($d:tt $( $variant:ident $module:ident ($minor:literal, $version:literal, $path:literal) [$($import:ident),*]; )*) => {
+        $(
+            #[doc = concat!("statefold:reducer@", $version)]
+            pub mod $module {
+                wasmtime::component::bindgen!({
+                    world: "guest",
+                    path: $path,
+                    // `start-diff` sets the store's fuel, so it takes the store; every
+                    // import may trap (a limit broken fails the diff).
+                    imports: { "statefold:reducer/meter.start-diff": store | trappable, default: trappable },
+                });
             }
-            $crate::bindings::Guest::V0_2($g) => {
-                #[allow(unused_imports)]
-                use $crate::bindings::v0_2::statefold::reducer::types as $m;
-                $body
+            impl $module::statefold::reducer::types::Host for GuestData {}
+            $( $crate::sandbox::$import!($module); )*
+        )*
+
+        /// Every version the host loads reducers of: the current one and those before it.
+        pub const WIT_VERSIONS: &[&str] = &[$($version),*];
+
+        /// One version's bindings of an instance.
+        pub enum Guest {
+            $( $variant($module::Guest), )*
+        }
+
+        /// One version's pre-instantiated component.
+        pub enum GuestPre<T: 'static> {
+            $( $variant($module::GuestPre<T>), )*
+        }
+
+        /// `on_guest!(guest, g, m => body)`: `body` with `g` the version's bindings and `m`
+        /// its `types` module.
+        macro_rules! on_guest {
+            ($d guest:expr, $d g:ident, $d m:ident => $d body:expr) => {
+                match $d guest {
+                    $(
+                        $crate::bindings::Guest::$variant($d g) => {
+                            #[allow(unused_imports)]
+                            use $crate::bindings::$module::statefold::reducer::types as $d m;
+                            $d body
+                        }
+                    )*
+                }
+            };
+        }
+
+        impl<T: 'static> GuestPre<T> {
+            /// The bindings of the version `minor` (of 0.x) over `pre`.
+            pub fn new(minor: u64, pre: wasmtime::component::InstancePre<T>) -> wasmtime::Result<GuestPre<T>> {
+                match minor {
+                    $( $minor => Ok(GuestPre::$variant($module::GuestPre::new(pre)?)), )*
+                    other => wasmtime::bail!("no bindings for statefold:reducer@0.{other}"),
+                }
             }
+
+            pub fn engine(&self) -> &wasmtime::Engine {
+                match self {
+                    $( GuestPre::$variant(pre) => pre.engine(), )*
+                }
+            }
+
+            pub fn instantiate(&self, store: impl wasmtime::AsContextMut<Data = T>) -> wasmtime::Result<Guest> {
+                match self {
+                    $( GuestPre::$variant(pre) => Ok(Guest::$variant(pre.instantiate(store)?)), )*
+                }
+            }
+        }
+
+        /// Links every version's imports into `linker`, each under its version's name.
+        pub(crate) fn add_to_linker(linker: &mut Linker<GuestData>) -> wasmtime::Result<()> {
+            $( $module::Guest::add_to_linker::<GuestData, HasSelf<GuestData>>(linker, |data| data)?; )*
+            Ok(())
         }
     };
 }
+
+versions! {$
+    V0_1 v0_1 (1, "0.1.0", "../../wit/0.1.0") [impl_meter];
+    V0_2 v0_2 (2, "0.2.0", "../../wit") [impl_meter, impl_reactions];
+}
+// Not redundant: `wasm` imports the macro by path.
+#[allow(clippy::single_component_path_imports)]
 pub(crate) use on_guest;
 
-impl<T: 'static> GuestPre<T> {
-    /// The bindings of the version `minor` (of 0.x) over `pre`.
-    pub fn new(minor: u64, pre: wasmtime::component::InstancePre<T>) -> wasmtime::Result<GuestPre<T>> {
-        Ok(match minor {
-            1 => GuestPre::V0_1(v0_1::GuestPre::new(pre)?),
-            _ => GuestPre::V0_2(v0_2::GuestPre::new(pre)?),
-        })
-    }
-
-    pub fn engine(&self) -> &wasmtime::Engine {
-        match self {
-            GuestPre::V0_1(pre) => pre.engine(),
-            GuestPre::V0_2(pre) => pre.engine(),
-        }
-    }
-
-    pub fn instantiate(&self, store: impl wasmtime::AsContextMut<Data = T>) -> wasmtime::Result<Guest> {
-        Ok(match self {
-            GuestPre::V0_1(pre) => Guest::V0_1(pre.instantiate(store)?),
-            GuestPre::V0_2(pre) => Guest::V0_2(pre.instantiate(store)?),
-        })
-    }
-}
+pub use self::v0_2::statefold::reducer::types::{Capabilities, Info};
 
 impl Guest {
     pub fn describe(&self, store: impl wasmtime::AsContextMut) -> wasmtime::Result<Info> {

@@ -30,7 +30,7 @@ use statefold_core::model::ModuleHash;
 /// The version of the `statefold:reducer` WIT package this host speaks.
 pub const WIT_VERSION: semver::Version = semver::Version::new(0, 2, 0);
 /// Every version it loads reducers of: the current one and those before it.
-pub const WIT_VERSIONS: [&str; 2] = ["0.1.0", "0.2.0"];
+pub use bindings::WIT_VERSIONS;
 const REDUCER_INTERFACE: &str = "statefold:reducer/reducer";
 
 /// Why a file cannot be loaded as a reducer.

@@ -18,7 +18,6 @@ use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::ReducerLimits;
-use super::bindings::WitReaction;
 use statefold_core::model::Reaction;
 
 /// What a reducer instance's `Store` holds.
@@ -71,7 +70,7 @@ impl WasiView for GuestData {
 /// The monotonic clock as wasmtime-wasi links it (see its `wit/deps/clocks.wit`).
 const MONOTONIC_CLOCK_INTERFACE: &str = "wasi:clocks/monotonic-clock@0.2.12";
 
-/// Adds WASI (locked down by [`GuestData::new`]) and the `meter` import to `linker`.
+/// Adds WASI (locked down by [`GuestData::new`]) and every version's imports to `linker`.
 pub(crate) fn link(linker: &mut Linker<GuestData>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
     // Fuel meters wasm instructions, not time spent blocked in the host: a reducer that
@@ -88,38 +87,58 @@ pub(crate) fn link(linker: &mut Linker<GuestData>) -> wasmtime::Result<()> {
         )?;
     }
     linker.allow_shadowing(false);
-    // Every supported version's `meter` is the same function; `reactions` is 0.2's.
-    for version in super::WIT_VERSIONS {
-        linker.instance(&format!("statefold:reducer/meter@{version}"))?.func_wrap(
-            "start-diff",
-            |mut store: StoreContextMut<'_, GuestData>, (): ()| -> wasmtime::Result<()> {
-                let data = store.data_mut();
-                let meter = &mut data.meter;
-                if meter.starts_left == 0 {
-                    wasmtime::bail!("reducer called meter.start-diff more often than there are diffs in the batch");
-                }
-                meter.starts_left -= 1;
-                meter.started += 1;
-                data.emitted.this_diff = 0;
-                let fuel = meter.diff_fuel;
-                store.set_fuel(fuel)
-            },
-        )?;
-    }
-    linker.instance(REACTIONS_INTERFACE)?.func_wrap(
-        "emit",
-        |mut store: StoreContextMut<'_, GuestData>, (reaction,): (WitReaction,)| -> wasmtime::Result<()> {
-            let data = store.data_mut();
-            let Some(index) = data.meter.started.checked_sub(1) else {
-                wasmtime::bail!("reactions.emit called outside of model.apply (a reaction belongs to a diff)");
-            };
-            data.emitted.push(index, reaction)
-        },
-    )?;
-    Ok(())
+    super::bindings::add_to_linker(linker)
 }
 
-const REACTIONS_INTERFACE: &str = "statefold:reducer/reactions@0.2.0";
+/// `meter` of a version's bindings (`impl_meter!(v0_2)`), the same in every version.
+macro_rules! impl_meter {
+    ($module:ident) => {
+        impl<T> $crate::bindings::$module::statefold::reducer::meter::HostWithStore<T>
+            for wasmtime::component::HasSelf<$crate::sandbox::GuestData>
+        {
+            fn start_diff(mut host: wasmtime::component::Access<'_, T, Self>) -> wasmtime::Result<()> {
+                let fuel = host.get().start_diff()?;
+                wasmtime::AsContextMut::as_context_mut(&mut host).set_fuel(fuel)
+            }
+        }
+        impl $crate::bindings::$module::statefold::reducer::meter::Host for $crate::sandbox::GuestData {}
+    };
+}
+pub(crate) use impl_meter;
+
+/// `reactions` of a version's bindings (since 0.2), the same in every version.
+macro_rules! impl_reactions {
+    ($module:ident) => {
+        impl $crate::bindings::$module::statefold::reducer::reactions::Host for $crate::sandbox::GuestData {
+            fn emit(
+                &mut self,
+                reaction: $crate::bindings::$module::statefold::reducer::reactions::Reaction,
+            ) -> wasmtime::Result<()> {
+                let Some(index) = self.meter.started.checked_sub(1) else {
+                    wasmtime::bail!("reactions.emit called outside of model.apply (a reaction belongs to a diff)");
+                };
+                let $crate::bindings::$module::statefold::reducer::reactions::Reaction { topic, key, value, headers } =
+                    reaction;
+                self.emitted.push(index, statefold_core::model::Reaction { topic, key, value, headers })
+            }
+        }
+    };
+}
+pub(crate) use impl_reactions;
+
+impl GuestData {
+    /// `meter.start-diff`: the fuel of the next diff, once per diff passed in.
+    pub(crate) fn start_diff(&mut self) -> wasmtime::Result<u64> {
+        let meter = &mut self.meter;
+        if meter.starts_left == 0 {
+            wasmtime::bail!("reducer called meter.start-diff more often than there are diffs in the batch");
+        }
+        meter.starts_left -= 1;
+        meter.started += 1;
+        self.emitted.this_diff = 0;
+        Ok(meter.diff_fuel)
+    }
+}
 
 /// The per-diff CPU budget: `start-diff` resets the fuel to one diff's worth, at most once
 /// per diff passed in.
@@ -139,7 +158,7 @@ pub(crate) struct Emitted {
 }
 
 impl Emitted {
-    fn push(&mut self, index: u32, reaction: WitReaction) -> wasmtime::Result<()> {
+    pub(crate) fn push(&mut self, index: u32, reaction: Reaction) -> wasmtime::Result<()> {
         if self.this_diff >= self.per_diff_max {
             wasmtime::bail!("the diff emitted more than reactions_per_diff_max ({}) reactions", self.per_diff_max);
         }
@@ -156,8 +175,7 @@ impl Emitted {
             wasmtime::bail!("a reaction's header {name:?}: names starting `statefold-` are the host's");
         }
         self.this_diff += 1;
-        let WitReaction { topic, key, value, headers } = reaction;
-        self.list.push((index, Reaction { topic, key, value, headers }));
+        self.list.push((index, reaction));
         Ok(())
     }
 }
