@@ -362,7 +362,7 @@ fn verify(config: &Config, repair: bool) -> anyhow::Result<()> {
 
 fn config_of(args: ServeArgs) -> anyhow::Result<Config> {
     let mut config = match &args.config {
-        Some(path) => Config::from_file(path).map_err(anyhow::Error::msg)?,
+        Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
     if let Some(listen) = args.listen {
@@ -375,7 +375,7 @@ fn config_of(args: ServeArgs) -> anyhow::Result<Config> {
         config.reducers_dir = dir;
     }
     for flag in &args.kinds {
-        config.kinds.push(KindConfig::parse_flag(flag).map_err(anyhow::Error::msg)?);
+        config.kinds.push(KindConfig::parse_flag(flag)?);
     }
     if let Some(brokers) = args.kafka_brokers {
         config.kafka.get_or_insert_with(|| KafkaConfig::new("")).brokers = brokers;
@@ -388,7 +388,7 @@ fn config_of(args: ServeArgs) -> anyhow::Result<Config> {
             kafka.group_id = group;
         }
         for flag in &args.kafka_properties {
-            let (key, value) = KafkaConfig::parse_property(flag).map_err(anyhow::Error::msg)?;
+            let (key, value) = KafkaConfig::parse_property(flag)?;
             kafka.properties.insert(key, value);
         }
     }
@@ -575,9 +575,9 @@ fn new(name: &str, lang: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> an
             (scaffold::rust(name, &sdk), language, "cargo build --release --target wasm32-wasip2")
         }
     };
-    let files = files.map_err(anyhow::Error::msg)?;
+    let files = files?;
     let dir = dir.unwrap_or_else(|| PathBuf::from(name));
-    scaffold::create(&dir, &files).map_err(anyhow::Error::msg)?;
+    scaffold::create(&dir, &files)?;
     println!("created {} (reducer {name}, {language})", dir.display());
     println!("next: cd {} && {next} (see its README.md)", dir.display());
     Ok(())

@@ -34,6 +34,17 @@ mod python {
     pub const GITIGNORE: &str = include_str!("../../reducers/totals-py/.gitignore");
 }
 
+/// Why a project cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaffoldError {
+    #[error("{0:?}: a reducer's name is 1 to 64 of a-z 0-9 _, starting with a letter (it names its .wasm file)")]
+    InvalidName(String),
+    #[error("{0} exists and is not empty")]
+    NotEmpty(PathBuf),
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
 /// The languages `statefold new` writes.
 pub const LANGUAGES: [&str; 3] = ["rust", "js", "python"];
 
@@ -44,13 +55,11 @@ pub fn default_sdk() -> Option<PathBuf> {
 }
 
 /// Checks a reducer name: it names the library, the `.wasm` file and the reducer.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> Result<(), ScaffoldError> {
     let mut chars = name.chars();
     let first = chars.next().is_some_and(|c| c.is_ascii_lowercase());
     if !first || !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') || name.len() > 64 {
-        return Err(format!(
-            "{name:?}: a reducer's name is 1 to 64 of a-z 0-9 _, starting with a letter (it names its .wasm file)"
-        ));
+        return Err(ScaffoldError::InvalidName(name.to_owned()));
     }
     Ok(())
 }
@@ -63,7 +72,7 @@ fn renamed(text: &str, from: &str, to: &str) -> String {
 }
 
 /// The files of a new Rust reducer project `name`, depending on the SDK at `sdk`.
-pub fn rust(name: &str, sdk: &Path) -> Result<Vec<(PathBuf, String)>, String> {
+pub fn rust(name: &str, sdk: &Path) -> Result<Vec<(PathBuf, String)>, ScaffoldError> {
     validate_name(name)?;
     let sdk = sdk.display().to_string().replace('\\', "/");
     let fill = |template: &str| template.replace("{{name}}", name).replace("{{sdk}}", &sdk);
@@ -79,7 +88,7 @@ pub fn rust(name: &str, sdk: &Path) -> Result<Vec<(PathBuf, String)>, String> {
 }
 
 /// The files of a new JavaScript reducer project `name` (built by componentize-js).
-pub fn js(name: &str) -> Result<Vec<(PathBuf, String)>, String> {
+pub fn js(name: &str) -> Result<Vec<(PathBuf, String)>, ScaffoldError> {
     validate_name(name)?;
     let package = renamed(js::PACKAGE, "\"totals-js\"", &format!("\"{}\"", name.replace('_', "-")));
     // The sample copies the SDK in from guest-sdk/js when it builds (componentize-js reads no
@@ -101,7 +110,7 @@ pub fn js(name: &str) -> Result<Vec<(PathBuf, String)>, String> {
 }
 
 /// The files of a new Python reducer project `name` (built by componentize-py).
-pub fn python(name: &str) -> Result<Vec<(PathBuf, String)>, String> {
+pub fn python(name: &str) -> Result<Vec<(PathBuf, String)>, ScaffoldError> {
     validate_name(name)?;
     let reducer = renamed(python::REDUCER, "\"totals_py\"", &format!("\"{name}\""));
     let reducer = renamed(&reducer, "\"\"\"totals_py:", &format!("\"\"\"{name}:"));
@@ -117,16 +126,17 @@ pub fn python(name: &str) -> Result<Vec<(PathBuf, String)>, String> {
 }
 
 /// Writes the project into `dir`, which must not exist or be empty.
-pub fn create(dir: &Path, files: &[(PathBuf, String)]) -> Result<(), String> {
+pub fn create(dir: &Path, files: &[(PathBuf, String)]) -> Result<(), ScaffoldError> {
     if dir.read_dir().is_ok_and(|mut entries| entries.next().is_some()) {
-        return Err(format!("{} exists and is not empty", dir.display()));
+        return Err(ScaffoldError::NotEmpty(dir.to_owned()));
     }
     for (path, text) in files {
         let path = dir.join(path);
+        let write = |path: &Path, source| ScaffoldError::Write { path: path.to_owned(), source };
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent).map_err(|e| write(parent, e))?;
         }
-        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(&path, text).map_err(|e| write(&path, e))?;
     }
     Ok(())
 }

@@ -302,7 +302,7 @@ fn bad_configuration_is_refused_with_a_clear_message() {
     assert!(run(&["--data-dir", data, "--kind", &kind]).contains("kind name \"Bad Name\""));
     let kind = format!("c={}", counter.display());
     let stderr = run(&["--data-dir", data, "--kind", &kind, "--batch-records-max", "0"]);
-    assert!(stderr.contains("limits.batch_records_max must be positive"), "{stderr}");
+    assert!(stderr.contains("limits.batch_records_max: must be positive"), "{stderr}");
     let config = dir.path().join("statefold.toml");
     std::fs::write(&config, "[limits]\ndiff_byte_max = 5\n").unwrap();
     let stderr = run(&["--config", config.to_str().unwrap()]);

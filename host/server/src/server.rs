@@ -121,7 +121,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// [`start`], running the modules in `natives` through native stand-ins: how the
 /// benchmark suite measures what the wasm sandbox costs in the whole pipeline.
 pub async fn start_with(config: Config, natives: Natives) -> anyhow::Result<Running> {
-    config.validate().map_err(anyhow::Error::msg)?;
+    config.validate()?;
     // Read before anything is opened, so that a bad file fails the start alone.
     let tls = config.tls.as_ref().map(crate::tls::load).transpose()?;
     let limits = config.limits.clone();
@@ -286,8 +286,7 @@ fn open_log(
     let mut cluster = None;
     let (source, writer): (Box<dyn Source>, Writer) = match &config.kafka {
         Some(kafka) => {
-            let writer =
-                KafkaWriter::new(kafka, &limits.source(), source_status.clone()).map_err(anyhow::Error::msg)?;
+            let writer = KafkaWriter::new(kafka, &limits.source(), source_status.clone())?;
             let source =
                 KafkaSource::start(kafka, &limits.source(), store.clone(), topics.clone(), source_status.clone())?;
             let source = match &config.cluster {
@@ -356,8 +355,7 @@ fn start_requests(app: &Arc<App>, config: &Config) -> anyhow::Result<()> {
     if let (Some(requests), Some(kafka)) = (&config.requests, &config.kafka) {
         let group =
             requests.group.clone().unwrap_or_else(|| format!("{}.requests.{}", kafka.group_id, requests.target));
-        let (consumer, producer) = crate::source::request_clients(kafka, &limits.source(), &requests.topic, &group)
-            .map_err(anyhow::Error::msg)?;
+        let (consumer, producer) = crate::source::request_clients(kafka, &limits.source(), &requests.topic, &group)?;
         let settings = crate::api::requests::Settings {
             target: requests.target.clone(),
             in_flight_max: limits.requests_in_flight_max,

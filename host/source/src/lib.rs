@@ -29,8 +29,58 @@ pub enum SourceError {
     /// topic): folding on would skip them.
     #[error("{topic}/{partition}: {detail}")]
     Lost { topic: String, partition: u32, detail: String },
-    #[error("{0}")]
-    Client(String),
+    /// The brokers did not answer, or a client could not be made.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// A call to the brokers that failed, or a topic they cannot serve: what the Kafka clients
+/// of the source, the writer, the cluster, the relay and request/reply report.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// librdkafka could not do `doing` (e.g. "create the Kafka consumer").
+    #[error("cannot {doing}: {source}")]
+    Call {
+        doing: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// A topic the brokers do not have or cannot serve.
+    #[error("topic {topic:?} {reason}; create it")]
+    Topic { topic: String, reason: String },
+    /// A read of a partition that found none of the records its end promised.
+    #[error("reading {output} back from offset {from}: nothing past {next} of {end} for {waited:?}")]
+    Stalled { output: String, from: u64, next: u64, end: u64, waited: Duration },
+    /// A position outside the log that no partition's offsets explain.
+    #[error("a position is outside the log ({0}), and no partition's offsets say which: refusing to skip records")]
+    OutOfRange(rdkafka::error::KafkaError),
+    /// The relay's producer cannot use transactions there.
+    #[error("{0} (a broker without transactions: set [reactions] transactional = false)")]
+    NoTransactions(Box<BrokerError>),
+    /// Records produced and not acknowledged in time.
+    #[error("records not acknowledged within {0:?}")]
+    Unacknowledged(Duration),
+    /// The server is stopping: the call was given up.
+    #[error("stopping")]
+    Stopping,
+    #[error(transparent)]
+    Store(#[from] statefold_store::StoreError),
+    /// A thread could not be started.
+    #[error("cannot start {doing}: {source}")]
+    Thread { doing: &'static str, source: std::io::Error },
+}
+
+impl BrokerError {
+    /// `map_err` of a librdkafka call: `doing` says what it was ("create the Kafka consumer").
+    pub fn call(doing: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> BrokerError {
+        let doing = doing.into();
+        move |source| BrokerError::Call { doing, source }
+    }
+
+    /// Whether the brokers answered that they do not implement transactions.
+    pub fn is_unsupported(&self) -> bool {
+        self.to_string().contains("not supported by broker")
+    }
 }
 
 /// A log that the fold loop consumes. It starts each partition at the position stored with

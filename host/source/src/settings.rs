@@ -94,9 +94,8 @@ impl KafkaConfig {
     }
 
     /// `KEY=VALUE`, as given to `--kafka-property`.
-    pub fn parse_property(flag: &str) -> Result<(String, String), String> {
-        let (key, value) =
-            flag.split_once('=').ok_or_else(|| format!("--kafka-property {flag:?}: expected KEY=VALUE"))?;
+    pub fn parse_property(flag: &str) -> Result<(String, String), BadFlag> {
+        let (key, value) = flag.split_once('=').ok_or_else(|| BadFlag::Property(flag.to_owned()))?;
         Ok((key.trim().to_owned(), value.to_owned()))
     }
 }
@@ -159,13 +158,22 @@ impl ClusterConfig {
 }
 
 impl std::str::FromStr for RouteMode {
-    type Err = String;
+    type Err = BadFlag;
 
-    fn from_str(s: &str) -> Result<RouteMode, String> {
+    fn from_str(s: &str) -> Result<RouteMode, BadFlag> {
         match s {
             "proxy" => Ok(RouteMode::Proxy),
             "redirect" => Ok(RouteMode::Redirect),
-            other => Err(format!("{other:?} is not a route mode: proxy or redirect")),
+            other => Err(BadFlag::RouteMode(other.to_owned())),
         }
     }
+}
+
+/// A flag's value that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum BadFlag {
+    #[error("--kafka-property {0:?}: expected KEY=VALUE")]
+    Property(String),
+    #[error("{0:?} is not a route mode: proxy or redirect")]
+    RouteMode(String),
 }

@@ -211,11 +211,14 @@ impl Engine {
                 self.deploy(kind, record, name, view, &mut folded)?;
                 continue;
             }
-            let key = record.key.as_deref().ok_or_else(|| "record has no key".to_owned());
-            let id = match key.and_then(validate_id) {
-                Ok(id) => id,
-                Err(reason) => {
-                    folded.reject(reject(Rejection::InvalidKey(reason)));
+            let id = match record.key.as_deref().map(validate_id) {
+                Some(Ok(id)) => id,
+                None => {
+                    folded.reject(reject(Rejection::InvalidKey("record has no key".into())));
+                    continue;
+                }
+                Some(Err(reason)) => {
+                    folded.reject(reject(Rejection::InvalidKey(reason.to_string())));
                     continue;
                 }
             };

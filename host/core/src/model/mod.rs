@@ -130,28 +130,50 @@ pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
 
 /// Checks a topic name by Kafka's rules: 1 to 249 characters of `[a-zA-Z0-9._-]`, not `.`
 /// or `..`.
-pub fn validate_topic(topic: &str) -> Result<(), String> {
+pub fn validate_topic(topic: &str) -> Result<(), InvalidTopic> {
     if topic.is_empty() || topic.len() > 249 {
-        return Err(format!("a topic name has 1 to 249 characters, not {}", topic.len()));
+        return Err(InvalidTopic::Length(topic.len()));
     }
     if topic == "." || topic == ".." {
-        return Err("a topic may not be named `.` or `..`".into());
+        return Err(InvalidTopic::Dots);
     }
     match topic.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        Some(c) => Err(format!("{c:?} is not allowed in a topic name (only [a-zA-Z0-9._-])")),
+        Some(c) => Err(InvalidTopic::Char(c)),
         None => Ok(()),
     }
 }
 
+/// Why a name is not a Kafka topic's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidTopic {
+    #[error("a topic name has 1 to 249 characters, not {0}")]
+    Length(usize),
+    #[error("a topic may not be named `.` or `..`")]
+    Dots,
+    #[error("{0:?} is not allowed in a topic name (only [a-zA-Z0-9._-])")]
+    Char(char),
+}
+
+/// Why bytes are not a model id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidId {
+    #[error("model id is not UTF-8")]
+    NotUtf8,
+    #[error("model id must be 1 to {ID_BYTES_MAX} bytes, not {0}")]
+    Length(usize),
+    #[error("model id contains control characters")]
+    Control,
+}
+
 /// Checks a model id: UTF-8, 1 to [`ID_BYTES_MAX`] bytes, no control characters (the
 /// store separates kind, id and offset with NUL).
-pub fn validate_id(id: &[u8]) -> Result<&str, String> {
-    let id = std::str::from_utf8(id).map_err(|_| "model id is not UTF-8".to_owned())?;
+pub fn validate_id(id: &[u8]) -> Result<&str, InvalidId> {
+    let id = std::str::from_utf8(id).map_err(|_| InvalidId::NotUtf8)?;
     if id.is_empty() || id.len() > ID_BYTES_MAX {
-        return Err(format!("model id must be 1 to {ID_BYTES_MAX} bytes, not {}", id.len()));
+        return Err(InvalidId::Length(id.len()));
     }
     if id.chars().any(char::is_control) {
-        return Err("model id contains control characters".to_owned());
+        return Err(InvalidId::Control);
     }
     Ok(id)
 }

@@ -18,7 +18,7 @@ pub enum AppError {
     #[error("version {0} is no longer retained")]
     Pruned(Hash),
     #[error("invalid model id: {0}")]
-    InvalidId(String),
+    InvalidId(#[from] crate::model::InvalidId),
     /// A `PARTITION:OFFSET` that names no record of the log.
     #[error("{0}")]
     BadPosition(String),

@@ -8,6 +8,25 @@ use serde::Deserialize;
 
 mod http;
 
+/// Why a configuration cannot be used: each names the file, flag or setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("--kind {flag:?}: expected NAME=FILE.wasm[@TOPIC]")]
+    KindFlag { flag: String },
+    /// A setting whose value does not make sense (alone or with another).
+    #[error("{setting}: {reason}")]
+    Invalid { setting: String, reason: String },
+}
+
+/// `Err(ConfigError::Invalid)` for `setting`.
+fn invalid<T>(setting: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid { setting: setting.into(), reason: reason.into() })
+}
+
 pub use http::*;
 
 pub use statefold_source::settings::{
@@ -255,8 +274,10 @@ impl Limits {
         }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
-        self.reducer().validate().map_err(|e| e.to_string())?;
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Err(e) = self.reducer().validate() {
+            return invalid("limits", e.to_string());
+        }
         let positive = [
             ("reducer_watch_interval_ms", self.reducer_watch_interval_ms),
             ("reducer_module_bytes_max", self.reducer_module_bytes_max as u64),
@@ -294,24 +315,27 @@ impl Limits {
             ("kafka_commit_interval_ms", self.kafka_commit_interval_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("limits.{name} must be positive"));
+            return invalid(format!("limits.{name}"), "must be positive");
         }
         for (name, window) in [
             ("http2_stream_window_bytes", self.http2_stream_window_bytes),
             ("http2_connection_window_bytes", self.http2_connection_window_bytes),
         ] {
             if !(65_535..=i32::MAX as u32).contains(&window) {
-                return Err(format!("limits.{name} must be between 65535 and 2^31-1 (HTTP/2's window sizes)"));
+                return invalid(format!("limits.{name}"), "must be between 65535 and 2^31-1 (HTTP/2's window sizes)");
             }
         }
         if self.diff_bytes_max > 64 << 20 {
-            return Err("limits.diff_bytes_max must be at most 64 MiB".into());
+            return invalid("limits.diff_bytes_max", "must be at most 64 MiB");
         }
         if self.head_cache_models_max < self.batch_records_max {
-            return Err(format!(
-                "limits.head_cache_models_max ({}) must be at least limits.batch_records_max ({}): a batch's heads stay cached until it commits",
-                self.head_cache_models_max, self.batch_records_max
-            ));
+            return invalid(
+                "limits.head_cache_models_max",
+                format!(
+                    "{} must be at least limits.batch_records_max ({}): a batch's heads stay cached until it commits",
+                    self.head_cache_models_max, self.batch_records_max
+                ),
+            );
         }
         Ok(())
     }
@@ -340,9 +364,8 @@ impl KindConfig {
     }
 
     /// `NAME=FILE.wasm[@TOPIC]`, as given to `--kind`.
-    pub fn parse_flag(flag: &str) -> Result<KindConfig, String> {
-        let (name, rest) =
-            flag.split_once('=').ok_or_else(|| format!("--kind {flag:?}: expected NAME=FILE.wasm[@TOPIC]"))?;
+    pub fn parse_flag(flag: &str) -> Result<KindConfig, ConfigError> {
+        let (name, rest) = flag.split_once('=').ok_or_else(|| ConfigError::KindFlag { flag: flag.to_owned() })?;
         let (reducer, topic) = match rest.rsplit_once('@') {
             Some((file, topic)) => (file, Some(topic.to_owned())),
             None => (rest, None),
@@ -485,9 +508,11 @@ impl Default for Config {
 
 impl Config {
     /// Reads a TOML file. Paths in it are relative to the file's directory.
-    pub fn from_file(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let mut config: Config = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut config: Config = toml::from_str(&text)
+            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.data_dir = base.join(&config.data_dir);
         config.reducers_dir = base.join(&config.reducers_dir);
@@ -507,7 +532,7 @@ impl Config {
     }
 
     /// Checks everything that can be checked without opening anything.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         self.limits.validate()?;
         self.validate_http()?;
         self.validate_kafka()?;
@@ -515,60 +540,63 @@ impl Config {
     }
 
     /// `[cors]`, `[tls]` and `[auth]`.
-    fn validate_http(&self) -> Result<(), String> {
+    fn validate_http(&self) -> Result<(), ConfigError> {
         if let Some(cors) = &self.cors {
             if cors.allowed_origins.is_empty() {
-                return Err("[cors] allowed_origins: name at least one origin".into());
+                return invalid("[cors] allowed_origins", "name at least one origin");
             }
             for origin in &cors.allowed_origins {
                 if origin == "*" || !origin.bytes().all(|b| b.is_ascii_graphic()) || !origin.contains("://") {
-                    return Err(format!(
-                        "[cors] allowed_origins: {origin:?} is not an origin like https://app.example.com"
-                    ));
+                    return invalid(
+                        "[cors] allowed_origins",
+                        format!("{origin:?} is not an origin like https://app.example.com"),
+                    );
                 }
             }
         }
         if let Some(tls) = &self.tls
             && (tls.reload_interval_ms == 0 || tls.handshake_timeout_ms == 0)
         {
-            return Err("[tls] reload_interval_ms and handshake_timeout_ms must be positive".into());
+            return invalid("[tls] reload_interval_ms and handshake_timeout_ms", "must be positive");
         }
         if let Some(auth) = &self.auth {
             if auth.public_key_file.is_none() && auth.hs256_secret.is_none() {
-                return Err("[auth]: set public_key_file or hs256_secret".into());
+                return invalid("[auth]", "set public_key_file or hs256_secret");
             }
             if auth.hs256_secret.as_ref().is_some_and(|s| s.len() < 32) {
-                return Err("[auth] hs256_secret: at least 32 bytes".into());
+                return invalid("[auth] hs256_secret", "at least 32 bytes");
             }
             if auth.audience.is_empty() {
-                return Err("[auth] audience: must not be empty".into());
+                return invalid("[auth] audience", "must not be empty");
             }
         }
         Ok(())
     }
 
     /// `[kafka]`, `[requests]` and `[cluster]`.
-    fn validate_kafka(&self) -> Result<(), String> {
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
         if let Some(kafka) = &self.kafka {
             if kafka.brokers.trim().is_empty() {
-                return Err("kafka.brokers is empty: give host:port[,host:port...]".into());
+                return invalid("kafka.brokers", "empty: give host:port[,host:port...]");
             }
             if kafka.group_id.is_empty() {
-                return Err("kafka.group_id is empty".into());
+                return invalid("kafka.group_id", "empty");
             }
         }
         if let Some(requests) = &self.requests {
             if self.kafka.is_none() {
-                return Err("[requests] needs [kafka]: requests and replies are Kafka records".into());
+                return invalid("[requests]", "needs [kafka]: requests and replies are Kafka records");
             }
-            crate::model::validate_topic(&requests.topic).map_err(|e| format!("requests.topic: {e}"))?;
+            if let Err(e) = crate::model::validate_topic(&requests.topic) {
+                return invalid("requests.topic", e.to_string());
+            }
             if requests.target.is_empty() {
-                return Err("requests.target is empty".into());
+                return invalid("requests.target", "empty");
             }
         }
         if let Some(cluster) = &self.cluster {
             if self.kafka.is_none() {
-                return Err("[cluster] needs [kafka]: servers share partitions of Kafka topics".into());
+                return invalid("[cluster]", "needs [kafka]: servers share partitions of Kafka topics");
             }
             let url = &cluster.advertise_url;
             let scheme = url.starts_with("http://") || url.starts_with("https://");
@@ -578,28 +606,33 @@ impl Config {
                 || rest.contains(['/', '?', '#'])
                 || !url.bytes().all(|b| b.is_ascii_graphic())
             {
-                return Err(format!(
-                    "[cluster] advertise_url {url:?}: expected a base URL like https://statefold-1.internal:8443 (no path)"
-                ));
+                return invalid(
+                    "[cluster] advertise_url",
+                    format!("{url:?}: expected a base URL like https://statefold-1.internal:8443 (no path)"),
+                );
             }
             if cluster.topic.is_empty() {
-                return Err("[cluster] topic is empty".into());
+                return invalid("[cluster] topic", "empty");
             }
             let limits = &self.limits;
             if limits.cluster_heartbeat_interval_ms == 0
                 || limits.cluster_member_timeout_ms <= limits.cluster_heartbeat_interval_ms
             {
-                return Err("cluster_member_timeout_ms must be longer than cluster_heartbeat_interval_ms (> 0)".into());
+                return invalid(
+                    "limits.cluster_member_timeout_ms",
+                    "must be longer than cluster_heartbeat_interval_ms (> 0)",
+                );
             }
         }
         Ok(())
     }
 
     /// The kinds: at least one, names and topics well-formed and distinct, reducers there.
-    fn validate_kinds(&self) -> Result<(), String> {
+    fn validate_kinds(&self) -> Result<(), ConfigError> {
         if self.kinds.is_empty() {
-            return Err(
-                "no kinds configured: add [[kind]] sections (name, reducer, topic) or --kind NAME=FILE.wasm".into()
+            return invalid(
+                "[[kind]]",
+                "no kinds configured: add [[kind]] sections (name, reducer, topic) or --kind NAME=FILE.wasm",
             );
         }
         let mut names = std::collections::HashSet::new();
@@ -612,20 +645,23 @@ impl Config {
                         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-' || b == b'.')
             };
             if !valid(&kind.name) {
-                return Err(format!("kind name {:?}: use 1 to 64 of a-z 0-9 _ - .", kind.name));
+                return invalid(format!("kind name {:?}", kind.name), "use 1 to 64 of a-z 0-9 _ - .");
             }
             if !valid(kind.topic()) {
-                return Err(format!("kind {:?}: topic {:?}: use 1 to 64 of a-z 0-9 _ - .", kind.name, kind.topic()));
+                return invalid(
+                    format!("kind {:?}: topic {:?}", kind.name, kind.topic()),
+                    "use 1 to 64 of a-z 0-9 _ - .",
+                );
             }
             if !names.insert(&kind.name) {
-                return Err(format!("kind {:?} is configured twice", kind.name));
+                return invalid(format!("kind {:?}", kind.name), "configured twice");
             }
             if !topics.insert(kind.topic()) {
-                return Err(format!("topic {:?} feeds two kinds; each kind needs its own topic", kind.topic()));
+                return invalid(format!("topic {:?}", kind.topic()), "feeds two kinds; each kind needs its own topic");
             }
             let path = self.reducer_path(kind);
             if !path.is_file() {
-                return Err(format!("kind {:?}: reducer file {} not found", kind.name, path.display()));
+                return invalid(format!("kind {:?}", kind.name), format!("reducer file {} not found", path.display()));
             }
         }
         Ok(())
@@ -655,7 +691,7 @@ mod tests {
         let typo = toml::from_str::<Config>("[limits]\ndiff_byte_max = 1\n").unwrap_err();
         assert!(typo.to_string().contains("unknown field `diff_byte_max`"), "{typo}");
         let zero = Limits { batch_records_max: 0, ..Limits::default() };
-        assert_eq!(zero.validate(), Err("limits.batch_records_max must be positive".into()));
+        assert_eq!(zero.validate().unwrap_err().to_string(), "limits.batch_records_max: must be positive");
         assert_eq!(
             KindConfig::parse_flag("doc=document.wasm@docs").unwrap(),
             KindConfig { name: "doc".into(), reducer: "document.wasm".into(), topic: Some("docs".into()) }

@@ -5,13 +5,13 @@ use super::*;
 
 /// Reads the cluster topic, every partition, from a little before its end; why not,
 /// otherwise.
-pub(super) fn assign_all(reader: &BaseConsumer, topic: &str) -> Result<(), String> {
+pub(super) fn assign_all(reader: &BaseConsumer, topic: &str) -> Result<(), BrokerError> {
     let count = partition_count(reader.client(), topic, Duration::from_secs(2))?;
     let mut list = TopicPartitionList::new();
     for partition in 0..count as i32 {
         let _ = list.add_partition_offset(topic, partition, Offset::OffsetTail(100));
     }
-    reader.assign(&list).map_err(|e| format!("cannot read the cluster topic {topic:?}: {e}"))
+    reader.assign(&list).map_err(BrokerError::call(format!("read the cluster topic {topic:?}")))
 }
 
 /// Commits the owned partitions' folded positions to the group (for lag monitoring).

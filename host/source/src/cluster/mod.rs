@@ -43,8 +43,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::SourceStatus;
 use super::kafka::{Role, client_config, kafka_settings, partition_count};
+use super::{BrokerError, SourceStatus};
 use crate::settings::{ClusterConfig, KafkaConfig, RouteMode, SourceLimits};
 use group::*;
 use routes::*;
@@ -547,7 +547,7 @@ impl Cluster {
                 }
             }
             if !assigned {
-                let problem = assign_all(reader, topic).err();
+                let problem = assign_all(reader, topic).err().map(|e| e.to_string());
                 assigned = problem.is_none();
                 let mut current = self.problem.lock().unwrap_or_else(|p| p.into_inner());
                 if *current != problem {

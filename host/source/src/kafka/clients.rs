@@ -74,7 +74,7 @@ pub fn request_clients(
     limits: &SourceLimits,
     topic: &str,
     group: &str,
-) -> Result<(StreamConsumer, FutureProducer), String> {
+) -> Result<(StreamConsumer, FutureProducer), BrokerError> {
     let mut settings = kafka_settings(config, limits, Role::Consumer);
     settings.insert("group.id".into(), group.to_owned());
     settings.insert("auto.offset.reset".into(), "earliest".into());
@@ -84,11 +84,11 @@ pub fn request_clients(
     // the time: it never comes near it otherwise).
     settings.insert("max.poll.interval.ms".into(), (limits.cluster_session_timeout_ms * 3).to_string());
     let consumer: StreamConsumer =
-        client_config(&settings).create().map_err(|e| format!("cannot create the request consumer: {e}"))?;
-    consumer.subscribe(&[topic]).map_err(|e| format!("cannot subscribe to {topic}: {e}"))?;
+        client_config(&settings).create().map_err(BrokerError::call("create the request consumer"))?;
+    consumer.subscribe(&[topic]).map_err(BrokerError::call(format!("subscribe to {topic}")))?;
     let producer: FutureProducer = client_config(&kafka_settings(config, limits, Role::Producer))
         .create()
-        .map_err(|e| format!("cannot create the reply producer: {e}"))?;
+        .map_err(BrokerError::call("create the reply producer"))?;
     Ok((consumer, producer))
 }
 
@@ -154,17 +154,17 @@ pub(crate) fn partition_count<C: ClientContext>(
     client: &rdkafka::client::Client<C>,
     topic: &str,
     timeout: Duration,
-) -> Result<u32, String> {
+) -> Result<u32, BrokerError> {
     let metadata = client
         .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("cannot reach the brokers: metadata of topic {topic:?}: {e}"))?;
+        .map_err(BrokerError::call(format!("reach the brokers: metadata of topic {topic:?}")))?;
     let described = metadata.topics().iter().find(|t| t.name() == topic);
     match described {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as u32),
         Some(t) => {
             let error = t.error().map(|e| format!("{:?}", RDKafkaErrorCode::from(e))).unwrap_or_default();
-            Err(format!("topic {topic:?} is not available ({error}); create it"))
+            Err(BrokerError::Topic { topic: topic.to_owned(), reason: format!("is not available ({error})") })
         }
-        None => Err(format!("topic {topic:?} is not on the brokers; create it")),
+        None => Err(BrokerError::Topic { topic: topic.to_owned(), reason: "is not on the brokers".into() }),
     }
 }

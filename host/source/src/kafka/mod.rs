@@ -26,7 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::cluster::{Cluster, Partition};
-use super::{Source, SourceError, SourceStatus, WriteError};
+use super::{BrokerError, Source, SourceError, SourceStatus, WriteError};
 use crate::settings::{KafkaConfig, SourceLimits};
 use statefold_core::model::{Record, Witness};
 use statefold_store::{Position, Store};
@@ -104,7 +104,7 @@ impl KafkaSource {
         tracing::info!(settings = %printable(&settings), "kafka consumer");
         let consumer: KafkaConsumer = client_config(&settings)
             .create_with_context(Context { role: Role::Consumer, status: status.clone() })
-            .map_err(|e| SourceError::Client(format!("cannot create the Kafka consumer: {e}")))?;
+            .map_err(BrokerError::call("create the Kafka consumer"))?;
         let consumer = Arc::new(consumer);
         let seen = Arc::new(Seen::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -116,7 +116,7 @@ impl KafkaSource {
             std::thread::Builder::new()
                 .name("kafka-check".into())
                 .spawn(move || check_loop(&consumer, &topics, &seen, &status, &stop, interval))
-                .map_err(|e| SourceError::Client(format!("cannot start the Kafka checker: {e}")))?
+                .map_err(|source| BrokerError::Thread { doing: "the Kafka checker", source })?
         };
         Ok(KafkaSource {
             consumer,
@@ -232,9 +232,9 @@ impl KafkaSource {
                     }
                     // The broker did not answer (a timeout, a leader moving): folding goes
                     // on with what is assigned; the rest is tried again at the next poll.
-                    Err(SourceError::Client(problem)) => {
+                    Err(SourceError::Broker(problem)) => {
                         tracing::warn!(%topic, partition, %problem, "cannot assign the partition yet; trying again");
-                        self.status.set_problem(Some(problem));
+                        self.status.set_problem(Some(problem.to_string()));
                         self.seen.changed.store(true, Ordering::Release);
                     }
                     Err(other) => return Err(other),
@@ -242,7 +242,7 @@ impl KafkaSource {
             }
             for (partition, (from, state)) in partitions {
                 list.add_partition_offset(&topic, partition as i32, Offset::Offset(from as i64))
-                    .map_err(|e| SourceError::Client(format!("{topic}/{partition}: {e}")))?;
+                    .map_err(BrokerError::call(format!("assign {topic}/{partition}")))?;
                 added.push((topic.clone(), partition, state));
             }
         }
@@ -279,7 +279,7 @@ impl KafkaSource {
             let (low, high) = self
                 .consumer
                 .fetch_watermarks(topic, partition as i32, Duration::from_secs(10))
-                .map_err(|e| SourceError::Client(format!("cannot read the offsets of {topic}/{partition}: {e}")))?;
+                .map_err(BrokerError::call(format!("read the offsets of {topic}/{partition}")))?;
             let (low, high) = (low.max(0) as u64, high.max(0) as u64);
             looks += 1;
             if high >= next || looks == SHRUNK_LOOKS {
@@ -379,9 +379,7 @@ impl KafkaSource {
                 if stopped {
                     return Ok(());
                 }
-                Err(SourceError::Client(format!(
-                    "a position is outside the log ({error}), and no partition's offsets say which: refusing to skip records"
-                )))
+                Err(BrokerError::OutOfRange(error).into())
             }
             Some(RDKafkaErrorCode::PartitionEOF) => Ok(()),
             _ => {
@@ -514,7 +512,7 @@ fn check_loop(
         let started = Instant::now();
         match check(consumer, topics, seen, status, timeout) {
             Ok(()) => status.set_problem(None),
-            Err(problem) => status.set_problem(Some(problem)),
+            Err(problem) => status.set_problem(Some(problem.to_string())),
         }
         while !stop.load(Ordering::Acquire) && started.elapsed() < interval {
             std::thread::sleep(Duration::from_millis(20).min(interval));
@@ -528,7 +526,7 @@ fn check(
     seen: &Seen,
     status: &SourceStatus,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), BrokerError> {
     // Where folding stood before the ends are read: a healthy log ends at or after it.
     let folded: HashMap<(String, u32), u64> = status.partitions().into_iter().map(|(k, p)| (k, p.next)).collect();
     for topic in topics {
@@ -536,7 +534,7 @@ fn check(
         for partition in 0..count {
             let (_, high) = consumer
                 .fetch_watermarks(topic, partition as i32, timeout)
-                .map_err(|e| format!("cannot read the end of {topic}/{partition}: {e}"))?;
+                .map_err(BrokerError::call(format!("read the end of {topic}/{partition}")))?;
             let high = high.max(0) as u64;
             status.set_end(topic, partition, high);
             let next = folded.get(&(topic.clone(), partition)).copied().unwrap_or(0);

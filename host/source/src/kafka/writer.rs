@@ -8,12 +8,16 @@ pub struct KafkaWriter {
 }
 
 impl KafkaWriter {
-    pub fn new(config: &KafkaConfig, limits: &SourceLimits, status: Arc<SourceStatus>) -> Result<KafkaWriter, String> {
+    pub fn new(
+        config: &KafkaConfig,
+        limits: &SourceLimits,
+        status: Arc<SourceStatus>,
+    ) -> Result<KafkaWriter, BrokerError> {
         let settings = kafka_settings(config, limits, Role::Producer);
         tracing::info!(settings = %printable(&settings), "kafka producer");
         let producer = client_config(&settings)
             .create_with_context(Context { role: Role::Producer, status })
-            .map_err(|e| format!("cannot create the Kafka producer: {e}"))?;
+            .map_err(BrokerError::call("create the Kafka producer"))?;
         Ok(KafkaWriter { producer })
     }
 
@@ -51,7 +55,7 @@ impl KafkaWriter {
         tokio::task::spawn_blocking(move || partition_count(producer.client(), &name, timeout))
             .await
             .map_err(|e| WriteError::Unavailable(e.to_string()))?
-            .map_err(WriteError::Unavailable)
+            .map_err(|e| WriteError::Unavailable(e.to_string()))
     }
 
     /// Waits (up to `timeout`) for records still queued.

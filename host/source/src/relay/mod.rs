@@ -44,10 +44,10 @@ mod tail;
 use self::tail::Tail;
 use super::cluster::Cluster;
 use super::kafka::{Role, client_config, kafka_settings};
-use super::{EmbeddedLog, SourceStatus};
+use super::{BrokerError, EmbeddedLog, SourceStatus};
 use crate::settings::{KafkaConfig, SourceLimits};
 use statefold_core::model::Outgoing;
-use statefold_store::{LogAppend, Store, StoreError};
+use statefold_store::{LogAppend, Store};
 
 /// What the relay shares with the fold loop and the HTTP side.
 pub struct Relay {
@@ -172,7 +172,8 @@ pub fn run(
             let step = match (&sink, &mut kafka) {
                 (Sink::Embedded(log), _) => relay_embedded(&store, log, topic, *partition, &limits),
                 (Sink::Kafka { .. }, Some(Ok(kafka))) => kafka.relay(&store, topic, *partition, &limits, &stop),
-                (Sink::Kafka { .. }, _) => Err("the relay's Kafka clients could not be created".into()),
+                // (The reason is below, once per loop.)
+                (Sink::Kafka { .. }, _) => continue,
             };
             match step {
                 Ok((sent, removed)) => {
@@ -195,7 +196,7 @@ pub fn run(
             }
         }
         if let Some(Err(e)) = &kafka {
-            problems.push(e.clone());
+            problems.push(format!("the relay's Kafka clients could not be created: {e}"));
         }
         relay.set_problem((!problems.is_empty()).then(|| problems.join("; ")));
         if !busy {
@@ -211,9 +212,9 @@ fn relay_embedded(
     topic: &str,
     partition: u32,
     limits: &SourceLimits,
-) -> Result<(usize, u64), String> {
-    let from = store.relay_position(topic, partition).map_err(|e| e.to_string())?.unwrap_or(0);
-    let entries = store.outbox(topic, partition, from, limits.relay_batch_records_max).map_err(|e| e.to_string())?;
+) -> Result<(usize, u64), BrokerError> {
+    let from = store.relay_position(topic, partition)?.unwrap_or(0);
+    let entries = store.outbox(topic, partition, from, limits.relay_batch_records_max)?;
     let Some(last) = entries.last() else { return Ok((0, 0)) };
     let headers: Vec<Vec<(String, Vec<u8>)>> = entries.iter().map(Outgoing::headers).collect();
     let now = super::now_ms();
@@ -229,7 +230,7 @@ fn relay_embedded(
             headers,
         })
         .collect();
-    let removed = log.relayed(topic, partition, last.offset + 1, &appends).map_err(|e: StoreError| e.to_string())?;
+    let removed = log.relayed(topic, partition, last.offset + 1, &appends)?;
     Ok((entries.len(), removed))
 }
 
@@ -262,14 +263,14 @@ struct Partition {
 }
 
 impl KafkaRelay {
-    fn new(config: &KafkaConfig, limits: &SourceLimits, transactional: bool) -> Result<KafkaRelay, String> {
+    fn new(config: &KafkaConfig, limits: &SourceLimits, transactional: bool) -> Result<KafkaRelay, BrokerError> {
         let group = format!("{}.relay", config.group_id);
         let mut consumer = kafka_settings(config, limits, Role::Consumer);
         consumer.insert("group.id".into(), group.clone());
         let offsets: BaseConsumer =
-            client_config(&consumer).create().map_err(|e| format!("cannot create the relay's consumer: {e}"))?;
+            client_config(&consumer).create().map_err(BrokerError::call("create the relay's consumer"))?;
         let reader = consumer.clone();
-        let metadata = offsets.group_metadata().ok_or("the relay's consumer has no group metadata")?;
+        let metadata = offsets.group_metadata().expect("a consumer with a group.id has group metadata");
         let mut settings = kafka_settings(config, limits, Role::Producer);
         match transactional {
             true => settings.insert("transaction.timeout.ms".into(), limits.relay_transaction_timeout_ms.to_string()),
@@ -305,13 +306,13 @@ impl KafkaRelay {
         partition: u32,
         limits: &SourceLimits,
         stop: &dyn Fn() -> bool,
-    ) -> Result<(usize, u64), String> {
+    ) -> Result<(usize, u64), BrokerError> {
         let slot = (topic.to_owned(), partition);
         if !self.producers.contains_key(&slot) {
             // Only with something to relay (a transactional producer per partition is a
             // connection each), as far as the store knows: its position is at most Kafka's.
-            let from = store.relay_position(topic, partition).map_err(|e| e.to_string())?.unwrap_or(0);
-            if store.outbox(topic, partition, from, 1).map_err(|e| e.to_string())?.is_empty() {
+            let from = store.relay_position(topic, partition)?.unwrap_or(0);
+            if store.outbox(topic, partition, from, 1)?.is_empty() {
                 return Ok((0, 0));
             }
             let started = std::time::Instant::now();
@@ -325,22 +326,22 @@ impl KafkaRelay {
             self.producers.insert(slot.clone(), Partition { producer, next, tail });
         }
         let p = self.producers.get_mut(&slot).expect("inserted above");
-        let entries =
-            store.outbox(topic, partition, p.next, limits.relay_batch_records_max).map_err(|e| e.to_string())?;
+        let entries = store.outbox(topic, partition, p.next, limits.relay_batch_records_max)?;
         let Some(last) = entries.last() else { return Ok((0, 0)) };
         let next = last.offset + 1;
         let sent = match &mut p.tail {
             None => transaction(&p.producer, &entries, topic, partition, next, &self.metadata, self.timeout)
-                .map_err(|e| e.to_string()),
+                .map_err(BrokerError::call("commit the relay's transaction")),
             Some(tail) => match read_back_and_send(&p.producer, tail, &entries, self.timeout, stop) {
                 Ok(()) => {
                     // The position, for the servers that follow it and for the next start (a
                     // crash before it: the next relay reads back what this run wrote).
-                    let at = position(topic, partition, next).map_err(|e| e.to_string())?;
+                    let at =
+                        position(topic, partition, next).map_err(BrokerError::call("name the relay's position"))?;
                     let committed = self
                         .offsets
                         .commit(&at, CommitMode::Sync)
-                        .map_err(|e| format!("committing the relay's position: {e}"));
+                        .map_err(BrokerError::call("commit the relay's position"));
                     if committed.is_ok() {
                         tail.committed();
                     }
@@ -360,31 +361,30 @@ impl KafkaRelay {
             // A fenced or failed producer is dropped: the next attempt starts over from the
             // position in Kafka, with a new epoch.
             self.producers.remove(&slot);
-            let hint = match self.transactional && e.contains("not supported by broker") {
-                true => " (a broker without transactions: set [reactions] transactional = false)",
-                false => "",
-            };
-            return Err(format!("{e}{hint}"));
+            return Err(match self.transactional && e.is_unsupported() {
+                true => BrokerError::NoTransactions(Box::new(e)),
+                false => e,
+            });
         }
         p.next = next;
-        let (_, removed) = store.relayed(topic, partition, next, &[]).map_err(|e| e.to_string())?;
+        let (_, removed) = store.relayed(topic, partition, next, &[])?;
         Ok((entries.len(), removed))
     }
 
     /// A partition this server folds and another relays: what that one relayed (its
     /// position in Kafka) leaves this server's outbox. Returns how many entries left.
-    fn follow(&self, store: &Store, topic: &str, partition: u32) -> Result<u64, String> {
+    fn follow(&self, store: &Store, topic: &str, partition: u32) -> Result<u64, BrokerError> {
         let next = self.committed(topic, partition)?;
-        let stored = store.relay_position(topic, partition).map_err(|e| e.to_string())?;
+        let stored = store.relay_position(topic, partition)?;
         if next == 0 || stored.is_some_and(|stored| stored >= next) {
             return Ok(0);
         }
-        store.relayed(topic, partition, next, &[]).map(|(_, removed)| removed).map_err(|e| e.to_string())
+        Ok(store.relayed(topic, partition, next, &[]).map(|(_, removed)| removed)?)
     }
 
     /// A producer for the partition: transactional, its own, which has fenced the previous
     /// one; otherwise the shared one.
-    fn producer(&mut self, topic: &str, partition: u32) -> Result<Arc<ThreadedProducer<Delivery>>, String> {
+    fn producer(&mut self, topic: &str, partition: u32) -> Result<Arc<ThreadedProducer<Delivery>>, BrokerError> {
         if !self.transactional {
             return self.shared_producer();
         }
@@ -392,17 +392,14 @@ impl KafkaRelay {
         settings.insert("transactional.id".into(), format!("{}.{topic}.{partition}", self.group));
         let producer = create_producer(&settings)?;
         producer.init_transactions(self.timeout).map_err(|e| {
-            let hint = match e.to_string().contains("not supported by broker") {
-                true => " (a broker without transactions: set [reactions] transactional = false)",
-                false => "",
-            };
-            format!("init_transactions: {e}{hint}")
+            let e = BrokerError::call("init_transactions")(e);
+            if e.is_unsupported() { BrokerError::NoTransactions(Box::new(e)) } else { e }
         })?;
         Ok(Arc::new(producer))
     }
 
     /// The producer the partitions share without transactions (made on first use).
-    fn shared_producer(&mut self) -> Result<Arc<ThreadedProducer<Delivery>>, String> {
+    fn shared_producer(&mut self) -> Result<Arc<ThreadedProducer<Delivery>>, BrokerError> {
         if let Some(shared) = &self.shared {
             return Ok(shared.clone());
         }
@@ -413,8 +410,8 @@ impl KafkaRelay {
 
     /// Where the relay of a partition stands: the relay group's committed offset in Kafka
     /// (transactional, read after `init_transactions`: stable), or the store's if ahead.
-    fn position(&self, store: &Store, topic: &str, partition: u32) -> Result<u64, String> {
-        let stored = store.relay_position(topic, partition).map_err(|e| e.to_string())?;
+    fn position(&self, store: &Store, topic: &str, partition: u32) -> Result<u64, BrokerError> {
+        let stored = store.relay_position(topic, partition)?;
         let committed = self.committed(topic, partition)?;
         Ok(match self.transactional {
             true => committed,
@@ -423,11 +420,13 @@ impl KafkaRelay {
     }
 
     /// The relay group's committed offset of a source partition (0: none).
-    fn committed(&self, topic: &str, partition: u32) -> Result<u64, String> {
+    fn committed(&self, topic: &str, partition: u32) -> Result<u64, BrokerError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(topic, partition as i32);
-        let committed =
-            self.offsets.committed_offsets(tpl, self.timeout).map_err(|e| format!("committed offsets: {e}"))?;
+        let committed = self
+            .offsets
+            .committed_offsets(tpl, self.timeout)
+            .map_err(BrokerError::call("read the relay's committed offsets"))?;
         let offset = committed.find_partition(topic, partition as i32).map(|e| e.offset());
         Ok(match offset {
             Some(Offset::Offset(n)) if n >= 0 => n as u64,
@@ -436,10 +435,10 @@ impl KafkaRelay {
     }
 }
 
-fn create_producer(settings: &BTreeMap<String, String>) -> Result<ThreadedProducer<Delivery>, String> {
+fn create_producer(settings: &BTreeMap<String, String>) -> Result<ThreadedProducer<Delivery>, BrokerError> {
     client_config(settings)
         .create_with_context(Delivery::default())
-        .map_err(|e| format!("cannot create a relay producer: {e}"))
+        .map_err(BrokerError::call("create a relay producer"))
 }
 
 /// The relay's position of a source partition, as a consumer-group offset.
@@ -539,22 +538,22 @@ fn read_back_and_send(
     let context = producer.context();
     context.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
     context.ends.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    produce(producer, fresh).map_err(|e| Failed::Producing(e.to_string()))?;
+    produce(producer, fresh).map_err(|e| Failed::Producing(BrokerError::call("produce reactions")(e)))?;
     // In slices, so that a stop is not held up by a broker that does not answer.
     let deadline = std::time::Instant::now() + timeout;
     while producer.in_flight_count() > 0 {
         if stop() {
-            return Err(Failed::Producing("stopping".into()));
+            return Err(Failed::Producing(BrokerError::Stopping));
         }
         if std::time::Instant::now() > deadline {
-            return Err(Failed::Producing(format!("reactions not acknowledged within {timeout:?}")));
+            return Err(Failed::Producing(BrokerError::Unacknowledged(timeout)));
         }
         // The producer's own thread serves the delivery reports (a `flush` here would wait
         // out its whole timeout).
         std::thread::sleep(Duration::from_millis(1));
     }
     if let Some(e) = context.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(Failed::Producing(e.to_string()));
+        return Err(Failed::Producing(BrokerError::call("deliver reactions")(e)));
     }
     tail.delivered(std::mem::take(&mut *context.ends.lock().unwrap_or_else(|p| p.into_inner())));
     Ok(())
@@ -563,8 +562,8 @@ fn read_back_and_send(
 /// Why a run was not relayed: before anything was produced, or after (then some of it may
 /// be written).
 enum Failed {
-    Before(String),
-    Producing(String),
+    Before(BrokerError),
+    Producing(BrokerError),
 }
 
 /// Remembers the first failed delivery (a transaction's commit fails on its own then), and

@@ -30,6 +30,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::super::kafka::{client_config, partition_count};
+use crate::BrokerError;
 use statefold_core::model::{HEADER_REACTION_SOURCE, Outgoing, partition_of};
 
 /// A reaction's place in its source partition: (source offset, index among its diff's).
@@ -67,13 +68,13 @@ impl Tail {
         partition: u32,
         timeout: Duration,
         mark_lag: u64,
-    ) -> Result<Tail, String> {
+    ) -> Result<Tail, BrokerError> {
         let mut settings = settings.clone();
         settings.insert("group.id".into(), format!("{group}.{topic}.{partition}"));
         // What a plain consumer reads.
         settings.insert("isolation.level".into(), "read_uncommitted".into());
         let consumer: BaseConsumer =
-            client_config(&settings).create().map_err(|e| format!("cannot create the relay's reader: {e}"))?;
+            client_config(&settings).create().map_err(BrokerError::call("create the relay's reader"))?;
         Ok(Tail {
             prefix: format!("{topic}/{partition}/"),
             consumer,
@@ -88,16 +89,15 @@ impl Tail {
     }
 
     /// The output partition each entry goes to.
-    pub fn outputs(&mut self, entries: &[Outgoing]) -> Result<Vec<u32>, String> {
+    pub fn outputs(&mut self, entries: &[Outgoing]) -> Result<Vec<u32>, BrokerError> {
         let mut out = Vec::with_capacity(entries.len());
         for o in entries {
             let topic = &o.reaction.topic;
             let count = match self.counts.get(topic) {
                 Some(count) => *count,
                 None => {
-                    let count = partition_count(self.consumer.client(), topic, self.timeout).map_err(|e| {
-                        format!("reaction topic {topic}: {e} (reactions are produced to existing topics)")
-                    })?;
+                    // (Reactions are produced to existing topics: the error says to create it.)
+                    let count = partition_count(self.consumer.client(), topic, self.timeout)?;
                     self.counts.insert(topic.clone(), count);
                     count
                 }
@@ -109,7 +109,7 @@ impl Tail {
 
     /// Before a run goes to `outputs`: reads back the output partitions not read yet in this
     /// producer's life, and commits the marks the run needs (one commit).
-    pub fn prepare(&mut self, outputs: &[Output], stop: &dyn Fn() -> bool) -> Result<(), String> {
+    pub fn prepare(&mut self, outputs: &[Output], stop: &dyn Fn() -> bool) -> Result<(), BrokerError> {
         let mut marks = TopicPartitionList::new();
         for output in outputs {
             if !self.found.contains_key(output) {
@@ -138,11 +138,11 @@ impl Tail {
             {
                 marks
                     .add_partition_offset(&output.0, output.1 as i32, Offset::Offset(to as i64))
-                    .map_err(|e| format!("mark: {e}"))?;
+                    .map_err(BrokerError::call("name the relay's mark"))?;
             }
         }
         if marks.count() > 0 {
-            self.consumer.commit(&marks, CommitMode::Sync).map_err(|e| format!("committing the relay's marks: {e}"))?;
+            self.consumer.commit(&marks, CommitMode::Sync).map_err(BrokerError::call("commit the relay's marks"))?;
             for e in marks.elements() {
                 if let Offset::Offset(n) = e.offset() {
                     self.marked.insert((e.topic().to_owned(), e.partition() as u32), n as u64);
@@ -171,20 +171,20 @@ impl Tail {
     }
 
     /// This source's last reaction in `output` since its mark, the mark, and the end.
-    fn read_back(&self, output: &Output, stop: &dyn Fn() -> bool) -> Result<ReadBack, String> {
+    fn read_back(&self, output: &Output, stop: &dyn Fn() -> bool) -> Result<ReadBack, BrokerError> {
         let started = Instant::now();
         let (topic, partition) = (&output.0, output.1 as i32);
         let (low, high) = self
             .consumer
             .fetch_watermarks(topic, partition, self.timeout)
-            .map_err(|e| format!("the end of {topic}/{partition}: {e}"))?;
+            .map_err(BrokerError::call(format!("read the end of {topic}/{partition}")))?;
         let (low, high) = (low.max(0) as u64, high.max(0) as u64);
         let mut list = TopicPartitionList::new();
         list.add_partition(topic, partition);
         let committed = self
             .consumer
             .committed_offsets(list, self.timeout)
-            .map_err(|e| format!("the relay's mark in {topic}/{partition}: {e}"))?;
+            .map_err(BrokerError::call(format!("read the relay's mark in {topic}/{partition}")))?;
         let mark = match committed.find_partition(topic, partition).map(|e| e.offset()) {
             Some(Offset::Offset(n)) if n >= 0 => n as u64,
             // No mark: this source partition never wrote there.
@@ -196,20 +196,19 @@ impl Tail {
             return Ok(ReadBack { last: None, mark: Some(mark), end: high });
         }
         let mut list = TopicPartitionList::new();
-        list.add_partition_offset(topic, partition, Offset::Offset(from as i64)).map_err(|e| e.to_string())?;
-        self.consumer.assign(&list).map_err(|e| format!("reading {topic}/{partition}: {e}"))?;
+        list.add_partition_offset(topic, partition, Offset::Offset(from as i64))
+            .map_err(BrokerError::call(format!("name {topic}/{partition} at {from}")))?;
+        self.consumer.assign(&list).map_err(BrokerError::call(format!("read {topic}/{partition}")))?;
         let mut last = None;
         let mut deadline = Instant::now() + self.timeout;
         let mut next = from;
         while next < high {
             if stop() {
-                return Err("stopping".into());
+                return Err(BrokerError::Stopping);
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "reading {topic}/{partition} back from offset {from}: nothing past {next} of {high} for {:?}",
-                    self.timeout
-                ));
+                let output = format!("{topic}/{partition}");
+                return Err(BrokerError::Stalled { output, from, next, end: high, waited: self.timeout });
             }
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
@@ -226,7 +225,7 @@ impl Tail {
                         last = place;
                     }
                 }
-                Some(Err(e)) => return Err(format!("reading {topic}/{partition} back: {e}")),
+                Some(Err(e)) => return Err(BrokerError::call(format!("read {topic}/{partition} back"))(e)),
                 None => {}
             }
         }
