@@ -130,25 +130,100 @@ impl Source for EmbeddedSource {
 }
 
 impl EmbeddedSource {
+    /// Up to `max` records (and about `batch_bytes_max` bytes) over the topics, fairly: each
+    /// topic gets an equal share first, then what the topics with fewer records left is
+    /// shared by the ones that filled their share (they may hold more).
     fn read(&mut self, max: usize) -> Result<Vec<Record>, StoreError> {
         let mut out = Vec::new();
         let mut bytes = 0;
-        // Fair across topics: each gets a share of the batch.
         let share = (max / self.partitions.len().max(1)).max(1);
-        for partition in &mut self.partitions {
+        let mut busy = Vec::new();
+        for index in 0..self.partitions.len() {
             let room = share.min(max - out.len());
+            if room == 0 || bytes >= self.batch_bytes_max {
+                return Ok(out);
+            }
+            if self.read_partition(index, room, &mut out, &mut bytes)? == room {
+                busy.push(index);
+            }
+        }
+        for (i, index) in busy.iter().enumerate() {
+            let room = (max - out.len()) / (busy.len() - i);
             if room == 0 || bytes >= self.batch_bytes_max {
                 break;
             }
-            for record in self.store.read_log(&partition.topic, PARTITION, partition.next, room)? {
-                if bytes >= self.batch_bytes_max {
-                    break;
-                }
-                bytes += record.value.len();
-                partition.next = record.offset + 1;
-                out.push(record);
-            }
+            self.read_partition(*index, room, &mut out, &mut bytes)?;
         }
         Ok(out)
+    }
+
+    /// Up to `room` records of the partition `index` onto `out`; how many.
+    fn read_partition(
+        &mut self,
+        index: usize,
+        room: usize,
+        out: &mut Vec<Record>,
+        bytes: &mut usize,
+    ) -> Result<usize, StoreError> {
+        let partition = &mut self.partitions[index];
+        let mut read = 0;
+        for record in self.store.read_log(&partition.topic, PARTITION, partition.next, room)? {
+            if *bytes >= self.batch_bytes_max {
+                break;
+            }
+            *bytes += record.value.len();
+            partition.next = record.offset + 1;
+            out.push(record);
+            read += 1;
+        }
+        Ok(read)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log of four topics, `(topic, records)` each, and a source over all four.
+    fn source_over(records: &[(&str, usize)]) -> (tempfile::TempDir, EmbeddedSource) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), &Default::default()).unwrap());
+        let log = EmbeddedLog::new(store, Arc::new(SourceStatus::default()));
+        for (topic, count) in records {
+            for i in 0..*count {
+                log.append(topic, format!("m{i}").as_bytes(), b"{}", 0, &[]).unwrap();
+            }
+        }
+        let topics = records.iter().map(|(topic, _)| topic.to_string()).collect();
+        let source = log.source(topics, 16 << 20).unwrap();
+        (dir, source)
+    }
+
+    fn per_topic(records: &[Record]) -> Vec<(String, usize)> {
+        let mut counts = std::collections::BTreeMap::new();
+        for record in records {
+            *counts.entry(record.topic.to_string()).or_insert(0) += 1;
+        }
+        counts.into_iter().collect()
+    }
+
+    /// One busy topic among idle ones gets the whole batch, not a quarter of it.
+    #[test]
+    fn a_busy_topic_gets_the_room_idle_topics_leave() {
+        let (_dir, mut source) = source_over(&[("a", 0), ("b", 3000), ("c", 10), ("d", 0)]);
+        let batch = source.poll(1000, Duration::ZERO).unwrap();
+        assert_eq!(per_topic(&batch), [("b".to_owned(), 990), ("c".to_owned(), 10)]);
+        // Each topic's records in offset order, and the next batch goes on from there.
+        let next = source.poll(1000, Duration::ZERO).unwrap();
+        assert_eq!(next.first().map(|r| r.offset), Some(990));
+        assert_eq!(per_topic(&next), [("b".to_owned(), 1000)]);
+    }
+
+    /// Busy topics share the room fairly: each gets its share, then the rest is split.
+    #[test]
+    fn busy_topics_share_the_batch() {
+        let (_dir, mut source) = source_over(&[("a", 5000), ("b", 5000), ("c", 100), ("d", 0)]);
+        let batch = source.poll(1000, Duration::ZERO).unwrap();
+        assert_eq!(per_topic(&batch), [("a".to_owned(), 450), ("b".to_owned(), 450), ("c".to_owned(), 100)]);
     }
 }
