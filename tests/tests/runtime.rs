@@ -78,6 +78,23 @@ fn a_healthy_batch_is_one_call_on_one_instance() {
     assert_eq!((stats.instances, stats.traps), (1, 0), "no batch was retried one diff at a time: {stats:?}");
 }
 
+/// Each diff of a batch gets its own CPU budget (`meter.start-diff` resets the fuel as it
+/// returns to the guest): 40 diffs that each burn about half of a diff's budget, together
+/// ten times what one call may, apply in one call, without a trap; so a diff's verdict
+/// does not depend on its batch.
+#[test]
+fn each_diff_of_a_batch_gets_its_own_cpu_budget() {
+    let limits = ReducerLimits { diff_fuel_max: 1_000_000, call_fuel_max: 2_000_000, ..ReducerLimits::default() };
+    let runtime = runtime(limits);
+    let mut fold = Fold::new(&runtime, "spin");
+    let diffs = vec![r#""burn""#; 40];
+    let outcomes = fold.apply("m", &diffs);
+    assert_eq!(applied(&outcomes), vec![true; 40], "{outcomes:?}");
+    let stats = fold.models.stats();
+    assert_eq!((stats.instances, stats.traps), (1, 0), "the batch ran out of fuel and was retried: {stats:?}");
+    assert_eq!(fold.state("m"), json!(40));
+}
+
 #[test]
 fn bad_files_are_refused_with_a_specific_reason() {
     let runtime = runtime(ReducerLimits::default());

@@ -24,9 +24,8 @@ macro_rules! versions {
                 wasmtime::component::bindgen!({
                     world: "guest",
                     path: $path,
-                    // `start-diff` sets the store's fuel, so it takes the store; every
-                    // import may trap (a limit broken fails the diff).
-                    imports: { "statefold:reducer/meter.start-diff": store | trappable, default: trappable },
+                    // Every import may trap (a limit broken fails the diff).
+                    imports: { default: trappable },
                 });
             }
             impl $module::statefold::reducer::types::Host for GuestData {}

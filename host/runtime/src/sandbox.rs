@@ -11,7 +11,7 @@ use bytes::Bytes;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use wasmtime::component::{Linker, Resource, ResourceTable};
-use wasmtime::{ResourceLimiter, StoreContextMut};
+use wasmtime::{CallHook, ResourceLimiter, StoreContextMut};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
 use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamResult};
@@ -49,7 +49,7 @@ impl GuestData {
             wasi,
             table: ResourceTable::new(),
             limiter: Limiter { memory_bytes_max: limits.memory_bytes_max, memory_bytes: 0 },
-            meter: Meter { diff_fuel: limits.diff_fuel_max, starts_left: 0, started: 0 },
+            meter: Meter { diff_fuel: limits.diff_fuel_max, starts_left: 0, started: 0, refuel: None },
             stderr,
             emitted: Emitted {
                 per_diff_max: limits.reactions_per_diff_max,
@@ -93,15 +93,11 @@ pub(crate) fn link(linker: &mut Linker<GuestData>) -> wasmtime::Result<()> {
 /// `meter` of a version's bindings (`impl_meter!(v0_2)`), the same in every version.
 macro_rules! impl_meter {
     ($module:ident) => {
-        impl<T> $crate::bindings::$module::statefold::reducer::meter::HostWithStore<T>
-            for wasmtime::component::HasSelf<$crate::sandbox::GuestData>
-        {
-            fn start_diff(mut host: wasmtime::component::Access<'_, T, Self>) -> wasmtime::Result<()> {
-                let fuel = host.get().start_diff()?;
-                wasmtime::AsContextMut::as_context_mut(&mut host).set_fuel(fuel)
+        impl $crate::bindings::$module::statefold::reducer::meter::Host for $crate::sandbox::GuestData {
+            fn start_diff(&mut self) -> wasmtime::Result<()> {
+                self.start_diff()
             }
         }
-        impl $crate::bindings::$module::statefold::reducer::meter::Host for $crate::sandbox::GuestData {}
     };
 }
 pub(crate) use impl_meter;
@@ -127,17 +123,30 @@ macro_rules! impl_reactions {
 pub(crate) use impl_reactions;
 
 impl GuestData {
-    /// `meter.start-diff`: the fuel of the next diff, once per diff passed in.
-    pub(crate) fn start_diff(&mut self) -> wasmtime::Result<u64> {
+    /// `meter.start-diff`, once per diff passed in: the next diff's fuel, set by
+    /// [`refuel`] as the call returns to the guest.
+    pub(crate) fn start_diff(&mut self) -> wasmtime::Result<()> {
         let meter = &mut self.meter;
         if meter.starts_left == 0 {
             wasmtime::bail!("reducer called meter.start-diff more often than there are diffs in the batch");
         }
         meter.starts_left -= 1;
         meter.started += 1;
+        meter.refuel = Some(meter.diff_fuel);
         self.emitted.this_diff = 0;
-        Ok(meter.diff_fuel)
+        Ok(())
     }
+}
+
+/// The store's call hook: a `start-diff` returning to the guest resets the fuel to one
+/// diff's worth (an import's `Host` method sees its data, not the store's fuel).
+pub(crate) fn refuel(mut store: StoreContextMut<'_, GuestData>, hook: CallHook) -> wasmtime::Result<()> {
+    if matches!(hook, CallHook::ReturningFromHost)
+        && let Some(fuel) = store.data_mut().meter.refuel.take()
+    {
+        store.set_fuel(fuel)?;
+    }
+    Ok(())
 }
 
 /// The per-diff CPU budget: `start-diff` resets the fuel to one diff's worth, at most once
@@ -147,6 +156,8 @@ pub(crate) struct Meter {
     pub(crate) starts_left: u32,
     /// `start-diff` calls in this call: the diff being applied is `started - 1`.
     pub(crate) started: u32,
+    /// The fuel a `start-diff` asked for, set as it returns (see [`refuel`]).
+    pub(crate) refuel: Option<u64>,
 }
 
 /// Reactions emitted during one `apply` call, within the limits.

@@ -21,6 +21,7 @@ impl Instantiate for Component {
     fn instantiate(&self, limits: &ReducerLimits) -> Result<Box<dyn Guest>, Trap> {
         let mut store = Store::new(&self.engine, GuestData::new(limits));
         store.limiter(|data| &mut data.limiter);
+        store.call_hook(super::sandbox::refuel);
         let instance = store.set_fuel(limits.call_fuel_max).and_then(|()| self.pre.instantiate(&mut store));
         let guest = instance.map_err(|e| Trap(format!("{e:#}")))?;
         let fuel = (limits.diff_fuel_max, limits.call_fuel_max);
@@ -151,6 +152,7 @@ impl Guest for WasmGuest {
         let meter = &mut self.store.data_mut().meter;
         meter.starts_left = starts;
         meter.started = 0;
+        meter.refuel = None;
         self.store.set_fuel(fuel).map_err(|e| Trap(format!("{e:#}")))
     }
 }

@@ -1,5 +1,6 @@
 //! FAULTY ON PURPOSE, for host tests. Loops forever on the diff `"spin"`: only the host's CPU budget stops it.
 //! Sleeps for an hour on `"sleep"`: the host must not wait for it.
+//! Burns a bounded amount of CPU on `"burn"` (about 0.5 million units of fuel), then adds one.
 //! Otherwise a counter: `"inc"` adds one; anything else is refused.
 
 use statefold_guest::{Context, Reducer, Refusal};
@@ -24,6 +25,14 @@ impl Reducer for Faulty {
                 loop {
                     n = std::hint::black_box(n.wrapping_add(1));
                 }
+            }
+            "burn" => {
+                let mut n = 0u64;
+                for _ in 0..100_000 {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+                *state += 1;
+                Ok(())
             }
             "sleep" => {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
