@@ -1,7 +1,13 @@
 """Schemathesis hooks for Statefold (loaded through SCHEMATHESIS_HOOKS by tests/openapi.rs).
 
+The serializer of `application/wasm` (the body of `PUT /v1/reducers/{name}`): a deploy of
+a schema-valid body sends the module the server runs for that name (from
+STATEFOLD_MODULES: the deploy answers `unchanged` after the whole check), or the generated
+bytes when no such module exists; a rollback (`?version=`) sends no body; a value that is
+not a binary string (negative data) goes as its JSON text, which is no module.
+
 The check `refused_writes_store_nothing`: a write the server refuses (any 4xx or 5xx
-answer to a POST) leaves the log as it was. The server folds the embedded log, whose end
+answer to a POST or PUT) leaves the log as it was. The server folds the embedded log, whose end
 per topic `/readyz` reports exactly, so the sum of the ends is read before each POST and
 again after a refused one. One exception, by design: an append with `?wait=applied` that
 the reducer refuses (409 `refused`, 422 `reducer_failed`) is in the log, listed as a
@@ -17,7 +23,23 @@ import urllib.request
 import schemathesis
 
 BASE = os.environ["STATEFOLD_URL"].rstrip("/")
+MODULES = os.environ["STATEFOLD_MODULES"]
 _before = {}
+
+
+@schemathesis.serializer("application/wasm")
+def wasm_module(ctx, value):
+    case = ctx.case
+    if (case.query or {}).get("version") is not None:
+        return b""
+    if isinstance(value, (bytes, str)):
+        name = (case.path_parameters or {}).get("name")
+        path = os.path.join(MODULES, f"{name}.wasm") if isinstance(name, str) and name.isidentifier() else None
+        if path and os.path.isfile(path):
+            with open(path, "rb") as module:
+                return module.read()
+        return value if isinstance(value, bytes) else value.encode()
+    return json.dumps(value).encode()
 
 
 def get(path):
@@ -47,7 +69,7 @@ def head(path):
 
 @schemathesis.hook
 def before_call(ctx, case, **kwargs):
-    if case.method.upper() == "POST":
+    if case.method.upper() in ("POST", "PUT"):
         path = model_path(case)
         _before[id(case)] = (log_end(), path and head(path))
 

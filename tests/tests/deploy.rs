@@ -495,6 +495,11 @@ async fn bad_uploads_are_refused_each_with_its_reason_while_v1_folds() {
     let (status, body) =
         put_module(&server, &format!("/v1/reducers/counter?version={}", "ab".repeat(32)), Vec::new()).await;
     assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_version")), "{body}");
+    // A version of another reducer is no version of this one (stored, but not a rollback).
+    let (_, document) = server.get("/v1/reducers/document").await;
+    let foreign = document["versions"][0]["version"].as_str().expect("document's version").to_owned();
+    let (status, body) = put_module(&server, &format!("/v1/reducers/counter?version={foreign}"), Vec::new()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("unknown_version")), "{body}");
 
     // A half-written file in the directory: refused as truncated, never loaded; the
     // completed file is deployed.

@@ -202,6 +202,11 @@ impl Deployer {
     pub fn stored(&self, name: &str, id: &str) -> Result<Vec<u8>, DeployError> {
         let unknown = || DeployError::UnknownVersion { name: name.to_owned(), id: id.to_owned() };
         let hash = ModuleHash::parse(id).ok_or_else(unknown)?;
+        // One of this reducer's versions: another reducer's module is stored too, but is
+        // no rollback of this one.
+        if !self.registry.store.read().versions(name)?.iter().any(|v| v.id == hash) {
+            return Err(unknown());
+        }
         self.registry.store.module(&hash)?.ok_or_else(unknown)
     }
 
