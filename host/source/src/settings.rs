@@ -123,9 +123,10 @@ pub struct ClusterConfig {
     pub route: RouteMode,
 }
 
-/// How a request for a model folded elsewhere gets there.
+/// How a request for a model folded elsewhere gets there. Parsed by `FromStr`, for the
+/// config file (serde) and `--cluster-route` alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum RouteMode {
     /// Forwarded to the owner, its answer relayed: one origin for the client, so its
     /// `Authorization` header, cookies and CORS work unchanged.
@@ -166,6 +167,14 @@ impl std::str::FromStr for RouteMode {
             "redirect" => Ok(RouteMode::Redirect),
             other => Err(BadFlag::RouteMode(other.to_owned())),
         }
+    }
+}
+
+impl TryFrom<String> for RouteMode {
+    type Error = BadFlag;
+
+    fn try_from(s: String) -> Result<RouteMode, BadFlag> {
+        s.parse()
     }
 }
 

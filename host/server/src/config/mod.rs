@@ -698,4 +698,17 @@ mod tests {
         );
         assert!(KindConfig::parse_flag("nope").is_err());
     }
+
+    /// `[cluster] route` parses as `--cluster-route` does (one `FromStr`).
+    #[test]
+    fn the_route_mode_parses_one_way_in_the_file_and_the_flag() {
+        let cluster = |route: &str| {
+            toml::from_str::<Config>(&format!("[cluster]\nadvertise_url = \"http://a:1\"\nroute = \"{route}\"\n"))
+                .map(|config| config.cluster.expect("a [cluster]").route)
+        };
+        assert_eq!(cluster("redirect").unwrap(), RouteMode::Redirect);
+        assert_eq!(cluster("proxy").unwrap(), "proxy".parse::<RouteMode>().unwrap());
+        let bad = cluster("Redirect").unwrap_err().to_string();
+        assert!(bad.contains("\"Redirect\" is not a route mode: proxy or redirect"), "{bad}");
+    }
 }
