@@ -352,4 +352,17 @@ async fn retry_heartbeats_and_last_event_id() {
     let live = stream.next_within(Duration::from_secs(5)).await.unwrap();
     assert_eq!((live.event.as_str(), live.json()["prev"].clone()), ("diff", v2["hash"].clone()));
     assert!(stream.comments >= 2, "{} heartbeat comments in 450 ms at 100 ms", stream.comments);
+
+    // An empty `Last-Event-ID` is as if absent: `?since=v1` still applies (one patch).
+    let response = server
+        .client
+        .get(server.url(&format!("/v1/models/counter/hb/events?since={}", v1["hash"].as_str().unwrap())))
+        .header("Last-Event-ID", "")
+        .send()
+        .await
+        .unwrap();
+    let mut stream = SseStream::new(response);
+    let _retry = stream.next_within(Duration::from_secs(5)).await.unwrap();
+    let patch = stream.next_within(Duration::from_secs(5)).await.unwrap();
+    assert_eq!((patch.event.as_str(), patch.json()["from"].clone()), ("patch", v1["hash"].clone()), "{patch:?}");
 }

@@ -63,8 +63,11 @@ pub(super) async fn events(
         return Ok(response);
     }
     // `Last-Event-ID` (what a browser's EventSource sends on reconnect) overrides `since`.
+    // An empty one (or an empty `since`) is as if absent: EventSource never sends one.
     let last_event_id = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("<not text>").to_owned());
-    let since = last_event_id.or(query.since).filter(|s| !s.is_empty()).as_deref().map(parse_hash).transpose()?;
+    let nonempty = |s: &String| !s.is_empty();
+    let since = last_event_id.filter(nonempty).or(query.since.filter(nonempty));
+    let since = since.as_deref().map(parse_hash).transpose()?;
     let model = ModelKey::new(&kind, &id);
     {
         // A model created through a replica ahead of this one: wait for it briefly.
