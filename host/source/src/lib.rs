@@ -77,9 +77,14 @@ impl BrokerError {
         move |source| BrokerError::Call { doing, source }
     }
 
-    /// Whether the brokers answered that they do not implement transactions.
-    pub fn is_unsupported(&self) -> bool {
-        self.to_string().contains("not supported by broker")
+    /// This error, saying what to do where the brokers answered that they do not
+    /// implement transactions.
+    pub fn hint_transactions(self) -> BrokerError {
+        match &self {
+            BrokerError::NoTransactions(_) => self,
+            _ if self.to_string().contains("not supported by broker") => BrokerError::NoTransactions(Box::new(self)),
+            _ => self,
+        }
     }
 }
 

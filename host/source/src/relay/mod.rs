@@ -361,10 +361,7 @@ impl KafkaRelay {
             // A fenced or failed producer is dropped: the next attempt starts over from the
             // position in Kafka, with a new epoch.
             self.producers.remove(&slot);
-            return Err(match self.transactional && e.is_unsupported() {
-                true => BrokerError::NoTransactions(Box::new(e)),
-                false => e,
-            });
+            return Err(if self.transactional { e.hint_transactions() } else { e });
         }
         p.next = next;
         let (_, removed) = store.relayed(topic, partition, next, &[])?;
@@ -391,10 +388,9 @@ impl KafkaRelay {
         let mut settings = self.settings.clone();
         settings.insert("transactional.id".into(), format!("{}.{topic}.{partition}", self.group));
         let producer = create_producer(&settings)?;
-        producer.init_transactions(self.timeout).map_err(|e| {
-            let e = BrokerError::call("init_transactions")(e);
-            if e.is_unsupported() { BrokerError::NoTransactions(Box::new(e)) } else { e }
-        })?;
+        producer
+            .init_transactions(self.timeout)
+            .map_err(|e| BrokerError::call("init_transactions")(e).hint_transactions())?;
         Ok(Arc::new(producer))
     }
 
